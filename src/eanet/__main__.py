@@ -1,0 +1,7 @@
+"""`python -m eanet` (also what `torchrun -m eanet` runs)."""
+
+import sys
+
+from eanet.cli import main
+
+sys.exit(main())

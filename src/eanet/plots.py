@@ -1,0 +1,60 @@
+"""Figures of a run: training curves and the confusion matrix (PNG, written atomically)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from eanet.fileio import atomic_path  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_curves(history: list[dict], path: str | Path, title: str = "") -> None:
+    """Loss, top-1 and top-5 per epoch, train vs validation."""
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, key, label in zip(
+        axes, ("loss", "top1", "top5"), ("loss", "top-1", "top-5"), strict=True
+    ):
+        ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label=f"train {label}")
+        val = [h.get(f"val_{key}") for h in history]
+        if any(v is not None for v in val):
+            ax.plot(epochs, val, "o-", label=f"val {label}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)
+
+
+def plot_confusion(
+    confusion: np.ndarray, class_names: list[str], path: str | Path, title: str = ""
+) -> None:
+    """Row-normalised confusion matrix (true class per row); names shown up to 30 classes."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    rows = confusion.sum(axis=1, keepdims=True)
+    norm = np.divide(confusion, rows, out=np.zeros_like(confusion), where=rows > 0)
+    n = len(class_names)
+    size = min(4 + 0.12 * n, 16)
+    fig, ax = plt.subplots(figsize=(size, size))
+    im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if n <= 30:
+        ax.set_xticks(range(n), class_names, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), class_names, fontsize=7)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    ax.set_title(title or "confusion matrix (row-normalised)")
+    _save(fig, path)

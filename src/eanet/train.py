@@ -1,0 +1,370 @@
+"""Training: the Keras example's recipe (AdamW, label smoothing, last-20% validation) in one loop.
+
+Data stay uint8 tensors on the training device; each batch is a `randperm` slice,
+augmented on the device in pixel space and only then normalised (inside the model): the
+fix of the reference's bug. Every epoch writes an atomic checkpoint with optimizer and RNG
+state, so `resume` continues bit-for-bit where an interrupted run stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from eanet import __version__, checkpoint
+from eanet.augment import AugmentConfig, augment, augment_reference_bug
+from eanet.data import ImageData, compute_normalization, load_dataset, split_validation
+from eanet.errors import ConfigError, EANetError
+from eanet.evaluate import Metrics, MetricSums, evaluate_tensors
+from eanet.fileio import read_json, write_csv, write_json
+from eanet.models import MODELS, VisionTransformer, build_model, model_config
+from eanet.plots import plot_curves
+from eanet.runtime import environment, resolve_device, set_threads
+
+log = logging.getLogger(__name__)
+
+AUGMENT_MODES = ("fixed", "reference-bug", "none")
+RUN_FILES = (
+    "config.json",
+    "history.json",
+    "history.csv",
+    "curves.png",
+    "metrics.json",
+    checkpoint.CHECKPOINT_NAME,
+)
+
+
+@dataclass
+class TrainConfig:
+    """The training recipe; the defaults are the Keras example's, with its bug fixed."""
+
+    model: str = "eanet-cifar"
+    model_args: dict = field(default_factory=dict)  # overrides of the model config
+    dataset: str = "cifar100"
+    data_path: str | None = None
+    md5: str | None = None  # expected archive checksum when it is not the official file
+    verify: bool = True
+    epochs: int = 50
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    adam_eps: float = 1e-7  # Keras's default epsilon, not torch's 1e-8
+    label_smoothing: float = 0.1
+    val_fraction: float = 0.2
+    augment: str = "fixed"  # "fixed", "reference-bug" (normalise first, as the reference), "none"
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first impossible option."""
+        if self.model not in MODELS:
+            raise ConfigError(
+                f"--model {self.model!r} is unknown; choose one of {', '.join(MODELS)}"
+            )
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} {value!r} must be a positive integer"
+                )
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr {self.lr!r} must be a positive number")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"--weight-decay {self.weight_decay!r} must be >= 0")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"--label-smoothing {self.label_smoothing!r} must be in [0, 1)")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction {self.val_fraction!r} must be in [0, 1)")
+        if self.augment not in AUGMENT_MODES:
+            raise ConfigError(
+                f"--augment {self.augment!r} must be one of {', '.join(AUGMENT_MODES)}"
+            )
+        if not self.adam_eps > 0:
+            raise ConfigError(f"adam_eps {self.adam_eps!r} must be > 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {', '.join(unknown)}")
+        return cls(**data)
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def forward_train(
+    model: VisionTransformer, x: torch.Tensor, mode: str, aug: AugmentConfig
+) -> torch.Tensor:
+    """Augment a uint8 batch as `mode` says and return the logits (model in train mode)."""
+    x = x.float()
+    if mode == "fixed":
+        return model(augment(x, aug))  # pixel space, then normalise inside the model
+    if mode == "reference-bug":
+        # The reference's order: normalise first, then augment with contrast clipped to
+        # 0..255, which zeroes every negative normalised value in training only.
+        return model(augment_reference_bug(model.normalize(x), aug), normalized=True)
+    return model(x)
+
+
+def train_epoch(
+    model: VisionTransformer,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: TrainConfig,
+    desc: str = "train",
+    progress: bool = True,
+) -> Metrics:
+    """One pass over the training tensors in a fresh random order, last batch partial."""
+    model.train()
+    aug = AugmentConfig()
+    sums = MetricSums(images.device)
+    perm = torch.randperm(len(images), device=images.device)
+    steps = math.ceil(len(images) / cfg.batch_size)
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, unit="step")
+    for step in bar:
+        idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        x, y = images[idx], labels[idx]
+        logits = forward_train(model, x, cfg.augment, aug)
+        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        sums.add(logits.detach(), y, loss)
+        if progress and (step % 10 == 0 or step == steps - 1):
+            m = sums.result()
+            bar.set_postfix(loss=f"{m.loss:.3f}", top1=f"{m.top1:.1%}")
+    return sums.result()
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber an existing run unless asked; check the directory is writable."""
+    ckpt = out / checkpoint.CHECKPOINT_NAME
+    if resume:
+        if not ckpt.is_file():
+            raise EANetError(
+                f"{out}: nothing to resume (no {checkpoint.CHECKPOINT_NAME}); "
+                "start a new run with --out"
+            )
+        return
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if existing and not overwrite:
+        raise EANetError(
+            f"{out} already holds a run ({', '.join(existing)}); pass --resume "
+            f"{out} to continue it, --overwrite to start over, or another --out"
+        )
+    for name in existing:
+        (out / name).unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise EANetError(f"cannot write to run directory {out}: {exc.strerror or exc}") from exc
+
+
+def write_history(out: Path, history: list[dict], title: str) -> None:
+    write_json(out / "history.json", history)
+    write_csv(out / "history.csv", history)
+    plot_curves(history, out / "curves.png", title=title)
+
+
+def _fmt(prefix: str, m: Metrics) -> str:
+    return f"{prefix} loss {m.loss:.4f} top1 {m.top1:.2%} top5 {m.top5:.2%}"
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def build_for_data(cfg: TrainConfig, data: ImageData) -> VisionTransformer:
+    """The model named by `cfg`, sized for `data` (classes, image size), stats from its images."""
+    _, c, h, w = data.train_images.shape
+    if h != w:
+        raise ConfigError(f"{data.name}: images are {h}x{w}; the model needs square images")
+    args = {"num_classes": data.num_classes, "image_size": h, "in_chans": c, **cfg.model_args}
+    if args["num_classes"] != data.num_classes:
+        raise ConfigError(
+            f"--model-arg num_classes={args['num_classes']} but {data.name} has "
+            f"{data.num_classes} classes; drop the override"
+        )
+    if (args["image_size"], args["in_chans"]) != (h, c):
+        raise ConfigError(
+            f"model input {args['in_chans']}x{args['image_size']}x"
+            f"{args['image_size']} does not match {data.name} images {c}x{h}x{w}"
+        )
+    model = build_model(model_config(cfg.model, **args))
+    # As the reference (`adapt(x_train)`): statistics over the whole training archive.
+    mean, var, count = compute_normalization(data.train_images)
+    model.normalize.set_stats(mean, var, count)
+    return model
+
+
+def fit(
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    data: ImageData | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Train (or resume) a run in `out`; returns the final test metrics (fractions)."""
+    out = Path(out)
+    cfg.validate()
+    prepare_run_dir(out, resume, overwrite)
+    set_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if data is None:
+        data = load_dataset(
+            cfg.dataset, cfg.data_path, md5=cfg.md5, verify=cfg.verify, progress=progress
+        )
+    model = build_for_data(cfg, data).to(device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.lr,
+        betas=(0.9, 0.999),
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+    )
+    train_x, train_y, val_x, val_y = (
+        t.to(device)
+        for t in split_validation(data.train_images, data.train_labels, cfg.val_fraction)
+    )
+    history: list[dict] = []
+    start = 1
+    if resume:
+        ckpt = checkpoint.load(out)
+        if ckpt.class_names != data.class_names:
+            raise EANetError(
+                f"{out}: the checkpoint was trained on other classes than "
+                f"{data.name}; resume it with its own data set"
+            )
+        checkpoint.load_weights(model, ckpt, out)
+        optimizer.load_state_dict(ckpt.optimizer_state)
+        checkpoint.restore_rng(ckpt)
+        history = ckpt.meta["history"]
+        start = ckpt.meta["epoch"] + 1
+        log.info("resuming %s after epoch %d of %d", out, start - 1, cfg.epochs)
+        write_history(out, history, f"{cfg.model} on {data.name}")  # in case the kill beat it
+    write_json(
+        out / "config.json",
+        {
+            "train": cfg.to_dict(),
+            "model": model.config.to_dict(),
+            "dataset": {
+                "name": data.name,
+                "classes": data.num_classes,
+                "train_images": len(train_x),
+                "val_images": len(val_x),
+                "test_images": len(data.test_images),
+            },
+            "eanet_version": __version__,
+            "environment": environment(),
+        },
+    )
+    title = f"{cfg.model} on {data.name}"
+    meta = {
+        "model_name": cfg.model,
+        "class_names": data.class_names,
+        "train_config": cfg.to_dict(),
+        "eanet_version": __version__,
+    }
+    for epoch in range(start, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        tr = train_epoch(
+            model,
+            optimizer,
+            train_x,
+            train_y,
+            cfg,
+            desc=f"epoch {epoch}/{cfg.epochs}",
+            progress=progress,
+        )
+        train_s = time.perf_counter() - t0
+        va = evaluate_tensors(model, val_x, val_y, cfg.eval_batch_size, cfg.label_smoothing)
+        row = {
+            "epoch": epoch,
+            "train_loss": tr.loss,
+            "train_top1": tr.top1,
+            "train_top5": tr.top5,
+            "val_loss": va.loss if va.count else None,
+            "val_top1": va.top1 if va.count else None,
+            "val_top5": va.top5 if va.count else None,
+            "train_seconds": round(train_s, 3),
+            "epoch_seconds": round(time.perf_counter() - t0, 3),
+            "train_images_per_s": round(tr.count / train_s, 2),
+        }
+        history.append(row)
+        checkpoint.save(
+            out / checkpoint.CHECKPOINT_NAME,
+            model,
+            {**meta, "epoch": epoch, "history": history},
+            optimizer,
+            rng=True,
+        )
+        write_history(out, history, title)
+        log.info(
+            "epoch %d/%d  %s | %s | %.1fs %.0f img/s",
+            epoch,
+            cfg.epochs,
+            _fmt("train", tr),
+            _fmt("val", va) if va.count else "no validation",
+            row["epoch_seconds"],
+            row["train_images_per_s"],
+        )
+    test = evaluate_tensors(
+        model,
+        data.test_images.to(device),
+        data.test_labels.to(device),
+        cfg.eval_batch_size,
+        cfg.label_smoothing,
+        progress=progress,
+        desc="test",
+    )
+    metrics = {
+        "test_loss": test.loss,
+        "test_top1": test.top1,
+        "test_top5": test.top5,
+        "test_images": test.count,
+        "epochs": cfg.epochs,
+        "model": cfg.model,
+        "dataset": data.name,
+    }
+    vals = [h["val_top1"] for h in history if h["val_top1"] is not None]
+    if vals:
+        metrics["best_val_top1"] = max(vals)
+        metrics["final_val_top1"] = vals[-1]
+    write_json(out / "metrics.json", metrics)
+    log.info("%s (%d images)", _fmt("test", test), test.count)
+    return metrics
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    """The TrainConfig saved in a run directory's config.json."""
+    data = read_json(Path(run_dir) / "config.json")
+    if "train" not in data:
+        raise EANetError(f"{run_dir}/config.json has no 'train' section; it is not a run")
+    return TrainConfig.from_dict(data["train"])
