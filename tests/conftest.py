@@ -17,8 +17,14 @@ def sample_data() -> ImageData:
 def small_sample(sample_data) -> ImageData:
     """A quick subset of the slice: 96 train and 64 test images, all 100 class names."""
     d = sample_data
-    return ImageData(d.name, d.class_names, d.train_images[:96], d.train_labels[:96],
-                     d.test_images[:64], d.test_labels[:64])
+    return ImageData(
+        d.name,
+        d.class_names,
+        d.train_images[:96],
+        d.train_labels[:96],
+        d.test_images[:64],
+        d.test_labels[:64],
+    )
 
 
 @pytest.fixture(scope="session")

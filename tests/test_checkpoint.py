@@ -78,8 +78,15 @@ def test_tampered_metadata(tmp_path):
     path = tmp_path / "m.safetensors"
     model = _save(path)
     tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata={"format": "eanet-checkpoint", "format_version": "1",
-                                            "meta": '{"model_config": {"depth": "x"}}'})
+    save_file(
+        tensors,
+        str(path),
+        metadata={
+            "format": "eanet-checkpoint",
+            "format_version": "1",
+            "meta": '{"model_config": {"depth": "x"}}',
+        },
+    )
     with pytest.raises(CheckpointError, match="metadata is damaged"):
         checkpoint.load(path)
 

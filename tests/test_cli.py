@@ -22,10 +22,29 @@ def _help(command: str) -> str:
 
 def test_train_help_documents_every_option():
     text = _help("train")
-    options = ["--model", "--model-arg", "--dataset", "--data-path", "--md5", "--no-verify",
-               "--epochs", "--batch-size", "--eval-batch-size", "--lr", "--weight-decay",
-               "--label-smoothing", "--val-fraction", "--augment", "--seed", "--device",
-               "--threads", "--out", "--resume", "--overwrite", "--no-progress"]
+    options = [
+        "--model",
+        "--model-arg",
+        "--dataset",
+        "--data-path",
+        "--md5",
+        "--no-verify",
+        "--epochs",
+        "--batch-size",
+        "--eval-batch-size",
+        "--lr",
+        "--weight-decay",
+        "--label-smoothing",
+        "--val-fraction",
+        "--augment",
+        "--seed",
+        "--device",
+        "--threads",
+        "--out",
+        "--resume",
+        "--overwrite",
+        "--no-progress",
+    ]
     for option in options:
         assert option in text, option
     # every recipe field of TrainConfig is reachable from the command line
@@ -36,11 +55,16 @@ def test_train_help_documents_every_option():
 
 
 def test_console_script_help_and_version():
-    out = subprocess.run([sys.executable, "-m", "eanet", "train", "--help"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "eanet", "train", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "--reference-bug" not in out.stdout and "reference-bug" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "eanet", "--version"], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "eanet", "--version"], capture_output=True, text=True, check=True
+    )
     assert out.stdout.startswith("eanet ")
 
 
@@ -99,8 +123,9 @@ def test_bad_input_is_one_line_and_nonzero(args, message):
 def test_corrupt_archive_names_the_file(tmp_path):
     bad = tmp_path / "cifar-100-python.tar.gz"
     bad.write_bytes(SAMPLE_ARCHIVE.read_bytes()[:100_000])
-    result = _run_cli("train", "--data-path", str(bad), "--no-verify", "--out",
-                      str(tmp_path / "run"))
+    result = _run_cli(
+        "train", "--data-path", str(bad), "--no-verify", "--out", str(tmp_path / "run")
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert str(bad) in result.stderr
     assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
@@ -111,6 +136,11 @@ def test_demo_runs_offline_and_names_real_classes(tmp_path, capsys):
     assert main(["demo", "--epochs", "1", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "true class" in out and "mountain" in out  # first test image of CIFAR-100
-    for name in ("metrics.json", "curves.png", "confusion_test.png", "per_class_test.csv",
-                 "checkpoint.safetensors"):
+    for name in (
+        "metrics.json",
+        "curves.png",
+        "confusion_test.png",
+        "per_class_test.csv",
+        "checkpoint.safetensors",
+    ):
         assert (tmp_path / "demo" / name).exists(), name

@@ -21,8 +21,14 @@ def tiny_config(**kw) -> TrainConfig:
 
 def test_run_directory_holds_every_artifact(tmp_path, small_sample):
     metrics = fit(tiny_config(), tmp_path, data=small_sample, progress=False)
-    for name in ("config.json", "history.json", "history.csv", "curves.png", "metrics.json",
-                 "checkpoint.safetensors"):
+    for name in (
+        "config.json",
+        "history.json",
+        "history.csv",
+        "curves.png",
+        "metrics.json",
+        "checkpoint.safetensors",
+    ):
         assert (tmp_path / name).stat().st_size > 0, name
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved == pytest.approx(metrics)
@@ -36,8 +42,13 @@ def test_run_directory_holds_every_artifact(tmp_path, small_sample):
     assert csv_lines[0].startswith("epoch,train_loss") and len(csv_lines) == 3
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["train"]["model_args"] == TINY
-    assert config["dataset"] == {"name": "cifar100", "classes": 100, "train_images": 77,
-                                 "val_images": 19, "test_images": 64}  # last 20% held out
+    assert config["dataset"] == {
+        "name": "cifar100",
+        "classes": 100,
+        "train_images": 77,
+        "val_images": 19,
+        "test_images": 64,
+    }  # last 20% held out
     ckpt = checkpoint.load(tmp_path)
     assert ckpt.meta["epoch"] == 2 and ckpt.class_names == small_sample.class_names
     assert ckpt.optimizer_state is not None and "cpu" in ckpt.rng_state
@@ -55,9 +66,11 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, small
     for idx, state in a.optimizer_state["state"].items():
         for name, value in state.items():
             assert torch.equal(value, b.optimizer_state["state"][idx][name]), (idx, name)
+
     def untimed(history):
-        return [{k: v for k, v in h.items() if "seconds" not in k and "per_s" not in k}
-                for h in history]
+        return [
+            {k: v for k, v in h.items() if "seconds" not in k and "per_s" not in k} for h in history
+        ]
 
     assert untimed(b.meta["history"]) == untimed(a.meta["history"])
     assert len(b.meta["history"]) == 3
@@ -69,8 +82,7 @@ def test_existing_run_is_never_overwritten_silently(tmp_path, small_sample):
     with pytest.raises(EANetError, match="already holds a run.*--resume.*--overwrite"):
         fit(tiny_config(epochs=1), tmp_path, data=small_sample, progress=False)
     assert (tmp_path / "checkpoint.safetensors").read_bytes() == before
-    fit(tiny_config(epochs=1, seed=1), tmp_path, data=small_sample, overwrite=True,
-        progress=False)
+    fit(tiny_config(epochs=1, seed=1), tmp_path, data=small_sample, overwrite=True, progress=False)
     assert (tmp_path / "checkpoint.safetensors").read_bytes() != before
 
 
@@ -81,9 +93,13 @@ def test_resume_needs_a_checkpoint(tmp_path, small_sample):
 
 @pytest.mark.parametrize(
     ("kw", "message"),
-    [({"batch_size": 0}, "--batch-size 0"), ({"lr": -1.0}, "--lr -1.0"),
-     ({"augment": "heavy"}, "--augment 'heavy'"), ({"val_fraction": 1.0}, "--val-fraction"),
-     ({"model": "resnet"}, "--model 'resnet'")],
+    [
+        ({"batch_size": 0}, "--batch-size 0"),
+        ({"lr": -1.0}, "--lr -1.0"),
+        ({"augment": "heavy"}, "--augment 'heavy'"),
+        ({"val_fraction": 1.0}, "--val-fraction"),
+        ({"model": "resnet"}, "--model 'resnet'"),
+    ],
 )
 def test_impossible_training_options(kw, message):
     with pytest.raises(ConfigError, match=message):
@@ -100,8 +116,9 @@ def _model_inputs(mode: str, images: torch.Tensor) -> torch.Tensor:
     """What the first layer sees in training under an augmentation order."""
     torch.manual_seed(0)
     model = create_model("eanet-cifar", depth=1)
-    model.normalize.set_stats(images.float().mean((0, 2, 3)),
-                              images.float().var((0, 2, 3), unbiased=False), 1)
+    model.normalize.set_stats(
+        images.float().mean((0, 2, 3)), images.float().var((0, 2, 3), unbiased=False), 1
+    )
     seen = []
     model.patch_embed.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
     model.train()
@@ -122,8 +139,9 @@ def test_fixed_order_keeps_negative_inputs_the_reference_order_clips_them(sample
 
 
 def test_reference_bug_mode_trains(tmp_path, small_sample):
-    metrics = fit(tiny_config(epochs=1, augment="reference-bug"), tmp_path, data=small_sample,
-                  progress=False)
+    metrics = fit(
+        tiny_config(epochs=1, augment="reference-bug"), tmp_path, data=small_sample, progress=False
+    )
     assert metrics["test_images"] == 64
 
 
@@ -136,8 +154,15 @@ def test_learning_check_on_real_digits(tmp_path, digits_data):
     depth 2 and 4x4 patches (64 tokens), lr 2e-3, batch 32, 8 epochs, no augmentation
     (flips and 36-degree rotations change what a digit means). Measured: 97.6% in 27 s.
     """
-    cfg = TrainConfig(model_args={"depth": 2, "patch_size": 4}, epochs=8, batch_size=32,
-                      lr=2e-3, val_fraction=0.0, augment="none", device="cpu")
+    cfg = TrainConfig(
+        model_args={"depth": 2, "patch_size": 4},
+        epochs=8,
+        batch_size=32,
+        lr=2e-3,
+        val_fraction=0.0,
+        augment="none",
+        device="cpu",
+    )
     metrics = fit(cfg, tmp_path, data=digits_data, progress=False)
     assert metrics["test_images"] == 449
     assert metrics["test_top1"] >= 0.90, metrics

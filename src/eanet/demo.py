@@ -38,7 +38,7 @@ def run_demo(
     )
     data = load_dataset("cifar100", SAMPLE_ARCHIVE, md5=SAMPLE_MD5, progress=progress)
     metrics = fit(cfg, out, data=data, overwrite=True, progress=progress)
-    evaluation = evaluate_checkpoint(out, device=device, progress=progress)
+    evaluation = evaluate_checkpoint(out, device=device, progress=progress, data=data)
     model, ckpt = checkpoint.load_model(out, resolve_device(device))
     probs = predict_logits(model, data.test_images[:show]).softmax(dim=1)
     top = probs.topk(3, dim=1)

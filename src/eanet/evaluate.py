@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from eanet import checkpoint
-from eanet.data import load_dataset, split_validation
+from eanet.data import ImageData, load_dataset, split_validation
 from eanet.errors import ConfigError
 from eanet.fileio import write_csv, write_json
 from eanet.models import VisionTransformer
@@ -119,10 +119,12 @@ def evaluate_checkpoint(
     batch_size: int = 500,
     device: str = "auto",
     progress: bool = True,
+    data: ImageData | None = None,
 ) -> dict:
     """Evaluate a checkpoint on a split of its data set; write per-class CSV and confusion PNG.
 
-    The data set defaults to the one the checkpoint was trained on (from its train config).
+    The data set defaults to the one the checkpoint was trained on (from its train config);
+    `data` skips loading when the caller already holds it.
     """
     dev = resolve_device(device)
     model, ckpt = checkpoint.load_model(path, dev)
@@ -132,13 +134,13 @@ def evaluate_checkpoint(
         data_path = train_cfg.get("data_path")
         md5 = md5 or train_cfg.get("md5")
         verify = train_cfg.get("verify", True) if verify is None else verify
-    data = load_dataset(
-        dataset, data_path, md5=md5, verify=True if verify is None else verify, progress=progress
-    )
+    if data is None:
+        verify = True if verify is None else verify
+        data = load_dataset(dataset, data_path, md5=md5, verify=verify, progress=progress)
     if data.class_names != ckpt.class_names:
         raise ConfigError(
-            f"{path} was trained on {len(ckpt.class_names)} other classes than "
-            f"{dataset}'s {data.num_classes}; evaluate it on its own data set"
+            f"{path} was trained on {len(ckpt.class_names)} classes that are not "
+            f"{dataset}'s {data.num_classes}; evaluate it on the data set it was trained on"
         )
     if split == "test":
         images, labels = data.test_images, data.test_labels

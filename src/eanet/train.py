@@ -151,7 +151,13 @@ def train_epoch(
         sums.add(logits.detach(), y, loss)
         if progress and (step % 10 == 0 or step == steps - 1):
             m = sums.result()
-            bar.set_postfix(loss=f"{m.loss:.3f}", top1=f"{m.top1:.1%}")
+            rate = m.count / max(bar.format_dict["elapsed"], 1e-9)
+            bar.set_postfix(
+                loss=f"{m.loss:.3f}",
+                top1=f"{m.top1:.1%}",
+                top5=f"{m.top5:.1%}",
+                img_s=f"{rate:.0f}",
+            )
     return sums.result()
 
 
