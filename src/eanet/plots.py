@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator, PercentFormatter  # noqa: E402
 
 from eanet.fileio import atomic_path  # noqa: E402
 
@@ -32,6 +33,9 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> None:
             ax.plot(epochs, val, "o-", label=f"val {label}")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if key != "loss":
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         ax.grid(alpha=0.3)
         ax.legend()
     if title:
