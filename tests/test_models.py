@@ -172,3 +172,66 @@ def test_unknown_model_name():
 def test_config_round_trip():
     cfg = model_config("eanet-cifar-s64", num_classes=10)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# --------------------------------------------------------------------------- fast path
+
+
+@pytest.mark.parametrize("name", ["eanet-cifar", "eanet-cifar-s64", "vit-cifar"])
+def test_fast_path_computes_the_reference_function(name):
+    """Folded memories, fused normalisation and mask dropout: same outputs and gradients."""
+    import copy
+
+    from eanet.models import set_fast_path
+
+    torch.manual_seed(0)
+    fast = create_model(name, depth=2).eval()
+    fast.normalize.set_stats(torch.tensor([129.0, 124, 112]), torch.tensor([4500.0, 4200, 5000]), 1)
+    ref = set_fast_path(copy.deepcopy(fast), False)
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    a, b = fast(x), ref(x)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    a.logsumexp(1).sum().backward()
+    b.logsumexp(1).sum().backward()
+    scale = max(p.grad.abs().max() for p in ref.parameters())
+    for (pname, p), q in zip(fast.named_parameters(), ref.parameters(), strict=True):
+        assert (p.grad - q.grad).abs().max() <= 1e-4 * scale, pname
+
+
+def test_double_normalize_gradient():
+    from eanet.fused import double_normalize
+
+    z = torch.randn(2, 7, 3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: double_normalize(t, token_dim=1), (z,))
+    q = double_normalize(z.detach(), token_dim=1)
+    torch.testing.assert_close(q.sum(-1), torch.ones(2, 7, 3, dtype=torch.float64))
+
+
+def test_keep_mask_rate_and_reproducibility():
+    from eanet.fused import keep_mask, masked
+
+    torch.manual_seed(1)
+    m = keep_mask((200, 1000), 0.2, torch.device("cpu"))
+    assert m.dtype == torch.float32 and set(m.unique().tolist()) == {0.0, 1.0}
+    assert abs(m.mean().item() - 0.8) < 0.005  # 200k draws: std 0.0009
+    torch.manual_seed(1)
+    assert torch.equal(m, keep_mask((200, 1000), 0.2, torch.device("cpu")))
+    x = torch.randn(10)
+    assert masked(x, 0.0) is x
+
+
+def test_dropout_is_active_in_training_and_scaled_right():
+    """Train-mode outputs vary; averaged over many masks they match eval-mode outputs."""
+    from eanet.models import Mlp
+
+    torch.manual_seed(0)
+    mlp = Mlp(ModelConfig())
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        fc1_out = mlp.act(mlp.fc1(x))
+        mlp.train()
+        outs = torch.stack([mlp(x) for _ in range(4000)])
+        # E[drop2(fc2(drop1(h)))] = fc2(h): the folded rescales must keep the mean
+        expected = mlp.fc2(fc1_out)
+    assert outs.std(0).min() > 0
+    torch.testing.assert_close(outs.mean(0), expected, atol=0.05, rtol=0.05)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eanet.errors import ConfigError
+from eanet.fused import double_normalize, masked
 
 ATTENTIONS = ("external", "self")
 INITS = ("keras", "trunc_normal")
@@ -162,10 +163,11 @@ def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
 class ExternalAttention(nn.Module):
     """Multi-head external attention with two memories M_k, M_v shared by all heads.
 
-    The reference transposes to (B, heads, N, d) and back; since M_k and M_v act on the last
-    axis and are shared by every head, keeping (B, N, heads, d) gives the same numbers
-    without the two copies: softmax runs over the token axis (dim 1), the second
-    normalisation over the memory axis (last).
+    `forward_reference` is the Keras code step by step. `forward` (the default, `fast`)
+    computes the same function faster: M_k follows the input projection and M_v precedes
+    the output projection with nothing non-linear in between, and both are shared by every
+    head, so each pair folds into one (dim x heads*S) matrix: two matmuls instead of four,
+    no transposes, and the dropout rescales ride on the folded output weights.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -173,27 +175,58 @@ class ExternalAttention(nn.Module):
         self.heads = cfg.num_heads * cfg.dim_coefficient  # 16
         self.inner = cfg.dim * cfg.dim_coefficient  # 256
         self.head_dim = self.inner // self.heads  # 16
-        memory = cfg.memory_size or cfg.dim // cfg.dim_coefficient  # S = 16
+        self.memory = cfg.memory_size or cfg.dim // cfg.dim_coefficient  # S = 16
         self.proj_in = nn.Linear(cfg.dim, self.inner)
-        self.mk = nn.Linear(self.head_dim, memory, bias=cfg.memory_bias)
-        self.mv = nn.Linear(memory, self.head_dim, bias=cfg.memory_bias)
+        self.mk = nn.Linear(self.head_dim, self.memory, bias=cfg.memory_bias)
+        self.mv = nn.Linear(self.memory, self.head_dim, bias=cfg.memory_bias)
         self.attn_drop = nn.Dropout(cfg.attn_drop)
         self.proj = nn.Linear(self.inner, cfg.dim)
         self.proj_drop = nn.Dropout(cfg.proj_drop)
+        self.fast = True
 
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, dim) -> doubly normalised attention (B, N, heads, S), before dropout."""
         B, N, _ = x.shape
         x = self.proj_in(x).view(B, N, self.heads, self.head_dim)  # (B, N, h, d)
-        attn = self.mk(x)  # (B, N, h, S)
+        attn = self.mk(x)  # (B, N, h, S): M_k is shared, so no transpose is needed
         attn = attn.softmax(dim=1)  # over the N tokens
         return attn / (1e-9 + attn.sum(dim=-1, keepdim=True))  # over the S memory slots
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The Keras code's order: (B, heads, N, d) layout, softmax on axis 2."""
         B, N, _ = x.shape
-        attn = self.attn_drop(self.attention_map(x))
-        x = self.mv(attn).reshape(B, N, self.inner)  # (B, N, h*d)
+        x = self.proj_in(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)  # (B,h,N,d)
+        attn = self.mk(x).softmax(dim=2)  # (B, h, N, S), softmax over the N tokens
+        attn = attn / (1e-9 + attn.sum(dim=-1, keepdim=True))  # over the S memory slots
+        x = self.mv(self.attn_drop(attn))  # (B, h, N, d)
+        x = x.transpose(1, 2).reshape(B, N, self.inner)  # (B, N, h*d)
         return self.proj_drop(self.proj(x))
+
+    def folded_weights(self) -> tuple[torch.Tensor, ...]:
+        """(w_in, b_in, w_out, b_out): proj_in then M_k, and M_v then proj, as single linears."""
+        h, d, S = self.heads, self.head_dim, self.memory
+        wk, wv = self.mk.weight, self.mv.weight  # (S, d), (d, S)
+        w_in = torch.einsum("hdi,sd->hsi", self.proj_in.weight.view(h, d, -1), wk)
+        b_in = self.proj_in.bias.view(h, d) @ wk.t()  # (h, S)
+        w_out = torch.einsum("ohd,ds->ohs", self.proj.weight.view(-1, h, d), wv)
+        b_out = self.proj.bias
+        if self.mk.bias is not None:
+            b_in = b_in + self.mk.bias
+        if self.mv.bias is not None:
+            b_out = b_out + self.proj.weight.view(-1, h, d).sum(1) @ self.mv.bias
+        return w_in.reshape(h * S, -1), b_in.reshape(-1), w_out.reshape(-1, h * S), b_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fast:
+            return self.forward_reference(x)
+        B, N, _ = x.shape
+        p1 = self.attn_drop.p if self.training else 0.0
+        p2 = self.proj_drop.p if self.training else 0.0
+        w_in, b_in, w_out, b_out = self.folded_weights()
+        z = F.linear(x, w_in, b_in).view(B, N, self.heads, self.memory)  # (B, N, h, S)
+        attn = masked(double_normalize(z, token_dim=1).view(B, N, -1), p1)  # (B, N, h*S)
+        s1, s2 = 1.0 / (1.0 - p1), 1.0 / (1.0 - p2)  # dropout rescales, folded into w_out
+        return masked(F.linear(attn, w_out * (s1 * s2), b_out * s2), p2)
 
 
 class SelfAttention(nn.Module):
@@ -239,8 +272,15 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(cfg.mlp_dim, cfg.dim)
         self.drop = nn.Dropout(cfg.mlp_drop)
 
+        self.fast = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        if not self.fast:
+            return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        p = self.drop.p if self.training else 0.0
+        s = 1.0 / (1.0 - p)  # both dropout rescales folded into fc2
+        h = masked(self.act(self.fc1(x)), p)
+        return masked(F.linear(h, self.fc2.weight * (s * s), self.fc2.bias * s), p)
 
 
 class Block(nn.Module):
@@ -411,3 +451,11 @@ def create_model(name: str = "eanet-cifar", **overrides: object) -> VisionTransf
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
     """Number of (trainable) parameters; the 7 normalization statistics are buffers."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def set_fast_path(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch between the fast equivalent ops (default) and the reference's literal ops."""
+    for module in model.modules():
+        if hasattr(module, "fast"):
+            module.fast = enabled
+    return model

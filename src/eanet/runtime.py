@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import logging
 import os
 import platform
 
@@ -9,7 +12,37 @@ import torch
 
 from eanet.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 DEVICES = ("auto", "cpu", "cuda")
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+_allocator_tuned = False
+
+
+def tune_cpu_allocator(mmap_threshold: int = 1 << 30) -> bool:
+    """Keep big tensors on the reusable heap instead of fresh mmap pages (glibc only).
+
+    glibc serves allocations above 32 MiB with mmap and returns them at free, so every
+    (128, 256, 256) float tensor of a training step (33.5 MB) is page-faulted in anew:
+    on the 2-core development machine a fresh 33.5 MB multiply took 30 ms against 7 ms
+    with reused memory. Raising the mmap and trim thresholds makes freed blocks reusable.
+    The price: the process keeps its peak memory instead of returning it to the system.
+    """
+    global _allocator_tuned
+    if _allocator_tuned:
+        return True
+    name = ctypes.util.find_library("c")
+    if platform.system() != "Linux" or not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
+        ok = ok and libc.mallopt(_M_TRIM_THRESHOLD, 2 * mmap_threshold) == 1
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+        return False
+    _allocator_tuned = ok
+    log.debug("glibc allocator thresholds raised: %s", ok)
+    return ok
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -1,0 +1,75 @@
+"""Faster equivalents of the reference's elementwise work, for the hot path of the model.
+
+On a CPU the EANet training step is dominated not by matmuls but by passes over
+(B, N, 256) tensors: dropout masks drawn with `bernoulli_`, and the double normalisation
+with its autograd backward. These functions compute the same values in fewer passes:
+
+- `keep_mask` draws 4 dropout decisions from each 64-bit random word (16 bits each,
+  keep probability quantised to 1/65536: 0.2 becomes 0.199997) instead of one
+  `bernoulli_` call per element: about 5x faster on the development CPU.
+- `masked` multiplies by a 0/1 float mask written directly by the comparison; the
+  1/(1-p) rescale of dropout is folded by the caller into the next linear layer's
+  weights, which costs nothing.
+- `double_normalize` is softmax over the tokens and division by the sum over the memory
+  slots, with a hand-written backward of three passes that reuses torch's softmax backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_WORD_BITS = 16  # resolution of the keep probability
+
+
+def keep_mask(
+    shape: torch.Size | tuple[int, ...],
+    p: float,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """A 0/1 mask of `dtype`, 1 with probability 1 - p (to 1/65536), from the global RNG."""
+    n = 1
+    for s in shape:
+        n *= s
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
+    words.random_(-(2**63), None)  # all 64 bits random (the default range leaves the top bit 0)
+    halves = words.view(torch.int16)[:n].view(shape)
+    threshold = -(2 ** (_WORD_BITS - 1)) + round(p * 2**_WORD_BITS)
+    mask = torch.empty(shape, dtype=dtype, device=device)
+    # comparing straight into a float tensor: one pass, and multiplying by a float mask
+    # is about 2x faster than torch.where or a bool mask on the CPU
+    return torch.ge(halves, threshold, out=mask)
+
+
+def masked(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Zero each element with probability p, WITHOUT the 1/(1-p) rescale (the caller folds it)."""
+    if p == 0.0:
+        return x
+    return x * keep_mask(x.shape, p, x.device, x.dtype)
+
+
+class _DoubleNormalize(torch.autograd.Function):
+    """q = softmax(z, token_dim) / (1e-9 + sum over the last (memory) axis)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, token_dim: int) -> torch.Tensor:
+        p = torch.softmax(z, dim=token_dim)
+        denom = p.sum(dim=-1, keepdim=True).add_(1e-9)
+        ctx.save_for_backward(p, denom)
+        ctx.token_dim = token_dim
+        return p / denom
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        p, denom = ctx.saved_tensors
+        # through q = p / D with D = eps + sum_S p:  dL/dp = (g - sum_S(g * p) / D) / D
+        inner = (grad * p).sum(dim=-1, keepdim=True).div_(denom)
+        grad_p = (grad - inner).div_(denom)
+        # through the softmax over tokens: p * (grad_p - sum_N(grad_p * p))
+        grad_z = torch._softmax_backward_data(grad_p, p, ctx.token_dim, p.dtype)
+        return grad_z, None
+
+
+def double_normalize(z: torch.Tensor, token_dim: int = 1) -> torch.Tensor:
+    """External attention's normalisation of logits `z` (..., tokens, ..., memory)."""
+    return _DoubleNormalize.apply(z, token_dim)
