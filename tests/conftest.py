@@ -41,3 +41,29 @@ def digits_data() -> ImageData:
     test, train = perm[: len(y) // 4], perm[len(y) // 4 :]
     names = [str(i) for i in range(10)]
     return ImageData("digits", names, x[train], y[train], x[test], y[test])
+
+
+FOLDER_CLASSES = ["apple", "bicycle", "cloud"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, small_sample):
+    """A run directory: a tiny EANet (1 block, width 32) trained 1 epoch on the real slice."""
+    from eanet.train import TrainConfig, fit
+
+    run = tmp_path_factory.mktemp("tiny_run")
+    cfg = TrainConfig(
+        model_args={"depth": 1, "dim": 32, "mlp_dim": 32}, epochs=1, batch_size=32, device="cpu"
+    )
+    fit(cfg, run, data=small_sample, progress=False)
+    return run
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory, sample_data):
+    """Real CIFAR-100 images of 3 classes as PNG files: DIR/{train,test}/CLASS/NNNN.png."""
+    from eanet.folders import write_image_folder
+
+    root = tmp_path_factory.mktemp("images")
+    write_image_folder(sample_data, root, classes=FOLDER_CLASSES)
+    return root

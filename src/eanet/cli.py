@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,15 +38,17 @@ def _model_arg(text: str) -> tuple[str, object]:
 def _add_data_args(p: argparse.ArgumentParser, dataset_default: str | None) -> None:
     p.add_argument(
         "--dataset",
-        choices=["cifar100", "cifar10"],
+        choices=["cifar100", "cifar10", "folder", "digits"],
         default=dataset_default,
-        help="data set (default: %(default)s)",
+        help="data set; 'folder': your images, one subfolder per class, in --data-path; "
+        "'digits': scikit-learn's 1,797 real digits at 32x32, a fixed quarter as test "
+        "(needs scikit-learn) (default: %(default)s)",
     )
     p.add_argument(
         "--data-path",
-        help="archive (.tar.gz), extracted folder, or a directory "
+        help="CIFAR: archive (.tar.gz), extracted folder, or a directory "
         "holding the archive; default: $EANET_DATA or ~/.cache/eanet, downloaded "
-        "there if missing",
+        "there if missing. folder: the directory of class subfolders",
     )
     p.add_argument("--md5", help="expected md5 of an archive that is not the official one")
     p.add_argument(
@@ -124,6 +127,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, help=f"random seed (default: {d['seed']})")
     t.add_argument("--device", help="auto, cpu or cuda (default: auto)")
     t.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
+    t.add_argument(
+        "--image-size",
+        type=int,
+        help="--dataset folder: resize every whole image to this side (default: 32; with "
+        "--init-from: the checkpoint's)",
+    )
+    t.add_argument(
+        "--init-from",
+        metavar="CHECKPOINT",
+        help="fine-tune: start from every tensor of this run directory or checkpoint that "
+        "fits (same name and shape); a new head when the classes differ; normalization "
+        "statistics from the new data; its architecture unless --model/--model-arg is given",
+    )
+    t.add_argument(
+        "--freeze-backbone",
+        action="store_true",
+        default=None,
+        help="with --init-from: train only the classification head",
+    )
     t.add_argument("--out", type=Path, help="run directory (default: runs/MODEL-DATASET-TIME)")
     t.add_argument(
         "--resume",
@@ -178,7 +200,216 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-progress", dest="progress", action="store_false")
 
     sub.add_parser("models", help="list the registered models")
+    _add_interop_parsers(sub)
+    _add_use_parsers(sub)
+    _add_bench_parser(sub)
+    _add_compare_parser(sub)
     return parser
+
+
+def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
+    """The `compare` command."""
+    d = _train_defaults()
+    c = sub.add_parser(
+        "compare",
+        help="train models (and augmentation orders) side by side; report.md with plots",
+        description="Train every model x augmentation order x seed under one recipe (runs in "
+        "OUT/runs/MODEL-AUGMENT-seedK/), then write OUT/report.md, OUT/report.json and PNG "
+        "figures: parameters, multiply-adds, train/inference img/s, best/final val and test "
+        "top-1/top-5 as mean +- std over seeds, curves, and what the first layer sees under "
+        "each order. Calling it again with the same --out skips finished runs and resumes "
+        "interrupted ones.",
+    )
+    c.add_argument(
+        "--models",
+        nargs="+",
+        default=["eanet-cifar", "vit-cifar"],
+        metavar="MODEL",
+        help="registered models (default: %(default)s; see `eanet models`)",
+    )
+    _add_data_args(c, d["dataset"])
+    c.add_argument("--epochs", type=int, default=d["epochs"], help="default: %(default)s")
+    c.add_argument(
+        "--seeds", type=int, default=1, help="runs per model and order, seeds 0..K-1 (default: 1)"
+    )
+    c.add_argument(
+        "--model-arg",
+        action="append",
+        type=_model_arg,
+        default=None,
+        metavar="KEY=VALUE",
+        help="override a model config field of every model, repeatable (e.g. depth=2)",
+    )
+    c.add_argument(
+        "--augment-orders",
+        nargs="+",
+        default=["fixed"],
+        metavar="ORDER",
+        help="'fixed' (pixel space, then normalise), 'reference-bug' (the Keras example's "
+        "order), 'none' (default: fixed)",
+    )
+    c.add_argument("--batch-size", type=int, default=d["batch_size"], help="default: %(default)s")
+    c.add_argument("--lr", type=float, default=d["lr"], help="default: %(default)s")
+    c.add_argument(
+        "--val-fraction", type=float, default=d["val_fraction"], help="default: %(default)s"
+    )
+    c.add_argument("--image-size", type=int, help="--dataset folder or digits: image side")
+    c.add_argument(
+        "--bench-steps",
+        type=int,
+        default=3,
+        help="timed steps per model for img/s, 0 to skip (default: %(default)s)",
+    )
+    c.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    c.add_argument("--threads", type=int, help="CPU threads (default: one per core)")
+    c.add_argument("--out", type=Path, required=True, help="comparison directory")
+    c.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """The `bench` command."""
+    b = sub.add_parser(
+        "bench",
+        help="training and inference throughput, peak memory",
+        description="Time the training step (augmentation, forward, loss, backward, AdamW) and "
+        "inference on random CIFAR-shaped data: warm-up excluded, median of the timed steps. "
+        "Also times a large fp32 matmul in the same run and reports the model's share of it.",
+    )
+    b.add_argument("--model", default="eanet-cifar", help="default: %(default)s")
+    b.add_argument("--batch-size", type=int, default=128, help="default: %(default)s")
+    b.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    b.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="bfloat16 = autocast (default: %(default)s)",
+    )
+    b.add_argument("--compile", action="store_true", help="torch.compile the model")
+    b.add_argument("--steps", type=int, default=10, help="timed steps (default: %(default)s)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed steps (default: %(default)s)")
+    b.add_argument("--threads", type=int, help="CPU threads (default: one per core)")
+    b.add_argument(
+        "--model-arg",
+        action="append",
+        type=_model_arg,
+        default=None,
+        metavar="KEY=VALUE",
+        help="override a model config field, repeatable",
+    )
+    b.add_argument("--json", action="store_true", help="print the full result as JSON")
+    b.add_argument(
+        "--scaling",
+        action="store_true",
+        help="instead: time and activation memory per image of EANet vs ViT as the token "
+        "count grows (patch 2, image sizes --sizes); writes a table and a log-log plot",
+    )
+    b.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[32, 48, 64, 96],
+        help="image sides for --scaling (default: %(default)s = 256..2304 tokens)",
+    )
+    b.add_argument(
+        "--out",
+        type=Path,
+        default=Path("benchmarks/results/scaling"),
+        help="directory for the --scaling table and plot (default: %(default)s)",
+    )
+
+
+def _add_use_parsers(sub: argparse._SubParsersAction) -> None:
+    """The `predict`, `info` and `sample-images` commands."""
+    p = sub.add_parser(
+        "predict",
+        help="top-k classes of image files or directories",
+        description="Predict the classes of images: any file Pillow reads (PNG, JPEG, BMP, "
+        "WebP, GIF, TIFF; grey, RGBA composited on black, palette, 16-bit), any size (the "
+        "whole image resized to the model's input, no crop). Directories are walked "
+        "recursively for image files. A file that cannot be read gets an error line on "
+        "stderr, the others are still predicted, and the exit code is 1.",
+    )
+    p.add_argument("checkpoint", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--top-k", type=int, default=5, help="classes per image (default: 5)")
+    p.add_argument("--json", action="store_true", help="one JSON object per image and line")
+    p.add_argument("--batch-size", type=int, default=64, help="default: %(default)s")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+
+    i = sub.add_parser(
+        "info",
+        help="parameters per layer, multiply-adds per image, configuration",
+        description="Describe a registered model or a checkpoint: parameters per layer "
+        "(and the 7 normalization statistics), multiply-adds per image, its config.",
+    )
+    i.add_argument("target", metavar="MODEL_NAME_OR_CHECKPOINT")
+    i.add_argument(
+        "--model-arg",
+        action="append",
+        type=_model_arg,
+        default=None,
+        metavar="KEY=VALUE",
+        help="override a field of a model name's config, repeatable",
+    )
+    i.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    s = sub.add_parser(
+        "sample-images",
+        help="write the shipped CIFAR-100 slice as a folder of PNG images",
+        description="Write real images to try the folder commands on: the CIFAR-100 slice "
+        "shipped in the package as OUT/train/CLASS/*.png and OUT/test/CLASS/*.png.",
+    )
+    s.add_argument("out", type=Path, metavar="OUT")
+    s.add_argument(
+        "--classes",
+        help="comma-separated class names (default: all 100), e.g. apple,bicycle,cloud",
+    )
+    s.add_argument(
+        "--format", choices=["png", "jpg", "bmp", "webp"], default="png", help="default: png"
+    )
+
+
+def _add_interop_parsers(sub: argparse._SubParsersAction) -> None:
+    """The `import-keras` and `export` commands."""
+    k = sub.add_parser(
+        "import-keras",
+        help="convert the Keras example's trained EANet/ViT into an eanet checkpoint",
+        description="Read a Keras 3 .keras or .weights.h5 file of the Keras example's EANet "
+        "or ViT (detected from the weights), map every weight and the normalization "
+        "statistics, and write an eanet checkpoint. Needs h5py: pip install 'eanet[keras]'.",
+    )
+    k.add_argument("file", type=Path, metavar="FILE", help=".keras or .weights.h5 file")
+    k.add_argument(
+        "out",
+        type=Path,
+        metavar="OUT",
+        help="a .safetensors file, or a directory that gets checkpoint.safetensors",
+    )
+    k.add_argument(
+        "--class-names",
+        type=Path,
+        metavar="FILE",
+        help="text file, one class name per line (default: CIFAR-100's 100 fine labels)",
+    )
+    k.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+
+    x = sub.add_parser(
+        "export",
+        help="export a checkpoint to ONNX or TorchScript (checked against PyTorch)",
+        description="Export a checkpoint with normalization inside: input 'pixels' float32 "
+        "(B, 3, H, W), raw values 0..255; output 'probabilities' (B, classes); class names "
+        "in the metadata. The file is written only if it matches PyTorch within the "
+        "tolerance. ONNX needs: pip install 'eanet[export]'.",
+    )
+    x.add_argument("checkpoint", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
+    x.add_argument("--format", choices=["onnx", "torchscript"], required=True)
+    x.add_argument("--out", type=Path, required=True, metavar="FILE", help="file to write")
+    x.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="largest allowed |difference| of probabilities vs PyTorch (default: %(default)s)",
+    )
 
 
 # --------------------------------------------------------------------------- commands
@@ -203,6 +434,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "label_smoothing",
                 "val_fraction",
                 "model_arg",
+                "image_size",
+                "init_from",
+                "freeze_backbone",
             )
             if getattr(args, k) is not None
         ]
@@ -217,6 +451,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             if value is not None:
                 cfg[key] = value
         cfg["model_args"] = dict(args.model_arg or [])
+        if args.init_from is not None and args.model is None and not args.model_arg:
+            from eanet.finetune import inherited_model
+
+            # Fine-tune the checkpoint's own architecture; stored, so --resume rebuilds it.
+            cfg["model"], cfg["model_args"], size = inherited_model(args.init_from)
+            if cfg["dataset"] == "folder" and args.image_size is None:
+                cfg["image_size"] = size
         out = args.out or Path("runs") / f"{cfg['model']}-{cfg['dataset']}-{_stamp()}"
         resume = False
     config = TrainConfig.from_dict(cfg)
@@ -299,11 +540,212 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_keras(args: argparse.Namespace) -> int:
+    from eanet.interop.keras import import_keras, read_class_names
+
+    names = read_class_names(args.class_names) if args.class_names else None
+    s = import_keras(args.file, args.out, class_names=names, overwrite=args.overwrite)
+    print(
+        f"imported Keras {s['model']} ({s['depth']} blocks, {s['num_classes']} classes, "
+        f"{s['parameters']:,} params + normalization statistics) -> {s['checkpoint']}"
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from eanet.interop.export import export
+
+    parity = export(args.checkpoint, args.format, args.out, tolerance=args.tolerance)
+    print(parity.message(args.format))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from eanet import checkpoint
+    from eanet.predict import Failure, check_top_k, expand_inputs, iter_predict_files
+    from eanet.runtime import resolve_device
+
+    check_top_k(args.top_k)
+    model, ckpt = checkpoint.load_model(args.checkpoint, resolve_device(args.device))
+    names = ckpt.class_names
+    files, failures = expand_inputs(args.inputs)
+    for f in failures:
+        print(f"eanet: error: {f.source}: {f.reason}", file=sys.stderr)
+    k = min(args.top_k, len(names))
+    file_w = max((len(str(f)) for f in files), default=4) + 2
+    cell_w = max(len(n) for n in names) + 9
+    if files and not args.json:
+        header = "".join(f"{f'top-{j + 1}':<{cell_w}}" for j in range(k))
+        print(f"{'file':<{file_w}}{header}".rstrip())
+    done = 0
+    for r in iter_predict_files(model, names, files, args.top_k, args.batch_size):
+        if isinstance(r, Failure):
+            failures.append(r)
+            print(f"eanet: error: {r.source}: {r.reason}", file=sys.stderr)
+        elif args.json:
+            print(json.dumps(r.to_dict()), flush=True)
+            done += 1
+        else:
+            cells = (f"{c} {p:.1%}" for c, p in zip(r.classes, r.probabilities, strict=True))
+            print(f"{r.source:<{file_w}}" + "".join(f"{c:<{cell_w}}" for c in cells).rstrip())
+            done += 1
+    if failures:
+        print(f"eanet: {done} image(s) predicted, {len(failures)} failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from eanet.info import describe, format_info
+
+    info = describe(args.target, **dict(args.model_arg or []))
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+def cmd_sample_images(args: argparse.Namespace) -> int:
+    from eanet.data import SAMPLE_ARCHIVE, SAMPLE_MD5, load_dataset
+    from eanet.errors import EANetError
+    from eanet.folders import write_image_folder
+
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise EANetError(f"{args.out} exists and is not an empty directory; choose a new OUT")
+    data = load_dataset("cifar100", SAMPLE_ARCHIVE, md5=SAMPLE_MD5, progress=False)
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    counts = write_image_folder(data, args.out, classes=classes, fmt=args.format)
+    n = len(classes) if classes else data.num_classes
+    print(
+        f"wrote {counts['train']} train and {counts['test']} test images of {n} classes "
+        f"(real CIFAR-100, 32x32 {args.format}) to {args.out}/train/ and {args.out}/test/"
+    )
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from eanet.bench import bench_model
+
+    if args.scaling:
+        return _bench_scaling(args)
+    r = bench_model(
+        args.model,
+        args.batch_size,
+        args.device,
+        args.dtype,
+        args.compile,
+        args.warmup,
+        args.steps,
+        args.threads,
+        dict(args.model_arg or []),
+    )
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    env = r["environment"]
+    print(
+        f"{r['model']} batch {r['batch_size']} {r['dtype']} on {r['device']} "
+        f"({env.get('cuda') or env.get('cpu_model', env['processor'])}, "
+        f"{env['torch_threads']} threads, torch {env['torch']}"
+        f"{', compiled' if r['compile'] else ''})"
+    )
+    print(
+        f"  train     {r['train_img_s']:9.1f} img/s  {r['train_gflops']:7.1f} GFLOP/s  "
+        f"{r['train_fraction_of_peak']:.0%} of matmul peak"
+    )
+    print(
+        f"  inference {r['infer_img_s']:9.1f} img/s  {r['infer_gflops']:7.1f} GFLOP/s  "
+        f"{r['infer_fraction_of_peak']:.0%} of matmul peak"
+    )
+    print(
+        f"  matmul peak {r['matmul_peak_gflops']:.1f} GFLOP/s; {r['peak_memory_kind']} "
+        f"{r['peak_memory_mb']:.0f} MB; forward {r['forward_macs_per_image'] / 1e9:.3f} "
+        f"GMACs/image"
+    )
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from eanet.compare import CompareConfig, run_compare
+
+    cfg = CompareConfig(
+        models=args.models,
+        dataset=args.dataset,
+        data_path=args.data_path,
+        md5=args.md5,
+        verify=args.verify is not False,
+        epochs=args.epochs,
+        seeds=args.seeds,
+        model_args=dict(args.model_arg or []),
+        augment_orders=args.augment_orders,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        val_fraction=args.val_fraction,
+        image_size=args.image_size,
+        bench_steps=args.bench_steps,
+        device=args.device,
+        threads=args.threads,
+    )
+    report = run_compare(cfg, args.out, progress=args.progress)
+    done = list(report["runs"].values())
+    print(
+        f"{len(done)} runs ({done.count('skipped')} finished earlier, "
+        f"{done.count('resumed')} resumed) in {report['invocation_seconds']:.0f} s"
+    )
+    for g in report["groups"]:
+        s = g["summary"]
+        print(
+            f"  {g['model']:<16} {g['augment']:<14} {g['params']:>9,} params  "
+            f"best val top-1 {s['best_val_top1']['mean']:.1%}  "
+            f"test top-1 {s['test_top1']['mean']:.1%}  top-5 {s['test_top5']['mean']:.1%}"
+        )
+    print(f"report: {args.out / 'report.md'}")
+    return 0
+
+
+def _bench_scaling(args: argparse.Namespace) -> int:
+    from eanet.bench import scaling
+    from eanet.fileio import write_json, write_text
+    from eanet.plots import plot_scaling
+    from eanet.runtime import environment
+
+    rows = scaling(tuple(args.sizes), batch_size=2, device=args.device)
+    lines = [
+        "| tokens | image | model | inference ms/img | train ms/img | activations MB/img "
+        "| forward GMACs/img |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['tokens']} | {r['image_size']}x{r['image_size']} | {r['model']} | "
+            f"{r['infer_ms_per_image']:.1f} | {r['train_ms_per_image']:.1f} | "
+            f"{r['activation_mb_per_image']:.1f} | {r['forward_gmacs_per_image']:.3f} |"
+        )
+    table = "\n".join(lines) + "\n"
+    write_json(args.out / "scaling.json", {"rows": rows, "environment": environment()})
+    write_text(args.out / "scaling.md", table)
+    plot_scaling(rows, args.out / "scaling.png")
+    print(table)
+    print(f"wrote {args.out}/scaling.json, scaling.md, scaling.png")
+    return 0
+
+
 def _stamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "models": cmd_models}
+COMMANDS = {
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "demo": cmd_demo,
+    "models": cmd_models,
+    "import-keras": cmd_import_keras,
+    "export": cmd_export,
+    "predict": cmd_predict,
+    "info": cmd_info,
+    "bench": cmd_bench,
+    "sample-images": cmd_sample_images,
+    "compare": cmd_compare,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,6 +764,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("eanet: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`eanet predict DIR | head`): stop quietly, as Unix tools do;
+        # pointing stdout at devnull stops Python's own complaint when it flushes at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

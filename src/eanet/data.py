@@ -110,6 +110,9 @@ class ImageData:
     train_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
+    # A validation split of its own (a folder's val/); None: hold out the tail of train.
+    val_images: torch.Tensor | None = None
+    val_labels: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:
@@ -529,10 +532,43 @@ def load_cifar(
     return ImageData(spec.name, class_names, train_images, train_labels, test_images, test_labels)
 
 
-def load_dataset(name: str, data_path: str | Path | None = None, **kwargs: Any) -> ImageData:
-    """Load a data set by name (see DATASETS); kwargs go to the specific loader."""
+DATASET_NAMES = (*DATASETS, "folder", "digits")
+
+
+def load_dataset(
+    name: str, data_path: str | Path | None = None, *, image_size: int | None = None, **kwargs: Any
+) -> ImageData:
+    """Load a data set by name (DATASET_NAMES); kwargs go to the specific loader.
+
+    `image_size` is the side a folder's images are resized to (default 32); CIFAR is 32 only.
+    """
+    if name == "folder":
+        from eanet.folders import load_folder  # folders imports this module
+
+        return load_folder(data_path, image_size=image_size or 32, **kwargs)
+    if name == "digits":  # scikit-learn's real 8x8 digits; md5/verify/progress do not apply
+        from eanet.digits import load_digits  # digits imports this module
+
+        return load_digits(data_path, image_size=image_size or 32)
+    if name not in DATASETS:
+        raise DataError(
+            f"unknown data set {name!r}; choose one of: {', '.join(sorted(DATASET_NAMES))}"
+        )
+    if image_size not in (None, 32):
+        raise ConfigError(
+            f"--image-size {image_size} applies to --dataset folder; {name} images are 32x32"
+        )
     spec = _spec(name)
     return load_cifar(spec.name, data_path, **kwargs)
+
+
+def train_val_split(
+    data: ImageData, fraction: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training and validation tensors: the data set's own val split if any, else the tail."""
+    if data.val_images is not None and data.val_labels is not None:
+        return data.train_images, data.train_labels, data.val_images, data.val_labels
+    return split_validation(data.train_images, data.train_labels, fraction)
 
 
 # --------------------------------------------------------------------------- preprocessing helpers

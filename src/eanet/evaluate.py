@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from eanet import checkpoint
-from eanet.data import ImageData, load_dataset, split_validation
+from eanet.data import ImageData, load_dataset, train_val_split
 from eanet.errors import ConfigError
 from eanet.fileio import write_csv, write_json
 from eanet.models import VisionTransformer
@@ -136,7 +136,11 @@ def evaluate_checkpoint(
         verify = train_cfg.get("verify", True) if verify is None else verify
     if data is None:
         verify = True if verify is None else verify
-        data = load_dataset(dataset, data_path, md5=md5, verify=verify, progress=progress)
+        # A folder is resized to the size the model was trained at.
+        size = model.config.image_size if dataset == "folder" else None
+        data = load_dataset(
+            dataset, data_path, md5=md5, verify=verify, progress=progress, image_size=size
+        )
     if data.class_names != ckpt.class_names:
         raise ConfigError(
             f"{path} was trained on {len(ckpt.class_names)} classes that are not "
@@ -146,7 +150,7 @@ def evaluate_checkpoint(
         images, labels = data.test_images, data.test_labels
     elif split == "val":
         frac = train_cfg.get("val_fraction", 0.2)
-        _, _, images, labels = split_validation(data.train_images, data.train_labels, frac)
+        _, _, images, labels = train_val_split(data, frac)
     else:
         raise ConfigError(f"split {split!r} must be 'test' or 'val'")
     logits = predict_logits(model, images, batch_size, progress=progress, desc=f"eval {split}")

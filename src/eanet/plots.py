@@ -20,6 +20,11 @@ def _save(fig: plt.Figure, path: str | Path) -> None:
     plt.close(fig)
 
 
+def save_figure(fig: plt.Figure, path: str | Path) -> None:
+    """Write `fig` as PNG atomically, in the style of every eanet figure, and close it."""
+    _save(fig, path)
+
+
 def plot_curves(history: list[dict], path: str | Path, title: str = "") -> None:
     """Loss, top-1 and top-5 per epoch, train vs validation."""
     epochs = [h["epoch"] for h in history]
@@ -61,4 +66,31 @@ def plot_confusion(
         ax.set_yticks(range(n), class_names, fontsize=7)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     ax.set_title(title or "confusion matrix (row-normalised)")
+    _save(fig, path)
+
+
+def plot_scaling(rows: list[dict], path: str | Path) -> None:
+    """Log-log time and activation memory per image against tokens, with N and N^2 guides."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    keys = (
+        ("infer_ms_per_image", "inference ms / image"),
+        ("train_ms_per_image", "training step ms / image"),
+        ("activation_mb_per_image", "activation memory MB / image"),
+    )
+    models = sorted({r["model"] for r in rows})
+    for ax, (key, label) in zip(axes, keys, strict=True):
+        for name in models:
+            pts = sorted((r["tokens"], r[key]) for r in rows if r["model"] == name)
+            ax.plot(*zip(*pts, strict=True), "o-", label=name)
+        tokens = np.array(sorted({r["tokens"] for r in rows}), dtype=float)
+        base = min(r[key] for r in rows if r["tokens"] == tokens[0])
+        ax.plot(tokens, base * tokens / tokens[0], "k:", alpha=0.6, label="~ N (linear)")
+        ax.plot(tokens, base * (tokens / tokens[0]) ** 2, "k--", alpha=0.4, label="~ N^2")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens N (patch 2: image side / 2, squared)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle("external attention (EANet) vs self attention (ViT) as the token count grows")
     _save(fig, path)

@@ -19,15 +19,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from eanet import __version__, checkpoint
+from eanet import __version__, checkpoint, finetune
 from eanet.augment import AugmentConfig, augment, augment_reference_bug
-from eanet.data import ImageData, compute_normalization, load_dataset, split_validation
+from eanet.data import ImageData, compute_normalization, load_dataset, train_val_split
 from eanet.errors import ConfigError, EANetError
 from eanet.evaluate import Metrics, MetricSums, evaluate_tensors
 from eanet.fileio import read_json, write_csv, write_json
 from eanet.models import MODELS, VisionTransformer, build_model, model_config
 from eanet.plots import plot_curves
-from eanet.runtime import environment, resolve_device, set_threads
+from eanet.runtime import environment, resolve_device, set_threads, tune_cpu_allocator
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
+    image_size: int | None = None  # folder data sets: resize images to this side (default 32)
+    init_from: str | None = None  # fine-tune: start from this checkpoint's compatible weights
+    freeze_backbone: bool = False  # fine-tune: train only the classification head
 
     def __post_init__(self) -> None:
         self.validate()
@@ -94,6 +97,17 @@ class TrainConfig:
             )
         if not self.adam_eps > 0:
             raise ConfigError(f"adam_eps {self.adam_eps!r} must be > 0")
+        if self.image_size is not None and (
+            isinstance(self.image_size, bool)
+            or not isinstance(self.image_size, int)
+            or self.image_size < 1
+        ):
+            raise ConfigError(f"--image-size {self.image_size!r} must be a positive integer")
+        if self.freeze_backbone and not self.init_from:
+            raise ConfigError(
+                "--freeze-backbone trains only the head of a pretrained model; "
+                "give the model with --init-from CHECKPOINT"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -124,6 +138,34 @@ def forward_train(
     return model(x)
 
 
+def make_optimizer(model: VisionTransformer, cfg: TrainConfig) -> torch.optim.AdamW:
+    """The reference's AdamW (decoupled decay on every trainable tensor, Keras's epsilon)."""
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.lr,
+        betas=(0.9, 0.999),
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+    )
+
+
+def train_step(
+    model: VisionTransformer,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    aug: AugmentConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment, forward, label-smoothed loss, backward, AdamW step; returns (logits, loss)."""
+    logits = forward_train(model, x, cfg.augment, aug)
+    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return logits.detach(), loss.detach()
+
+
 def train_epoch(
     model: VisionTransformer,
     optimizer: torch.optim.Optimizer,
@@ -143,12 +185,8 @@ def train_epoch(
     for step in bar:
         idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
         x, y = images[idx], labels[idx]
-        logits = forward_train(model, x, cfg.augment, aug)
-        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        sums.add(logits.detach(), y, loss)
+        logits, loss = train_step(model, optimizer, x, y, cfg, aug)
+        sums.add(logits, y, loss)
         if progress and (step % 10 == 0 or step == steps - 1):
             m = sums.result()
             rate = m.count / max(bar.format_dict["elapsed"], 1e-9)
@@ -242,23 +280,24 @@ def fit(
     prepare_run_dir(out, resume, overwrite)
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    tune_cpu_allocator()
     torch.manual_seed(cfg.seed)
     if data is None:
         data = load_dataset(
-            cfg.dataset, cfg.data_path, md5=cfg.md5, verify=cfg.verify, progress=progress
+            cfg.dataset,
+            cfg.data_path,
+            md5=cfg.md5,
+            verify=cfg.verify,
+            progress=progress,
+            image_size=cfg.image_size,
         )
     model = build_for_data(cfg, data).to(device)
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=cfg.lr,
-        betas=(0.9, 0.999),
-        eps=cfg.adam_eps,
-        weight_decay=cfg.weight_decay,
-    )
-    train_x, train_y, val_x, val_y = (
-        t.to(device)
-        for t in split_validation(data.train_images, data.train_labels, cfg.val_fraction)
-    )
+    if cfg.init_from and not resume:  # a resumed run has its own weights
+        finetune.load_compatible(model, cfg.init_from, data.class_names)
+    if cfg.freeze_backbone:
+        finetune.freeze_backbone(model)
+    optimizer = make_optimizer(model, cfg)
+    train_x, train_y, val_x, val_y = (t.to(device) for t in train_val_split(data, cfg.val_fraction))
     history: list[dict] = []
     start = 1
     if resume:

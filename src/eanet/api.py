@@ -1,0 +1,92 @@
+"""The Python API: `eanet.load(path)` -> a `Classifier` that predicts class names.
+
+    import eanet
+    clf = eanet.load("runs/demo")
+    clf.predict("photo.jpg", top_k=3)[0].label
+
+Inputs go through `eanet.images`, the same preprocessing as `eanet predict` and folder
+training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eanet import checkpoint
+from eanet.errors import DataError
+from eanet.images import ImageLike
+from eanet.models import ModelConfig, VisionTransformer
+from eanet.predict import Prediction, predict_batch
+from eanet.runtime import resolve_device
+
+
+class Classifier:
+    """A trained model with its class names, ready to predict images."""
+
+    def __init__(
+        self, model: VisionTransformer, class_names: Sequence[str], meta: dict | None = None
+    ) -> None:
+        if len(class_names) != model.config.num_classes:
+            raise ValueError(
+                f"{len(class_names)} class names for a model with {model.config.num_classes} "
+                "outputs"
+            )
+        self.model = model.eval()
+        self.class_names = list(class_names)
+        self.meta = meta or {}
+
+    @property
+    def config(self) -> ModelConfig:
+        """The model's architecture (ModelConfig)."""
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are."""
+        return next(self.model.parameters()).device
+
+    @property
+    def image_size(self) -> int:
+        """The side every image is resized to."""
+        return self.model.config.image_size
+
+    def predict(
+        self, images: ImageLike | Sequence[ImageLike], top_k: int = 5, batch_size: int = 64
+    ) -> list[Prediction]:
+        """Top-k classes per image, best first; always a list (one Prediction per image).
+
+        `images`: one image or a list of them: file paths, encoded bytes, PIL images, numpy
+        arrays HWC (uint8 or float, pixel values 0..255), tensors CHW; a 4-d numpy array is
+        a batch NHWC, a 4-d tensor a batch NCHW. Any size: resized like everything else.
+        """
+        return predict_batch(self.model, self.class_names, _as_list(images), top_k, batch_size)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"Classifier({c.attention} attention, {c.image_size}x{c.image_size}, "
+            f"{len(self.class_names)} classes, device={self.device})"
+        )
+
+
+def _as_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
+    """Split the accepted forms into a list of single images."""
+    if isinstance(images, torch.Tensor):
+        return list(images) if images.dim() == 4 else [images]
+    if isinstance(images, np.ndarray):
+        return list(images) if images.ndim == 4 else [images]
+    if isinstance(images, (str, Path, bytes, bytearray)) or not isinstance(images, Sequence):
+        return [images]
+    if not images:
+        raise DataError("no images given to predict")
+    return list(images)
+
+
+def load(path: str | Path, device: str = "auto") -> Classifier:
+    """A Classifier from a checkpoint file or run directory (on cuda when available)."""
+    model, ckpt = checkpoint.load_model(path, resolve_device(device))
+    return Classifier(model, ckpt.class_names, ckpt.meta)

@@ -1,0 +1,268 @@
+"""Throughput and memory of the training step and of inference, measured the same way everywhere.
+
+Warm-up steps are excluded and the median of the timed steps is reported. The training
+step is the one `eanet train` runs (augmentation, forward, label-smoothed loss, backward,
+AdamW), on random CIFAR-shaped uint8 data held on the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from eanet.augment import AugmentConfig
+from eanet.errors import ConfigError
+from eanet.models import VisionTransformer, count_parameters, create_model, set_fast_path
+from eanet.runtime import environment, resolve_device, set_threads, tune_cpu_allocator
+from eanet.train import TrainConfig, make_optimizer, train_step
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work so that wall-clock timings mean something."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(
+    fn: Callable[[], object], device: torch.device, warmup: int, repeats: int
+) -> list[float]:
+    """Seconds per call of `fn` for `repeats` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def matmul_peak_gflops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of a large square fp32 matmul: this machine's practical compute ceiling."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    with _tf32(device, enabled=False):
+        times = time_calls(lambda: a @ b, device, warmup=2, repeats=repeats)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+@contextlib.contextmanager
+def _tf32(device: torch.device, enabled: bool):
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def macs_per_image(model: VisionTransformer, device: torch.device) -> float:
+    """Forward multiply-adds per image of the reference formulation, by FlopCounterMode.
+
+    Counted on the reference's ops (the fast path folds M_k and M_v away and does less),
+    so the figure is the model's, comparable across implementations. A training step is
+    counted as 3x the forward (backward = 2x forward), the usual convention.
+    """
+    batch = 2
+    x = torch.randint(0, 256, (batch, *model.input_shape), dtype=torch.uint8, device=device)
+    set_fast_path(model, False)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        set_fast_path(model, True)
+    return counter.get_total_flops() / 2 / batch
+
+
+def _autocast(device: torch.device, dtype: str):
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[dtype])
+
+
+def _peak_memory_mb(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {
+            "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+            "peak_memory_kind": "cuda max_memory_allocated",
+        }
+    # ru_maxrss is KiB on Linux: the process's peak resident memory, everything included.
+    return {
+        "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_memory_kind": "process peak RSS",
+    }
+
+
+def bench_model(
+    name: str = "eanet-cifar",
+    batch_size: int = 128,
+    device: str = "auto",
+    dtype: str = "float32",
+    compile: bool = False,
+    warmup: int = 3,
+    steps: int = 10,
+    threads: int | None = None,
+    model_args: dict | None = None,
+    peak: float | None = None,
+) -> dict:
+    """Training-step and inference throughput (images/s, median of `steps`) of one model."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} must be one of {', '.join(DTYPES)}")
+    if batch_size < 1 or steps < 1 or warmup < 0:
+        raise ConfigError("--batch-size and --steps must be >= 1 and --warmup >= 0")
+    set_threads(threads)
+    dev = resolve_device(device)
+    tune_cpu_allocator()
+    torch.manual_seed(0)
+    model = create_model(name, **(model_args or {})).to(dev)
+    # CIFAR-100-like statistics, so activations have realistic magnitudes
+    model.normalize.set_stats(
+        torch.tensor([129.3, 124.1, 112.4]), torch.tensor([4597.0, 4231.0, 5013.0]), 1
+    )
+    cfg = TrainConfig(model=name, batch_size=batch_size)
+    optimizer = make_optimizer(model, cfg)
+    runner = torch.compile(model) if compile else model
+    x = torch.randint(0, 256, (batch_size, *model.input_shape), dtype=torch.uint8, device=dev)
+    y = torch.randint(0, model.config.num_classes, (batch_size,), device=dev)
+    aug = AugmentConfig()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+    def step() -> None:
+        with _autocast(dev, dtype):
+            train_step(runner, optimizer, x, y, cfg, aug)
+
+    if compile:
+        try:  # compilation happens at the first call; fall back to eager if it fails
+            step()
+        except Exception as exc:  # noqa: BLE001 - any backend failure means "run eager"
+            log.warning("torch.compile failed (%s); benchmarking eager", str(exc)[:200])
+            runner, compile = model, False
+    train_times = time_calls(step, dev, warmup, steps)
+    train_mem = _peak_memory_mb(dev)
+    model.eval()
+
+    @torch.inference_mode()
+    def infer() -> None:
+        with _autocast(dev, dtype):
+            runner(x)
+
+    infer_times = time_calls(infer, dev, warmup, steps)
+    fwd_macs = macs_per_image(model, dev)
+    train_macs = 3 * fwd_macs
+    peak = peak or matmul_peak_gflops(dev)
+    train_img_s = batch_size / statistics.median(train_times)
+    infer_img_s = batch_size / statistics.median(infer_times)
+    return {
+        "model": name,
+        "batch_size": batch_size,
+        "device": str(dev),
+        "dtype": dtype,
+        "compile": compile,
+        "params": count_parameters(model),
+        "warmup": warmup,
+        "steps": steps,
+        "train_img_s": train_img_s,
+        "infer_img_s": infer_img_s,
+        "train_step_s": train_times,
+        "infer_step_s": infer_times,
+        "forward_macs_per_image": fwd_macs,
+        "train_macs_per_image": train_macs,
+        "train_gflops": 2 * train_macs * train_img_s / 1e9,
+        "infer_gflops": 2 * fwd_macs * infer_img_s / 1e9,
+        "matmul_peak_gflops": peak,
+        "train_fraction_of_peak": 2 * train_macs * train_img_s / 1e9 / peak,
+        "infer_fraction_of_peak": 2 * fwd_macs * infer_img_s / 1e9 / peak,
+        **train_mem,
+        "environment": environment(),
+    }
+
+
+# --------------------------------------------------------------------------- token scaling
+
+
+def saved_activation_bytes(model: VisionTransformer, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for the backward of one training forward (the activation memory)."""
+    total = 0
+    seen: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        key = t.untyped_storage().data_ptr()
+        if key not in seen and not isinstance(t, torch.nn.Parameter):
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    del out
+    return total
+
+
+def scaling(
+    sizes: tuple[int, ...] = (32, 48, 64, 96),
+    models: tuple[str, ...] = ("eanet-cifar", "vit-cifar"),
+    patch_size: int = 2,
+    batch_size: int = 2,
+    device: str = "auto",
+    warmup: int = 1,
+    steps: int = 3,
+    progress: bool = True,
+) -> list[dict]:
+    """Time and activation memory per image of EA and SA as the token count grows."""
+    from tqdm.auto import tqdm
+
+    dev = resolve_device(device)
+    tune_cpu_allocator()
+    rows = []
+    jobs = [(s, m) for s in sizes for m in models]
+    for size, name in tqdm(jobs, desc="scaling", disable=not progress):
+        if size % patch_size:
+            raise ConfigError(f"image size {size} is not a multiple of patch size {patch_size}")
+        torch.manual_seed(0)
+        model = create_model(name, image_size=size, patch_size=patch_size).to(dev)
+        cfg = TrainConfig(model=name, batch_size=batch_size, augment="none")
+        optimizer = make_optimizer(model, cfg)
+        x = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=dev)
+        y = torch.randint(0, 100, (batch_size,), device=dev)
+
+        def step(m=model, o=optimizer, x=x, y=y, cfg=cfg) -> None:
+            train_step(m, o, x, y, cfg, AugmentConfig())
+
+        train = time_calls(step, dev, warmup, steps)
+        model.eval()
+        with torch.inference_mode():
+            infer = time_calls(lambda m=model, x=x: m(x), dev, warmup, steps)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        activation = saved_activation_bytes(model, x[:1])
+        rows.append(
+            {
+                "model": name,
+                "image_size": size,
+                "tokens": (size // patch_size) ** 2,
+                "train_ms_per_image": 1e3 * statistics.median(train) / batch_size,
+                "infer_ms_per_image": 1e3 * statistics.median(infer) / batch_size,
+                "activation_mb_per_image": activation / 2**20,
+                "forward_gmacs_per_image": macs_per_image(model, dev) / 1e9,
+            }
+        )
+    return rows

@@ -1,0 +1,1 @@
+"""Interoperability: Keras weight import and ONNX / TorchScript export."""

@@ -1,0 +1,446 @@
+"""Import the Keras example's EANet or ViT from a Keras 3 weight file into an eanet model.
+
+Reads a `.weights.h5` (`model.save_weights`) or a `.keras` zip (its `model.weights.h5`),
+detects the architecture from the weights alone (MultiHeadAttention groups mean ViT), infers
+depth, widths and number of classes from their shapes, and maps every tensor, the
+normalization statistics included. The `.keras` config is not trusted: it names the MLP
+activation "gelu", which Keras reloads as the erf GELU, while the reference model computes
+the tanh approximation; the importer always rebuilds the reference architecture.
+
+Keras layout (Keras 3): `layers/<class>[_k]/vars/<i>`, numbered per class in creation order;
+Dense kernels are [in, out]; MultiHeadAttention q/k/v kernels are (dim, heads, key_dim) and
+its output kernel (heads, key_dim, dim).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import re
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from eanet import checkpoint
+from eanet.errors import CheckpointError, ConfigError, DataError
+from eanet.models import ModelConfig, VisionTransformer, build_model, count_parameters
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_MEMBER = "model.weights.h5"
+_SUFFIX = re.compile(r"^(?P<base>.+?)(?:_(?P<n>\d+))?$")
+# Top-level Keras layers that may hold weights in the reference models.
+_KNOWN = {
+    "dense",
+    "layer_normalization",
+    "multi_head_attention",
+    "patch_embedding",
+    "normalization",
+    "sequential",
+}
+
+
+def _require_h5py() -> Any:
+    """The h5py module, or a ConfigError that names the extra to install."""
+    try:
+        import h5py
+    except ImportError as exc:
+        raise ConfigError(
+            "reading Keras weight files needs h5py: pip install 'eanet[keras]'"
+        ) from exc
+    return h5py
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def read_keras_weights(path: str | Path) -> dict[str, np.ndarray]:
+    """Every tensor of a `.weights.h5` file, or of the weights inside a `.keras` zip, by path."""
+    h5py = _require_h5py()
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file; pass a Keras 3 .keras or .weights.h5 file")
+    tensors: dict[str, np.ndarray] = {}
+
+    def visit(name: str, obj: object) -> None:
+        if isinstance(obj, h5py.Dataset):
+            tensors[name] = np.asarray(obj[()])
+
+    try:
+        source: Path | io.BytesIO = path
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                if WEIGHTS_MEMBER not in archive.namelist():
+                    raise CheckpointError(
+                        f"{path}: a zip file without {WEIGHTS_MEMBER}; "
+                        "pass a Keras 3 .keras file or a .weights.h5 file"
+                    )
+                source = io.BytesIO(archive.read(WEIGHTS_MEMBER))
+        with h5py.File(source, "r") as f:
+            f.visititems(visit)
+    except CheckpointError:
+        raise
+    except (OSError, zipfile.BadZipFile, zlib.error, EOFError, ValueError, KeyError) as exc:
+        raise CheckpointError(
+            f"{path}: not a readable Keras weights file ({_one_line(exc)}); it may be truncated "
+            "or another format: save it again with Keras 3 model.save_weights or model.save"
+        ) from exc
+    return tensors
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def _split_name(name: str) -> tuple[str, int]:
+    """'dense_10' -> ('dense', 10); 'dense' -> ('dense', 0)."""
+    m = _SUFFIX.match(name)
+    assert m is not None
+    return m["base"], int(m["n"] or 0)
+
+
+@dataclass
+class _Layers:
+    """The weight-holding layers of a Keras file, grouped by class, in Keras's numbering."""
+
+    path: Path
+    groups: dict[str, dict[str, np.ndarray]]
+    used: set[str] = field(default_factory=set)
+
+    @classmethod
+    def parse(cls, path: Path, tensors: dict[str, np.ndarray]) -> _Layers:
+        groups: dict[str, dict[str, np.ndarray]] = {}
+        for key, value in tensors.items():
+            parts = key.split("/")
+            if parts[0] != "layers" or len(parts) < 3:
+                continue  # top-level `vars`, optimizer state
+            groups.setdefault(parts[1], {})["/".join(parts[2:])] = value
+        if not groups:
+            raise CheckpointError(
+                f"{path}: holds no Keras layer weights (no 'layers/' group); "
+                "pass the weights of the Keras example's EANet or ViT"
+            )
+        for name in groups:
+            if _split_name(name)[0] not in _KNOWN:
+                raise CheckpointError(
+                    f"{path}: layer '{name}' is not part of the Keras example's EANet or ViT; "
+                    "only those two models can be imported"
+                )
+        return cls(path, groups)
+
+    def numbered(self, base: str) -> list[str]:
+        """Names of the groups of one layer class, sorted numerically (dense_2 before dense_10)."""
+        names = [n for n in self.groups if _split_name(n)[0] == base]
+        return sorted(names, key=lambda n: _split_name(n)[1])
+
+    def get(self, group: str, key: str, ndim: int | None = None) -> np.ndarray:
+        """One tensor, marked as used; a missing one is a CheckpointError naming it."""
+        try:
+            value = self.groups[group][key]
+        except KeyError:
+            raise CheckpointError(
+                f"{self.path}: missing weight layers/{group}/{key}; the file is not a complete "
+                "Keras EANet/ViT of the reference"
+            ) from None
+        if ndim is not None and value.ndim != ndim:
+            raise CheckpointError(
+                f"{self.path}: layers/{group}/{key} has shape {value.shape}, expected {ndim} "
+                "dimensions; the file is not the reference EANet/ViT"
+            )
+        self.used.add(f"{group}/{key}")
+        return value
+
+    def normalization(self) -> str:
+        """The group path (within `layers/`) of the Normalization layer's statistics."""
+        pattern = re.compile(r"(?:.*/)?normalization(?:_\d+)?/vars/\d+")  # not layer_norm...
+        full = (f"{group}/{key}" for group, tensors in self.groups.items() for key in tensors)
+        found = sorted({name.rsplit("/vars/", 1)[0] for name in full if pattern.fullmatch(name)})
+        if len(found) != 1:
+            raise CheckpointError(
+                f"{self.path}: expected one Normalization layer (mean, variance, count), found "
+                f"{len(found)}; the file is not the reference EANet/ViT"
+            )
+        return found[0]
+
+    def unused(self) -> list[str]:
+        """Weights of the mapped layer groups that no torch tensor took."""
+        skip = ("sequential", "normalization")  # augmentation layers may hold RNG state
+        return sorted(
+            f"{g}/{k}"
+            for g, tensors in self.groups.items()
+            if _split_name(g)[0] not in skip
+            for k in tensors
+            if f"{g}/{k}" not in self.used
+        )
+
+
+def _var(layers: _Layers, name: str, i: int, ndim: int) -> np.ndarray:
+    group, _, sub = name.partition("/")
+    key = f"{sub}/vars/{i}" if sub else f"vars/{i}"
+    return layers.get(group, key, ndim)
+
+
+def _dense(layers: _Layers, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A Keras Dense as a torch Linear: (weight [out, in], bias [out])."""
+    return _var(layers, name, 0, 2).T, _var(layers, name, 1, 1)
+
+
+# --------------------------------------------------------------------------- mapping
+
+
+@dataclass
+class KerasModel:
+    """A Keras reference model read into torch: its config and state dict."""
+
+    config: ModelConfig
+    state: dict[str, np.ndarray]
+    source: Path
+    container: str  # ".keras" or ".weights.h5"
+
+    @property
+    def kind(self) -> str:
+        return "ViT" if self.config.attention == "self" else "EANet"
+
+
+def _infer(layers: _Layers) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """Read the architecture from the weights and map every tensor to a torch name."""
+    path = layers.path
+    state: dict[str, np.ndarray] = {}
+
+    def fail(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {what}; the file is not the Keras example's EANet/ViT")
+
+    norm = layers.normalization()
+    ngroup, _, nsub = norm.partition("/")
+    prefix = f"{nsub}/" if nsub else ""
+    mean = layers.get(ngroup, f"{prefix}vars/0").reshape(-1)
+    var = layers.get(ngroup, f"{prefix}vars/1").reshape(-1)
+    count = layers.get(ngroup, f"{prefix}vars/2").reshape(-1)
+    if mean.shape != var.shape or count.size != 1:
+        raise fail(f"normalization statistics have shapes {mean.shape}, {var.shape}, {count.shape}")
+    state["normalize.mean"], state["normalize.var"] = mean, var
+    state["normalize.count"] = np.asarray(count[0], dtype=np.int64)
+    in_chans = mean.size
+
+    embeds = layers.numbered("patch_embedding")
+    if len(embeds) != 1:
+        raise fail(f"expected one PatchEmbedding layer, found {len(embeds)}")
+    pos = _var(layers, f"{embeds[0]}/pos_embed", 0, 2)
+    proj_w, proj_b = _dense(layers, f"{embeds[0]}/proj")
+    num_patches, dim = pos.shape
+    patch_dim = proj_w.shape[1]
+    patch = math.isqrt(patch_dim // in_chans)
+    grid = math.isqrt(num_patches)
+    if patch * patch * in_chans != patch_dim or grid * grid != num_patches:
+        raise fail(f"patch embedding {proj_w.shape[::-1]} with {num_patches} positions")
+    state["patch_embed.proj.weight"], state["patch_embed.proj.bias"] = proj_w, proj_b
+    state["patch_embed.pos_embed"] = pos
+
+    norms = layers.numbered("layer_normalization")
+    depth = len(norms) // 2
+    if depth < 1 or len(norms) % 2:
+        raise fail(f"{len(norms)} LayerNormalization layers (two per block expected)")
+    for b in range(depth):
+        for j, name in enumerate(norms[2 * b : 2 * b + 2], start=1):
+            state[f"blocks.{b}.norm{j}.weight"] = _var(layers, name, 0, 1)
+            state[f"blocks.{b}.norm{j}.bias"] = _var(layers, name, 1, 1)
+
+    dense = layers.numbered("dense")
+    attns = layers.numbered("multi_head_attention")
+    fields: dict[str, object] = {}
+    if attns:
+        if len(attns) != depth or len(dense) != 2 * depth + 1:
+            raise fail(f"{len(attns)} attention and {len(dense)} Dense layers for {depth} blocks")
+        q_kernel = _var(layers, f"{attns[0]}/query_dense", 0, 3)
+        heads, key_dim = q_kernel.shape[1:]
+        if key_dim != dim:
+            raise fail(f"attention key_dim {key_dim} differs from the embedding width {dim}")
+        fields.update(attention="self", num_heads=heads)
+        for b, name in enumerate(attns):
+            for keras_name, torch_name in (("query", "q"), ("key", "k"), ("value", "v")):
+                kernel = _var(layers, f"{name}/{keras_name}_dense", 0, 3)  # (dim, h, kd)
+                bias = _var(layers, f"{name}/{keras_name}_dense", 1, 2)  # (h, kd)
+                # Head-major flattening matches torch's view(B, N, heads, key_dim).
+                state[f"blocks.{b}.attn.{torch_name}.weight"] = kernel.reshape(dim, -1).T
+                state[f"blocks.{b}.attn.{torch_name}.bias"] = bias.reshape(-1)
+            kernel = _var(layers, f"{name}/output_dense", 0, 3)  # (h, kd, dim)
+            state[f"blocks.{b}.attn.proj.weight"] = kernel.reshape(-1, kernel.shape[-1]).T
+            state[f"blocks.{b}.attn.proj.bias"] = _var(layers, f"{name}/output_dense", 1, 1)
+        mlps = [dense[2 * b : 2 * b + 2] for b in range(depth)]
+    else:
+        if len(dense) != 6 * depth + 1:
+            raise fail(f"{len(dense)} Dense layers for {depth} external-attention blocks")
+        inner = _var(layers, dense[0], 0, 2).shape[1]
+        head_dim, memory = _var(layers, dense[1], 0, 2).shape
+        if inner % dim or inner % head_dim or (inner // head_dim) % (inner // dim):
+            raise fail(f"external attention widths {dim} -> {inner}, heads of {head_dim}")
+        coefficient = inner // dim
+        fields.update(
+            attention="external",
+            dim_coefficient=coefficient,
+            num_heads=inner // head_dim // coefficient,
+            memory_size=None if memory == dim // coefficient else memory,
+        )
+        for b in range(depth):
+            names = dense[6 * b : 6 * b + 6]
+            for name, torch_name in zip(names[:4], ("proj_in", "mk", "mv", "proj"), strict=True):
+                w, bias = _dense(layers, name)
+                state[f"blocks.{b}.attn.{torch_name}.weight"] = w
+                state[f"blocks.{b}.attn.{torch_name}.bias"] = bias
+        mlps = [dense[6 * b + 4 : 6 * b + 6] for b in range(depth)]
+    for b, (fc1, fc2) in enumerate(mlps):
+        for name, torch_name in ((fc1, "fc1"), (fc2, "fc2")):
+            w, bias = _dense(layers, name)
+            state[f"blocks.{b}.mlp.{torch_name}.weight"] = w
+            state[f"blocks.{b}.mlp.{torch_name}.bias"] = bias
+    head_w, head_b = _dense(layers, dense[-1])
+    state["head.weight"], state["head.bias"] = head_w, head_b
+
+    unused = layers.unused()
+    if unused:
+        raise fail(f"{len(unused)} weight(s) not used, e.g. layers/{unused[0]}")
+    try:
+        config = ModelConfig(
+            image_size=grid * patch,
+            patch_size=patch,
+            in_chans=in_chans,
+            dim=dim,
+            depth=depth,
+            mlp_dim=state["blocks.0.mlp.fc1.weight"].shape[0],
+            num_classes=head_w.shape[0],
+            gelu="tanh",
+            ln_eps=1e-5,
+            **fields,
+        )
+    except ConfigError as exc:
+        raise fail(f"its shapes give an impossible model ({exc})") from exc
+    return config, state
+
+
+def read_keras_model(path: str | Path) -> KerasModel:
+    """Read a Keras reference EANet/ViT file: the inferred config and the mapped tensors."""
+    path = Path(path)
+    tensors = read_keras_weights(path)
+    config, state = _infer(_Layers.parse(path, tensors))
+    container = ".keras" if zipfile.is_zipfile(path) else ".weights.h5"
+    return KerasModel(config, state, path, container)
+
+
+def to_torch(keras_model: KerasModel) -> VisionTransformer:
+    """Build the eanet model and load the mapped tensors; every shape must match exactly."""
+    model = build_model(keras_model.config)
+    expected = model.state_dict()
+    state = keras_model.state
+    if set(state) != set(expected):
+        missing = sorted(set(expected) - set(state)) or sorted(set(state) - set(expected))
+        raise CheckpointError(f"{keras_model.source}: cannot map weights for {missing[:3]}")
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        tensor = torch.from_numpy(np.array(value)).to(expected[key].dtype)  # copy, keeps 0-d
+        if tensor.shape != expected[key].shape:
+            raise CheckpointError(
+                f"{keras_model.source}: weight for {key} has shape {tuple(tensor.shape)}, the "
+                f"model needs {tuple(expected[key].shape)}; the file is not the reference model"
+            )
+        tensors[key] = tensor
+    model.load_state_dict(tensors, strict=True)
+    return model.eval()
+
+
+def load_keras(path: str | Path) -> VisionTransformer:
+    """An eanet model (eval mode) holding the weights of a Keras reference model file."""
+    return to_torch(read_keras_model(path))
+
+
+# --------------------------------------------------------------------------- class names
+
+
+def cifar100_class_names() -> list[str]:
+    """The 100 CIFAR-100 fine label names, read from the slice shipped in the package."""
+    from eanet.data import SAMPLE_ARCHIVE, SAMPLE_MD5, load_dataset
+
+    data_log = logging.getLogger("eanet.data")
+    level = data_log.level
+    data_log.setLevel(logging.WARNING)  # "loading cifar100 ..." would mislead here
+    try:
+        data = load_dataset("cifar100", SAMPLE_ARCHIVE, md5=SAMPLE_MD5, progress=False)
+    finally:
+        data_log.setLevel(level)
+    return data.class_names
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """Class names from a text file, one per line (blank lines ignored)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(
+            f"{path}: cannot read the class names ({_one_line(exc)}); "
+            "pass a UTF-8 text file with one class name per line"
+        ) from exc
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise DataError(f"{path}: no class names in it; write one class name per line")
+    return names
+
+
+# --------------------------------------------------------------------------- import
+
+
+def import_keras(
+    source: str | Path,
+    out: str | Path,
+    class_names: list[str] | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Convert a Keras reference model file into an eanet checkpoint; return a summary.
+
+    `out` is a `.safetensors` file, or a directory that gets `checkpoint.safetensors`.
+    Class names default to CIFAR-100's when the model has 100 outputs.
+    """
+    out = Path(out)
+    target = out if out.suffix == ".safetensors" else out / checkpoint.CHECKPOINT_NAME
+    if target.exists() and not overwrite:
+        raise ConfigError(f"{target} exists; choose another output or pass --overwrite")
+    keras_model = read_keras_model(source)
+    cfg = keras_model.config
+    if class_names is None:
+        if cfg.num_classes != 100:
+            raise ConfigError(
+                f"{source}: the model has {cfg.num_classes} classes, not CIFAR-100's 100; "
+                "pass --class-names FILE with one name per line"
+            )
+        class_names = cifar100_class_names()
+    if len(class_names) != cfg.num_classes:
+        raise ConfigError(
+            f"{len(class_names)} class names given but {source} has {cfg.num_classes} "
+            "outputs; give exactly one name per output"
+        )
+    model = to_torch(keras_model)
+    meta = {
+        "class_names": list(class_names),
+        "source": {
+            "kind": "keras",
+            "file": str(keras_model.source),
+            "container": keras_model.container,
+        },
+    }
+    checkpoint.save(target, model, meta)
+    summary = {
+        "model": keras_model.kind,
+        "depth": cfg.depth,
+        "num_classes": cfg.num_classes,
+        "parameters": count_parameters(model),
+        "checkpoint": str(target),
+        "source": str(keras_model.source),
+    }
+    log.debug("imported %s from %s into %s", keras_model.kind, source, target)
+    return summary

@@ -1,0 +1,86 @@
+"""Benchmarks measure what they say: model cost, activation memory growth, CLI output."""
+
+import json
+
+import pytest
+import torch
+
+from eanet.bench import bench_model, macs_per_image, saved_activation_bytes
+from eanet.cli import main
+from eanet.models import create_model
+
+
+def test_macs_per_image_matches_the_hand_count():
+    # per block: proj_in 256*64*256 + M_k, M_v 2*256*16*16*16 + proj 256*256*64 + MLP 2*256*64*64
+    per_block = 2 * 256 * 64 * 256 + 2 * 256 * 16 * 16 * 16 + 2 * 256 * 64 * 64
+    expected = 256 * 12 * 64 + 8 * per_block + 64 * 100
+    assert macs_per_image(create_model("eanet-cifar"), torch.device("cpu")) == expected
+    vit = macs_per_image(create_model("vit-cifar"), torch.device("cpu"))
+    assert 0.41e9 < vit < 0.43e9  # linear layers plus the 256x256 attention matmuls
+
+
+def test_bench_model_reports_throughput_and_machine():
+    r = bench_model(
+        "eanet-cifar",
+        batch_size=4,
+        device="cpu",
+        warmup=1,
+        steps=2,
+        model_args={"depth": 1},
+        peak=100.0,
+    )
+    assert r["train_img_s"] > 0 and r["infer_img_s"] > 0
+    assert len(r["train_step_s"]) == 2 and r["matmul_peak_gflops"] == 100.0
+    assert r["environment"]["torch"] == torch.__version__
+    assert 0 < r["train_fraction_of_peak"] < 1
+
+
+def test_activation_memory_is_linear_for_external_and_quadratic_for_self_attention():
+    def grow(name: str) -> float:
+        sizes = []
+        for side in (32, 64):  # 256 and 1024 tokens
+            torch.manual_seed(0)
+            model = create_model(name, depth=1, image_size=side)
+            x = torch.randint(0, 256, (1, 3, side, side), dtype=torch.uint8)
+            sizes.append(saved_activation_bytes(model, x))
+        return sizes[1] / sizes[0]
+
+    assert 3 < grow("eanet-cifar") < 4.5  # 4x tokens -> ~4x memory (plus fixed weights)
+    assert grow("vit-cifar") > 8  # the (N x N) attention weights dominate
+
+
+def test_bench_cli_json(capsys):
+    args = [
+        "bench",
+        "--model-arg",
+        "depth=1",
+        "--batch-size",
+        "4",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+        "--json",
+    ]
+    assert main(args) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["model"] == "eanet-cifar" and r["batch_size"] == 4
+
+
+@pytest.mark.slow
+def test_scaling_cli_writes_table_and_plot(tmp_path, capsys):
+    assert main(["bench", "--scaling", "--sizes", "8", "16", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "scaling.json").read_text())["rows"]
+    assert {r["tokens"] for r in rows} == {16, 64}
+    assert {r["model"] for r in rows} == {"eanet-cifar", "vit-cifar"}
+    assert (tmp_path / "scaling.png").stat().st_size > 10_000
+    assert "| 64 | 16x16 | vit-cifar |" in (tmp_path / "scaling.md").read_text()
+
+
+def test_bad_bench_options():
+    from eanet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--dtype"):
+        bench_model(dtype="float16")

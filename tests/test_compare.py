@@ -1,0 +1,194 @@
+"""`eanet compare`: runs, report, figures, resumability, bad options; the digits data set."""
+
+import json
+import shlex
+import sys
+
+import pytest
+import torch
+
+from eanet import train
+from eanet.cli import build_parser, main
+from eanet.compare import CompareConfig, run_compare
+from eanet.data import SAMPLE_ARCHIVE, SAMPLE_MD5, load_dataset
+from eanet.errors import ConfigError, DataError
+
+TINY = {"depth": 1, "dim": 32, "mlp_dim": 32, "patch_size": 4}
+TINY_CLI = [arg for k, v in TINY.items() for arg in ("--model-arg", f"{k}={v}")]
+
+
+def tiny_compare(**kw) -> CompareConfig:
+    base = dict(
+        models=["eanet-cifar", "vit-cifar"],
+        model_args=dict(TINY),
+        epochs=1,
+        seeds=1,
+        augment_orders=["fixed", "reference-bug"],
+        batch_size=32,
+        bench_steps=1,
+        device="cpu",
+    )
+    return CompareConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, small_sample):
+    """Two tiny models x two augmentation orders, 1 epoch each, on the real CIFAR-100 slice."""
+    out = tmp_path_factory.mktemp("compare")
+    report = run_compare(tiny_compare(), out, data=small_sample, progress=False)
+    return out, report
+
+
+def test_report_has_every_model_order_figure_and_table(compared):
+    out, report = compared
+    names = ["eanet-cifar-fixed", "eanet-cifar-reference-bug", "vit-cifar-fixed"]
+    names.append("vit-cifar-reference-bug")
+    assert report["runs"] == {f"{n}-seed0": "trained" for n in names}
+    for n in names:
+        assert (out / "runs" / f"{n}-seed0" / "metrics.json").is_file()
+    saved = json.loads((out / "report.json").read_text())
+    assert [(g["model"], g["augment"]) for g in saved["groups"]] == [
+        ("eanet-cifar", "fixed"),
+        ("eanet-cifar", "reference-bug"),
+        ("vit-cifar", "fixed"),
+        ("vit-cifar", "reference-bug"),
+    ]
+    eanet, vit = saved["groups"][0], saved["groups"][2]
+    assert eanet["params"] < vit["params"] and eanet["macs_per_image"] > 0
+    for g in saved["groups"]:
+        s = g["summary"]
+        assert s["test_top1"]["n"] == 1 and s["test_top1"]["std"] is None
+        assert 0 <= s["best_val_top1"]["mean"] <= 1 and 0 <= s["test_top5"]["mean"] <= 1
+        assert s["best_val_top1"]["mean"] >= s["final_val_top1"]["mean"]
+        assert g["speed"]["train_img_s"] > 0 and g["speed"]["infer_img_s"] > 0
+        assert g["curves"]["epoch"] == [1] and len(g["curves"]["val_top1"]) == 1
+    stats = saved["input_distribution"]["stats"]
+    assert stats["reference-bug / training"]["min"] >= 0  # negatives clipped to 0
+    assert stats["reference-bug / training"]["zero"] > 0.2
+    assert stats["fixed / training"]["negative"] > 0.3
+    assert stats["inference (both orders)"]["negative"] > 0.3
+    for file in saved["figures"].values():
+        assert (out / file).read_bytes()[:4] == b"\x89PNG"
+        assert (out / file).stat().st_size > 10_000
+    md = (out / "report.md").read_text()
+    assert md.count("| `eanet-cifar` | fixed | ") == 2  # results and gap tables
+    assert "| `vit-cifar` | reference-bug | " in md and "eanet compare --models" in md
+    assert "![" in md and "exactly 0 %" in md and "- machine: " in md
+
+
+def test_second_call_skips_finished_runs(compared, small_sample):
+    out, _ = compared
+    kept = [out / "runs" / "vit-cifar-fixed-seed0" / "checkpoint.safetensors", out / "bench.json"]
+    before = [f.stat().st_mtime_ns for f in kept]
+    report = run_compare(tiny_compare(), out, data=small_sample, progress=False)
+    assert set(report["runs"].values()) == {"skipped"}
+    assert [f.stat().st_mtime_ns for f in kept] == before  # no training, no re-timing
+    assert (out / "report.md").is_file()
+
+
+def test_other_recipe_in_the_same_directory_is_refused(compared, small_sample):
+    out, _ = compared
+    with pytest.raises(ConfigError, match="was trained with epochs=1, not 2"):
+        run_compare(tiny_compare(epochs=2), out, data=small_sample, progress=False)
+
+
+def test_interrupted_run_is_resumed(tmp_path, small_sample, monkeypatch):
+    cfg = tiny_compare(models=["eanet-cifar"], augment_orders=["fixed"], epochs=2, bench_steps=0)
+    real = train.write_history
+
+    def killed(*args, **kwargs):  # the process dies right after epoch 1's checkpoint
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "write_history", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(cfg, tmp_path, data=small_sample, progress=False)
+    run = tmp_path / "runs" / "eanet-cifar-fixed-seed0"
+    assert (run / "checkpoint.safetensors").is_file() and not (run / "metrics.json").exists()
+    monkeypatch.setattr(train, "write_history", real)
+    report = run_compare(cfg, tmp_path, data=small_sample, progress=False)
+    assert report["runs"] == {"eanet-cifar-fixed-seed0": "resumed"}
+    history = json.loads((run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert (
+        report["groups"][0]["speed"] is None
+        and "not measured" in (tmp_path / "report.md").read_text()
+    )
+
+
+def test_command_line_reproduces_the_config():
+    cfg = tiny_compare(seeds=3, lr=0.002, dataset="digits")
+    argv = shlex.split(cfg.command("out dir"))
+    assert argv[:2] == ["eanet", "compare"]
+    args = build_parser().parse_args(argv[1:])
+    assert args.models == cfg.models and args.seeds == 3 and args.lr == 0.002
+    assert dict(args.model_arg) == TINY and str(args.out) == "out dir"
+    assert args.augment_orders == cfg.augment_orders and args.dataset == "digits"
+
+
+def test_cli_end_to_end_and_rerun(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = [
+        "compare",
+        "--models",
+        "eanet-cifar",
+        "--dataset",
+        "cifar100",
+        "--data-path",
+        str(SAMPLE_ARCHIVE),
+        "--md5",
+        SAMPLE_MD5,
+        "--epochs",
+        "1",
+        *TINY_CLI,
+        "--batch-size",
+        "128",
+        "--bench-steps",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "1 runs (0 finished earlier" in text and "report:" in text
+    assert (out / "report.md").is_file() and (out / "val_top1.png").is_file()
+    assert main(argv) == 0
+    assert "1 runs (1 finished earlier" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--models", "eanet-cifar", "resnet"], "--models 'resnet' is unknown"),
+        (["--seeds", "0"], "--seeds 0 must be a positive integer"),
+        (["--models", "vit-cifar", "vit-cifar"], "--models lists 'vit-cifar' twice"),
+        (["--augment-orders", "fixed", "heavy"], "--augment-orders 'heavy' is unknown"),
+        (["--epochs", "0"], "--epochs 0 must be a positive integer"),
+        (["--bench-steps", "-1"], "--bench-steps -1 must be >= 0"),
+        (["--dataset", "digits", "--data-path", "x.tar.gz"], "does not apply to --dataset digits"),
+    ],
+)
+def test_bad_options_are_one_line_errors(tmp_path, capsys, args, message):
+    assert main(["compare", *args, "--out", str(tmp_path / "c"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("eanet: error: ") and message in err[0], err
+    assert not (tmp_path / "c" / "runs").exists()
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def test_digits_loader_is_the_fixture(digits_data):
+    data = load_dataset("digits")
+    assert data.name == "digits" and data.class_names == [str(i) for i in range(10)]
+    assert data.train_images.shape == (1348, 3, 32, 32) and data.test_images.shape[0] == 449
+    assert data.train_images.dtype == torch.uint8 and int(data.train_images.max()) == 255
+    assert torch.equal(data.train_images, digits_data.train_images)
+    assert torch.equal(data.test_labels, digits_data.test_labels)
+    assert load_dataset("digits", image_size=16).train_images.shape[-1] == 16
+
+
+def test_digits_without_scikit_learn_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import fails
+    with pytest.raises(DataError, match=r"needs scikit-learn.*pip install 'eanet\[digits\]'"):
+        load_dataset("digits")

@@ -1,0 +1,263 @@
+"""Keras import: the committed fixture (made by tools/make_keras_fixture.py with Keras 3.15.1)
+must be reproduced without Keras, and a wrong mapping must be caught by the same tolerance."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eanet import checkpoint, cli
+from eanet.errors import CheckpointError, ConfigError
+from eanet.interop import keras as K
+from eanet.models import count_parameters
+
+h5py = pytest.importorskip("h5py")
+
+FIXTURE = Path(__file__).parent / "fixtures" / "keras"
+TOLERANCE = 1e-4
+FILES = {  # file -> (expected probabilities, attention, trainable parameters)
+    "eanet.weights.h5": ("eanet_probs", "external", 361_380),
+    "eanet.keras": ("eanet_probs", "external", 361_380),
+    "vit.weights.h5": ("vit_probs", "self", 623_268),
+}
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict[str, np.ndarray]:
+    with np.load(FIXTURE / "expected.npz") as data:
+        return dict(data)
+
+
+@pytest.fixture(scope="module")
+def pixels(expected) -> torch.Tensor:
+    """The fixture's real CIFAR-100 images, NHWC uint8 -> NCHW."""
+    return torch.from_numpy(expected["images_nhwc"]).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.fixture(scope="module")
+def keras_models() -> dict[str, K.KerasModel]:
+    return {name: K.read_keras_model(FIXTURE / name) for name in FILES}
+
+
+def probs_of(km: K.KerasModel, pixels: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return K.to_torch(km)(pixels).softmax(dim=-1).numpy()
+
+
+@pytest.mark.parametrize("name", list(FILES))
+def test_import_matches_keras_probabilities(name, keras_models, expected, pixels):
+    key, attention, params = FILES[name]
+    km = keras_models[name]
+    assert km.config.attention == attention
+    assert (km.config.depth, km.config.num_classes, km.config.dim) == (8, 100, 64)
+    assert km.container == (".keras" if name.endswith(".keras") else ".weights.h5")
+    model = K.to_torch(km)
+    assert count_parameters(model) == params
+    diff = np.abs(probs_of(km, pixels) - expected[key]).max()
+    assert diff <= TOLERANCE, f"{name}: max |prob diff| vs Keras {diff:.2e}"
+    for module in model.modules():  # the reference's literal ops, where a fast path exists
+        if hasattr(module, "fast"):
+            module.fast = False
+    with torch.no_grad():
+        diff = np.abs(model(pixels).softmax(dim=-1).numpy() - expected[key]).max()
+    assert diff <= TOLERANCE, f"{name}, reference ops: max |prob diff| vs Keras {diff:.2e}"
+    # The outputs are far from uniform, so the comparison has something to see.
+    assert expected[key].max(axis=1).min() > 0.2
+
+
+def test_normalization_statistics_are_imported(keras_models):
+    with h5py.File(FIXTURE / "eanet.weights.h5") as f:
+        group = f["layers/sequential/layers/normalization/vars"]
+        mean, var, count = group["0"][()], group["1"][()], group["2"][()]
+    model = K.to_torch(keras_models["eanet.weights.h5"])
+    assert np.array_equal(model.normalize.mean.numpy(), mean)
+    assert np.array_equal(model.normalize.var.numpy(), var)
+    assert int(model.normalize.count) == int(count) == 486 * 32 * 32
+
+
+def _swap(state: dict, a: str, b: str) -> dict:
+    state = dict(state)
+    state[a], state[b] = state[b], state[a]
+    return state
+
+
+def _key_major_heads(state: dict) -> dict:
+    """ViT q/k/v flattened (key_dim, heads) instead of Keras's head-major (heads, key_dim)."""
+    state = dict(state)
+    for n in "qkv":
+        w, b = state[f"blocks.2.attn.{n}.weight"], state[f"blocks.2.attn.{n}.bias"]
+        state[f"blocks.2.attn.{n}.weight"] = (
+            w.reshape(4, 64, 64).transpose(1, 0, 2).reshape(256, 64)
+        )
+        state[f"blocks.2.attn.{n}.bias"] = b.reshape(4, 64).T.reshape(-1)
+    return state
+
+
+def _neutral_variance(state: dict) -> dict:
+    return {**state, "normalize.var": np.full(3, state["normalize.var"].mean(), np.float32)}
+
+
+WRONG = {
+    "erf-gelu": lambda km: dataclasses.replace(
+        km, config=dataclasses.replace(km.config, gelu="erf")
+    ),
+    "swap-mlp-dense": lambda km: dataclasses.replace(
+        km, state=_swap(km.state, "blocks.5.mlp.fc1.weight", "blocks.5.mlp.fc2.weight")
+    ),
+    "per-channel-variance-lost": lambda km: dataclasses.replace(
+        km, state=_neutral_variance(km.state)
+    ),
+}
+WRONG_EANET = {
+    "swap-memories": lambda km: dataclasses.replace(
+        km, state=_swap(km.state, "blocks.3.attn.mk.weight", "blocks.3.attn.mv.weight")
+    ),
+}
+WRONG_VIT = {
+    "swap-query-key": lambda km: dataclasses.replace(
+        km, state=_swap(km.state, "blocks.3.attn.q.weight", "blocks.3.attn.k.weight")
+    ),
+    "key-major-heads": lambda km: dataclasses.replace(km, state=_key_major_heads(km.state)),
+}
+CASES = [("eanet.weights.h5", w) for w in {**WRONG, **WRONG_EANET}] + [
+    ("vit.weights.h5", w) for w in {**WRONG, **WRONG_VIT}
+]
+
+
+@pytest.mark.parametrize(("name", "wrong"), CASES)
+def test_a_wrong_mapping_exceeds_the_tolerance(name, wrong, keras_models, expected, pixels):
+    km = {**WRONG, **WRONG_EANET, **WRONG_VIT}[wrong](keras_models[name])
+    diff = np.abs(probs_of(km, pixels) - expected[FILES[name][0]]).max()
+    assert diff > TOLERANCE, f"{wrong} on {name} moves the probabilities only {diff:.2e}"
+
+
+def test_layer_groups_sort_numerically():
+    layers = K._Layers(Path("x"), {f"dense_{i}" if i else "dense": {} for i in (10, 2, 0, 1)})
+    assert layers.numbered("dense") == ["dense", "dense_1", "dense_2", "dense_10"]
+
+
+# --------------------------------------------------------------------------- CLI and files
+
+
+def test_cli_import_writes_a_checkpoint_with_cifar100_names(tmp_path, capsys, expected, pixels):
+    out = tmp_path / "imported"
+    assert cli.main(["import-keras", str(FIXTURE / "vit.weights.h5"), str(out)]) == 0
+    assert "imported Keras ViT (8 blocks, 100 classes, 623,268 params" in capsys.readouterr().out
+    model, ckpt = checkpoint.load_model(out)
+    assert ckpt.class_names[:3] == ["apple", "aquarium_fish", "baby"]
+    assert len(ckpt.class_names) == 100
+    assert ckpt.meta["source"]["container"] == ".weights.h5"
+    with torch.no_grad():
+        probs = model(pixels).softmax(dim=-1).numpy()
+    assert np.abs(probs - expected["vit_probs"]).max() <= TOLERANCE
+    assert cli.main(["import-keras", str(FIXTURE / "vit.weights.h5"), str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.fixture
+def ten_class_file(tmp_path) -> Path:
+    """The EANet fixture with its head cut to 10 classes."""
+    path = tmp_path / "ten.weights.h5"
+    shutil.copy(FIXTURE / "eanet.weights.h5", path)
+    with h5py.File(path, "r+") as f:
+        for i in (0, 1):
+            data = f[f"layers/dense_48/vars/{i}"][()]
+            del f[f"layers/dense_48/vars/{i}"]
+            f[f"layers/dense_48/vars/{i}"] = data[..., :10]
+    return path
+
+
+def test_other_class_counts_need_class_names(ten_class_file, tmp_path, capsys):
+    out = tmp_path / "ten.safetensors"
+    assert cli.main(["import-keras", str(ten_class_file), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "10 classes" in err and "--class-names" in err and not out.exists()
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(f"class {i}" for i in range(9)) + "\n")
+    assert cli.main(["import-keras", str(ten_class_file), str(out), "--class-names", str(names)])
+    assert "9 class names" in capsys.readouterr().err
+    names.write_text("\n".join(f"class {i}" for i in range(10)) + "\n\n")
+    args = ["import-keras", str(ten_class_file), str(out), "--class-names", str(names)]
+    assert cli.main(args) == 0
+    assert checkpoint.load(out).class_names == [f"class {i}" for i in range(10)]
+
+
+def _truncated(tmp_path: Path) -> Path:
+    path = tmp_path / "truncated.weights.h5"
+    path.write_bytes((FIXTURE / "eanet.weights.h5").read_bytes()[:300_000])
+    return path
+
+
+def _unrelated(tmp_path: Path) -> Path:
+    path = tmp_path / "conv.weights.h5"
+    with h5py.File(path, "w") as f:
+        f["layers/conv2d/vars/0"] = np.zeros((3, 3, 3, 8), np.float32)
+    return path
+
+
+def _not_h5(tmp_path: Path) -> Path:
+    path = tmp_path / "notes.weights.h5"
+    path.write_text("not weights\n")
+    return path
+
+
+def _zip_without_weights(tmp_path: Path) -> Path:
+    path = tmp_path / "empty.keras"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("config.json", "{}")
+    return path
+
+
+def _missing_bias(tmp_path: Path) -> Path:
+    path = tmp_path / "nobias.weights.h5"
+    shutil.copy(FIXTURE / "vit.weights.h5", path)
+    with h5py.File(path, "r+") as f:
+        del f["layers/multi_head_attention_3/key_dense/vars/1"]
+    return path
+
+
+def _extra_block_dense(tmp_path: Path) -> Path:
+    path = tmp_path / "extra.weights.h5"
+    shutil.copy(FIXTURE / "eanet.weights.h5", path)
+    with h5py.File(path, "r+") as f:
+        f["layers/dense_49/vars/0"] = np.zeros((100, 100), np.float32)
+        f["layers/dense_49/vars/1"] = np.zeros(100, np.float32)
+    return path
+
+
+BAD = {
+    "truncated": (_truncated, "truncated"),
+    "unrelated": (_unrelated, "conv2d"),
+    "not-h5": (_not_h5, "not a readable Keras weights file"),
+    "zip-without-weights": (_zip_without_weights, "model.weights.h5"),
+    "missing-bias": (_missing_bias, "multi_head_attention_3/key_dense/vars/1"),
+    "extra-dense": (_extra_block_dense, "Dense layers"),
+    "missing-file": (lambda tmp: tmp / "absent.keras", "no such file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_files_are_one_line_errors(case, tmp_path, capsys):
+    make, words = BAD[case]
+    source = make(tmp_path)
+    with pytest.raises(CheckpointError) as info:
+        K.read_keras_model(source)
+    assert words in str(info.value) and "\n" not in str(info.value)
+    out = tmp_path / "out"
+    assert cli.main(["import-keras", str(source), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eanet: error: ") and err.count("\n") == 1
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_missing_h5py_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "h5py", None)
+    with pytest.raises(ConfigError, match=r"eanet\[keras\]"):
+        K.read_keras_model(FIXTURE / "eanet.weights.h5")
