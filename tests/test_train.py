@@ -166,3 +166,20 @@ def test_learning_check_on_real_digits(tmp_path, digits_data):
     metrics = fit(cfg, tmp_path, data=digits_data, progress=False)
     assert metrics["test_images"] == 449
     assert metrics["test_top1"] >= 0.90, metrics
+
+
+def test_bf16_autocast_option_trains(tmp_path, small_sample):
+    metrics = fit(tiny_config(epochs=1, amp="bf16"), tmp_path, data=small_sample, progress=False)
+    assert 0 <= metrics["test_top1"] <= 1
+    with pytest.raises(ConfigError, match="--amp 'fp16'"):
+        tiny_config(amp="fp16")
+
+
+def test_synthetic_data_for_timing():
+    from eanet.data import load_dataset, synthetic_cifar
+
+    d = synthetic_cifar(train=10, test=4)
+    assert d.train_images.shape == (10, 3, 32, 32) and d.train_images.dtype == torch.uint8
+    assert d.num_classes == 100 and int(d.train_labels.max()) < 100
+    assert torch.equal(d.test_images, synthetic_cifar(train=10, test=4).test_images)
+    assert load_dataset("synthetic").train_images.shape[0] == 50_000

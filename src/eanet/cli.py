@@ -38,11 +38,12 @@ def _model_arg(text: str) -> tuple[str, object]:
 def _add_data_args(p: argparse.ArgumentParser, dataset_default: str | None) -> None:
     p.add_argument(
         "--dataset",
-        choices=["cifar100", "cifar10", "folder", "digits"],
+        choices=["cifar100", "cifar10", "folder", "digits", "synthetic"],
         default=dataset_default,
         help="data set; 'folder': your images, one subfolder per class, in --data-path; "
         "'digits': scikit-learn's 1,797 real digits at 32x32, a fixed quarter as test "
-        "(needs scikit-learn) (default: %(default)s)",
+        "(needs scikit-learn); 'synthetic': random CIFAR-100-shaped images, only for "
+        "timing the recipe (default: %(default)s)",
     )
     p.add_argument(
         "--data-path",
@@ -128,6 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="auto, cpu or cuda (default: auto)")
     t.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
     t.add_argument(
+        "--compile",
+        action="store_const",
+        const=True,
+        help="torch.compile the model for training (GPU; on a CPU compiling costs minutes)",
+    )
+    t.add_argument(
+        "--amp",
+        choices=["off", "bf16"],
+        help="'bf16': bfloat16 autocast (+TF32 on CUDA), for GPUs; 'off': fp32 as the "
+        "reference (default: off)",
+    )
+    t.add_argument(
         "--image-size",
         type=int,
         help="--dataset folder: resize every whole image to this side (default: 32; with "
@@ -204,7 +217,55 @@ def build_parser() -> argparse.ArgumentParser:
     _add_use_parsers(sub)
     _add_bench_parser(sub)
     _add_compare_parser(sub)
+    _add_serve_parser(sub)
     return parser
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    """The `serve` command."""
+    s = sub.add_parser(
+        "serve",
+        help="serve a checkpoint over HTTP: POST /predict, /health, /info, an upload page",
+        description="Serve a run directory or checkpoint with FastAPI + uvicorn: POST /predict "
+        "(multipart files or raw image bytes, ?top_k=5) answers the top-k classes of each "
+        "image as JSON; GET /health, GET /info, and GET / a page to upload an image. "
+        "Concurrent requests share forward passes (dynamic batching). Needs: pip install "
+        "'eanet[serve]'.",
+    )
+    s.add_argument("checkpoint", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    s.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    s.add_argument(
+        "--max-batch", type=int, default=64, help="images per forward pass (default: %(default)s)"
+    )
+    s.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long a request waits for others to share its forward pass (default: %(default)s)",
+    )
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="uvicorn worker processes, each loading the model (default: %(default)s)",
+    )
+    s.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=10.0,
+        help="request body limit in MB, larger is refused with 413 (default: %(default)s)",
+    )
+    s.add_argument(
+        "--max-images",
+        type=int,
+        default=64,
+        help="images per request, more is refused with 413 (default: %(default)s)",
+    )
+    s.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    s.add_argument(
+        "--threads", type=int, help="torch threads per worker (default: cores / workers)"
+    )
 
 
 def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
@@ -420,7 +481,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume is not None:
         cfg = load_run_config(args.resume).to_dict()
-        changeable = ("epochs", "data_path", "device", "threads")
+        changeable = ("epochs", "data_path", "device", "threads", "compile")
         ignored = [
             k
             for k in (
@@ -729,6 +790,26 @@ def _bench_scaling(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from eanet.serve import ServeConfig, check_dependencies, serve
+
+    check_dependencies()
+    config = ServeConfig(
+        checkpoint=str(args.checkpoint),
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        workers=args.workers,
+        max_upload_mb=args.max_upload_mb,
+        max_images=args.max_images,
+        device=args.device,
+        threads=args.threads,
+    )
+    serve(config)
+    return 0
+
+
 def _stamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
 
@@ -745,6 +826,7 @@ COMMANDS = {
     "bench": cmd_bench,
     "sample-images": cmd_sample_images,
     "compare": cmd_compare,
+    "serve": cmd_serve,
 }
 
 

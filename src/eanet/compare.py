@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from eanet import __version__, checkpoint
 from eanet.augment import AugmentConfig
@@ -30,8 +31,8 @@ from eanet.bench import bench_model, macs_per_image, matmul_peak_gflops
 from eanet.data import ImageData, load_dataset, train_val_split
 from eanet.errors import ConfigError, EANetError
 from eanet.fileio import read_json, write_json, write_text
-from eanet.models import MODELS, count_parameters
-from eanet.runtime import environment, resolve_device
+from eanet.models import MODELS, VisionTransformer, count_parameters
+from eanet.runtime import environment, resolve_device, set_threads
 from eanet.train import AUGMENT_MODES, TrainConfig, build_for_data, fit, forward_train
 
 log = logging.getLogger(__name__)
@@ -284,12 +285,32 @@ def directory_lock(out: Path) -> Iterator[None]:
 # --------------------------------------------------------------------------- measurements
 
 
+def marginal_macs_per_image(net: VisionTransformer) -> float:
+    """Forward multiply-adds that one more image costs, as FlopCounterMode counts them.
+
+    `bench.macs_per_image` divides one batch-2 forward by 2, which also spreads work done
+    once per call (the fast path folds M_k and M_v into the projections) over the images;
+    the difference between a batch of 4 and a batch of 2 leaves only the per-image cost.
+    """
+
+    def flops(batch: int) -> float:
+        x = torch.randint(0, 256, (batch, *net.input_shape), dtype=torch.uint8)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            net(x)
+        return counter.get_total_flops()
+
+    # Training mode, as bench.macs_per_image: in eval mode torch's CPU attention kernel
+    # escapes FlopCounterMode and ViT's two attention products would not be counted.
+    return (flops(4) - flops(2)) / 2 / 2  # two more images; 2 FLOPs per multiply-add
+
+
 def model_cost(cfg: CompareConfig, model: str, data: ImageData) -> dict:
     """Trainable parameters and forward multiply-adds per image of `model` sized for `data`."""
     net = build_for_data(cfg.train_config(model, "fixed", 0), data)
     return {
         "params": count_parameters(net),
-        "macs_per_image": macs_per_image(net, torch.device("cpu")),
+        "macs_per_image": marginal_macs_per_image(net),
+        "macs_per_image_batch2": macs_per_image(net, torch.device("cpu")),
         "model_config": net.config.to_dict(),
     }
 
@@ -417,6 +438,7 @@ def run_compare(
     out = Path(out)
     cfg.validate()
     t_start = time.perf_counter()
+    set_threads(cfg.threads)  # as fit does; also when every run is skipped
     if data is None:
         data = load_dataset(
             cfg.dataset,
@@ -465,6 +487,7 @@ def _compare(cfg: CompareConfig, out: Path, data: ImageData, progress: bool, t_s
                     "augment": augment,
                     "params": cost["params"],
                     "macs_per_image": cost["macs_per_image"],
+                    "macs_per_image_batch2": cost["macs_per_image_batch2"],
                     "model_config": cost["model_config"],
                     "runs": results,
                     **summarize_group(results),
@@ -509,6 +532,7 @@ def _compare(cfg: CompareConfig, out: Path, data: ImageData, progress: bool, t_s
         },
         "runs": status,
         "invocation_seconds": round(time.perf_counter() - t_start, 1),
+        "calls": [],
         "groups": groups,
         "input_distribution": {
             "images": min(HIST_IMAGES, len(train_x)),
@@ -517,10 +541,34 @@ def _compare(cfg: CompareConfig, out: Path, data: ImageData, progress: bool, t_s
         },
         "figures": figures,
     }
+    report["calls"] = earlier_calls(out) + [call_record(report)]
     write_json(out / "report.json", report)
     write_text(out / "report.md", format_report(report))
     log.info("wrote %s and %s", out / "report.md", out / "report.json")
     return report
+
+
+def call_record(report: dict) -> dict:
+    """One line of the directory's history: when, what each run did, how long it took."""
+    counts = Counter(report["runs"].values())
+    return {
+        "created": report["created"],
+        "seconds": report["invocation_seconds"],
+        **{k: counts.get(k, 0) for k in ("trained", "resumed", "skipped")},
+    }
+
+
+def earlier_calls(out: Path) -> list[dict]:
+    """The calls recorded in an earlier report.json of OUT (none if it is missing or unreadable)."""
+    path = out / "report.json"
+    try:
+        old = read_json(path) if path.is_file() else {}
+    except EANetError:
+        log.warning("%s is unreadable; the history of earlier calls starts afresh", path)
+        return []
+    if "calls" in old:
+        return list(old["calls"])
+    return [call_record(old)] if "runs" in old and "created" in old else []
 
 
 # --------------------------------------------------------------------------- report.md
@@ -564,7 +612,6 @@ def format_report(report: dict) -> str:
     cfg, env, data = report["config"], report["environment"], report["data"]
     machine = env.get("cuda") or env.get("cpu_model") or env.get("processor")
     n_seeds = cfg["seeds"]
-    counts = Counter(report["runs"].values())
     lines = [
         f"# {' vs '.join(cfg['models'])} on {data['name']}",
         "",
@@ -573,9 +620,12 @@ def format_report(report: dict) -> str:
         f"- machine: {machine}, {env['cpu_count']} CPU cores, torch {env['torch']}, "
         f"torch threads: {env['torch_threads']}, eanet {report['eanet_version']}, "
         f"{report['created']}",
-        f"- this call: {counts.get('trained', 0)} runs trained, {counts.get('resumed', 0)} "
-        f"resumed, {counts.get('skipped', 0)} finished earlier and kept; "
-        f"{report['invocation_seconds']:.0f} s",
+        "- calls of this command on this directory: "
+        + "; ".join(
+            f"{c['created']}: {c['trained']} runs trained, {c['resumed']} resumed, "
+            f"{c['skipped']} kept, {c['seconds']:.0f} s"
+            for c in report["calls"]
+        ),
         f"- data: {data['name']}, {data['train_images']:,} training, {data['val_images']:,} "
         f"validation, {data['test_images']:,} test images, {data['classes']} classes",
         f"- recipe: the reference's (AdamW, weight decay 1e-4, label smoothing 0.1) with "
@@ -588,8 +638,8 @@ def format_report(report: dict) -> str:
         f"{cfg['bench_steps']} steps of batch {cfg['batch_size']} after 1 warm-up step, on this "
         "machine; other jobs may share it, so speeds are indicative, compare them only "
         "side by side within this report",
-        "- multiply-adds: torch's FlopCounterMode on one forward pass as implemented "
-        "(matrix products only)",
+        "- multiply-adds per image: what one more image adds to a forward pass as "
+        "implemented, counted by torch's FlopCounterMode (matrix products only)",
         "",
         "## Results",
         "",

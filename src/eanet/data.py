@@ -532,7 +532,22 @@ def load_cifar(
     return ImageData(spec.name, class_names, train_images, train_labels, test_images, test_labels)
 
 
-DATASET_NAMES = (*DATASETS, "folder", "digits")
+DATASET_NAMES = (*DATASETS, "folder", "digits", "synthetic")
+
+
+def synthetic_cifar(
+    train: int = 50_000, test: int = 10_000, classes: int = 100, seed: int = 0
+) -> ImageData:
+    """Random CIFAR-shaped images and labels: for timing the full recipe where no data is."""
+    g = torch.Generator().manual_seed(seed)
+    return ImageData(
+        "synthetic",
+        [f"class_{i}" for i in range(classes)],
+        torch.randint(0, 256, (train, 3, 32, 32), dtype=torch.uint8, generator=g),
+        torch.randint(0, classes, (train,), generator=g),
+        torch.randint(0, 256, (test, 3, 32, 32), dtype=torch.uint8, generator=g),
+        torch.randint(0, classes, (test,), generator=g),
+    )
 
 
 def load_dataset(
@@ -550,6 +565,8 @@ def load_dataset(
         from eanet.digits import load_digits  # digits imports this module
 
         return load_digits(data_path, image_size=image_size or 32)
+    if name == "synthetic":  # random CIFAR-100-shaped data, only to time the recipe
+        return synthetic_cifar()
     if name not in DATASETS:
         raise DataError(
             f"unknown data set {name!r}; choose one of: {', '.join(sorted(DATASET_NAMES))}"

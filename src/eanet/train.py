@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
-from eanet import __version__, checkpoint, finetune
+from eanet import __version__, checkpoint, distributed, finetune
 from eanet.augment import AugmentConfig, augment, augment_reference_bug
 from eanet.data import ImageData, compute_normalization, load_dataset, train_val_split
 from eanet.errors import ConfigError, EANetError
@@ -27,7 +28,7 @@ from eanet.evaluate import Metrics, MetricSums, evaluate_tensors
 from eanet.fileio import read_json, write_csv, write_json
 from eanet.models import MODELS, VisionTransformer, build_model, model_config
 from eanet.plots import plot_curves
-from eanet.runtime import environment, resolve_device, set_threads, tune_cpu_allocator
+from eanet.runtime import environment, set_threads, tune_cpu_allocator
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ class TrainConfig:
     image_size: int | None = None  # folder data sets: resize images to this side (default 32)
     init_from: str | None = None  # fine-tune: start from this checkpoint's compatible weights
     freeze_backbone: bool = False  # fine-tune: train only the classification head
+    compile: bool = False  # torch.compile the model for the training steps
+    amp: str = "off"  # "bf16": bfloat16 autocast (and TF32 on CUDA); "off": fp32 as the reference
 
     def __post_init__(self) -> None:
         self.validate()
@@ -91,6 +94,8 @@ class TrainConfig:
             raise ConfigError(f"--label-smoothing {self.label_smoothing!r} must be in [0, 1)")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"--val-fraction {self.val_fraction!r} must be in [0, 1)")
+        if self.amp not in ("off", "bf16"):
+            raise ConfigError(f"--amp {self.amp!r} must be 'off' or 'bf16'")
         if self.augment not in AUGMENT_MODES:
             raise ConfigError(
                 f"--augment {self.augment!r} must be one of {', '.join(AUGMENT_MODES)}"
@@ -138,6 +143,20 @@ def forward_train(
     return model(x)
 
 
+def accelerate(model: VisionTransformer, cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """The module the training steps call: the model, or torch.compile of it (--compile).
+
+    With --amp bf16 on CUDA, fp32 matmuls outside autocast may use TF32 too.
+    """
+    if cfg.amp == "bf16" and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if not cfg.compile:
+        return model
+    log.info("compiling the model with torch.compile (the first steps are slow)")
+    return torch.compile(model)
+
+
 def make_optimizer(model: VisionTransformer, cfg: TrainConfig) -> torch.optim.AdamW:
     """The reference's AdamW (decoupled decay on every trainable tensor, Keras's epsilon)."""
     return torch.optim.AdamW(
@@ -156,12 +175,18 @@ def train_step(
     y: torch.Tensor,
     cfg: TrainConfig,
     aug: AugmentConfig,
+    loss_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Augment, forward, label-smoothed loss, backward, AdamW step; returns (logits, loss)."""
-    logits = forward_train(model, x, cfg.augment, aug)
-    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+    """Augment, forward, label-smoothed loss, backward, AdamW step; returns (logits, loss).
+
+    `loss_scale` weights the gradient (not the returned loss): a rank's share of a short
+    last batch under DDP (see `distributed.Distributed.shard`).
+    """
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+        logits = forward_train(model, x, cfg.augment, aug)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss if loss_scale == 1.0 else loss * loss_scale).backward()
     optimizer.step()
     return logits.detach(), loss.detach()
 
@@ -174,19 +199,31 @@ def train_epoch(
     cfg: TrainConfig,
     desc: str = "train",
     progress: bool = True,
+    dist: distributed.Distributed | None = None,
 ) -> Metrics:
-    """One pass over the training tensors in a fresh random order, last batch partial."""
+    """One pass over the training tensors in a fresh random order, last batch partial.
+
+    With `dist` (inside its `epoch_rng`), the order is the one every rank shares and
+    this process trains on its share of each global batch; the metrics are its own.
+    """
     model.train()
     aug = AugmentConfig()
     sums = MetricSums(images.device)
-    perm = torch.randperm(len(images), device=images.device)
+    if dist is None:
+        perm = torch.randperm(len(images), device=images.device)
+    else:
+        perm = dist.permutation(len(images), images.device)
     steps = math.ceil(len(images) / cfg.batch_size)
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, unit="step")
     for step in bar:
         idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        scale = 1.0
+        if dist is not None:
+            idx, scale = dist.shard(idx)
         x, y = images[idx], labels[idx]
-        logits, loss = train_step(model, optimizer, x, y, cfg, aug)
-        sums.add(logits, y, loss)
+        logits, loss = train_step(model, optimizer, x, y, cfg, aug, loss_scale=scale)
+        if scale:  # weight 0: a stand-in image, only there to join the gradient average
+            sums.add(logits, y, loss)
         if progress and (step % 10 == 0 or step == steps - 1):
             m = sums.result()
             rate = m.count / max(bar.format_dict["elapsed"], 1e-9)
@@ -277,20 +314,24 @@ def fit(
     """Train (or resume) a run in `out`; returns the final test metrics (fractions)."""
     out = Path(out)
     cfg.validate()
-    prepare_run_dir(out, resume, overwrite)
+    dist = distributed.setup(cfg.device)  # a process group only under torchrun
+    dist.check_batch(cfg.batch_size)
+    progress = progress and dist.is_main
+    dist.from_main(prepare_run_dir, out, resume, overwrite)  # only rank 0 touches `out`
     set_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = dist.device
     tune_cpu_allocator()
     torch.manual_seed(cfg.seed)
     if data is None:
-        data = load_dataset(
-            cfg.dataset,
-            cfg.data_path,
-            md5=cfg.md5,
-            verify=cfg.verify,
-            progress=progress,
-            image_size=cfg.image_size,
-        )
+        with dist.local_main_first():  # one download per node
+            data = load_dataset(
+                cfg.dataset,
+                cfg.data_path,
+                md5=cfg.md5,
+                verify=cfg.verify,
+                progress=progress,
+                image_size=cfg.image_size,
+            )
     model = build_for_data(cfg, data).to(device)
     if cfg.init_from and not resume:  # a resumed run has its own weights
         finetune.load_compatible(model, cfg.init_from, data.class_names)
@@ -301,7 +342,7 @@ def fit(
     history: list[dict] = []
     start = 1
     if resume:
-        ckpt = checkpoint.load(out)
+        ckpt = dist.from_main(checkpoint.load, out)  # every rank restores rank 0's file
         if ckpt.class_names != data.class_names:
             raise EANetError(
                 f"{out}: the checkpoint was trained on other classes than "
@@ -313,23 +354,26 @@ def fit(
         history = ckpt.meta["history"]
         start = ckpt.meta["epoch"] + 1
         log.info("resuming %s after epoch %d of %d", out, start - 1, cfg.epochs)
-        write_history(out, history, f"{cfg.model} on {data.name}")  # in case the kill beat it
-    write_json(
-        out / "config.json",
-        {
-            "train": cfg.to_dict(),
-            "model": model.config.to_dict(),
-            "dataset": {
-                "name": data.name,
-                "classes": data.num_classes,
-                "train_images": len(train_x),
-                "val_images": len(val_x),
-                "test_images": len(data.test_images),
+        if dist.is_main:
+            write_history(out, history, f"{cfg.model} on {data.name}")  # in case the kill beat it
+    if dist.is_main:
+        write_json(
+            out / "config.json",
+            {
+                "train": cfg.to_dict(),
+                "model": model.config.to_dict(),
+                "dataset": {
+                    "name": data.name,
+                    "classes": data.num_classes,
+                    "train_images": len(train_x),
+                    "val_images": len(val_x),
+                    "test_images": len(data.test_images),
+                },
+                "eanet_version": __version__,
+                "environment": environment(),
+                "distributed": dist.describe(),
             },
-            "eanet_version": __version__,
-            "environment": environment(),
-        },
-    )
+        )
     title = f"{cfg.model} on {data.name}"
     meta = {
         "model_name": cfg.model,
@@ -337,19 +381,26 @@ def fit(
         "train_config": cfg.to_dict(),
         "eanet_version": __version__,
     }
+    runner = accelerate(dist.wrap(model), cfg, device)  # DDP under torchrun; saves use `model`
     for epoch in range(start, cfg.epochs + 1):
         t0 = time.perf_counter()
-        tr = train_epoch(
-            model,
-            optimizer,
-            train_x,
-            train_y,
-            cfg,
-            desc=f"epoch {epoch}/{cfg.epochs}",
-            progress=progress,
-        )
+        with dist.epoch_rng(cfg.seed, epoch):
+            tr = train_epoch(
+                runner,
+                optimizer,
+                train_x,
+                train_y,
+                cfg,
+                desc=f"epoch {epoch}/{cfg.epochs}",
+                progress=progress,
+                dist=dist if dist.enabled else None,
+            )
+        tr = dist.all_reduce(tr)  # every rank logs the figures over all ranks' images
         train_s = time.perf_counter() - t0
-        va = evaluate_tensors(model, val_x, val_y, cfg.eval_batch_size, cfg.label_smoothing)
+        va = evaluate_tensors(
+            model, *dist.eval_shard(val_x, val_y), cfg.eval_batch_size, cfg.label_smoothing
+        )
+        va = dist.all_reduce(va)
         row = {
             "epoch": epoch,
             "train_loss": tr.loss,
@@ -363,14 +414,15 @@ def fit(
             "train_images_per_s": round(tr.count / train_s, 2),
         }
         history.append(row)
-        checkpoint.save(
-            out / checkpoint.CHECKPOINT_NAME,
-            model,
-            {**meta, "epoch": epoch, "history": history},
-            optimizer,
-            rng=True,
-        )
-        write_history(out, history, title)
+        if dist.is_main:
+            checkpoint.save(
+                out / checkpoint.CHECKPOINT_NAME,
+                model,
+                {**meta, "epoch": epoch, "history": history},
+                optimizer,
+                rng=True,
+            )
+            write_history(out, history, title)
         log.info(
             "epoch %d/%d  %s | %s | %.1fs %.0f img/s",
             epoch,
@@ -382,13 +434,13 @@ def fit(
         )
     test = evaluate_tensors(
         model,
-        data.test_images.to(device),
-        data.test_labels.to(device),
+        *dist.eval_shard(data.test_images.to(device), data.test_labels.to(device)),
         cfg.eval_batch_size,
         cfg.label_smoothing,
         progress=progress,
         desc="test",
     )
+    test = dist.all_reduce(test)
     metrics = {
         "test_loss": test.loss,
         "test_top1": test.top1,
@@ -402,8 +454,10 @@ def fit(
     if vals:
         metrics["best_val_top1"] = max(vals)
         metrics["final_val_top1"] = vals[-1]
-    write_json(out / "metrics.json", metrics)
+    if dist.is_main:
+        write_json(out / "metrics.json", metrics)
     log.info("%s (%d images)", _fmt("test", test), test.count)
+    dist.close()
     return metrics
 
 
