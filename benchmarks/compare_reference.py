@@ -36,10 +36,26 @@ def run_json(cmd: list[str]) -> dict:
 
 def measure(model: str, args: argparse.Namespace) -> dict:
     """Medians over rounds of ours and the reference's train and inference images/s."""
-    common = ["--batch-size", str(args.batch_size), "--warmup", str(args.warmup),
-              "--steps", str(args.steps), "--json"]
-    ours_cmd = [sys.executable, "-m", "eanet", "bench", "--model", MODELS[model],
-                "--device", "cpu", *common]
+    common = [
+        "--batch-size",
+        str(args.batch_size),
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+        "--json",
+    ]
+    ours_cmd = [
+        sys.executable,
+        "-m",
+        "eanet",
+        "bench",
+        "--model",
+        MODELS[model],
+        "--device",
+        "cpu",
+        *common,
+    ]
     ref_cmd = [args.keras_python, "benchmarks/reference_keras.py", "--model", model, *common]
     ours, ref = [], []
     for r in range(args.rounds):
@@ -79,7 +95,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         "round(s); command: `python benchmarks/compare_reference.py "
         f"--rounds {args.rounds} --steps {args.steps}`.",
         "",
-        "| model | | eanet img/s | Keras img/s | ratio (target >= 2x) | eanet share of matmul peak |",
+        "| model | | eanet img/s | Keras img/s | ratio (target >= 2x) "
+        "| eanet share of matmul peak |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -96,8 +113,11 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--keras-python", default=sys.executable,
-                        help="interpreter with Keras 3 + TensorFlow (default: this one)")
+    parser.add_argument(
+        "--keras-python",
+        default=sys.executable,
+        help="interpreter with Keras 3 + TensorFlow (default: this one)",
+    )
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["eanet", "vit"])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=3)
