@@ -81,12 +81,14 @@ def macs_per_image(model: VisionTransformer, device: torch.device) -> float:
     """
     batch = 2
     x = torch.randint(0, 256, (batch, *model.input_shape), dtype=torch.uint8, device=device)
-    set_fast_path(model, False)
+    was_training = model.training
+    # train mode: torch's fused CPU attention kernel of eval mode escapes the counter
+    set_fast_path(model, False).train()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(x)
     finally:
-        set_fast_path(model, True)
+        set_fast_path(model, True).train(was_training)
     return counter.get_total_flops() / 2 / batch
 
 

@@ -3,11 +3,20 @@
 Nothing is unpickled: weights, optimizer moments and RNG states are tensors; the model
 config, class names, epoch, history and optimizer hyper-parameters are JSON in the
 safetensors header. One file means one atomic rename per save.
+
+Integrity: the header also holds `sha256`, a digest of the other header entries and of every
+tensor (name, dtype, shape, bytes), checked at load: a flipped bit in the tensor data or an
+edited header is "checksum mismatch", not silently different weights. It guards against
+corruption and accidental edits, not against a forger, who can recompute it. Checkpoints
+written before the digest existed load without the check.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,8 +86,29 @@ def save(
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"rng.cuda{i}"] = s
     header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "meta": json.dumps(meta)}
+    header["sha256"] = digest(tensors, header)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
+        _test_slow_save()
+
+
+def digest(tensors: dict[str, torch.Tensor], header: dict[str, str]) -> str:
+    """sha256 of the header entries (but `sha256`) and of every tensor's name, type and bytes."""
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted((k, v) for k, v in header.items() if k != "sha256")).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _test_slow_save() -> None:
+    """Test hook: EANET_TEST_SLOW_SAVE=SECONDS sleeps between writing the temporary file and
+    renaming it over the checkpoint, so a test can kill a run in the middle of a save."""
+    delay = os.environ.get("EANET_TEST_SLOW_SAVE", "")
+    if delay.replace(".", "", 1).isdigit():
+        time.sleep(float(delay))
 
 
 def load(path: str | Path) -> Checkpoint:
@@ -95,6 +125,11 @@ def load(path: str | Path) -> Checkpoint:
         ) from exc
     if header.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an eanet checkpoint (no '{FORMAT}' header)")
+    if "sha256" in header and header["sha256"] != digest(tensors, header):
+        raise CheckpointError(
+            f"{path}: checksum mismatch: the file was modified or corrupted; "
+            "restore it from a copy or re-create it"
+        )
     if header.get("format_version") != str(FORMAT_VERSION):
         raise CheckpointError(
             f"{path}: checkpoint format {header.get('format_version')} is "
@@ -103,8 +138,8 @@ def load(path: str | Path) -> Checkpoint:
     try:
         meta = json.loads(header["meta"])
         ModelConfig.from_dict(meta["model_config"])
-        list(meta["class_names"])
-    except (KeyError, TypeError, json.JSONDecodeError, ConfigError) as exc:
+        _check_meta(meta)
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise CheckpointError(f"{path}: checkpoint metadata is damaged ({exc})") from exc
     ckpt = Checkpoint(meta=meta, model_state={})
     optim: dict[int, dict[str, torch.Tensor]] = {}
@@ -114,6 +149,8 @@ def load(path: str | Path) -> Checkpoint:
             ckpt.model_state[rest] = value
         elif kind == "optim":
             idx, _, name = rest.partition(".")
+            if not idx.isdigit():
+                raise CheckpointError(f"{path}: unexpected tensor {key!r}; the file is damaged")
             optim.setdefault(int(idx), {})[name] = value
         elif kind == "rng":
             ckpt.rng_state[rest] = value
@@ -124,6 +161,27 @@ def load(path: str | Path) -> Checkpoint:
                 group["betas"] = tuple(group["betas"])
         ckpt.optimizer_state = {"state": optim, "param_groups": groups}
     return ckpt
+
+
+def _check_meta(meta: dict) -> None:
+    """Raise TypeError/ValueError where the metadata's fields have impossible types."""
+    if not isinstance(meta, dict):
+        raise TypeError(f"metadata is a {type(meta).__name__}, not an object")
+    names = meta["class_names"]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise TypeError("class_names is not a list of strings")
+    if len(names) != meta["model_config"].get("num_classes", 100):
+        raise ValueError(f"{len(names)} class names for a model with other classes")
+    epoch = meta.get("epoch", 0)
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        raise ValueError(f"epoch {epoch!r} is not a count of epochs")
+    history = meta.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise TypeError("history is not a list of objects")
+    if "optimizer" in meta:
+        groups = meta["optimizer"]["param_groups"]
+        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+            raise TypeError("optimizer param_groups is not a list of objects")
 
 
 def load_model(
@@ -166,3 +224,33 @@ def restore_rng(ckpt: Checkpoint) -> None:
     cuda = [ckpt.rng_state[k] for k in sorted(ckpt.rng_state) if k.startswith("cuda")]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
+
+
+def restore_training(
+    model: VisionTransformer, optimizer: torch.optim.Optimizer, ckpt: Checkpoint, path: str | Path
+) -> None:
+    """Weights, AdamW state and RNG states of a training checkpoint, for `--resume`."""
+    if ckpt.optimizer_state is None or "epoch" not in ckpt.meta or "history" not in ckpt.meta:
+        raise CheckpointError(
+            f"{path}: holds weights only, no optimizer state, epoch and history; it cannot "
+            "be resumed (fine-tune from it with --init-from)"
+        )
+    load_weights(model, ckpt, path)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for idx, state in ckpt.optimizer_state["state"].items():
+        fits = idx < len(params) and all(
+            v.ndim == 0 or v.shape == params[idx].shape for v in state.values()
+        )
+        if not fits:
+            raise CheckpointError(
+                f"{path}: optimizer state {idx} does not fit the model's parameters; "
+                "the checkpoint was tampered with"
+            )
+    try:
+        optimizer.load_state_dict(ckpt.optimizer_state)
+        restore_rng(ckpt)
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{path}: optimizer or RNG state cannot be restored ({exc}); the checkpoint is "
+            "damaged or from another training setup"
+        ) from exc

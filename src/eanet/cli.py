@@ -141,6 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
         "reference (default: off)",
     )
     t.add_argument(
+        "--on-nonfinite",
+        choices=["stop", "skip"],
+        help="a NaN or infinite training loss: 'stop' training, keeping the last complete "
+        "epoch's checkpoint (default), or 'skip' the batch (no optimizer step; counted in "
+        "the history as skipped_batches)",
+    )
+    t.add_argument(
+        "--deterministic",
+        action="store_const",
+        const=True,
+        help="torch's deterministic algorithms, cuDNN deterministic, no benchmark, "
+        "CUBLAS_WORKSPACE_CONFIG=:4096:8: repeatable GPU runs, maybe slower",
+    )
+    t.add_argument(
         "--image-size",
         type=int,
         help="--dataset folder: resize every whole image to this side (default: 32; with "
@@ -166,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR "
         "from its last complete epoch (its saved options apply; --epochs may extend "
-        "it; --data-path, --device, --threads may change)",
+        "it; --data-path, --md5, --no-verify, --device, --threads, --on-nonfinite may change)",
     )
     t.add_argument(
         "--overwrite",
@@ -264,7 +278,10 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     s.add_argument(
-        "--threads", type=int, help="torch threads per worker (default: cores / workers)"
+        "--threads",
+        type=int,
+        help="torch threads per worker (default: cores / workers - 1, at least 1: a core is "
+        "left for HTTP and decoding)",
     )
 
 
@@ -481,7 +498,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume is not None:
         cfg = load_run_config(args.resume).to_dict()
-        changeable = ("epochs", "data_path", "device", "threads", "compile")
+        changeable = (
+            *("epochs", "data_path", "md5", "verify", "device", "threads", "compile"),
+            "on_nonfinite",
+        )
         ignored = [
             k
             for k in (
@@ -498,6 +518,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "image_size",
                 "init_from",
                 "freeze_backbone",
+                "deterministic",
             )
             if getattr(args, k) is not None
         ]
@@ -843,8 +864,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"eanet: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("eanet: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # training's own says how to resume
+        print(f"eanet: {exc or 'interrupted'}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader went away (`eanet predict DIR | head`): stop quietly, as Unix tools do;

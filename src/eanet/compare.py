@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from eanet import __version__, checkpoint
 from eanet.augment import AugmentConfig
@@ -31,7 +30,7 @@ from eanet.bench import bench_model, macs_per_image, matmul_peak_gflops
 from eanet.data import ImageData, load_dataset, train_val_split
 from eanet.errors import ConfigError, EANetError
 from eanet.fileio import read_json, write_json, write_text
-from eanet.models import MODELS, VisionTransformer, count_parameters
+from eanet.models import MODELS, count_parameters
 from eanet.runtime import environment, resolve_device, set_threads
 from eanet.train import AUGMENT_MODES, TrainConfig, build_for_data, fit, forward_train
 
@@ -285,32 +284,12 @@ def directory_lock(out: Path) -> Iterator[None]:
 # --------------------------------------------------------------------------- measurements
 
 
-def marginal_macs_per_image(net: VisionTransformer) -> float:
-    """Forward multiply-adds that one more image costs, as FlopCounterMode counts them.
-
-    `bench.macs_per_image` divides one batch-2 forward by 2, which also spreads work done
-    once per call (the fast path folds M_k and M_v into the projections) over the images;
-    the difference between a batch of 4 and a batch of 2 leaves only the per-image cost.
-    """
-
-    def flops(batch: int) -> float:
-        x = torch.randint(0, 256, (batch, *net.input_shape), dtype=torch.uint8)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            net(x)
-        return counter.get_total_flops()
-
-    # Training mode, as bench.macs_per_image: in eval mode torch's CPU attention kernel
-    # escapes FlopCounterMode and ViT's two attention products would not be counted.
-    return (flops(4) - flops(2)) / 2 / 2  # two more images; 2 FLOPs per multiply-add
-
-
 def model_cost(cfg: CompareConfig, model: str, data: ImageData) -> dict:
     """Trainable parameters and forward multiply-adds per image of `model` sized for `data`."""
     net = build_for_data(cfg.train_config(model, "fixed", 0), data)
     return {
         "params": count_parameters(net),
-        "macs_per_image": marginal_macs_per_image(net),
-        "macs_per_image_batch2": macs_per_image(net, torch.device("cpu")),
+        "macs_per_image": macs_per_image(net, torch.device("cpu")),
         "model_config": net.config.to_dict(),
     }
 
@@ -487,7 +466,6 @@ def _compare(cfg: CompareConfig, out: Path, data: ImageData, progress: bool, t_s
                     "augment": augment,
                     "params": cost["params"],
                     "macs_per_image": cost["macs_per_image"],
-                    "macs_per_image_batch2": cost["macs_per_image_batch2"],
                     "model_config": cost["model_config"],
                     "runs": results,
                     **summarize_group(results),
@@ -638,8 +616,8 @@ def format_report(report: dict) -> str:
         f"{cfg['bench_steps']} steps of batch {cfg['batch_size']} after 1 warm-up step, on this "
         "machine; other jobs may share it, so speeds are indicative, compare them only "
         "side by side within this report",
-        "- multiply-adds per image: what one more image adds to a forward pass as "
-        "implemented, counted by torch's FlopCounterMode (matrix products only)",
+        "- multiply-adds per image: a forward pass of the reference formulation "
+        "(`eanet.bench.macs_per_image`, torch's FlopCounterMode, matrix products only)",
         "",
         "## Results",
         "",

@@ -216,7 +216,11 @@ def _check_md5(path: Path, expected: str, advice: str | None = None) -> None:
 
 def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
     """`_codecs.encode` as Python 3 protocol-2 pickles use it for bytes, latin-1 only."""
-    if codecs.lookup(encoding).name != "iso8859-1":
+    try:
+        latin1 = codecs.lookup(encoding).name == "iso8859-1"
+    except LookupError:  # a damaged or made-up codec name
+        latin1 = False
+    if not latin1:
         raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r}")
     return text.encode("latin-1")
 

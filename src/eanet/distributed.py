@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -107,7 +108,11 @@ class Distributed:
         ids = [self.device.index] if self.device.type == "cuda" else None
         # The buffers (normalisation statistics) are equal on every rank and never change
         # in training: no need to broadcast them before every forward.
-        return _DDP(model, device_ids=ids, broadcast_buffers=False)
+        params = inspect.signature(DistributedDataParallel).parameters
+        no_sync = (
+            "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+        )
+        return _DDP(model, device_ids=ids, **{no_sync: False})
 
     def close(self) -> None:
         """Destroy the process group if `setup` created it."""

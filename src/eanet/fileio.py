@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import os
@@ -18,6 +19,18 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _fsync(path: Path) -> None:
+    """Flush a written file to the disk: a crash after the rename finds the new data."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):  # a file system without fsync
+            raise
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -37,6 +50,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _fsync(tmp_path)  # the data reach the disk before the rename makes them the file
         os.replace(tmp_path, path)
     except OSError as exc:
         raise EANetError(

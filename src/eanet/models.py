@@ -17,6 +17,7 @@ from torch import nn
 
 from eanet.errors import ConfigError
 from eanet.fused import double_normalize, masked
+from eanet.typecheck import check_field_types
 
 ATTENTIONS = ("external", "self")
 INITS = ("keras", "trunc_normal")
@@ -50,6 +51,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first impossible field."""
+        check_field_types(self, lambda name, value: f"model option {name}={value!r}")
         _choice("attention", self.attention, ATTENTIONS)
         _choice("init", self.init, INITS)
         _choice("gelu", self.gelu, ("tanh", "erf"))

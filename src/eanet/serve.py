@@ -22,9 +22,10 @@ import importlib.util
 import json
 import logging
 import os
+import signal
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -59,23 +60,23 @@ class ServeConfig:
     max_upload_mb: float = 10.0  # request body limit
     max_images: int = 64  # images per request
     device: str = "auto"
-    threads: int | None = None  # torch threads per worker (default: cores / workers)
+    threads: int | None = None  # torch threads per worker (default: `default_threads`)
 
     def __post_init__(self) -> None:
         self.checkpoint = str(self.checkpoint)
-        positive = {
-            "--port": self.port >= 0,
-            "--max-batch": self.max_batch >= 1,
-            "--max-wait-ms": self.max_wait_ms >= 0,
-            "--workers": self.workers >= 1,
-            "--max-upload-mb": self.max_upload_mb > 0,
-            "--max-images": self.max_images >= 1,
-            "--threads": self.threads is None or self.threads >= 1,
+        rules = {  # option: (allowed, what it must be)
+            "--port": (0 <= self.port <= 65535, "0..65535"),
+            "--max-batch": (self.max_batch >= 1, ">= 1"),
+            "--max-wait-ms": (self.max_wait_ms >= 0, ">= 0"),
+            "--workers": (self.workers >= 1, ">= 1"),
+            "--max-upload-mb": (self.max_upload_mb > 0, "> 0"),
+            "--max-images": (self.max_images >= 1, ">= 1"),
+            "--threads": (self.threads is None or self.threads >= 1, ">= 1"),
         }
-        bad = [name for name, ok in positive.items() if not ok]
-        if bad:
-            value = getattr(self, bad[0][2:].replace("-", "_"))
-            raise ConfigError(f"{bad[0]} {value} is out of range; it must be positive")
+        for name, (ok, rule) in rules.items():
+            if not ok:
+                value = getattr(self, name[2:].replace("-", "_"))
+                raise ConfigError(f"{name} {value} is out of range; it must be {rule}")
 
     @property
     def max_upload_bytes(self) -> int:
@@ -301,9 +302,10 @@ def _decode(items: list[tuple[str | None, bytes]], size: int) -> torch.Tensor:
 class _Guard:
     """Outermost ASGI layer: body-size limit, catch-all 500, one log line per request."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: Any, max_bytes: int, counters: dict | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.counters = counters if counters is not None else {}
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -332,8 +334,10 @@ class _Guard:
                 raise _TooLarge
             await self.app(scope, limited_receive, send_status)
         except _TooLarge:
+            self._count("requests_refused")
             await self._error(send_status, status, 413, self._too_large())
         except Exception as exc:
+            self._count("internal_errors")
             log.error(
                 "%s %s: unhandled error\n%s", scope["method"], scope["path"], traceback.format_exc()
             )
@@ -348,6 +352,9 @@ class _Guard:
         log.info(
             "%s %s %d %.1f ms images=%d", scope["method"], scope["path"], status["code"], ms, images
         )
+
+    def _count(self, key: str) -> None:
+        self.counters[key] = self.counters.get(key, 0) + 1
 
     def _too_large(self) -> str:
         return (
@@ -379,10 +386,14 @@ def create_app(config: ServeConfig, served: ServedModel | None = None) -> Any:
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     if served is None:
-        set_threads(config.threads)
         served = ServedModel(config.checkpoint, config.device)
     batcher = Batcher(served.forward, config.max_batch, config.max_wait_ms)
-    counters = {"requests_served": 0, "requests_refused": 0}
+    counters = {"requests_served": 0, "requests_refused": 0, "internal_errors": 0}
+    # Decoding runs beside the event loop, a few images at a time: a burst of large uploads
+    # queues here instead of decoding all at once into memory.
+    decoder = concurrent.futures.ThreadPoolExecutor(
+        min(4, os.cpu_count() or 1), thread_name_prefix="eanet-decode"
+    )
     started = time.time()
     page = _page()
 
@@ -400,6 +411,7 @@ def create_app(config: ServeConfig, served: ServedModel | None = None) -> Any:
         )
         yield
         await batcher.close()
+        decoder.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="eanet", version=__version__, lifespan=lifespan, docs_url="/docs")
     app.state.batcher = batcher
@@ -494,7 +506,8 @@ def create_app(config: ServeConfig, served: ServedModel | None = None) -> Any:
                 f"{len(items)} images in one request, at most {config.max_images} (--max-images)",
             )
         try:
-            x = await asyncio.to_thread(_decode, items, served.image_size)
+            loop = asyncio.get_running_loop()
+            x = await loop.run_in_executor(decoder, _decode, items, served.image_size)
         except DataError as exc:
             raise refuse(400, str(exc)) from exc
         request.state.images = len(items)
@@ -504,15 +517,31 @@ def create_app(config: ServeConfig, served: ServedModel | None = None) -> Any:
         counters["requests_served"] += 1
         return {"model": served.describe(), "predictions": [p.to_dict() for p in preds]}
 
-    app.add_middleware(_Guard, max_bytes=config.max_upload_bytes)
+    app.add_middleware(_Guard, max_bytes=config.max_upload_bytes, counters=counters)
     return app
+
+
+def default_threads(workers: int = 1) -> int:
+    """Torch threads per worker: its share of the cores, less one for HTTP and decoding.
+
+    Measured on the 2-core machine under other load (benchmarks/serve_load.py, README): one
+    torch thread served several times the requests/s of two, which waited for the busy cores.
+    """
+    return max(1, (os.cpu_count() or 1) // workers - 1)
+
+
+def _set_threads(config: ServeConfig) -> None:
+    """In the serving process only: the app factory leaves the caller's torch alone."""
+    set_threads(config.threads or default_threads(config.workers))
 
 
 def app_from_env() -> Any:
     """The app for one uvicorn worker process, configured from $EANET_SERVE_CONFIG."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return create_app(ServeConfig.from_dict(json.loads(os.environ[CONFIG_ENV])))
+    config = ServeConfig.from_dict(json.loads(os.environ[CONFIG_ENV]))
+    _set_threads(config)
+    return create_app(config)
 
 
 def serve(config: ServeConfig) -> None:
@@ -520,12 +549,101 @@ def serve(config: ServeConfig) -> None:
     check_dependencies()
     import uvicorn
 
+    _check_port(config.host, config.port)
     common = {"host": config.host, "port": config.port, "access_log": False, "log_level": "info"}
     if config.workers == 1:
+        _set_threads(config)
         uvicorn.run(create_app(config), **common)
         return
     checkpoint.load(config.checkpoint)  # a bad checkpoint: one line now, not N tracebacks
-    if config.threads is None:  # the workers share the cores
-        config.threads = max(1, (os.cpu_count() or 1) // config.workers)
     os.environ[CONFIG_ENV] = json.dumps(config.to_dict())
     uvicorn.run("eanet.serve:app_from_env", factory=True, workers=config.workers, **common)
+
+
+def _check_port(host: str, port: int) -> None:
+    """A one-line error now for a port in use, before the model loads."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ConfigError(f"--host {host}: cannot resolve it ({exc.strerror or exc})") from exc
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(address)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {host}:{port} ({exc.strerror or exc}); another server may "
+                "be running there, choose another --port"
+            ) from exc
+
+
+# --------------------------------------------------------------------------- a server process
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` right now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server_process(
+    checkpoint_path: str | Path,
+    *options: str,
+    port: int | None = None,
+    log_path: str | Path | None = None,
+    timeout: float = 120.0,
+) -> Iterator[str]:
+    """Run `python -m eanet serve CHECKPOINT` on 127.0.0.1 and yield its URL; stop it after.
+
+    For tests and benchmarks: waits until GET /health answers, raises with the end of the
+    server's log if it exits or does not answer within `timeout` seconds. The server's output
+    goes to `log_path` (default: a temporary file, deleted afterwards).
+    """
+    import subprocess
+    import sys
+    import tempfile
+    import urllib.request
+
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "eanet", "serve", str(checkpoint_path), "--port", str(port)]
+    temporary = log_path is None
+    if temporary:
+        fd, log_path = tempfile.mkstemp(prefix="eanet-serve-", suffix=".log")
+        os.close(fd)
+    log_path = Path(log_path)
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([*cmd, *options], stdout=log_file, stderr=subprocess.STDOUT)
+    tail = lambda: log_path.read_text(errors="replace")[-2000:]  # noqa: E731
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{tail()}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not answer in {timeout:.0f} s:\n{tail()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if temporary:
+            log_path.unlink(missing_ok=True)

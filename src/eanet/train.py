@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from eanet import __version__, checkpoint, distributed, finetune
+from eanet import __version__, checkpoint, distributed, finetune, reliability
 from eanet.augment import AugmentConfig, augment, augment_reference_bug
 from eanet.data import ImageData, compute_normalization, load_dataset, train_val_split
 from eanet.errors import ConfigError, EANetError
@@ -29,6 +29,7 @@ from eanet.fileio import read_json, write_csv, write_json
 from eanet.models import MODELS, VisionTransformer, build_model, model_config
 from eanet.plots import plot_curves
 from eanet.runtime import environment, set_threads, tune_cpu_allocator
+from eanet.typecheck import check_field_types
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +71,15 @@ class TrainConfig:
     freeze_backbone: bool = False  # fine-tune: train only the classification head
     compile: bool = False  # torch.compile the model for the training steps
     amp: str = "off"  # "bf16": bfloat16 autocast (and TF32 on CUDA); "off": fp32 as the reference
+    on_nonfinite: str = "stop"  # a NaN/inf loss: "stop" training, or "skip" the batch
+    deterministic: bool = False  # torch's deterministic algorithms (see reliability.py)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Raise ConfigError naming the first impossible option."""
+        check_field_types(self, lambda name, value: f"--{name.replace('_', '-')} {value!r}")
         if self.model not in MODELS:
             raise ConfigError(
                 f"--model {self.model!r} is unknown; choose one of {', '.join(MODELS)}"
@@ -108,6 +112,10 @@ class TrainConfig:
             or self.image_size < 1
         ):
             raise ConfigError(f"--image-size {self.image_size!r} must be a positive integer")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads {self.threads!r} must be a positive integer")
+        if self.on_nonfinite not in reliability.ON_NONFINITE:
+            raise ConfigError(f"--on-nonfinite {self.on_nonfinite!r} must be 'stop' or 'skip'")
         if self.freeze_backbone and not self.init_from:
             raise ConfigError(
                 "--freeze-backbone trains only the head of a pretrained model; "
@@ -119,6 +127,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"training options are a {type(data).__name__}, not an object")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -176,17 +186,22 @@ def train_step(
     cfg: TrainConfig,
     aug: AugmentConfig,
     loss_scale: float = 1.0,
+    guard: reliability.StepGuard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Augment, forward, label-smoothed loss, backward, AdamW step; returns (logits, loss).
 
     `loss_scale` weights the gradient (not the returned loss): a rank's share of a short
-    last batch under DDP (see `distributed.Distributed.shard`).
+    last batch under DDP (see `distributed.Distributed.shard`). `guard` may veto the
+    optimizer step of a non-finite batch: then `reliability.BatchSkipped` is raised.
     """
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
         logits = forward_train(model, x, cfg.augment, aug)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     (loss if loss_scale == 1.0 else loss * loss_scale).backward()
+    if guard is not None and not guard.allow_step(loss, optimizer):
+        optimizer.zero_grad(set_to_none=True)
+        raise reliability.BatchSkipped
     optimizer.step()
     return logits.detach(), loss.detach()
 
@@ -200,11 +215,14 @@ def train_epoch(
     desc: str = "train",
     progress: bool = True,
     dist: distributed.Distributed | None = None,
+    guard: reliability.StepGuard | None = None,
 ) -> Metrics:
     """One pass over the training tensors in a fresh random order, last batch partial.
 
     With `dist` (inside its `epoch_rng`), the order is the one every rank shares and
     this process trains on its share of each global batch; the metrics are its own.
+    With `guard`, a signal stops training between steps and a non-finite loss stops it
+    or skips the batch (`reliability.StepGuard`); skipped batches are not in the metrics.
     """
     model.train()
     aug = AugmentConfig()
@@ -215,13 +233,20 @@ def train_epoch(
         perm = dist.permutation(len(images), images.device)
     steps = math.ceil(len(images) / cfg.batch_size)
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, unit="step")
+    if guard is not None:
+        guard.start_epoch(desc, steps)
     for step in bar:
+        if guard is not None:
+            guard.before_step(step)
         idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
         scale = 1.0
         if dist is not None:
             idx, scale = dist.shard(idx)
         x, y = images[idx], labels[idx]
-        logits, loss = train_step(model, optimizer, x, y, cfg, aug, loss_scale=scale)
+        try:
+            logits, loss = train_step(model, optimizer, x, y, cfg, aug, scale, guard)
+        except reliability.BatchSkipped:
+            continue
         if scale:  # weight 0: a stand-in image, only there to join the gradient average
             sums.add(logits, y, loss)
         if progress and (step % 10 == 0 or step == steps - 1):
@@ -233,6 +258,8 @@ def train_epoch(
                 top5=f"{m.top5:.1%}",
                 img_s=f"{rate:.0f}",
             )
+    if guard is not None:
+        guard.end_epoch(model)
     return sums.result()
 
 
@@ -240,7 +267,10 @@ def train_epoch(
 
 
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber an existing run unless asked; check the directory is writable."""
+    """Refuse to clobber an existing run unless asked; check the directory is writable.
+
+    Temporary files that a killed writer left beside the run files are deleted.
+    """
     ckpt = out / checkpoint.CHECKPOINT_NAME
     if resume:
         if not ckpt.is_file():
@@ -248,15 +278,16 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
                 f"{out}: nothing to resume (no {checkpoint.CHECKPOINT_NAME}); "
                 "start a new run with --out"
             )
-        return
-    existing = [name for name in RUN_FILES if (out / name).exists()]
-    if existing and not overwrite:
-        raise EANetError(
-            f"{out} already holds a run ({', '.join(existing)}); pass --resume "
-            f"{out} to continue it, --overwrite to start over, or another --out"
-        )
-    for name in existing:
-        (out / name).unlink()
+    else:
+        existing = [name for name in RUN_FILES if (out / name).exists()]
+        if existing and not overwrite:
+            raise EANetError(
+                f"{out} already holds a run ({', '.join(existing)}); pass --resume "
+                f"{out} to continue it, --overwrite to start over, or another --out"
+            )
+        for name in existing:
+            (out / name).unlink()
+    reliability.remove_stale_temp_files(out, RUN_FILES)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -302,6 +333,7 @@ def build_for_data(cfg: TrainConfig, data: ImageData) -> VisionTransformer:
     return model
 
 
+@reliability.graceful_interrupts  # Ctrl-C/SIGTERM: stop between steps, keep the last epoch
 def fit(
     cfg: TrainConfig,
     out: str | Path,
@@ -314,6 +346,7 @@ def fit(
     """Train (or resume) a run in `out`; returns the final test metrics (fractions)."""
     out = Path(out)
     cfg.validate()
+    reliability.configure_determinism(cfg.deterministic)  # before CUDA starts
     dist = distributed.setup(cfg.device)  # a process group only under torchrun
     dist.check_batch(cfg.batch_size)
     progress = progress and dist.is_main
@@ -348,9 +381,7 @@ def fit(
                 f"{out}: the checkpoint was trained on other classes than "
                 f"{data.name}; resume it with its own data set"
             )
-        checkpoint.load_weights(model, ckpt, out)
-        optimizer.load_state_dict(ckpt.optimizer_state)
-        checkpoint.restore_rng(ckpt)
+        checkpoint.restore_training(model, optimizer, ckpt, out)  # weights, AdamW, RNG
         history = ckpt.meta["history"]
         start = ckpt.meta["epoch"] + 1
         log.info("resuming %s after epoch %d of %d", out, start - 1, cfg.epochs)
@@ -372,6 +403,7 @@ def fit(
                 "eanet_version": __version__,
                 "environment": environment(),
                 "distributed": dist.describe(),
+                "reproducibility": reliability.provenance(cfg, device),
             },
         )
     title = f"{cfg.model} on {data.name}"
@@ -382,6 +414,7 @@ def fit(
         "eanet_version": __version__,
     }
     runner = accelerate(dist.wrap(model), cfg, device)  # DDP under torchrun; saves use `model`
+    guard = reliability.StepGuard(cfg.on_nonfinite, cfg.lr, out)
     for epoch in range(start, cfg.epochs + 1):
         t0 = time.perf_counter()
         with dist.epoch_rng(cfg.seed, epoch):
@@ -394,6 +427,7 @@ def fit(
                 desc=f"epoch {epoch}/{cfg.epochs}",
                 progress=progress,
                 dist=dist if dist.enabled else None,
+                guard=guard,
             )
         tr = dist.all_reduce(tr)  # every rank logs the figures over all ranks' images
         train_s = time.perf_counter() - t0
@@ -413,6 +447,8 @@ def fit(
             "epoch_seconds": round(time.perf_counter() - t0, 3),
             "train_images_per_s": round(tr.count / train_s, 2),
         }
+        if cfg.on_nonfinite == "skip":
+            row["skipped_batches"] = guard.skipped  # batches with a NaN/inf loss, not stepped
         history.append(row)
         if dist.is_main:
             checkpoint.save(
@@ -432,6 +468,7 @@ def fit(
             row["epoch_seconds"],
             row["train_images_per_s"],
         )
+        guard.epoch_saved()  # a Ctrl-C during validation or saving stops here
     test = evaluate_tensors(
         model,
         *dist.eval_shard(data.test_images.to(device), data.test_labels.to(device)),
@@ -466,4 +503,9 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
     data = read_json(Path(run_dir) / "config.json")
     if "train" not in data:
         raise EANetError(f"{run_dir}/config.json has no 'train' section; it is not a run")
-    return TrainConfig.from_dict(data["train"])
+    try:
+        return TrainConfig.from_dict(data["train"])
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{Path(run_dir) / 'config.json'}: {exc}; correct the file (or start a new run)"
+        ) from exc
