@@ -289,7 +289,7 @@ MODE_FORMATS = {
     "RGBA": ["PNG", "TIFF", "WEBP"],
     "CMYK": ["JPEG", "TIFF"],
     "I;16": ["PNG", "TIFF"],
-    "I": ["PNG", "TIFF"],
+    "I": ["TIFF"],
     "F": ["TIFF"],
 }
 

@@ -8,6 +8,7 @@ import hashlib
 import http.client
 import importlib
 import logging
+import lzma
 import os
 import pickle
 import tarfile
@@ -43,9 +44,12 @@ _CORRUPT = (
     ValueError,
     TypeError,
     AttributeError,
-    IndexError,
-    KeyError,
+    LookupError,  # IndexError, KeyError, an unknown codec name
     MemoryError,
+    ArithmeticError,  # OverflowError: a damaged length field
+    RuntimeError,  # RecursionError
+    SystemError,  # CPython's unpickler on some damaged opcode sequences
+    lzma.LZMAError,
 )
 
 
@@ -290,7 +294,7 @@ def _read_archive(path: Path, spec: CifarSpec) -> dict[str, Any]:
     found: dict[str, Any] = {}
     try:
         tar = tarfile.open(path, "r:*")  # noqa: SIM115 (closed by the with below)
-    except (tarfile.TarError, OSError) as exc:
+    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
         # tarfile's own message lists every compression it tried; the gist is enough here.
         raise DataError(
             f"{path}: not a tar.gz archive; it is truncated, corrupt or another kind of file: "
@@ -310,7 +314,7 @@ def _read_archive(path: Path, spec: CifarSpec) -> dict[str, Any]:
                     )
                 with handle:
                     found[key] = _unpickle(handle, where)
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+    except (tarfile.TarError, EOFError, zlib.error, OSError, lzma.LZMAError) as exc:
         raise DataError(
             f"{path}: cannot read the archive ({_one_line(exc)}); it is truncated or corrupt: "
             f"download {spec.filename} again"

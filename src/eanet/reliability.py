@@ -13,9 +13,10 @@
 - **Divergence.** `StepGuard` watches the training loss: with `--on-nonfinite stop` (the
   default) a NaN or infinite loss stops training with the epoch and step, without a host
   sync per step (the flag stays on the device and is read every `CHECK_EVERY` steps and at
-  the end of the epoch); nothing of that epoch is saved. With `--on-nonfinite skip` a batch
-  whose loss or gradient is not finite gets no optimizer step and is counted (one host sync
-  per step).
+  the end of the epoch; under torchrun the ranks agree on it, so all of them stop); nothing
+  of that epoch is saved. With `--on-nonfinite skip` a batch whose loss or gradient is not
+  finite gets no optimizer step and is counted (one host sync per step; under torchrun the
+  gradients are already averaged, so every rank skips the same batches).
 - **Determinism and provenance.** `configure_determinism` sets what torch needs for
   repeatable runs on GPUs; `provenance` is what a run's config.json records to redo it.
 """
@@ -52,8 +53,6 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on Ctrl-C or SIGTERM at a step boundary; the message says how to resume."""
-
-    exit_code = 130
 
 
 class NonFiniteLoss(EANetError):
@@ -230,9 +229,16 @@ class StepGuard:
         )
 
     def _raise_if_diverged(self) -> None:
-        if self._bad_step is None or int(self._bad_step) < 0:
+        if self._bad_step is None:  # no step yet (stop mode only records)
+            return
+        bad = (self._bad_step >= 0).to(torch.int32)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # all stop
+        if not bool(bad):
             return
         step, value = int(self._bad_step), float(self._bad_loss)
+        if step < 0:
+            raise NonFiniteLoss(self._diverged("another process's training loss is not finite"))
         raise NonFiniteLoss(
             self._diverged(f"step {step + 1}/{self._steps}: the training loss is {value}")
         )

@@ -25,7 +25,7 @@ import os
 import signal
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -166,7 +166,10 @@ class Batcher:
         max_wait_ms: float = 5.0,
     ) -> None:
         if max_batch < 1 or max_wait_ms < 0:
-            raise ConfigError(f"max_batch {max_batch} >= 1 and max_wait_ms {max_wait_ms} >= 0")
+            raise ConfigError(
+                f"a Batcher needs max_batch >= 1 and max_wait_ms >= 0, not {max_batch} and "
+                f"{max_wait_ms}"
+            )
         self.forward = forward
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
@@ -211,7 +214,8 @@ class Batcher:
                 carry = await self._collect(jobs)
                 await self._run_jobs([j for j in jobs if not j.future.done()])
             except asyncio.CancelledError:
-                self._fail(jobs, RuntimeError("the server is shutting down"))
+                waiting = [*jobs, carry] if carry is not None else jobs
+                self._fail(waiting, RuntimeError("the server is shutting down"))
                 raise
             except Exception as exc:  # never let one batch kill the runner
                 log.exception("batcher: unexpected error")
@@ -398,7 +402,7 @@ def create_app(config: ServeConfig, served: ServedModel | None = None) -> Any:
     page = _page()
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):  # noqa: ANN202
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info(
             "serving %s (%s, %d classes, %s) on %s: max batch %d, max wait %g ms",
             served.name,
@@ -413,7 +417,11 @@ def create_app(config: ServeConfig, served: ServedModel | None = None) -> Any:
         await batcher.close()
         decoder.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="eanet", version=__version__, lifespan=lifespan, docs_url="/docs")
+    # No /docs or /redoc: FastAPI's pages load their scripts from a CDN, and the server may be
+    # offline. The OpenAPI schema stays at /openapi.json.
+    app = FastAPI(
+        title="eanet", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
+    )
     app.state.batcher = batcher
     app.state.served = served
 

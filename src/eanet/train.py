@@ -343,7 +343,11 @@ def fit(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Train (or resume) a run in `out`; returns the final test metrics (fractions)."""
+    """Train (or resume) a run in `out`; returns the final test metrics (fractions).
+
+    Started by torchrun (or inside a process group), every process calls this and they
+    train one model with DDP; `eanet.distributed` says what is global and what per rank.
+    """
     out = Path(out)
     cfg.validate()
     reliability.configure_determinism(cfg.deterministic)  # before CUDA starts
