@@ -235,3 +235,15 @@ def test_dropout_is_active_in_training_and_scaled_right():
         expected = mlp.fc2(fc1_out)
     assert outs.std(0).min() > 0
     torch.testing.assert_close(outs.mean(0), expected, atol=0.05, rtol=0.05)
+
+
+def test_fast_self_attention_in_training_mode_equals_sdpa():
+    import copy
+
+    from eanet.models import set_fast_path
+
+    torch.manual_seed(0)
+    fast = create_model("vit-cifar", depth=1, attn_drop=0.0, proj_drop=0.0, mlp_drop=0.0)
+    ref = set_fast_path(copy.deepcopy(fast), False)
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    torch.testing.assert_close(fast.train()(x), ref.train()(x), atol=1e-5, rtol=1e-5)

@@ -248,6 +248,7 @@ class SelfAttention(nn.Module):
         self.v = nn.Linear(cfg.dim, inner)
         self.attn_drop = cfg.attn_drop
         self.proj = nn.Linear(inner, cfg.dim)
+        self.fast = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
@@ -255,13 +256,21 @@ class SelfAttention(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(B, N, self.heads, self.key_dim).transpose(1, 2)  # (B, h, N, kd)
 
-        out = F.scaled_dot_product_attention(
-            heads(self.q(x)),
-            heads(self.k(x)),
-            heads(self.v(x)),
-            dropout_p=self.attn_drop if self.training else 0.0,
-        )  # (B, h, N, kd), scaled by 1/sqrt(kd) as Keras
-        return self.proj(out.transpose(1, 2).reshape(B, N, self.heads * self.key_dim))
+        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        if self.training and self.fast:
+            # Training on the CPU: torch's attention draws its dropout with bernoulli_ over
+            # (B, h, N, N); the explicit form uses the cheap masks, rescale folded into proj.
+            w = torch.softmax((q * self.key_dim**-0.5) @ k.transpose(-2, -1), dim=-1)
+            out = masked(w, self.attn_drop) @ v  # (B, h, N, kd)
+            s = 1.0 / (1.0 - self.attn_drop)
+            weight, bias = self.proj.weight * s, self.proj.bias
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.attn_drop if self.training else 0.0
+            )  # (B, h, N, kd), scaled by 1/sqrt(kd) as Keras
+            weight, bias = self.proj.weight, self.proj.bias
+        out = out.transpose(1, 2).reshape(B, N, self.heads * self.key_dim)
+        return F.linear(out, weight, bias)
 
 
 class Mlp(nn.Module):

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator, PercentFormatter  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullFormatter, PercentFormatter  # noqa: E402
 
 from eanet.fileio import atomic_path  # noqa: E402
 
@@ -88,6 +88,8 @@ def plot_scaling(rows: list[dict], path: str | Path) -> None:
         ax.plot(tokens, base * (tokens / tokens[0]) ** 2, "k--", alpha=0.4, label="~ N^2")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(tokens, [str(int(t)) for t in tokens])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("tokens N (patch 2: image side / 2, squared)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="both")
