@@ -27,12 +27,19 @@ import torch
 from eanet import __version__, checkpoint
 from eanet.augment import AugmentConfig
 from eanet.bench import bench_model, macs_per_image, matmul_peak_gflops
-from eanet.data import ImageData, load_dataset, train_val_split
+from eanet.data import ImageData, train_val_split
 from eanet.errors import ConfigError, EANetError
 from eanet.fileio import read_json, write_json, write_text
 from eanet.models import MODELS, count_parameters
 from eanet.runtime import environment, resolve_device, set_threads
-from eanet.train import AUGMENT_MODES, TrainConfig, build_for_data, fit, forward_train
+from eanet.train import (
+    AUGMENT_MODES,
+    TrainConfig,
+    build_for_data,
+    fit,
+    forward_train,
+    load_data,
+)
 
 log = logging.getLogger(__name__)
 
@@ -419,14 +426,7 @@ def run_compare(
     t_start = time.perf_counter()
     set_threads(cfg.threads)  # as fit does; also when every run is skipped
     if data is None:
-        data = load_dataset(
-            cfg.dataset,
-            cfg.data_path,
-            md5=cfg.md5,
-            verify=cfg.verify,
-            progress=progress,
-            image_size=cfg.image_size,
-        )
+        data = load_data(cfg.train_config(cfg.models[0], "fixed", 0), progress)
     train_x, _, val_x, _ = train_val_split(data, cfg.val_fraction)
     if len(val_x) == 0:
         raise ConfigError(

@@ -310,6 +310,18 @@ def _fmt(prefix: str, m: Metrics) -> str:
 # --------------------------------------------------------------------------- fit
 
 
+def load_data(cfg: TrainConfig, progress: bool = True) -> ImageData:
+    """The data set a training config names (archive, folder, digits or synthetic)."""
+    return load_dataset(
+        cfg.dataset,
+        cfg.data_path,
+        md5=cfg.md5,
+        verify=cfg.verify,
+        progress=progress,
+        image_size=cfg.image_size,
+    )
+
+
 def build_for_data(cfg: TrainConfig, data: ImageData) -> VisionTransformer:
     """The model named by `cfg`, sized for `data` (classes, image size), stats from its images."""
     _, c, h, w = data.train_images.shape
@@ -361,14 +373,7 @@ def fit(
     torch.manual_seed(cfg.seed)
     if data is None:
         with dist.local_main_first():  # one download per node
-            data = load_dataset(
-                cfg.dataset,
-                cfg.data_path,
-                md5=cfg.md5,
-                verify=cfg.verify,
-                progress=progress,
-                image_size=cfg.image_size,
-            )
+            data = load_data(cfg, progress)
     model = build_for_data(cfg, data).to(device)
     if cfg.init_from and not resume:  # a resumed run has its own weights
         finetune.load_compatible(model, cfg.init_from, data.class_names)
