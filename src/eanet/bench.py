@@ -122,6 +122,7 @@ def bench_model(
     threads: int | None = None,
     model_args: dict | None = None,
     peak: float | None = None,
+    augment: str = "fixed",
 ) -> dict:
     """Training-step and inference throughput (images/s, median of `steps`) of one model."""
     if dtype not in DTYPES:
@@ -137,7 +138,7 @@ def bench_model(
     model.normalize.set_stats(
         torch.tensor([129.3, 124.1, 112.4]), torch.tensor([4597.0, 4231.0, 5013.0]), 1
     )
-    cfg = TrainConfig(model=name, batch_size=batch_size)
+    cfg = TrainConfig(model=name, batch_size=batch_size, augment=augment)
     optimizer = make_optimizer(model, cfg)
     runner = torch.compile(model) if compile else model
     x = torch.randint(0, 256, (batch_size, *model.input_shape), dtype=torch.uint8, device=dev)
@@ -233,38 +234,33 @@ def scaling(
     from tqdm.auto import tqdm
 
     dev = resolve_device(device)
-    tune_cpu_allocator()
+    peak = matmul_peak_gflops(dev)  # once, not once per configuration
     rows = []
     jobs = [(s, m) for s in sizes for m in models]
     for size, name in tqdm(jobs, desc="scaling", disable=not progress):
-        if size % patch_size:
-            raise ConfigError(f"image size {size} is not a multiple of patch size {patch_size}")
+        shape = {"image_size": size, "patch_size": patch_size}
+        r = bench_model(
+            name,
+            batch_size,
+            device,
+            warmup=warmup,
+            steps=steps,
+            model_args=shape,
+            peak=peak,
+            augment="none",
+        )
         torch.manual_seed(0)
-        model = create_model(name, image_size=size, patch_size=patch_size).to(dev)
-        cfg = TrainConfig(model=name, batch_size=batch_size, augment="none")
-        optimizer = make_optimizer(model, cfg)
-        x = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=dev)
-        y = torch.randint(0, 100, (batch_size,), device=dev)
-
-        def step(m=model, o=optimizer, x=x, y=y, cfg=cfg) -> None:
-            train_step(m, o, x, y, cfg, AugmentConfig())
-
-        train = time_calls(step, dev, warmup, steps)
-        model.eval()
-        with torch.inference_mode():
-            infer = time_calls(lambda m=model, x=x: m(x), dev, warmup, steps)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        activation = saved_activation_bytes(model, x[:1])
+        model = create_model(name, **shape).to(dev)
+        x = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, device=dev)
         rows.append(
             {
                 "model": name,
                 "image_size": size,
                 "tokens": (size // patch_size) ** 2,
-                "train_ms_per_image": 1e3 * statistics.median(train) / batch_size,
-                "infer_ms_per_image": 1e3 * statistics.median(infer) / batch_size,
-                "activation_mb_per_image": activation / 2**20,
-                "forward_gmacs_per_image": macs_per_image(model, dev) / 1e9,
+                "train_ms_per_image": 1e3 / r["train_img_s"],
+                "infer_ms_per_image": 1e3 / r["infer_img_s"],
+                "activation_mb_per_image": saved_activation_bytes(model, x) / 2**20,
+                "forward_gmacs_per_image": r["forward_macs_per_image"] / 1e9,
             }
         )
     return rows
