@@ -88,16 +88,18 @@ def evaluate_tensors(
     desc: str = "evaluate",
 ) -> Metrics:
     """Metrics of `model` on uint8 images and int64 labels (the loss as in training)."""
-    device = next(model.parameters()).device
-    sums = MetricSums(device)
-    was_training = model.training
-    model.eval()
-    for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
-        x = images[i : i + batch_size].to(device, non_blocking=True)
-        y = labels[i : i + batch_size].to(device, non_blocking=True)
-        logits = model(x)
-        sums.add(logits, y, F.cross_entropy(logits, y, label_smoothing=label_smoothing))
-    model.train(was_training)
+    logits = predict_logits(model, images, batch_size, progress=progress, desc=desc)
+    return metrics_from_logits(logits, labels, label_smoothing)
+
+
+def metrics_from_logits(
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1
+) -> Metrics:
+    """Mean label-smoothed loss, top-1 and top-5 of a set's logits (count 0 when empty)."""
+    sums = MetricSums(logits.device)
+    if len(labels):
+        labels = labels.to(logits.device)
+        sums.add(logits, labels, F.cross_entropy(logits, labels, label_smoothing=label_smoothing))
     return sums.result()
 
 
@@ -154,11 +156,7 @@ def evaluate_checkpoint(
     else:
         raise ConfigError(f"split {split!r} must be 'test' or 'val'")
     logits = predict_logits(model, images, batch_size, progress=progress, desc=f"eval {split}")
-    labels_dev = labels.to(logits.device)
-    sums = MetricSums(logits.device)
-    smoothing = train_cfg.get("label_smoothing", 0.1)
-    sums.add(logits, labels_dev, F.cross_entropy(logits, labels_dev, label_smoothing=smoothing))
-    m = sums.result()
+    m = metrics_from_logits(logits, labels, train_cfg.get("label_smoothing", 0.1))
     conf = confusion_matrix(logits.argmax(1), labels, data.num_classes)
     support = conf.sum(1)
     per_class = [
