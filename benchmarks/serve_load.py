@@ -30,13 +30,15 @@ import torch
 from PIL import Image
 
 from eanet import __version__, checkpoint
-from eanet.data import SAMPLE_ARCHIVE, SAMPLE_MD5, load_dataset
+from eanet.data.cifar import SAMPLE_ARCHIVE, SAMPLE_MD5
+from eanet.data.load import load_dataset
 from eanet.fileio import write_json, write_text
-from eanet.models import create_model
+from eanet.models.registry import create_model
 from eanet.runtime import environment
-from eanet.serve import server_process
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the real-server helper the tests use
+from serve_helpers import server_process  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eanet.data import SAMPLE_ARCHIVE, SAMPLE_MD5, ImageData, load_dataset
+from eanet.data.cifar import SAMPLE_ARCHIVE, SAMPLE_MD5
+from eanet.data.dataset import ImageData
+from eanet.data.load import load_dataset
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +51,8 @@ FOLDER_CLASSES = ["apple", "bicycle", "cloud"]
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, small_sample):
     """A run directory: a tiny EANet (1 block, width 32) trained 1 epoch on the real slice."""
-    from eanet.train import TrainConfig, fit
+    from eanet.train.config import TrainConfig
+    from eanet.train.loop import fit
 
     run = tmp_path_factory.mktemp("tiny_run")
     cfg = TrainConfig(
@@ -62,7 +65,7 @@ def tiny_run(tmp_path_factory, small_sample):
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory, sample_data):
     """Real CIFAR-100 images of 3 classes as PNG files: DIR/{train,test}/CLASS/NNNN.png."""
-    from eanet.folders import write_image_folder
+    from eanet.data.folders import write_image_folder
 
     root = tmp_path_factory.mktemp("images")
     write_image_folder(sample_data, root, classes=FOLDER_CLASSES)

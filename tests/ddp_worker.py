@@ -44,7 +44,7 @@ def run() -> int:
     sys.addaudithook(_audit)
     keep = _Keep()
     logging.getLogger("eanet").addHandler(keep)
-    from eanet.cli import main
+    from eanet.cli.main import main
 
     rc = main(argv)
     recording = False

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from eanet.augment import (
+from eanet.data.augment import (
     AugmentConfig,
     AugmentParams,
     affine_matrices,

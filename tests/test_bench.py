@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from eanet.bench import bench_model, macs_per_image, saved_activation_bytes
-from eanet.cli import main
-from eanet.models import create_model
+from eanet.cli.main import main
+from eanet.models.registry import create_model
 
 
 def test_macs_per_image_matches_the_hand_count():

@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from eanet import checkpoint
 from eanet.errors import CheckpointError
-from eanet.models import create_model
+from eanet.models.registry import create_model
 
 META = {"class_names": [f"c{i}" for i in range(10)], "epoch": 3}
 

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from eanet.cli import build_parser, main
-from eanet.data import SAMPLE_ARCHIVE, SAMPLE_MD5
-from eanet.train import TrainConfig
+from eanet.cli.main import build_parser, main
+from eanet.data.cifar import SAMPLE_ARCHIVE, SAMPLE_MD5
+from eanet.train.config import TrainConfig
 
 SLICE = ["--dataset", "cifar100", "--data-path", str(SAMPLE_ARCHIVE), "--md5", SAMPLE_MD5]
 TINY = ["--model-arg", "depth=1", "--batch-size", "64", "--no-progress"]

@@ -9,12 +9,14 @@ import sys
 import pytest
 import torch
 
-from eanet import train
-from eanet.cli import build_parser, main
-from eanet.compare import CompareConfig, run_compare
-from eanet.data import SAMPLE_ARCHIVE, SAMPLE_MD5, load_dataset
+from eanet.cli.main import build_parser, main
+from eanet.compare.config import CompareConfig
+from eanet.compare.run import run_compare
+from eanet.data.cifar import SAMPLE_ARCHIVE, SAMPLE_MD5
+from eanet.data.load import load_dataset
 from eanet.errors import ConfigError, DataError, EANetError
 from eanet.info import describe
+from eanet.train import loop as train
 
 TINY = {"depth": 1, "dim": 32, "mlp_dim": 32, "patch_size": 4}
 TINY_CLI = [arg for k, v in TINY.items() for arg in ("--model-arg", f"{k}={v}")]

@@ -18,22 +18,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eanet import data
-from eanet.data import (
-    CIFAR10,
-    CIFAR100,
-    DATASETS,
-    SAMPLE_ARCHIVE,
-    SAMPLE_MD5,
-    ImageData,
-    compute_normalization,
-    default_cache_dir,
-    download,
-    load_cifar,
-    load_dataset,
-    md5sum,
-    split_validation,
-)
+from eanet.data import cifar
+from eanet.data.cifar import CIFAR10, CIFAR100, DATASETS, SAMPLE_ARCHIVE, SAMPLE_MD5, load_cifar
+from eanet.data.dataset import ImageData
+from eanet.data.download import default_cache_dir, download, md5sum
+from eanet.data.load import load_dataset
+from eanet.data.splits import compute_normalization, split_validation
 from eanet.errors import ConfigError, DataError
 
 N_TRAIN, N_TEST = 486, 916
@@ -135,7 +125,7 @@ def test_load_sample_without_verify_matches(sample: ImageData) -> None:
 
 
 def test_load_emits_no_numpy_deprecation_warning() -> None:
-    data._allowed_globals.cache_clear()
+    cifar._allowed_globals.cache_clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_cifar("cifar100", SAMPLE_ARCHIVE, verify=False, progress=False)
@@ -374,7 +364,7 @@ def test_empty_cache_without_download(monkeypatch: pytest.MonkeyPatch, tmp_path:
 def test_cache_downloads_then_reuses(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("EANET_DATA", str(tmp_path / "cache"))
     spec = dataclasses.replace(CIFAR100, url=SAMPLE_ARCHIVE.as_uri(), md5=SAMPLE_MD5)
-    monkeypatch.setitem(data.DATASETS, "cifar100", spec)
+    monkeypatch.setitem(cifar.DATASETS, "cifar100", spec)
     first = load_cifar("cifar100", progress=False)
     assert (tmp_path / "cache" / CIFAR100.filename).is_file()
     second = load_cifar("cifar100", download=False, progress=False)

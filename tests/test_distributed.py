@@ -15,13 +15,15 @@ import torch
 import torch.distributed as tdist
 
 from eanet import checkpoint
-from eanet.augment import AugmentConfig
-from eanet.data import SAMPLE_ARCHIVE, SAMPLE_MD5
-from eanet.distributed import Distributed, setup
+from eanet.data.augment import AugmentConfig
+from eanet.data.cifar import SAMPLE_ARCHIVE, SAMPLE_MD5
 from eanet.errors import ConfigError
-from eanet.evaluate import Metrics
-from eanet.models import create_model
-from eanet.train import TrainConfig, fit, forward_train, train_step
+from eanet.metrics import Metrics
+from eanet.models.registry import create_model
+from eanet.train.config import TrainConfig
+from eanet.train.distributed import Distributed, setup
+from eanet.train.loop import fit
+from eanet.train.step import forward_train, train_step
 
 # Dropout and augmentation off: the only randomness left is the data order, which a
 # distributed run shares with a single process, so the two must reach the same weights.

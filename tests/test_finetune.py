@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from eanet import checkpoint
-from eanet.cli import main
-from eanet.data import compute_normalization
+from eanet.cli.main import main
+from eanet.data.folders import load_folder
+from eanet.data.splits import compute_normalization
 from eanet.errors import CheckpointError, ConfigError
-from eanet.finetune import inherited_model, load_compatible
-from eanet.folders import load_folder
-from eanet.models import create_model
-from eanet.train import TrainConfig, fit
+from eanet.models.registry import create_model
+from eanet.train.config import TrainConfig
+from eanet.train.finetune import inherited_model, load_compatible
+from eanet.train.loop import fit
 
 TINY = {"depth": 1, "dim": 32, "mlp_dim": 32}  # the tiny_run fixture's architecture
 
@@ -34,7 +35,7 @@ def _backbone(state: dict) -> dict:
 def test_load_compatible_reports_and_reinitialises_the_head(tiny_run, folder_data, caplog):
     model = create_model("eanet-cifar", **TINY, num_classes=3)
     fresh_head = model.head.weight.detach().clone()
-    with caplog.at_level("INFO", logger="eanet.finetune"):
+    with caplog.at_level("INFO", logger="eanet.train.finetune"):
         report = load_compatible(model, tiny_run, folder_data.class_names)
     source = checkpoint.load(tiny_run).model_state
     for name, tensor in _backbone(model.state_dict()).items():
@@ -140,7 +141,7 @@ def test_cli_fine_tune_evaluate_predict_on_a_folder(tiny_run, image_folder, tmp_
 
 def test_mostly_incompatible_checkpoint_warns(tiny_run, folder_data, caplog):
     model = create_model("eanet-cifar", depth=1, dim=16, mlp_dim=32, num_classes=3)
-    with caplog.at_level("INFO", logger="eanet.finetune"):
+    with caplog.at_level("INFO", logger="eanet.train.finetune"):
         report = load_compatible(model, tiny_run, folder_data.class_names)
     assert 0 < len(report["loaded"]) < 5
     assert "of the backbone comes from" in caplog.text

@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from eanet.data import load_dataset
+from eanet.data.folders import load_folder, write_image_folder
+from eanet.data.load import load_dataset
 from eanet.errors import ConfigError, DataError
-from eanet.folders import load_folder, write_image_folder
-from eanet.train import TrainConfig, fit
+from eanet.train.config import TrainConfig
+from eanet.train.loop import fit
 
 FOLDER_CLASSES = ["apple", "bicycle", "cloud"]  # the image_folder fixture's classes
 
@@ -94,7 +95,7 @@ def test_split_layout_without_test_splits_train(image_folder, tmp_path):
 def test_cache_is_used_and_invalidated(image_folder, tmp_path, caplog):
     root = tmp_path / "imgs"
     shutil.copytree(image_folder, root)
-    with caplog.at_level("INFO", logger="eanet.folders"):
+    with caplog.at_level("INFO", logger="eanet.data.folders"):
         first = load_folder(root, progress=False)
         assert "decoding" in caplog.text and "using cached" not in caplog.text
         caplog.clear()
@@ -135,7 +136,7 @@ def test_unreadable_and_stray_files_are_reported_and_skipped(image_folder, tmp_p
     clean = load_folder(image_folder, progress=False)
     for attempt in range(2):  # reported again when the decoded images come from the cache
         caplog.clear()
-        with caplog.at_level("INFO", logger="eanet.folders"):
+        with caplog.at_level("INFO", logger="eanet.data.folders"):
             data = load_folder(root, progress=False)
         text = caplog.text
         assert "skipped 2 unreadable image(s)" in text, attempt
@@ -231,7 +232,7 @@ def test_write_image_folder_checks_its_options(sample_data, tmp_path):
 
 
 def test_cli_sample_images_writes_real_pngs_and_never_mixes(tmp_path, capsys):
-    from eanet.cli import main
+    from eanet.cli.main import main
 
     out = tmp_path / "imgs"
     assert main(["sample-images", str(out), "--classes", "apple,cloud"]) == 0

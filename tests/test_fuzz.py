@@ -25,10 +25,12 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 from safetensors.torch import save_file
 
-from eanet import checkpoint, data, images
-from eanet.data import CIFAR100, SAMPLE_ARCHIVE
+from eanet import checkpoint
+from eanet.data import cifar, images
+from eanet.data.cifar import CIFAR100, SAMPLE_ARCHIVE
 from eanet.errors import CheckpointError, DataError
-from eanet.models import ModelConfig, create_model
+from eanet.models.config import ModelConfig
+from eanet.models.registry import create_model
 
 EXAMPLES = int(os.environ.get("EANET_FUZZ_EXAMPLES", "60"))  # raise it for a long fuzzing run
 FUZZ = settings(
@@ -82,7 +84,7 @@ def _check_batch_contract(result: tuple[np.ndarray, np.ndarray]) -> None:
 @given(obj=batch_dicts() | VALUES)
 def test_batch_validation_accepts_or_raises_data_error(obj):
     try:
-        result = data._check_batch(obj, "fuzz", CIFAR100)
+        result = cifar._check_batch(obj, "fuzz", CIFAR100)
     except DataError as exc:
         assert str(exc).startswith("fuzz: ") and "\n" not in str(exc)
         return
@@ -101,7 +103,7 @@ def test_batch_validation_accepts_or_raises_data_error(obj):
 )
 def test_meta_validation_accepts_or_raises_data_error(obj):
     try:
-        names = data._check_meta(obj, "fuzz", CIFAR100)
+        names = cifar._check_meta(obj, "fuzz", CIFAR100)
     except DataError:
         return
     assert len(names) == 100 and all(isinstance(n, str) for n in names)
@@ -115,8 +117,8 @@ def test_restricted_unpickler_round_trip(obj, protocol):
     except (pickle.PicklingError, TypeError, ValueError):
         assume(False)
     try:
-        loaded = data._unpickle(io.BytesIO(payload), "fuzz")
-        result = data._check_batch(loaded, "fuzz", CIFAR100)
+        loaded = cifar._unpickle(io.BytesIO(payload), "fuzz")
+        result = cifar._check_batch(loaded, "fuzz", CIFAR100)
     except DataError:
         return
     _check_batch_contract(result)
@@ -154,8 +156,8 @@ def mutated(draw, payload: bytes) -> bytes:
 @given(payload=mutated(_valid_batch_pickle()) | st.binary(max_size=200))
 def test_damaged_pickle_bytes_give_data_error(payload):
     try:
-        loaded = data._unpickle(io.BytesIO(payload), "fuzz")
-        result = data._check_batch(loaded, "fuzz", CIFAR100)
+        loaded = cifar._unpickle(io.BytesIO(payload), "fuzz")
+        result = cifar._check_batch(loaded, "fuzz", CIFAR100)
     except DataError as exc:
         assert "\n" not in str(exc)
         return
@@ -187,7 +189,7 @@ def test_whole_loader_on_archives_with_fuzzed_members(tmp_path_factory, real_met
     test = _valid_batch_pickle(1)
     path.write_bytes(_archive({"train": train, "test": test, "meta": real_meta}))
     try:
-        loaded = data.load_cifar("cifar100", path, verify=False, progress=False)
+        loaded = cifar.load_cifar("cifar100", path, verify=False, progress=False)
     except DataError as exc:
         assert str(path) in str(exc) and "\n" not in str(exc)
         return
@@ -215,7 +217,7 @@ def test_truncated_or_damaged_archives_give_data_error(tmp_path_factory, small_a
     path = tmp_path_factory.mktemp("fuzz") / "cifar-100-python.tar.gz"
     path.write_bytes(bytes(blob))
     try:
-        data.load_cifar("cifar100", path, verify=False, progress=False)
+        cifar.load_cifar("cifar100", path, verify=False, progress=False)
     except DataError as exc:
         assert str(path) in str(exc) and "\n" not in str(exc)
 

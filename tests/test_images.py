@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from eanet import images
+from eanet.data import images
 from eanet.errors import DataError
 
 
@@ -140,7 +140,7 @@ def test_float_arrays_are_pixel_values_and_0_to_1_warns(cifar, caplog):
     hwc = cifar[0].permute(1, 2, 0).numpy()
     assert torch.equal(images.load_image(hwc.astype(np.float32), 32), cifar[0])
     assert torch.equal(images.load_image(cifar[0].float(), 32), cifar[0])
-    with caplog.at_level("WARNING", logger="eanet.images"):
+    with caplog.at_level("WARNING", logger="eanet.data.images"):
         images.load_image(hwc.astype(np.float32) / 255, 32)
     assert "multiply by 255" in caplog.text
 

@@ -8,9 +8,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from eanet import models
-from eanet.cli import main
+from eanet.cli.main import main
 from eanet.info import describe, model_info
-from eanet.models import create_model
+from eanet.models.registry import create_model
 
 
 @pytest.mark.parametrize(
@@ -31,9 +31,7 @@ def _measured_macs(model) -> int:
     model.eval()
     # The count is the architecture's (the Keras ops); a faster equivalent path, where the
     # models have one, folds matmuls together, so measure the literal ops.
-    set_fast_path = getattr(models, "set_fast_path", None)
-    if set_fast_path is not None:
-        set_fast_path(model, False)
+    models.use_reference_ops(model)
     # The CPU's fused attention kernel has no FLOP formula; the math path runs plain bmm.
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
         model(torch.zeros(1, *model.input_shape))

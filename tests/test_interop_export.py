@@ -13,7 +13,7 @@ import torch
 
 from eanet import checkpoint, cli
 from eanet.interop import export as X
-from eanet.models import create_model
+from eanet.models.registry import create_model
 
 MODELS = ["eanet-cifar", "vit-cifar"]
 NAMES = [f"class {i}" for i in range(10)]

@@ -16,7 +16,8 @@ import torch
 from eanet import checkpoint, cli
 from eanet.errors import CheckpointError, ConfigError
 from eanet.interop import keras as K
-from eanet.models import count_parameters
+from eanet.models import use_reference_ops
+from eanet.models.registry import count_parameters
 
 h5py = pytest.importorskip("h5py")
 
@@ -62,9 +63,7 @@ def test_import_matches_keras_probabilities(name, keras_models, expected, pixels
     assert count_parameters(model) == params
     diff = np.abs(probs_of(km, pixels) - expected[key]).max()
     assert diff <= TOLERANCE, f"{name}: max |prob diff| vs Keras {diff:.2e}"
-    for module in model.modules():  # the reference's literal ops, where a fast path exists
-        if hasattr(module, "fast"):
-            module.fast = False
+    use_reference_ops(model)  # the reference's literal ops, where a fast path exists
     with torch.no_grad():
         diff = np.abs(model(pixels).softmax(dim=-1).numpy() - expected[key]).max()
     assert diff <= TOLERANCE, f"{name}, reference ops: max |prob diff| vs Keras {diff:.2e}"

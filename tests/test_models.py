@@ -7,18 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from eanet.errors import ConfigError
-from eanet.models import (
-    MODELS,
-    EANet,
-    ExternalAttention,
-    ModelConfig,
-    SelfAttention,
-    ViT,
-    count_parameters,
-    create_model,
-    model_config,
-    patchify,
-)
+from eanet.models.config import ModelConfig
+from eanet.models.layers import ExternalAttention, SelfAttention, patchify
+from eanet.models.registry import MODELS, count_parameters, create_model, model_config
+from eanet.models.transformer import EANet, ViT
 
 
 @pytest.mark.parametrize(
@@ -182,12 +174,12 @@ def test_fast_path_computes_the_reference_function(name):
     """Folded memories, fused normalisation and mask dropout: same outputs and gradients."""
     import copy
 
-    from eanet.models import set_fast_path
+    from eanet.models import use_reference_ops
 
     torch.manual_seed(0)
     fast = create_model(name, depth=2).eval()
     fast.normalize.set_stats(torch.tensor([129.0, 124, 112]), torch.tensor([4500.0, 4200, 5000]), 1)
-    ref = set_fast_path(copy.deepcopy(fast), False)
+    ref = use_reference_ops(copy.deepcopy(fast))
     x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     a, b = fast(x), ref(x)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -199,7 +191,7 @@ def test_fast_path_computes_the_reference_function(name):
 
 
 def test_double_normalize_gradient():
-    from eanet.fused import double_normalize
+    from eanet.models.fused import double_normalize
 
     z = torch.randn(2, 7, 3, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: double_normalize(t, token_dim=1), (z,))
@@ -208,7 +200,7 @@ def test_double_normalize_gradient():
 
 
 def test_keep_mask_rate_and_reproducibility():
-    from eanet.fused import keep_mask, masked
+    from eanet.models.fused import keep_mask, masked
 
     torch.manual_seed(1)
     m = keep_mask((200, 1000), 0.2, torch.device("cpu"))
@@ -222,7 +214,7 @@ def test_keep_mask_rate_and_reproducibility():
 
 def test_dropout_is_active_in_training_and_scaled_right():
     """Train-mode outputs vary; averaged over many masks they match eval-mode outputs."""
-    from eanet.models import Mlp
+    from eanet.models.layers import Mlp
 
     torch.manual_seed(0)
     mlp = Mlp(ModelConfig())
@@ -240,10 +232,10 @@ def test_dropout_is_active_in_training_and_scaled_right():
 def test_fast_self_attention_in_training_mode_equals_sdpa():
     import copy
 
-    from eanet.models import set_fast_path
+    from eanet.models import use_reference_ops
 
     torch.manual_seed(0)
     fast = create_model("vit-cifar", depth=1, attn_drop=0.0, proj_drop=0.0, mlp_drop=0.0)
-    ref = set_fast_path(copy.deepcopy(fast), False)
+    ref = use_reference_ops(copy.deepcopy(fast))
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     torch.testing.assert_close(fast.train()(x), ref.train()(x), atol=1e-5, rtol=1e-5)

@@ -15,9 +15,9 @@ from PIL import Image
 
 import eanet
 from eanet import checkpoint
-from eanet.cli import main
+from eanet.cli.main import main
 from eanet.errors import DataError
-from eanet.evaluate import predict_logits
+from eanet.inference import predict_logits
 from eanet.predict import Failure, Prediction, iter_predict_files
 
 

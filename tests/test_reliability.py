@@ -22,12 +22,16 @@ import pytest
 import torch
 
 import eanet
-from eanet import checkpoint, fileio, reliability
-from eanet import train as train_module
-from eanet.cli import main
-from eanet.data import SAMPLE_ARCHIVE, SAMPLE_MD5
+from eanet import checkpoint, fileio
+from eanet.cli.main import main
+from eanet.data.cifar import SAMPLE_ARCHIVE, SAMPLE_MD5
 from eanet.errors import CheckpointError, ConfigError, EANetError
-from eanet.train import TrainConfig, fit, load_run_config
+from eanet.train import guard, provenance
+from eanet.train import loop as train_loop
+from eanet.train import step as train_step_module
+from eanet.train.config import TrainConfig
+from eanet.train.loop import fit
+from eanet.train.rundir import load_run_config
 
 TINY = {"depth": 1, "dim": 32, "mlp_dim": 32}
 SLICE = ["--data-path", str(SAMPLE_ARCHIVE), "--md5", SAMPLE_MD5]
@@ -173,7 +177,7 @@ def test_killed_anywhere_and_resumed_ends_bit_identical(tmp_path):
 
 def _signal_at_call(monkeypatch, call: int, sig: int = signal.SIGINT, times: int = 1) -> None:
     """Send `sig` to this process `times` times inside the forward pass of training step `call`."""
-    real = train_module.forward_train
+    real = train_step_module.forward_train
     count = {"n": 0}
 
     def forward(*args, **kwargs):
@@ -184,7 +188,7 @@ def _signal_at_call(monkeypatch, call: int, sig: int = signal.SIGINT, times: int
                 time.sleep(0.01)  # let the handler run
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "forward_train", forward)
+    monkeypatch.setattr(train_step_module, "forward_train", forward)
 
 
 def test_ctrl_c_keeps_the_last_complete_epoch_and_resumes_exactly(
@@ -195,7 +199,7 @@ def test_ctrl_c_keeps_the_last_complete_epoch_and_resumes_exactly(
     run = tmp_path / "run"
     _signal_at_call(monkeypatch, 5)  # 3 steps per epoch: step 2 of epoch 2
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the test runner is a background job
-    with pytest.raises(reliability.TrainingInterrupted) as info:
+    with pytest.raises(guard.TrainingInterrupted) as info:
         fit(cfg, run, data=small_sample, progress=False)
     assert str(info.value).startswith(f"interrupted; resume with eanet train --resume {run}")
     assert "partial epoch 2/3 is discarded" in str(info.value)
@@ -211,7 +215,7 @@ def test_sigterm_before_the_first_checkpoint_says_there_is_nothing_to_resume(
     tmp_path, small_sample, monkeypatch
 ):
     _signal_at_call(monkeypatch, 1, signal.SIGTERM)
-    with pytest.raises(reliability.TrainingInterrupted, match="before any epoch was complete"):
+    with pytest.raises(guard.TrainingInterrupted, match="before any epoch was complete"):
         fit(tiny_config(), tmp_path, data=small_sample, progress=False)
     assert not (tmp_path / checkpoint.CHECKPOINT_NAME).exists()
 
@@ -220,7 +224,7 @@ def test_second_ctrl_c_stops_at_once(tmp_path, small_sample, monkeypatch):
     _signal_at_call(monkeypatch, 4, times=2)  # two presses within one step of epoch 2
     with pytest.raises(KeyboardInterrupt) as info:
         fit(tiny_config(), tmp_path, data=small_sample, progress=False)
-    assert not isinstance(info.value, reliability.TrainingInterrupted)
+    assert not isinstance(info.value, guard.TrainingInterrupted)
     assert checkpoint.load(tmp_path).meta["epoch"] == 1 and temp_files(tmp_path) == []
 
 
@@ -248,7 +252,7 @@ def test_stale_temp_files_of_a_killed_writer_are_removed(tmp_path, small_sample)
 
 def _nan_at_calls(monkeypatch, calls: set[int]) -> None:
     """Make the logits of the given training steps NaN (as a diverged model's would be)."""
-    real = train_module.forward_train
+    real = train_step_module.forward_train
     count = {"n": 0}
 
     def forward(*args, **kwargs):
@@ -256,7 +260,7 @@ def _nan_at_calls(monkeypatch, calls: set[int]) -> None:
         logits = real(*args, **kwargs)
         return logits * float("nan") if count["n"] in calls else logits
 
-    monkeypatch.setattr(train_module, "forward_train", forward)
+    monkeypatch.setattr(train_step_module, "forward_train", forward)
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(
@@ -361,7 +365,7 @@ def test_unwritable_run_directory_fails_before_training(tmp_path, monkeypatch, c
     def no_data(*args, **kwargs):
         raise AssertionError("data loaded before the run directory was checked")
 
-    monkeypatch.setattr(train_module, "load_dataset", no_data)
+    monkeypatch.setattr(train_loop, "load_dataset", no_data)
     assert main(["train", *TINY_CLI, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(
@@ -563,8 +567,8 @@ def test_the_package_never_unpickles_untrusted_data():
     """torch.load only with weights_only=True; pickle only in data.py's restricted unpickler."""
     package = Path(eanet.__file__).parent
     allowed = {
-        ("data.py", "pickle.Unpickler"),  # the restricted CIFAR unpickler (find_class allowlist)
-        ("data.py", "pickle.UnpicklingError"),
+        ("data/cifar.py", "pickle.Unpickler"),  # the restricted unpickler (find_class allowlist)
+        ("data/cifar.py", "pickle.UnpicklingError"),
         ("interop/export.py", "torch.jit.load"),  # re-reads the file export itself just wrote
     }
     risky = re.compile(
@@ -583,7 +587,7 @@ def test_the_package_never_unpickles_untrusted_data():
                     continue
                 found.add((rel, name))
                 assert (rel, name) in allowed, f"{rel}:{lineno}: {line.strip()}"
-    assert ("data.py", "pickle.Unpickler") in found
+    assert ("data/cifar.py", "pickle.Unpickler") in found
 
 
 # --------------------------------------------------------------------------- determinism
@@ -628,20 +632,20 @@ def test_deterministic_runs_are_identical_and_recorded(tmp_path, small_sample, r
 
 
 def test_git_commit_is_none_outside_a_checkout(monkeypatch, tmp_path):
-    reliability.git_commit.cache_clear()
-    monkeypatch.setattr(reliability, "__file__", str(tmp_path / "eanet" / "reliability.py"))
+    provenance.git_commit.cache_clear()
+    monkeypatch.setattr(provenance, "__file__", str(tmp_path / "eanet" / "train" / "provenance.py"))
     (tmp_path / "eanet").mkdir()
     try:
-        assert reliability.git_commit() == (None, None)
+        assert provenance.git_commit() == (None, None)
         monkeypatch.setenv("PATH", "")  # no git at all: still no failure
-        reliability.git_commit.cache_clear()
-        assert reliability.git_commit() == (None, None)
+        provenance.git_commit.cache_clear()
+        assert provenance.git_commit() == (None, None)
     finally:
-        reliability.git_commit.cache_clear()
+        provenance.git_commit.cache_clear()
 
 
 def test_cli_has_the_reliability_options():
-    from eanet.cli import build_parser
+    from eanet.cli.main import build_parser
 
     args = build_parser().parse_args(["train", "--deterministic", "--on-nonfinite", "skip"])
     assert args.deterministic is True and args.on_nonfinite == "skip"

@@ -18,12 +18,16 @@ with warnings.catch_warnings():  # starlette 1.x prefers httpx2; httpx works
     warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
     from fastapi.testclient import TestClient
 
+from serve_helpers import server_process  # noqa: E402
+
 from eanet import checkpoint  # noqa: E402
 from eanet.api import Classifier  # noqa: E402
-from eanet.cli import main  # noqa: E402
+from eanet.cli.main import main  # noqa: E402
 from eanet.errors import ConfigError  # noqa: E402
-from eanet.models import count_parameters, create_model  # noqa: E402
-from eanet.serve import Batcher, ServeConfig, create_app, server_process  # noqa: E402
+from eanet.models.registry import count_parameters, create_model  # noqa: E402
+from eanet.serve.app import create_app  # noqa: E402
+from eanet.serve.batcher import Batcher  # noqa: E402
+from eanet.serve.config import ServeConfig  # noqa: E402
 
 
 def png_bytes(image: torch.Tensor) -> bytes:

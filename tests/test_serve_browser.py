@@ -15,10 +15,10 @@ from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from serve_helpers import server_process  # noqa: E402
 
 from eanet import checkpoint  # noqa: E402
-from eanet.models import create_model  # noqa: E402
-from eanet.serve import server_process  # noqa: E402
+from eanet.models.registry import create_model  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

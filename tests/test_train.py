@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from eanet import checkpoint
-from eanet.augment import AugmentConfig
+from eanet.data.augment import AugmentConfig
 from eanet.errors import ConfigError, EANetError
-from eanet.models import create_model
-from eanet.train import TrainConfig, fit, forward_train
+from eanet.models.registry import create_model
+from eanet.train.config import TrainConfig
+from eanet.train.loop import fit
+from eanet.train.step import forward_train
 
 TINY = {"depth": 1, "dim": 32, "mlp_dim": 32}
 
@@ -176,7 +178,8 @@ def test_bf16_autocast_option_trains(tmp_path, small_sample):
 
 
 def test_synthetic_data_for_timing():
-    from eanet.data import load_dataset, synthetic_cifar
+    from eanet.data.dataset import synthetic_cifar
+    from eanet.data.load import load_dataset
 
     d = synthetic_cifar(train=10, test=4)
     assert d.train_images.shape == (10, 3, 32, 32) and d.train_images.dtype == torch.uint8

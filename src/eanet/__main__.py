@@ -2,6 +2,6 @@
 
 import sys
 
-from eanet.cli import main
+from eanet.cli.main import main
 
 sys.exit(main())

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from eanet import checkpoint
+from eanet.data.images import ImageLike
 from eanet.errors import DataError
-from eanet.images import ImageLike
-from eanet.models import ModelConfig, VisionTransformer
+from eanet.models.config import ModelConfig
+from eanet.models.transformer import VisionTransformer
 from eanet.predict import Prediction, predict_batch
 from eanet.runtime import resolve_device
 

@@ -17,11 +17,14 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from eanet.augment import AugmentConfig
+from eanet.data.augment import AugmentConfig
 from eanet.errors import ConfigError
-from eanet.models import VisionTransformer, count_parameters, create_model, set_fast_path
+from eanet.models.layers import use_reference_ops
+from eanet.models.registry import count_parameters, create_model
+from eanet.models.transformer import VisionTransformer
 from eanet.runtime import environment, resolve_device, set_threads, tune_cpu_allocator
-from eanet.train import TrainConfig, make_optimizer, train_step
+from eanet.train.config import TrainConfig
+from eanet.train.step import make_optimizer, train_step
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +86,12 @@ def macs_per_image(model: VisionTransformer, device: torch.device) -> float:
     x = torch.randint(0, 256, (batch, *model.input_shape), dtype=torch.uint8, device=device)
     was_training = model.training
     # train mode: torch's fused CPU attention kernel of eval mode escapes the counter
-    set_fast_path(model, False).train()
+    use_reference_ops(model).train()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(x)
     finally:
-        set_fast_path(model, True).train(was_training)
+        use_reference_ops(model, False).train(was_training)
     return counter.get_total_flops() / 2 / batch
 
 

@@ -26,7 +26,9 @@ from safetensors.torch import load_file, save_file
 
 from eanet.errors import CheckpointError, ConfigError
 from eanet.fileio import atomic_path
-from eanet.models import ModelConfig, VisionTransformer, build_model
+from eanet.models.config import ModelConfig
+from eanet.models.registry import build_model
+from eanet.models.transformer import VisionTransformer
 
 FORMAT = "eanet-checkpoint"
 FORMAT_VERSION = 1

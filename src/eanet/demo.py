@@ -7,10 +7,13 @@ from pathlib import Path
 import torch
 
 from eanet import checkpoint
-from eanet.data import SAMPLE_ARCHIVE, SAMPLE_MD5, load_dataset
-from eanet.evaluate import evaluate_checkpoint, predict_logits
+from eanet.data.cifar import SAMPLE_ARCHIVE, SAMPLE_MD5
+from eanet.data.load import load_dataset
+from eanet.evaluate import evaluate_checkpoint
+from eanet.inference import predict_logits
 from eanet.runtime import resolve_device
-from eanet.train import TrainConfig, fit
+from eanet.train.config import TrainConfig
+from eanet.train.loop import fit
 
 DEMO_EPOCHS = 4
 

@@ -15,3 +15,18 @@ class ConfigError(EANetError):
 
 class CheckpointError(EANetError):
     """A checkpoint that is missing, corrupt or belongs to another model."""
+
+
+def one_line(what: BaseException | str, *, with_type: bool = False) -> str:
+    """A message squeezed onto one line (it may quote names from a damaged file).
+
+    An exception without text is named by its type; `with_type` names the type always.
+    """
+    text = " ".join(str(what).split())
+    if isinstance(what, BaseException):
+        name = type(what).__name__
+        if not text:
+            return name
+        if with_type:
+            return f"{name}: {text}"
+    return text

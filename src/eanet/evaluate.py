@@ -1,112 +1,22 @@
-"""Loss, top-1/top-5, per-class accuracy and confusion matrix of a model on a labelled set."""
+"""`eanet evaluate`: loss, top-1/top-5, per-class accuracy and confusion matrix of a checkpoint."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
-
 from eanet import checkpoint
-from eanet.data import ImageData, load_dataset, train_val_split
+from eanet.data.dataset import ImageData
+from eanet.data.load import load_dataset
+from eanet.data.splits import train_val_split
 from eanet.errors import ConfigError
 from eanet.fileio import write_csv, write_json
-from eanet.models import VisionTransformer
+from eanet.inference import predict_logits
+from eanet.metrics import confusion_matrix, metrics_from_logits
 from eanet.plots import plot_confusion
 from eanet.runtime import resolve_device
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Metrics:
-    """Mean loss and accuracies over `count` images (fractions, not percent)."""
-
-    loss: float
-    top1: float
-    top5: float
-    count: int
-
-
-class MetricSums:
-    """Running sums on the device; reading them is the only host sync."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.loss = torch.zeros((), dtype=torch.float64, device=device)
-        self.top1 = torch.zeros((), dtype=torch.int64, device=device)
-        self.top5 = torch.zeros((), dtype=torch.int64, device=device)
-        self.count = 0
-
-    def add(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> None:
-        """Add a batch: `loss` is the batch mean."""
-        n = labels.numel()
-        k = min(5, logits.shape[1])
-        topk = logits.topk(k, dim=1).indices  # (B, k)
-        hits = topk == labels[:, None]
-        self.loss += loss.detach().double() * n
-        self.top1 += hits[:, 0].sum()
-        self.top5 += hits.any(dim=1).sum()
-        self.count += n
-
-    def result(self) -> Metrics:
-        n = max(self.count, 1)
-        return Metrics(self.loss.item() / n, self.top1.item() / n, self.top5.item() / n, self.count)
-
-
-@torch.no_grad()
-def predict_logits(
-    model: VisionTransformer,
-    images: torch.Tensor,
-    batch_size: int = 500,
-    progress: bool = False,
-    desc: str = "predict",
-) -> torch.Tensor:
-    """Logits for uint8 images [N, C, H, W], in batches, on the model's device (eval mode)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
-        out.append(model(images[i : i + batch_size].to(device, non_blocking=True)))
-    model.train(was_training)
-    if not out:
-        return torch.empty(0, model.config.num_classes, device=device)
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def evaluate_tensors(
-    model: VisionTransformer,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    batch_size: int = 500,
-    label_smoothing: float = 0.1,
-    progress: bool = False,
-    desc: str = "evaluate",
-) -> Metrics:
-    """Metrics of `model` on uint8 images and int64 labels (the loss as in training)."""
-    logits = predict_logits(model, images, batch_size, progress=progress, desc=desc)
-    return metrics_from_logits(logits, labels, label_smoothing)
-
-
-def metrics_from_logits(
-    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1
-) -> Metrics:
-    """Mean label-smoothed loss, top-1 and top-5 of a set's logits (count 0 when empty)."""
-    sums = MetricSums(logits.device)
-    if len(labels):
-        labels = labels.to(logits.device)
-        sums.add(logits, labels, F.cross_entropy(logits, labels, label_smoothing=label_smoothing))
-    return sums.result()
-
-
-def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """[num_classes, num_classes] counts, true class per row."""
-    flat = labels.long().cpu() * num_classes + preds.long().cpu()
-    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
 
 
 def evaluate_checkpoint(

@@ -7,12 +7,15 @@ import csv
 import errno
 import io
 import json
+import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from eanet.errors import EANetError
+
+log = logging.getLogger(__name__)
 
 
 def _umask() -> int:
@@ -94,3 +97,25 @@ def write_csv(path: str | Path, rows: list[dict]) -> None:
         writer.writeheader()
         writer.writerows(rows)
     write_text(path, buf.getvalue())
+
+
+def remove_stale_temp_files(out: Path, names: Iterable[str]) -> list[Path]:
+    """Delete `.NAME.*.tmp` files that a killed writer left beside the files `names`."""
+    if not out.is_dir():
+        return []
+    removed = []
+    for name in names:
+        for tmp in out.glob(f".{name}.*.tmp"):
+            try:
+                tmp.unlink()
+            except OSError as exc:
+                log.warning("cannot remove stale temporary file %s: %s", tmp, exc)
+                continue
+            removed.append(tmp)
+    if removed:
+        log.info(
+            "removed %d temporary file(s) left by an interrupted write: %s",
+            len(removed),
+            ", ".join(p.name for p in removed),
+        )
+    return removed

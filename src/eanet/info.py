@@ -18,14 +18,10 @@ from torch import nn
 
 from eanet import checkpoint
 from eanet.errors import ConfigError
-from eanet.models import (
-    MODELS,
-    ModelConfig,
-    SelfAttention,
-    VisionTransformer,
-    count_parameters,
-    create_model,
-)
+from eanet.models.config import ModelConfig
+from eanet.models.layers import SelfAttention
+from eanet.models.registry import MODELS, count_parameters, create_model
+from eanet.models.transformer import VisionTransformer
 
 
 def _rows_of(name: str, cfg: ModelConfig) -> int:

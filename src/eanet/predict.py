@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from eanet import images as imgs
+from eanet.data import images as imgs
 from eanet.errors import ConfigError, DataError
-from eanet.evaluate import predict_logits
-from eanet.models import VisionTransformer
+from eanet.inference import predict_logits
+from eanet.models.transformer import VisionTransformer
 
 log = logging.getLogger(__name__)
 

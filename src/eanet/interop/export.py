@@ -30,7 +30,8 @@ from torch import nn
 from eanet import __version__, checkpoint
 from eanet.errors import ConfigError, EANetError
 from eanet.fileio import atomic_path
-from eanet.models import VisionTransformer
+from eanet.models.layers import use_reference_ops
+from eanet.models.transformer import VisionTransformer
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +98,7 @@ def _plain_ops(model: VisionTransformer) -> VisionTransformer:
     """A copy of `model` that runs the reference's plain torch ops."""
     # Fast paths may use Python autograd Functions, which TorchScript cannot save; the
     # parity check still compares with `model` itself.
-    model = copy.deepcopy(model).eval()
-    for module in model.modules():
-        if hasattr(module, "fast"):
-            module.fast = False
-    return model
+    return use_reference_ops(copy.deepcopy(model).eval())
 
 
 def _pixel_batches(shape: tuple[int, int, int], seed: int = 0) -> list[torch.Tensor]:

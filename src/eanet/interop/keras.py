@@ -29,7 +29,9 @@ import torch
 
 from eanet import checkpoint
 from eanet.errors import CheckpointError, ConfigError, DataError
-from eanet.models import ModelConfig, VisionTransformer, build_model, count_parameters
+from eanet.models.config import ModelConfig
+from eanet.models.registry import build_model, count_parameters
+from eanet.models.transformer import VisionTransformer
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +366,8 @@ def load_keras(path: str | Path) -> VisionTransformer:
 
 def cifar100_class_names() -> list[str]:
     """The 100 CIFAR-100 fine label names, read from the slice shipped in the package."""
-    from eanet.data import SAMPLE_ARCHIVE, SAMPLE_MD5, load_dataset
+    from eanet.data.cifar import SAMPLE_ARCHIVE, SAMPLE_MD5
+    from eanet.data.load import load_dataset
 
     data_log = logging.getLogger("eanet.data")
     level = data_log.level

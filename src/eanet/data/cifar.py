@@ -1,20 +1,14 @@
-"""CIFAR-10/100 loading: download, checksum, safe unpickling and conversion to uint8 tensors."""
+"""CIFAR-10/100 archives: their layout, safe unpickling and conversion to uint8 tensors."""
 
 from __future__ import annotations
 
 import codecs
 import functools
-import hashlib
-import http.client
 import importlib
 import logging
 import lzma
-import os
 import pickle
 import tarfile
-import tempfile
-import urllib.error
-import urllib.request
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,17 +17,24 @@ from typing import IO, Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from eanet.errors import ConfigError, DataError
+from eanet.data.dataset import ImageData
+from eanet.data.download import _check_md5, default_cache_dir, download
+from eanet.errors import DataError
+from eanet.errors import one_line as _one_line
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
-SAMPLE_ARCHIVE: Path = Path(__file__).parent / "assets" / "cifar-100-sample.tar.gz"
+
+SAMPLE_ARCHIVE: Path = Path(__file__).parent.parent / "assets" / "cifar-100-sample.tar.gz"
+
+
 SAMPLE_MD5 = "ee5a009b7f403c1b1b7c43ba2cd8b9c1"
 
+
 _IMAGE_BYTES = 3 * 32 * 32
-_TIMEOUT_S = 60.0
+
+
 # Errors that a truncated or corrupt gzip/tar/pickle stream can raise while being read.
 _CORRUPT = (
     pickle.UnpicklingError,
@@ -88,6 +89,8 @@ CIFAR100 = CifarSpec(
     names_key="fine_label_names",
     num_classes=100,
 )
+
+
 CIFAR10 = CifarSpec(
     name="cifar10",
     url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -101,121 +104,9 @@ CIFAR10 = CifarSpec(
     names_key="label_names",
     num_classes=10,
 )
+
+
 DATASETS: dict[str, CifarSpec] = {CIFAR100.name: CIFAR100, CIFAR10.name: CIFAR10}
-
-
-@dataclass
-class ImageData:
-    """A labelled image set held as uint8 tensors."""
-
-    name: str
-    class_names: list[str]
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
-    # A validation split of its own (a folder's val/); None: hold out the tail of train.
-    val_images: torch.Tensor | None = None
-    val_labels: torch.Tensor | None = None
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes (length of class_names)."""
-        return len(self.class_names)
-
-
-def _one_line(exc: BaseException) -> str:
-    """An exception as `Type: message` squeezed onto one line."""
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-# --------------------------------------------------------------------------- download / md5
-
-
-def default_cache_dir() -> Path:
-    """The download cache: $EANET_DATA if set, else ~/.cache/eanet."""
-    env = os.environ.get("EANET_DATA")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "eanet"
-
-
-def md5sum(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex md5 of a file, read in chunks."""
-    digest = hashlib.md5()
-    try:
-        with open(path, "rb") as f:
-            while block := f.read(chunk):
-                digest.update(block)
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read it ({_one_line(exc)}); check the path") from exc
-    return digest.hexdigest()
-
-
-def download(url: str, dest: Path, md5: str | None, progress: bool = True) -> Path:
-    """Download url to dest atomically, checking md5 while streaming; returns dest."""
-    dest = Path(dest)
-    hint = f"download it by hand from {url} and put it at {dest} (or pass --data-path)"
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-    except OSError as exc:
-        raise DataError(f"{dest.parent}: cannot write there ({_one_line(exc)}); {hint}") from exc
-    tmp = Path(tmp_name)
-    logger.info("downloading %s to %s", url, dest)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            actual = _stream(url, out, dest.name, progress)
-        if md5 is not None and actual != md5.lower():
-            raise DataError(
-                f"{url}: downloaded md5 {actual} does not match the expected {md5}; "
-                f"the download is corrupt: try again, or {hint}"
-            )
-        os.replace(tmp, dest)
-    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-        raise DataError(f"cannot download {url} ({_one_line(exc)}); {hint}") from exc
-    finally:
-        # Whatever happened (error, mismatch, Ctrl-C), never leave a partial file behind.
-        tmp.unlink(missing_ok=True)
-    return dest
-
-
-def _stream(url: str, out: IO[bytes], label: str, progress: bool) -> str:
-    """Copy url into out with a progress bar; return the md5 of what was written."""
-    digest = hashlib.md5()
-    with urllib.request.urlopen(url, timeout=_TIMEOUT_S) as response:
-        length = response.headers.get("Content-Length")
-        total = int(length) if length and length.isdigit() else None
-        received = 0
-        with tqdm(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=label,
-            disable=not progress,
-        ) as bar:
-            while block := response.read(1 << 20):
-                out.write(block)
-                digest.update(block)
-                received += len(block)
-                bar.update(len(block))
-    if total is not None and received != total:
-        raise OSError(f"connection closed after {received} of {total} bytes")
-    return digest.hexdigest()
-
-
-def _check_md5(path: Path, expected: str, advice: str | None = None) -> None:
-    """Raise DataError unless the file's md5 equals expected."""
-    actual = md5sum(path)
-    if actual == expected.lower().strip():
-        return
-    advice = advice or (
-        f"if you trust this file pass its checksum with --md5 {actual} or use --no-verify"
-    )
-    raise DataError(f"{path}: md5 {actual} does not match the expected {expected}; {advice}")
-
-
-# --------------------------------------------------------------------------- safe unpickling
 
 
 def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
@@ -277,9 +168,6 @@ def _unpickle(file: IO[bytes], where: str) -> Any:
             f"{where}: cannot unpickle it ({_one_line(exc)}); the file is truncated or corrupt: "
             "download it again"
         ) from exc
-
-
-# --------------------------------------------------------------------------- reading members
 
 
 @dataclass(frozen=True)
@@ -344,9 +232,6 @@ def _read_folder(folder: Path, spec: CifarSpec) -> dict[str, Any]:
         except OSError as exc:
             raise DataError(f"{path}: cannot read it ({_one_line(exc)}); check it") from exc
     return found
-
-
-# --------------------------------------------------------------------------- validation
 
 
 def _str_keys(obj: Any, where: str, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -423,9 +308,6 @@ def _to_tensors(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tenso
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
-# --------------------------------------------------------------------------- resolution
-
-
 def _from_cache(
     spec: CifarSpec, md5: str | None, verify: bool, fetch: bool, progress: bool
 ) -> Path:
@@ -484,13 +366,10 @@ def _resolve(
 
 def _trusted_folder(folder: Path, md5: str | None) -> _Source:
     """An extracted folder: explicit local data, nothing to checksum."""
-    logger.info("%s: extracted folder given explicitly, trusted without a checksum", folder)
+    log.info("%s: extracted folder given explicitly, trusted without a checksum", folder)
     if md5:
-        logger.warning("%s: --md5 applies to archives only; ignored for a folder", folder)
+        log.warning("%s: --md5 applies to archives only; ignored for a folder", folder)
     return _Source(folder, archive=False)
-
-
-# --------------------------------------------------------------------------- public loaders
 
 
 def _spec(name: str) -> CifarSpec:
@@ -515,7 +394,7 @@ def load_cifar(
     """Load CIFAR-10/100 from an archive, an extracted folder or the download cache."""
     spec = _spec(name)
     source = _resolve(spec, data_path, md5, verify, download, progress)
-    logger.info("loading %s from %s", spec.name, source.path)
+    log.info("loading %s from %s", spec.name, source.path)
     reader: Callable[[Path, CifarSpec], dict[str, Any]]
     reader = _read_archive if source.archive else _read_folder
     members = reader(source.path, spec)
@@ -530,7 +409,7 @@ def load_cifar(
     test = [_check_batch(members[m], where(m), spec) for m in spec.test_members]
     train_images, train_labels = _to_tensors(train)
     test_images, test_labels = _to_tensors(test)
-    logger.info(
+    log.info(
         "%s: %d train and %d test images, %d classes",
         spec.name,
         len(train_labels),
@@ -538,100 +417,3 @@ def load_cifar(
         len(class_names),
     )
     return ImageData(spec.name, class_names, train_images, train_labels, test_images, test_labels)
-
-
-DATASET_NAMES = (*DATASETS, "folder", "digits", "synthetic")
-
-
-def synthetic_cifar(
-    train: int = 50_000, test: int = 10_000, classes: int = 100, seed: int = 0
-) -> ImageData:
-    """Random CIFAR-shaped images and labels: for timing the full recipe where no data is."""
-    g = torch.Generator().manual_seed(seed)
-    return ImageData(
-        "synthetic",
-        [f"class_{i}" for i in range(classes)],
-        torch.randint(0, 256, (train, 3, 32, 32), dtype=torch.uint8, generator=g),
-        torch.randint(0, classes, (train,), generator=g),
-        torch.randint(0, 256, (test, 3, 32, 32), dtype=torch.uint8, generator=g),
-        torch.randint(0, classes, (test,), generator=g),
-    )
-
-
-def load_dataset(
-    name: str, data_path: str | Path | None = None, *, image_size: int | None = None, **kwargs: Any
-) -> ImageData:
-    """Load a data set by name (DATASET_NAMES); kwargs go to the specific loader.
-
-    `image_size` is the side a folder's images are resized to (default 32); CIFAR is 32 only.
-    """
-    if name == "folder":
-        from eanet.folders import load_folder  # folders imports this module
-
-        return load_folder(data_path, image_size=image_size or 32, **kwargs)
-    if name == "digits":  # scikit-learn's real 8x8 digits; md5/verify/progress do not apply
-        from eanet.digits import load_digits  # digits imports this module
-
-        return load_digits(data_path, image_size=image_size or 32)
-    if name == "synthetic":  # random CIFAR-100-shaped data, only to time the recipe
-        return synthetic_cifar()
-    if name not in DATASETS:
-        raise DataError(
-            f"unknown data set {name!r}; choose one of: {', '.join(sorted(DATASET_NAMES))}"
-        )
-    if image_size not in (None, 32):
-        raise ConfigError(
-            f"--image-size {image_size} applies to --dataset folder; {name} images are 32x32"
-        )
-    spec = _spec(name)
-    return load_cifar(spec.name, data_path, **kwargs)
-
-
-def train_val_split(
-    data: ImageData, fraction: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training and validation tensors: the data set's own val split if any, else the tail."""
-    if data.val_images is not None and data.val_labels is not None:
-        return data.train_images, data.train_labels, data.val_images, data.val_labels
-    return split_validation(data.train_images, data.train_labels, fraction)
-
-
-# --------------------------------------------------------------------------- preprocessing helpers
-
-
-def split_validation(
-    images: torch.Tensor, labels: torch.Tensor, fraction: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split off the last int(N * fraction) samples as validation, like Keras validation_split."""
-    if not 0.0 <= fraction < 1.0:  # also rejects NaN
-        raise ConfigError(f"validation fraction must be in [0, 1), got {fraction}")
-    if len(images) != len(labels):
-        raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    split = len(images) - int(len(images) * fraction)
-    return images[:split], labels[:split], images[split:], labels[split:]
-
-
-def compute_normalization(
-    images: torch.Tensor, batch: int = 4096
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per-channel mean and population variance in pixel space (0..255), plus the pixel count."""
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(
-            f"expected uint8 [N, 3, H, W] images, got {images.dtype} {tuple(images.shape)}"
-        )
-    if batch < 1:
-        raise ValueError(f"batch must be positive, got {batch}")
-    count = images.shape[0] * images.shape[2] * images.shape[3]
-    if count == 0:
-        raise DataError("no images to compute the normalization from; the data set is empty")
-    # Pixel values are integers, so float64 sums stay exact (255^2 * 5e7 pixels is far below
-    # 2^53) and E[x^2] - E[x]^2 loses nothing; chunks keep the float copy small.
-    total = torch.zeros(3, dtype=torch.float64)
-    squares = torch.zeros(3, dtype=torch.float64)
-    for start in range(0, images.shape[0], batch):
-        chunk = images[start : start + batch].to(torch.float64)
-        total += chunk.sum(dim=(0, 2, 3))
-        squares += chunk.square_().sum(dim=(0, 2, 3))
-    mean = total / count
-    var = (squares / count - mean * mean).clamp_min(0.0)
-    return mean.float(), var.float(), count

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
 
-from eanet.plots import plt, save_figure  # Agg backend, atomic PNG writes
+from eanet.plots import plt, save_figure
 
 _MARKERS = {"fixed": "o", "reference-bug": "X", "none": "s"}
 

@@ -43,7 +43,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from eanet.errors import ConfigError, EANetError
-from eanet.evaluate import Metrics
+from eanet.metrics import Metrics
 from eanet.runtime import resolve_device
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from eanet.data import ImageData
+from eanet.data.dataset import ImageData
 from eanet.errors import ConfigError, DataError
 
 DIGITS_SPLIT_SEED = 0

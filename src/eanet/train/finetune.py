@@ -20,7 +20,9 @@ import torch
 
 from eanet import checkpoint
 from eanet.errors import CheckpointError
-from eanet.models import MODELS, ModelConfig, VisionTransformer
+from eanet.models.config import ModelConfig
+from eanet.models.registry import MODELS
+from eanet.models.transformer import VisionTransformer
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from eanet import images as imgs
-from eanet.data import ImageData, default_cache_dir
+from eanet.data import images as imgs
+from eanet.data.dataset import ImageData
+from eanet.data.download import default_cache_dir
 from eanet.errors import ConfigError, DataError, EANetError
 from eanet.fileio import atomic_path, write_json
 

@@ -16,7 +16,7 @@ log = logging.getLogger("eanet")
 
 
 def _train_defaults() -> dict:
-    from eanet.train import TrainConfig
+    from eanet.train.config import TrainConfig
 
     return TrainConfig().to_dict()
 
@@ -494,7 +494,9 @@ def _add_interop_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from eanet.train import TrainConfig, fit, load_run_config
+    from eanet.train.config import TrainConfig
+    from eanet.train.loop import fit
+    from eanet.train.rundir import load_run_config
 
     if args.resume is not None:
         cfg = load_run_config(args.resume).to_dict()
@@ -534,7 +536,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 cfg[key] = value
         cfg["model_args"] = dict(args.model_arg or [])
         if args.init_from is not None and args.model is None and not args.model_arg:
-            from eanet.finetune import inherited_model
+            from eanet.train.finetune import inherited_model
 
             # Fine-tune the checkpoint's own architecture; stored, so --resume rebuilds it.
             cfg["model"], cfg["model_args"], size = inherited_model(args.init_from)
@@ -615,7 +617,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from eanet.models import MODELS, count_parameters, create_model
+    from eanet.models.registry import MODELS, count_parameters, create_model
 
     for name, spec in MODELS.items():
         print(f"{name:<18} {count_parameters(create_model(name)):>9,} params  {spec.description}")
@@ -687,9 +689,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_sample_images(args: argparse.Namespace) -> int:
-    from eanet.data import SAMPLE_ARCHIVE, SAMPLE_MD5, load_dataset
+    from eanet.data.cifar import SAMPLE_ARCHIVE, SAMPLE_MD5
+    from eanet.data.folders import write_image_folder
+    from eanet.data.load import load_dataset
     from eanet.errors import EANetError
-    from eanet.folders import write_image_folder
 
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise EANetError(f"{args.out} exists and is not an empty directory; choose a new OUT")
@@ -747,7 +750,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from eanet.compare import CompareConfig, run_compare
+    from eanet.compare.config import CompareConfig
+    from eanet.compare.run import run_compare
 
     cfg = CompareConfig(
         models=args.models,
@@ -812,7 +816,8 @@ def _bench_scaling(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from eanet.serve import ServeConfig, check_dependencies, serve
+    from eanet.serve.config import ServeConfig, check_dependencies
+    from eanet.serve.server import serve
 
     check_dependencies()
     config = ServeConfig(

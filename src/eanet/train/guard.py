@@ -1,4 +1,4 @@
-"""Training that survives interruption and divergence, and says how to reproduce it.
+"""Training that survives interruption and divergence: signals and the step guard.
 
 - **Interruption.** While `fit` runs an epoch, the first Ctrl-C (SIGINT) or SIGTERM only
   asks training to stop: the current step finishes, the partial epoch is dropped, and the
@@ -8,8 +8,6 @@
   epoch finish and be saved first. A second signal stops at once (files are written
   atomically, so even that leaves nothing half-written). Under torchrun the signals keep
   their default behaviour: ranks stopping at different steps would wait on each other.
-- **Stale temporary files.** A process killed while writing (SIGKILL, power loss) can leave
-  `.NAME.XXXXXXXX.tmp` beside its run files; the next start of the run deletes them.
 - **Divergence.** `StepGuard` watches the training loss: with `--on-nonfinite stop` (the
   default) a NaN or infinite loss stops training with the epoch and step, without a host
   sync per step (the flag stays on the device and is read every `CHECK_EVERY` steps and at
@@ -17,37 +15,36 @@
   of that epoch is saved. With `--on-nonfinite skip` a batch whose loss or gradient is not
   finite gets no optimizer step and is counted (one host sync per step; under torchrun the
   gradients are already averaged, so every rank skips the same batches).
-- **Determinism and provenance.** `configure_determinism` sets what torch needs for
-  repeatable runs on GPUs; `provenance` is what a run's config.json records to redo it.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
-import platform
 import shlex
 import signal
-import subprocess
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 
-from eanet import __version__
 from eanet.errors import EANetError
+from eanet.train.distributed import launched_by_torchrun
 
 log = logging.getLogger(__name__)
 
+
 F = TypeVar("F", bound=Callable[..., Any])
 
+
 ON_NONFINITE = ("stop", "skip")
+
+
 CHECK_EVERY = 32  # steps between reads of the device-side non-finite flag (stop mode)
-CUBLAS_WORKSPACE = ":4096:8"
+
+
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -61,9 +58,6 @@ class NonFiniteLoss(EANetError):
 
 class BatchSkipped(Exception):
     """`train_step` skipped a batch whose loss or gradient is not finite (--on-nonfinite skip)."""
-
-
-# --------------------------------------------------------------------------- signals
 
 
 class _StopState:
@@ -88,16 +82,12 @@ def _on_signal(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _launched_by_torchrun() -> bool:
-    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
-
-
 def graceful_interrupts(fn: F) -> F:
     """Decorate `fit`: while it runs, SIGINT/SIGTERM stop training at a step boundary."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if threading.current_thread() is not threading.main_thread() or _launched_by_torchrun():
+        if threading.current_thread() is not threading.main_thread() or launched_by_torchrun():
             return fn(*args, **kwargs)
         previous = {s: signal.getsignal(s) for s in _SIGNALS}
         _stop.armed, _stop.requested = False, None
@@ -111,9 +101,6 @@ def graceful_interrupts(fn: F) -> F:
             _stop.armed, _stop.requested = False, None
 
     return wrapper  # type: ignore[return-value]
-
-
-# --------------------------------------------------------------------------- step guard
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -254,102 +241,3 @@ class StepGuard:
             f"{self._where}, {what}: training diverged and stopped; {kept}. Start again "
             f"with a lower --lr{lr}, or pass --on-nonfinite skip to skip such batches"
         )
-
-
-# --------------------------------------------------------------------------- run files
-
-
-def remove_stale_temp_files(out: Path, names: Iterable[str]) -> list[Path]:
-    """Delete `.NAME.*.tmp` files that a killed writer left beside the run files `names`."""
-    if not out.is_dir():
-        return []
-    removed = []
-    for name in names:
-        for tmp in out.glob(f".{name}.*.tmp"):
-            try:
-                tmp.unlink()
-            except OSError as exc:
-                log.warning("cannot remove stale temporary file %s: %s", tmp, exc)
-                continue
-            removed.append(tmp)
-    if removed:
-        log.info(
-            "removed %d temporary file(s) left by an interrupted write: %s",
-            len(removed),
-            ", ".join(p.name for p in removed),
-        )
-    return removed
-
-
-# --------------------------------------------------------------------------- determinism
-
-
-def configure_determinism(enabled: bool) -> None:
-    """--deterministic: the flags torch needs for repeatable runs (global to the process).
-
-    CUBLAS_WORKSPACE_CONFIG must be set before cuBLAS starts, i.e. before the first CUDA
-    matrix product of the process; if CUDA already ran without it, a warning says so.
-    """
-    if not enabled:
-        return
-    if "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            log.warning(
-                "CUDA started before --deterministic set CUBLAS_WORKSPACE_CONFIG; set "
-                "CUBLAS_WORKSPACE_CONFIG=%s in the environment for deterministic matmuls",
-                CUBLAS_WORKSPACE,
-            )
-        os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-
-
-def _git(args: list[str], cwd: Path) -> str | None:
-    try:
-        result = subprocess.run(
-            ["git", *args],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"},
-        )
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return None
-    return result.stdout.strip() if result.returncode == 0 else None
-
-
-@functools.cache
-def git_commit() -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the git checkout the package runs from; (None, None) otherwise.
-
-    The package's own files must be tracked by that checkout, so an installed copy inside
-    some other repository (a virtual environment in a project) does not report its commit.
-    """
-    package = Path(__file__).resolve().parent
-    if _git(["ls-files", "--error-unmatch", "__init__.py"], package) is None:
-        return None, None
-    commit = _git(["rev-parse", "HEAD"], package)
-    if commit is None:
-        return None, None
-    status = _git(["status", "--porcelain", "--untracked-files=no", "--", "."], package)
-    return commit, (bool(status) if status is not None else None)
-
-
-def provenance(cfg: Any, device: torch.device | str) -> dict:
-    """What a run's config.json records to redo it: versions, seed, device, determinism."""
-    commit, dirty = git_commit()
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "eanet": __version__,
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "seed": cfg.seed,
-        "device": str(device),
-        "deterministic": bool(cfg.deterministic),
-        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
-    }

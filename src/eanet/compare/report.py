@@ -1,0 +1,231 @@
+"""The comparison report: summaries over seeds and the markdown of report.md."""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from eanet.compare.config import CURVE_FIELDS, SEED_FIELDS
+
+
+def value_stats(values: torch.Tensor) -> dict:
+    """min, max, mean, std and the fractions of negative and exactly-zero values."""
+    v = values.double()
+    return {
+        "min": v.min().item(),
+        "max": v.max().item(),
+        "mean": v.mean().item(),
+        "std": v.std().item(),
+        "negative": (v < 0).double().mean().item(),
+        "zero": (v == 0).double().mean().item(),
+    }
+
+
+def mean_std(values: list[float]) -> dict:
+    """Mean, sample standard deviation (None for one value) and count."""
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+
+
+def summarize_group(results: list[dict]) -> dict:
+    """Mean +- std over seeds of every per-seed figure, and of every curve per epoch."""
+    summary = {k: mean_std([r[k] for r in results]) for k in SEED_FIELDS}
+    n_epochs = min(len(r["history"]) for r in results)
+    curves: dict[str, list] = {"epoch": list(range(1, n_epochs + 1))}
+    for key in CURVE_FIELDS:
+        per_epoch = [[r["history"][e][key] for r in results] for e in range(n_epochs)]
+        if any(v is None for vals in per_epoch for v in vals):
+            continue
+        stats = [mean_std(vals) for vals in per_epoch]
+        curves[key] = [s["mean"] for s in stats]
+        curves[f"{key}_std"] = [s["std"] or 0.0 for s in stats]
+    return {"summary": summary, "curves": curves}
+
+
+def _pct(s: dict) -> str:
+    """A mean +- std of fractions as percent."""
+    if s["std"] is None:
+        return f"{100 * s['mean']:.1f}"
+    return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
+
+
+def _num(s: dict, digits: int = 3) -> str:
+    if s["std"] is None:
+        return f"{s['mean']:.{digits}f}"
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
+def _speed(g: dict, key: str) -> str:
+    return f"{g['speed'][key]:,.0f}" if g.get("speed") else "not measured"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _val_loss_path(g: dict) -> str:
+    """Mean validation loss: epoch 1, lowest (at which epoch), last; and whether it rose."""
+    curve = g["curves"].get("val_loss")
+    if not curve:
+        return "-"
+    low = min(range(len(curve)), key=curve.__getitem__)
+    rise = curve[-1] - curve[low]
+    trend = f"rose {rise:+.3f} after epoch {low + 1}" if low < len(curve) - 1 else "still falling"
+    return f"{curve[0]:.3f} → {curve[low]:.3f} (epoch {low + 1}) → {curve[-1]:.3f}; {trend}"
+
+
+def format_report(report: dict) -> str:
+    """The report as Markdown: provenance, tables, figures."""
+    cfg, env, data = report["config"], report["environment"], report["data"]
+    machine = env.get("cuda") or env.get("cpu_model") or env.get("processor")
+    n_seeds = cfg["seeds"]
+    lines = [
+        f"# {' vs '.join(cfg['models'])} on {data['name']}",
+        "",
+        f"Made by `{report['command']}`",
+        "",
+        f"- machine: {machine}, {env['cpu_count']} CPU cores, torch {env['torch']}, "
+        f"torch threads: {env['torch_threads']}, eanet {report['eanet_version']}, "
+        f"{report['created']}",
+        "- calls of this command on this directory: "
+        + "; ".join(
+            f"{c['created']}: {c['trained']} runs trained, {c['resumed']} resumed, "
+            f"{c['skipped']} kept, {c['seconds']:.0f} s"
+            for c in report["calls"]
+        ),
+        f"- data: {data['name']}, {data['train_images']:,} training, {data['val_images']:,} "
+        f"validation, {data['test_images']:,} test images, {data['classes']} classes",
+        f"- recipe: the reference's (AdamW, weight decay 1e-4, label smoothing 0.1) with "
+        f"lr {cfg['lr']}, batch {cfg['batch_size']}, {cfg['epochs']} epochs, seeds "
+        f"0..{n_seeds - 1}; model overrides: "
+        + (", ".join(f"{k}={v}" for k, v in cfg["model_args"].items()) or "none"),
+        "- figures are mean ± sample standard deviation over the seeds"
+        + (" (one seed: no spread)" if n_seeds == 1 else ""),
+        "- img/s: `eanet.bench.bench_model`, median of "
+        f"{cfg['bench_steps']} steps of batch {cfg['batch_size']} after 1 warm-up step, on this "
+        "machine; other jobs may share it, so speeds are indicative, compare them only "
+        "side by side within this report",
+        "- multiply-adds per image: a forward pass of the reference formulation "
+        "(`eanet.bench.macs_per_image`, torch's FlopCounterMode, matrix products only)",
+        "",
+        "## Results",
+        "",
+    ]
+    header = [
+        "model",
+        "augment",
+        "parameters",
+        "M mult-adds / image",
+        "train img/s",
+        "inference img/s",
+        "best val top-1 %",
+        "final val top-1 %",
+        "best val top-5 %",
+        "final val top-5 %",
+        "test top-1 %",
+        "test top-5 %",
+        "training s / run",
+    ]
+    rows = []
+    for g in report["groups"]:
+        s = g["summary"]
+        rows.append(
+            [
+                f"`{g['model']}`",
+                g["augment"],
+                f"{g['params']:,}",
+                f"{g['macs_per_image'] / 1e6:.1f}",
+                _speed(g, "train_img_s"),
+                _speed(g, "infer_img_s"),
+                _pct(s["best_val_top1"]),
+                _pct(s["final_val_top1"]),
+                _pct(s["best_val_top5"]),
+                _pct(s["final_val_top5"]),
+                _pct(s["test_top1"]),
+                _pct(s["test_top5"]),
+                _num(s["train_seconds"], 0),
+            ]
+        )
+    lines += _table(header, rows)
+    lines += [
+        "",
+        "## Train/validation gap (last epoch)",
+        "",
+        "Training figures are measured while training (augmentation and dropout on), as the "
+        "reference's log shows them.",
+        "",
+    ]
+    header = [
+        "model",
+        "augment",
+        "train loss",
+        "val loss",
+        "train top-1 %",
+        "val top-1 %",
+        "mean val loss: epoch 1 → lowest → last",
+    ]
+    rows = [
+        [
+            f"`{g['model']}`",
+            g["augment"],
+            _num(g["summary"]["final_train_loss"]),
+            _num(g["summary"]["final_val_loss"]),
+            _pct(g["summary"]["final_train_top1"]),
+            _pct(g["summary"]["final_val_top1"]),
+            _val_loss_path(g),
+        ]
+        for g in report["groups"]
+    ]
+    lines += _table(header, rows)
+    dist = report["input_distribution"]
+    lines += [
+        "",
+        "## What the first layer sees",
+        "",
+        f"Inputs of `patch_embed` for the first {dist['images']} training images "
+        f"(`{dist['model']}`, the same augmentation draws for both orders).",
+        "",
+    ]
+    header = ["where", "min", "max", "mean", "std", "negative %", "exactly 0 %"]
+    rows = [
+        [
+            name,
+            f"{s['min']:.2f}",
+            f"{s['max']:.2f}",
+            f"{s['mean']:.2f}",
+            f"{s['std']:.2f}",
+            f"{100 * s['negative']:.1f}",
+            f"{100 * s['zero']:.1f}",
+        ]
+        for name, s in dist["stats"].items()
+    ]
+    lines += _table(header, rows)
+    lines += ["", "## Figures", ""]
+    captions = {
+        "val_top1": "Validation top-1 per epoch (mean, band ± std; dotted: training top-1)",
+        "loss": "Training and validation loss per epoch",
+        "accuracy_vs_params": "Test top-1 against trainable parameters",
+        "input_distribution": "Values the first layer sees, training vs inference",
+    }
+    for key, file in report["figures"].items():
+        lines += [f"![{captions[key]}]({file})", "", f"*{captions[key]}.*", ""]
+    lines += ["## Runs", ""]
+    header = ["run", "epochs", "best val top-1 %", "test top-1 %", "test top-5 %", "training s"]
+    rows = []
+    for g in report["groups"]:
+        for r in g["runs"]:
+            rows.append(
+                [
+                    r["run"],
+                    str(r["epochs"]),
+                    f"{100 * r['best_val_top1']:.1f}",
+                    f"{100 * r['test_top1']:.1f}",
+                    f"{100 * r['test_top5']:.1f}",
+                    f"{r['train_seconds']:.0f}",
+                ]
+            )
+    lines += _table(header, rows)
+    lines.append("")
+    return "\n".join(lines)

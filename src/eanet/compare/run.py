@@ -1,0 +1,318 @@
+"""Compare models and augmentation orders under one recipe and the same seeds.
+
+`run_compare` trains every model x augmentation order x seed with `train.fit`, each run in
+`OUT/runs/<model>-<augment>-seed<k>/`, then writes `OUT/report.md`, `OUT/report.json` and
+the figures (`eanet.compare.plots`). A run is finished when its `metrics.json` exists: a
+second call with the same OUT skips it, and resumes an interrupted one from its checkpoint.
+Speed comes from `eanet.bench.bench_model` (a few steps, cached in `OUT/bench.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from eanet import __version__, checkpoint
+from eanet.bench import bench_model, macs_per_image, matmul_peak_gflops
+from eanet.compare.config import _NOT_RESULTS, CURVE_FIELDS, CompareConfig, run_name
+from eanet.compare.report import format_report, summarize_group, value_stats
+from eanet.data.augment import AugmentConfig
+from eanet.data.dataset import ImageData
+from eanet.data.splits import train_val_split
+from eanet.errors import ConfigError, EANetError
+from eanet.fileio import read_json, write_json, write_text
+from eanet.locks import directory_lock
+from eanet.models.registry import count_parameters
+from eanet.runtime import environment, resolve_device, set_threads
+from eanet.train.config import TrainConfig
+from eanet.train.loop import build_for_data, fit, load_data
+from eanet.train.step import forward_train
+
+log = logging.getLogger(__name__)
+
+
+HIST_IMAGES = 256  # training images whose first-layer inputs are histogrammed
+
+
+def _check_same_recipe(run_dir: Path, cfg: TrainConfig) -> None:
+    """A run kept from an earlier call must have been trained with this call's recipe."""
+    saved = read_json(run_dir / "config.json").get("train", {})
+    wanted = json.loads(json.dumps(cfg.to_dict()))
+    defaults = json.loads(json.dumps(TrainConfig().to_dict()))
+    for key, value in wanted.items():
+        # A field added to TrainConfig after the run was saved matches at its default.
+        before = saved.get(key, defaults.get(key))
+        if key not in _NOT_RESULTS and before != value:
+            raise ConfigError(
+                f"{run_dir} was trained with {key}={before!r}, not {value!r}; "
+                "repeat the earlier options or choose another --out"
+            )
+
+
+def train_run(cfg: TrainConfig, run_dir: Path, data: ImageData, progress: bool = True) -> str:
+    """Train, resume or skip one run; returns 'skipped', 'resumed' or 'trained'."""
+    if (run_dir / "metrics.json").is_file():
+        _check_same_recipe(run_dir, cfg)
+        log.info("%s: finished earlier, skipped", run_dir)
+        return "skipped"
+    resume = (run_dir / checkpoint.CHECKPOINT_NAME).is_file()
+    if resume:
+        _check_same_recipe(run_dir, cfg)
+        log.info("%s: interrupted earlier, resuming", run_dir)
+    else:
+        log.info("%s: training", run_dir)
+    # Without a checkpoint nothing of an earlier attempt is worth keeping: overwrite it.
+    fit(cfg, run_dir, data=data, resume=resume, overwrite=not resume, progress=progress)
+    return "resumed" if resume else "trained"
+
+
+def run_result(run_dir: Path) -> dict:
+    """Per-seed figures of a finished run, from its metrics.json and history.json."""
+    metrics = read_json(run_dir / "metrics.json")
+    history = json.loads((run_dir / "history.json").read_text(encoding="utf-8"))
+    val = [h for h in history if h.get("val_top1") is not None]
+    if not val:
+        raise EANetError(f"{run_dir}: the run has no validation figures; it cannot be compared")
+    val_loss = [h["val_loss"] for h in val]
+    return {
+        "run": run_dir.name,
+        "epochs": len(history),
+        "best_val_top1": max(h["val_top1"] for h in val),
+        "final_val_top1": val[-1]["val_top1"],
+        "best_val_top5": max(h["val_top5"] for h in val),
+        "final_val_top5": val[-1]["val_top5"],
+        "test_top1": metrics["test_top1"],
+        "test_top5": metrics["test_top5"],
+        "test_loss": metrics["test_loss"],
+        "final_train_loss": history[-1]["train_loss"],
+        "final_train_top1": history[-1]["train_top1"],
+        "first_val_loss": val_loss[0],
+        "min_val_loss": min(val_loss),
+        "min_val_loss_epoch": val[val_loss.index(min(val_loss))]["epoch"],
+        "final_val_loss": val_loss[-1],
+        "train_seconds": sum(h["epoch_seconds"] for h in history),
+        "history": [{k: h.get(k) for k in ("epoch", *CURVE_FIELDS)} for h in history],
+    }
+
+
+def model_cost(cfg: CompareConfig, model: str, data: ImageData) -> dict:
+    """Trainable parameters and forward multiply-adds per image of `model` sized for `data`."""
+    net = build_for_data(cfg.train_config(model, "fixed", 0), data)
+    return {
+        "params": count_parameters(net),
+        "macs_per_image": macs_per_image(net, torch.device("cpu")),
+        "model_config": net.config.to_dict(),
+    }
+
+
+def measure_speed(cfg: CompareConfig, out: Path, data: ImageData) -> dict[str, dict]:
+    """Train and inference img/s of every model (bench_model), cached in OUT/bench.json."""
+    if cfg.bench_steps == 0:
+        return {}
+    path = out / "bench.json"
+    cache = read_json(path) if path.is_file() else {}
+    _, c, h, _ = data.train_images.shape
+    dev = resolve_device(cfg.device)
+    peak = None
+    results = {}
+    for model in cfg.models:
+        args = {"num_classes": data.num_classes, "image_size": h, "in_chans": c}
+        args.update(cfg.model_args)
+        key = json.dumps(
+            [model, args, cfg.batch_size, cfg.bench_steps, str(dev), cfg.threads], sort_keys=True
+        )
+        if key not in cache:
+            if peak is None:  # bench_model reports it; a small matmul is enough, not shown here
+                peak = matmul_peak_gflops(dev, n=1024, repeats=3)
+            log.info("timing %s: %d steps of batch %d", model, cfg.bench_steps, cfg.batch_size)
+            r = bench_model(
+                model,
+                batch_size=cfg.batch_size,
+                device=cfg.device,
+                warmup=1,
+                steps=cfg.bench_steps,
+                threads=cfg.threads,
+                model_args=args,
+                peak=peak,
+            )
+            cache[key] = {
+                k: r[k]
+                for k in (
+                    "model",
+                    "batch_size",
+                    "device",
+                    "steps",
+                    "warmup",
+                    "train_img_s",
+                    "infer_img_s",
+                    "train_step_s",
+                    "infer_step_s",
+                )
+            }
+            write_json(path, cache)
+        results[model] = cache[key]
+    return results
+
+
+def first_layer_inputs(cfg: CompareConfig, data: ImageData) -> dict[str, torch.Tensor]:
+    """What `patch_embed` receives: in training under each order, and at inference."""
+    torch.manual_seed(0)
+    model = build_for_data(cfg.train_config(cfg.models[0], "fixed", 0), data)
+    train_x = train_val_split(data, cfg.val_fraction)[0][:HIST_IMAGES]
+    seen: list[torch.Tensor] = []
+    hook = model.patch_embed.register_forward_hook(lambda m, i, o: seen.append(i[0].flatten()))
+    out = {}
+    try:
+        with torch.no_grad():
+            model.train()
+            for order in ("fixed", "reference-bug"):
+                torch.manual_seed(0)  # the same augmentation draws for both orders
+                forward_train(model, train_x, order, AugmentConfig())
+                out[f"{order} / training"] = seen.pop()
+            model.eval()
+            model(train_x)
+            out["inference (both orders)"] = seen.pop()
+    finally:
+        hook.remove()
+    return out
+
+
+def run_compare(
+    cfg: CompareConfig,
+    out: str | Path,
+    *,
+    data: ImageData | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train (or skip finished) runs, measure cost and speed, write report.md/json and PNGs."""
+    out = Path(out)
+    cfg.validate()
+    t_start = time.perf_counter()
+    set_threads(cfg.threads)  # as fit does; also when every run is skipped
+    if data is None:
+        data = load_data(cfg.train_config(cfg.models[0], "fixed", 0), progress)
+    train_x, _, val_x, _ = train_val_split(data, cfg.val_fraction)
+    if len(val_x) == 0:
+        raise ConfigError(
+            f"--val-fraction {cfg.val_fraction} leaves no validation images; "
+            "compare needs them (e.g. --val-fraction 0.2)"
+        )
+    with directory_lock(out):
+        return _compare(cfg, out, data, progress, t_start)
+
+
+def _compare(cfg: CompareConfig, out: Path, data: ImageData, progress: bool, t_start: float):
+    """run_compare's work, holding the directory lock."""
+    from eanet.compare.plots import (
+        plot_accuracy_vs_params,
+        plot_input_distribution,
+        plot_loss_curves,
+        plot_val_top1,
+    )
+
+    train_x, _, val_x, _ = train_val_split(data, cfg.val_fraction)
+    status = {}
+    for model, augment, seed in cfg.runs():
+        name = run_name(model, augment, seed)
+        tcfg = cfg.train_config(model, augment, seed)
+        status[name] = train_run(tcfg, out / "runs" / name, data, progress)
+
+    groups = []
+    for model in cfg.models:
+        cost = model_cost(cfg, model, data)
+        for augment in cfg.augment_orders:
+            results = [
+                run_result(out / "runs" / run_name(model, augment, s)) for s in range(cfg.seeds)
+            ]
+            groups.append(
+                {
+                    "model": model,
+                    "augment": augment,
+                    "params": cost["params"],
+                    "macs_per_image": cost["macs_per_image"],
+                    "model_config": cost["model_config"],
+                    "runs": results,
+                    **summarize_group(results),
+                }
+            )
+    speed = measure_speed(cfg, out, data)
+    for g in groups:
+        g["speed"] = speed.get(g["model"])
+    inputs = first_layer_inputs(cfg, data)
+    input_stats = {k: value_stats(v) for k, v in inputs.items()}
+
+    figures = {
+        "val_top1": "val_top1.png",
+        "loss": "loss_curves.png",
+        "accuracy_vs_params": "accuracy_vs_params.png",
+        "input_distribution": "input_distribution.png",
+    }
+    title = f"{data.name}, {cfg.epochs} epochs, {cfg.seeds} seed(s)"
+    plot_val_top1(groups, out / figures["val_top1"], title)
+    plot_loss_curves(groups, out / figures["loss"], title)
+    plot_accuracy_vs_params(groups, out / figures["accuracy_vs_params"], title)
+    plot_input_distribution(
+        {k: v.numpy() for k, v in inputs.items()},
+        input_stats,
+        out / figures["input_distribution"],
+        f"what the first layer sees: {min(HIST_IMAGES, len(train_x))} {data.name} training "
+        "images, all pixels and channels",
+    )
+
+    report = {
+        "command": cfg.command(out),
+        "config": cfg.to_dict(),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "eanet_version": __version__,
+        "environment": environment(),
+        "data": {
+            "name": data.name,
+            "classes": data.num_classes,
+            "train_images": len(train_x),
+            "val_images": len(val_x),
+            "test_images": len(data.test_images),
+        },
+        "runs": status,
+        "invocation_seconds": round(time.perf_counter() - t_start, 1),
+        "calls": [],
+        "groups": groups,
+        "input_distribution": {
+            "images": min(HIST_IMAGES, len(train_x)),
+            "model": cfg.models[0],
+            "stats": input_stats,
+        },
+        "figures": figures,
+    }
+    report["calls"] = earlier_calls(out) + [call_record(report)]
+    write_json(out / "report.json", report)
+    write_text(out / "report.md", format_report(report))
+    log.info("wrote %s and %s", out / "report.md", out / "report.json")
+    return report
+
+
+def call_record(report: dict) -> dict:
+    """One line of the directory's history: when, what each run did, how long it took."""
+    counts = Counter(report["runs"].values())
+    return {
+        "created": report["created"],
+        "seconds": report["invocation_seconds"],
+        **{k: counts.get(k, 0) for k in ("trained", "resumed", "skipped")},
+    }
+
+
+def earlier_calls(out: Path) -> list[dict]:
+    """The calls recorded in an earlier report.json of OUT (none if it is missing or unreadable)."""
+    path = out / "report.json"
+    try:
+        old = read_json(path) if path.is_file() else {}
+    except EANetError:
+        log.warning("%s is unreadable; the history of earlier calls starts afresh", path)
+        return []
+    if "calls" in old:
+        return list(old["calls"])
+    return [call_record(old)] if "runs" in old and "created" in old else []

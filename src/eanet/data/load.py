@@ -1,0 +1,41 @@
+"""One entry point for every data set by name: CIFAR archives, image folders, digits, synthetic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from eanet.data.cifar import DATASETS, _spec, load_cifar
+from eanet.data.dataset import ImageData, synthetic_cifar
+from eanet.errors import ConfigError, DataError
+
+DATASET_NAMES = (*DATASETS, "folder", "digits", "synthetic")
+
+
+def load_dataset(
+    name: str, data_path: str | Path | None = None, *, image_size: int | None = None, **kwargs: Any
+) -> ImageData:
+    """Load a data set by name (DATASET_NAMES); kwargs go to the specific loader.
+
+    `image_size` is the side a folder's images are resized to (default 32); CIFAR is 32 only.
+    """
+    if name == "folder":
+        from eanet.data.folders import load_folder
+
+        return load_folder(data_path, image_size=image_size or 32, **kwargs)
+    if name == "digits":  # scikit-learn's real 8x8 digits; md5/verify/progress do not apply
+        from eanet.data.digits import load_digits
+
+        return load_digits(data_path, image_size=image_size or 32)
+    if name == "synthetic":  # random CIFAR-100-shaped data, only to time the recipe
+        return synthetic_cifar()
+    if name not in DATASETS:
+        raise DataError(
+            f"unknown data set {name!r}; choose one of: {', '.join(sorted(DATASET_NAMES))}"
+        )
+    if image_size not in (None, 32):
+        raise ConfigError(
+            f"--image-size {image_size} applies to --dataset folder; {name} images are 32x32"
+        )
+    spec = _spec(name)
+    return load_cifar(spec.name, data_path, **kwargs)

@@ -1,0 +1,45 @@
+"""Batched forward passes without gradients: logits of many images, and their metrics."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from eanet.metrics import Metrics, metrics_from_logits
+from eanet.models.transformer import VisionTransformer
+
+
+@torch.no_grad()
+def predict_logits(
+    model: VisionTransformer,
+    images: torch.Tensor,
+    batch_size: int = 500,
+    progress: bool = False,
+    desc: str = "predict",
+) -> torch.Tensor:
+    """Logits for uint8 images [N, C, H, W], in batches, on the model's device (eval mode)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
+        out.append(model(images[i : i + batch_size].to(device, non_blocking=True)))
+    model.train(was_training)
+    if not out:
+        return torch.empty(0, model.config.num_classes, device=device)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate_tensors(
+    model: VisionTransformer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 500,
+    label_smoothing: float = 0.1,
+    progress: bool = False,
+    desc: str = "evaluate",
+) -> Metrics:
+    """Metrics of `model` on uint8 images and int64 labels (the loss as in training)."""
+    logits = predict_logits(model, images, batch_size, progress=progress, desc=desc)
+    return metrics_from_logits(logits, labels, label_smoothing)

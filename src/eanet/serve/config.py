@@ -1,0 +1,65 @@
+"""`ServeConfig`: the settings of `eanet serve`, and the check for its optional dependencies."""
+
+import importlib.util
+from dataclasses import asdict, dataclass, fields
+
+from eanet.errors import ConfigError, EANetError
+
+CONFIG_ENV = "EANET_SERVE_CONFIG"  # how `--workers N` hands the settings to each worker
+
+
+_DEPENDENCIES = {"fastapi": "fastapi", "uvicorn": "uvicorn", "python_multipart": "python-multipart"}
+
+
+@dataclass
+class ServeConfig:
+    """Everything `eanet serve` is started with."""
+
+    checkpoint: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 64  # images per forward pass
+    max_wait_ms: float = 5.0  # how long a request waits for others to share its forward pass
+    workers: int = 1  # uvicorn worker processes, each with its own copy of the model
+    max_upload_mb: float = 10.0  # request body limit
+    max_images: int = 64  # images per request
+    device: str = "auto"
+    threads: int | None = None  # torch threads per worker (default: `default_threads`)
+
+    def __post_init__(self) -> None:
+        self.checkpoint = str(self.checkpoint)
+        rules = {  # option: (allowed, what it must be)
+            "--port": (0 <= self.port <= 65535, "0..65535"),
+            "--max-batch": (self.max_batch >= 1, ">= 1"),
+            "--max-wait-ms": (self.max_wait_ms >= 0, ">= 0"),
+            "--workers": (self.workers >= 1, ">= 1"),
+            "--max-upload-mb": (self.max_upload_mb > 0, "> 0"),
+            "--max-images": (self.max_images >= 1, ">= 1"),
+            "--threads": (self.threads is None or self.threads >= 1, ">= 1"),
+        }
+        for name, (ok, rule) in rules.items():
+            if not ok:
+                value = getattr(self, name[2:].replace("-", "_"))
+                raise ConfigError(f"{name} {value} is out of range; it must be {rule}")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ServeConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def check_dependencies() -> None:
+    """Raise a one-line EANetError naming the extra when fastapi/uvicorn/multipart are missing."""
+    missing = [pip for mod, pip in _DEPENDENCIES.items() if importlib.util.find_spec(mod) is None]
+    if missing:
+        raise EANetError(
+            f"eanet serve needs {', '.join(missing)}, not installed; "
+            "install them with: pip install 'eanet[serve]'"
+        )

@@ -1,0 +1,46 @@
+"""The served model: a checkpoint loaded once, its forward pass and its description."""
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from eanet import __version__, checkpoint
+from eanet.models.registry import count_parameters
+from eanet.runtime import resolve_device
+
+
+class ServedModel:
+    """A checkpoint loaded for serving: model, class names, name and version, forward pass."""
+
+    def __init__(self, path: str | Path, device: str = "auto") -> None:
+        path = checkpoint.resolve(path)
+        self.path = path
+        self.model, ckpt = checkpoint.load_model(path, resolve_device(device))
+        self.meta = ckpt.meta
+        self.class_names = ckpt.class_names
+        self.config = self.model.config
+        self.device = next(self.model.parameters()).device
+        self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+        fallback = "eanet" if self.config.attention == "external" else "vit"
+        self.name = str(self.meta.get("model_name") or fallback)
+        self.parameters = count_parameters(self.model)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    def describe(self) -> dict:
+        """Name and version, as every /predict response carries them."""
+        return {
+            "name": self.name,
+            "version": f"sha256:{self.sha256[:12]}",
+            "checkpoint_sha256": self.sha256,
+            "eanet_version": __version__,
+            "trained_with_eanet": self.meta.get("eanet_version"),
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images [B, 3, S, S] -> float logits [B, classes] on the CPU."""
+        with torch.inference_mode():
+            return self.model(x.to(self.device)).float().cpu()

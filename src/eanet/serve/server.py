@@ -1,0 +1,71 @@
+"""Starting the server: threads, workers, the port check, and uvicorn."""
+
+import json
+import logging
+import os
+from typing import Any
+
+from eanet import checkpoint
+from eanet.errors import ConfigError
+from eanet.runtime import set_threads
+from eanet.serve.app import create_app
+from eanet.serve.config import CONFIG_ENV, ServeConfig, check_dependencies
+
+
+def default_threads(workers: int = 1) -> int:
+    """Torch threads per worker: its share of the cores, less one for HTTP and decoding.
+
+    Measured on the 2-core machine under other load (benchmarks/serve_load.py, README): one
+    torch thread served several times the requests/s of two, which waited for the busy cores.
+    """
+    return max(1, (os.cpu_count() or 1) // workers - 1)
+
+
+def _set_threads(config: ServeConfig) -> None:
+    """In the serving process only: the app factory leaves the caller's torch alone."""
+    set_threads(config.threads or default_threads(config.workers))
+
+
+def app_from_env() -> Any:
+    """The app for one uvicorn worker process, configured from $EANET_SERVE_CONFIG."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = ServeConfig.from_dict(json.loads(os.environ[CONFIG_ENV]))
+    _set_threads(config)
+    return create_app(config)
+
+
+def serve(config: ServeConfig) -> None:
+    """Start uvicorn on `config` and serve until interrupted."""
+    check_dependencies()
+    import uvicorn
+
+    _check_port(config.host, config.port)
+    common = {"host": config.host, "port": config.port, "access_log": False, "log_level": "info"}
+    if config.workers == 1:
+        _set_threads(config)
+        uvicorn.run(create_app(config), **common)
+        return
+    checkpoint.load(config.checkpoint)  # a bad checkpoint: one line now, not N tracebacks
+    os.environ[CONFIG_ENV] = json.dumps(config.to_dict())
+    uvicorn.run("eanet.serve:app_from_env", factory=True, workers=config.workers, **common)
+
+
+def _check_port(host: str, port: int) -> None:
+    """A one-line error now for a port in use, before the model loads."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ConfigError(f"--host {host}: cannot resolve it ({exc.strerror or exc})") from exc
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(address)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {host}:{port} ({exc.strerror or exc}); another server may "
+                "be running there, choose another --port"
+            ) from exc

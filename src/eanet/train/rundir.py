@@ -1,0 +1,70 @@
+"""The run directory: its files, refusing to clobber one, history files, the saved config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from eanet import checkpoint
+from eanet.errors import ConfigError, EANetError
+from eanet.fileio import read_json, remove_stale_temp_files, write_csv, write_json
+from eanet.plots import plot_curves
+from eanet.train.config import TrainConfig
+
+RUN_FILES = (
+    "config.json",
+    "history.json",
+    "history.csv",
+    "curves.png",
+    "metrics.json",
+    checkpoint.CHECKPOINT_NAME,
+)
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber an existing run unless asked; check the directory is writable.
+
+    Temporary files that a killed writer left beside the run files are deleted.
+    """
+    ckpt = out / checkpoint.CHECKPOINT_NAME
+    if resume:
+        if not ckpt.is_file():
+            raise EANetError(
+                f"{out}: nothing to resume (no {checkpoint.CHECKPOINT_NAME}); "
+                "start a new run with --out"
+            )
+    else:
+        existing = [name for name in RUN_FILES if (out / name).exists()]
+        if existing and not overwrite:
+            raise EANetError(
+                f"{out} already holds a run ({', '.join(existing)}); pass --resume "
+                f"{out} to continue it, --overwrite to start over, or another --out"
+            )
+        for name in existing:
+            (out / name).unlink()
+    remove_stale_temp_files(out, RUN_FILES)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise EANetError(f"cannot write to run directory {out}: {exc.strerror or exc}") from exc
+
+
+def write_history(out: Path, history: list[dict], title: str) -> None:
+    write_json(out / "history.json", history)
+    write_csv(out / "history.csv", history)
+    plot_curves(history, out / "curves.png", title=title)
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    """The TrainConfig saved in a run directory's config.json."""
+    data = read_json(Path(run_dir) / "config.json")
+    if "train" not in data:
+        raise EANetError(f"{run_dir}/config.json has no 'train' section; it is not a run")
+    try:
+        return TrainConfig.from_dict(data["train"])
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{Path(run_dir) / 'config.json'}: {exc}; correct the file (or start a new run)"
+        ) from exc

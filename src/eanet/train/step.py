@@ -1,0 +1,144 @@
+"""One training step and one epoch: augment in pixel space, forward, loss, backward, AdamW."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from eanet.data.augment import AugmentConfig, augment, augment_reference_bug
+from eanet.metrics import Metrics, MetricSums
+from eanet.models.transformer import VisionTransformer
+from eanet.train import distributed
+from eanet.train import guard as guard_mod
+from eanet.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def forward_train(
+    model: VisionTransformer, x: torch.Tensor, mode: str, aug: AugmentConfig
+) -> torch.Tensor:
+    """Augment a uint8 batch as `mode` says and return the logits (model in train mode)."""
+    x = x.float()
+    if mode == "fixed":
+        return model(augment(x, aug))  # pixel space, then normalise inside the model
+    if mode == "reference-bug":
+        # The reference's order: normalise first, then augment with contrast clipped to
+        # 0..255, which zeroes every negative normalised value in training only.
+        return model(augment_reference_bug(model.normalize(x), aug), normalized=True)
+    return model(x)
+
+
+def accelerate(model: VisionTransformer, cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """The module the training steps call: the model, or torch.compile of it (--compile).
+
+    With --amp bf16 on CUDA, fp32 matmuls outside autocast may use TF32 too.
+    """
+    if cfg.amp == "bf16" and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if not cfg.compile:
+        return model
+    log.info("compiling the model with torch.compile (the first steps are slow)")
+    return torch.compile(model)
+
+
+def make_optimizer(model: VisionTransformer, cfg: TrainConfig) -> torch.optim.AdamW:
+    """The reference's AdamW (decoupled decay on every trainable tensor, Keras's epsilon)."""
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.lr,
+        betas=(0.9, 0.999),
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+    )
+
+
+def train_step(
+    model: VisionTransformer,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    aug: AugmentConfig,
+    loss_scale: float = 1.0,
+    guard: guard_mod.StepGuard | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment, forward, label-smoothed loss, backward, AdamW step; returns (logits, loss).
+
+    `loss_scale` weights the gradient (not the returned loss): a rank's share of a short
+    last batch under DDP (see `distributed.Distributed.shard`). `guard` may veto the
+    optimizer step of a non-finite batch: then `guard_mod.BatchSkipped` is raised.
+    """
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+        logits = forward_train(model, x, cfg.augment, aug)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    (loss if loss_scale == 1.0 else loss * loss_scale).backward()
+    if guard is not None and not guard.allow_step(loss, optimizer):
+        optimizer.zero_grad(set_to_none=True)
+        raise guard_mod.BatchSkipped
+    optimizer.step()
+    return logits.detach(), loss.detach()
+
+
+def train_epoch(
+    model: VisionTransformer,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: TrainConfig,
+    desc: str = "train",
+    progress: bool = True,
+    dist: distributed.Distributed | None = None,
+    guard: guard_mod.StepGuard | None = None,
+) -> Metrics:
+    """One pass over the training tensors in a fresh random order, last batch partial.
+
+    With `dist` (inside its `epoch_rng`), the order is the one every rank shares and
+    this process trains on its share of each global batch; the metrics are its own.
+    With `guard`, a signal stops training between steps and a non-finite loss stops it
+    or skips the batch (`guard_mod.StepGuard`); skipped batches are not in the metrics.
+    """
+    model.train()
+    aug = AugmentConfig()
+    sums = MetricSums(images.device)
+    if dist is None:
+        perm = torch.randperm(len(images), device=images.device)
+    else:
+        perm = dist.permutation(len(images), images.device)
+    steps = math.ceil(len(images) / cfg.batch_size)
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, unit="step")
+    if guard is not None:
+        guard.start_epoch(desc, steps)
+    for step in bar:
+        if guard is not None:
+            guard.before_step(step)
+        idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        scale = 1.0
+        if dist is not None:
+            idx, scale = dist.shard(idx)
+        x, y = images[idx], labels[idx]
+        try:
+            logits, loss = train_step(model, optimizer, x, y, cfg, aug, scale, guard)
+        except guard_mod.BatchSkipped:
+            continue
+        if scale:  # weight 0: a stand-in image, only there to join the gradient average
+            sums.add(logits, y, loss)
+        if progress and (step % 10 == 0 or step == steps - 1):
+            m = sums.result()
+            rate = m.count / max(bar.format_dict["elapsed"], 1e-9)
+            bar.set_postfix(
+                loss=f"{m.loss:.3f}",
+                top1=f"{m.top1:.1%}",
+                top5=f"{m.top5:.1%}",
+                img_s=f"{rate:.0f}",
+            )
+    if guard is not None:
+        guard.end_epoch(model)
+    return sums.result()
