@@ -8,6 +8,7 @@ import torch
 from eanet.bench import bench_model, macs_per_image, saved_activation_bytes
 from eanet.cli.main import main
 from eanet.models.registry import create_model
+from eanet.train.config import TrainConfig
 
 
 def test_macs_per_image_matches_the_hand_count():
@@ -20,19 +21,12 @@ def test_macs_per_image_matches_the_hand_count():
 
 
 def test_bench_model_reports_throughput_and_machine():
-    r = bench_model(
-        "eanet-cifar",
-        batch_size=4,
-        device="cpu",
-        warmup=1,
-        steps=2,
-        model_args={"depth": 1},
-        peak=100.0,
-    )
-    assert r["train_img_s"] > 0 and r["infer_img_s"] > 0
-    assert len(r["train_step_s"]) == 2 and r["matmul_peak_gflops"] == 100.0
-    assert r["environment"]["torch"] == torch.__version__
-    assert 0 < r["train_fraction_of_peak"] < 1
+    cfg = TrainConfig(batch_size=4, device="cpu", model_args={"depth": 1})
+    r = bench_model(cfg, warmup=1, steps=2, peak=100.0)
+    assert r.train_img_s > 0 and r.infer_img_s > 0
+    assert len(r.train_step_s) == 2 and r.matmul_peak_gflops == 100.0
+    assert r.environment["torch"] == torch.__version__
+    assert 0 < r.train_fraction_of_peak < 1
 
 
 def test_activation_memory_is_linear_for_external_and_quadratic_for_self_attention():
@@ -82,5 +76,5 @@ def test_scaling_cli_writes_table_and_plot(tmp_path, capsys):
 def test_bad_bench_options():
     from eanet.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="--dtype"):
-        bench_model(dtype="float16")
+    with pytest.raises(ConfigError, match="--precision"):
+        bench_model(TrainConfig(precision="float16"))

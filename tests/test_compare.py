@@ -16,7 +16,9 @@ from eanet.data.cifar import SAMPLE_ARCHIVE, SAMPLE_MD5
 from eanet.data.load import load_dataset
 from eanet.errors import ConfigError, DataError, EANetError
 from eanet.info import describe
+from eanet.options import declared
 from eanet.train import loop as train
+from eanet.train.config import TrainConfig
 
 TINY = {"depth": 1, "dim": 32, "mlp_dim": 32, "patch_size": 4}
 TINY_CLI = [arg for k, v in TINY.items() for arg in ("--model-arg", f"{k}={v}")]
@@ -33,7 +35,9 @@ def tiny_compare(**kw) -> CompareConfig:
         bench_steps=1,
         device="cpu",
     )
-    return CompareConfig(**{**base, **kw})
+    values = {**base, **kw}
+    own = {k: values.pop(k) for k in list(values) if k in declared(CompareConfig)}
+    return CompareConfig(**own, train=TrainConfig(**values))
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +149,7 @@ def test_command_line_reproduces_the_config():
     assert argv[:2] == ["eanet", "compare"]
     args = build_parser().parse_args(argv[1:])
     assert args.models == cfg.models and args.seeds == 3 and args.lr == 0.002
-    assert dict(args.model_arg) == TINY and str(args.out) == "out dir"
+    assert dict(args.model_args) == TINY and str(args.out) == "out dir"
     assert args.augment_orders == cfg.augment_orders and args.dataset == "digits"
 
 

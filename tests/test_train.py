@@ -171,10 +171,11 @@ def test_learning_check_on_real_digits(tmp_path, digits_data):
 
 
 def test_bf16_autocast_option_trains(tmp_path, small_sample):
-    metrics = fit(tiny_config(epochs=1, amp="bf16"), tmp_path, data=small_sample, progress=False)
+    cfg = tiny_config(epochs=1, precision="bf16")
+    metrics = fit(cfg, tmp_path, data=small_sample, progress=False)
     assert 0 <= metrics["test_top1"] <= 1
-    with pytest.raises(ConfigError, match="--amp 'fp16'"):
-        tiny_config(amp="fp16")
+    with pytest.raises(ConfigError, match="--precision 'fp16'"):
+        tiny_config(precision="fp16")
 
 
 def test_synthetic_data_for_timing():

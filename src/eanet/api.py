@@ -22,14 +22,18 @@ from eanet.errors import DataError
 from eanet.models.config import ModelConfig
 from eanet.models.transformer import VisionTransformer
 from eanet.predict import Prediction, predict_batch
-from eanet.runtime import resolve_device
+from eanet.runtime import resolve_device, resolve_precision
 
 
 class Classifier:
     """A trained model with its class names, ready to predict images."""
 
     def __init__(
-        self, model: VisionTransformer, class_names: Sequence[str], meta: dict | None = None
+        self,
+        model: VisionTransformer,
+        class_names: Sequence[str],
+        meta: dict | None = None,
+        precision: str = "fp32",
     ) -> None:
         if len(class_names) != model.config.num_classes:
             raise ValueError(
@@ -39,6 +43,7 @@ class Classifier:
         self.model = model.eval()
         self.class_names = list(class_names)
         self.meta = meta or {}
+        self.precision = precision  # of every forward pass: fp32, bf16 or auto
 
     @property
     def config(self) -> ModelConfig:
@@ -64,7 +69,9 @@ class Classifier:
         arrays HWC (uint8 or float, pixel values 0..255), tensors CHW; a 4-d numpy array is
         a batch NHWC, a 4-d tensor a batch NCHW. Any size: resized like everything else.
         """
-        return predict_batch(self.model, self.class_names, _as_list(images), top_k, batch_size)
+        return predict_batch(
+            self.model, self.class_names, _as_list(images), top_k, batch_size, self.precision
+        )
 
     def __repr__(self) -> str:
         c = self.config
@@ -87,7 +94,12 @@ def _as_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
     return list(images)
 
 
-def load(path: str | Path, device: str = "auto") -> Classifier:
-    """A Classifier from a checkpoint file or run directory (on cuda when available)."""
-    model, ckpt = checkpoint.load_model(path, resolve_device(device))
-    return Classifier(model, ckpt.class_names, ckpt.meta)
+def load(path: str | Path, device: str = "auto", precision: str = "fp32") -> Classifier:
+    """A Classifier from a checkpoint file or run directory (on cuda when available).
+
+    `precision`: 'fp32' (default), 'bf16' or 'auto' (bf16 where the device runs it natively).
+    """
+    dev = resolve_device(device)
+    resolve_precision(precision, dev)  # an impossible precision fails here, not at predict
+    model, ckpt = checkpoint.load_model(path, dev)
+    return Classifier(model, ckpt.class_names, ckpt.meta, precision)

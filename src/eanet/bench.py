@@ -8,11 +8,13 @@ AdamW), on random CIFAR-shaped uint8 data held on the device.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import resource
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -22,13 +24,19 @@ from eanet.errors import ConfigError
 from eanet.models.layers import use_reference_ops
 from eanet.models.registry import count_parameters, create_model
 from eanet.models.transformer import VisionTransformer
-from eanet.runtime import environment, resolve_device, set_threads, tune_cpu_allocator
+from eanet.runtime import (
+    autocast,
+    environment,
+    native_bf16,
+    resolve_device,
+    resolve_precision,
+    set_threads,
+    tune_cpu_allocator,
+)
 from eanet.train.config import TrainConfig
-from eanet.train.step import make_optimizer, train_step
+from eanet.train.step import accelerate, make_optimizer, train_step
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def synchronize(device: torch.device) -> None:
@@ -53,10 +61,12 @@ def time_calls(
     return times
 
 
-def matmul_peak_gflops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
-    """GFLOP/s of a large square fp32 matmul: this machine's practical compute ceiling."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def matmul_peak_gflops(
+    device: torch.device, n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32
+) -> float:
+    """GFLOP/s of a large square matmul in `dtype`: this machine's practical ceiling."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
     with _tf32(device, enabled=False):
         times = time_calls(lambda: a @ b, device, warmup=2, repeats=repeats)
     return 2 * n**3 / statistics.median(times) / 1e9
@@ -95,12 +105,6 @@ def macs_per_image(model: VisionTransformer, device: torch.device) -> float:
     return counter.get_total_flops() / 2 / batch
 
 
-def _autocast(device: torch.device, dtype: str):
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[dtype])
-
-
 def _peak_memory_mb(device: torch.device) -> dict:
     if device.type == "cuda":
         return {
@@ -114,90 +118,120 @@ def _peak_memory_mb(device: torch.device) -> dict:
     }
 
 
+@dataclass
+class BenchResult:
+    """What `eanet bench` measured for one model: throughput, cost, peaks and machine."""
+
+    model: str
+    batch_size: int
+    device: str
+    precision: str  # resolved: what the timed steps ran in
+    compile: bool
+    params: int
+    warmup: int
+    steps: int
+    train_img_s: float
+    infer_img_s: float
+    train_step_s: list[float]
+    infer_step_s: list[float]
+    forward_macs_per_image: float
+    train_macs_per_image: float
+    train_gflops: float
+    infer_gflops: float
+    matmul_peak_gflops: float  # fp32
+    matmul_peak_bf16_gflops: float | None  # None where it was not measured
+    train_fraction_of_peak: float  # of the matmul peak in `precision`
+    infer_fraction_of_peak: float
+    peak_memory_mb: float
+    peak_memory_kind: str
+    environment: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _bench_data(model: VisionTransformer, batch_size: int, dev: torch.device):
+    x = torch.randint(0, 256, (batch_size, *model.input_shape), dtype=torch.uint8, device=dev)
+    y = torch.randint(0, model.config.num_classes, (batch_size,), device=dev)
+    return x, y
+
+
 def bench_model(
-    name: str = "eanet-cifar",
-    batch_size: int = 128,
-    device: str = "auto",
-    dtype: str = "float32",
-    compile: bool = False,
+    cfg: TrainConfig,
     warmup: int = 3,
     steps: int = 10,
-    threads: int | None = None,
-    model_args: dict | None = None,
     peak: float | None = None,
-    augment: str = "fixed",
-) -> dict:
-    """Training-step and inference throughput (images/s, median of `steps`) of one model."""
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype {dtype!r} must be one of {', '.join(DTYPES)}")
-    if batch_size < 1 or steps < 1 or warmup < 0:
-        raise ConfigError("--batch-size and --steps must be >= 1 and --warmup >= 0")
-    set_threads(threads)
-    dev = resolve_device(device)
+    peak_bf16: float | None = None,
+) -> BenchResult:
+    """Training-step and inference throughput (images/s, median of `steps`) of `cfg`'s model.
+
+    The training step is `train.step.train_step` with `cfg` (its precision, augmentation,
+    compile via `train.step.accelerate`): exactly what `eanet train` runs with the same
+    options. Inference runs in `cfg.precision` under inference mode, as `predict` does.
+    """
+    if steps < 1 or warmup < 0:
+        raise ConfigError(f"--steps {steps} must be >= 1 and --warmup {warmup} >= 0")
+    set_threads(cfg.threads)
+    dev = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, dev)
     tune_cpu_allocator()
     torch.manual_seed(0)
-    model = create_model(name, **(model_args or {})).to(dev)
+    model = create_model(cfg.model, **cfg.model_args).to(dev)
     # CIFAR-100-like statistics, so activations have realistic magnitudes
     model.normalize.set_stats(
         torch.tensor([129.3, 124.1, 112.4]), torch.tensor([4597.0, 4231.0, 5013.0]), 1
     )
-    cfg = TrainConfig(model=name, batch_size=batch_size, augment=augment)
     optimizer = make_optimizer(model, cfg)
-    runner = torch.compile(model) if compile else model
-    x = torch.randint(0, 256, (batch_size, *model.input_shape), dtype=torch.uint8, device=dev)
-    y = torch.randint(0, model.config.num_classes, (batch_size,), device=dev)
+    runner = accelerate(model, cfg, dev)
+    x, y = _bench_data(model, cfg.batch_size, dev)
     aug = AugmentConfig()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-
-    def step() -> None:
-        with _autocast(dev, dtype):
-            train_step(runner, optimizer, x, y, cfg, aug)
-
-    if compile:
-        try:  # compilation happens at the first call; fall back to eager if it fails
-            step()
-        except Exception as exc:  # noqa: BLE001 - any backend failure means "run eager"
-            log.warning("torch.compile failed (%s); benchmarking eager", str(exc)[:200])
-            runner, compile = model, False
-    train_times = time_calls(step, dev, warmup, steps)
+    train_times = time_calls(
+        lambda: train_step(runner, optimizer, x, y, cfg, aug), dev, warmup, steps
+    )
     train_mem = _peak_memory_mb(dev)
     model.eval()
 
     @torch.inference_mode()
     def infer() -> None:
-        with _autocast(dev, dtype):
+        with autocast(precision, dev):
             runner(x)
 
     infer_times = time_calls(infer, dev, warmup, steps)
     fwd_macs = macs_per_image(model, dev)
-    train_macs = 3 * fwd_macs
     peak = peak or matmul_peak_gflops(dev)
-    train_img_s = batch_size / statistics.median(train_times)
-    infer_img_s = batch_size / statistics.median(infer_times)
-    return {
-        "model": name,
-        "batch_size": batch_size,
-        "device": str(dev),
-        "dtype": dtype,
-        "compile": compile,
-        "params": count_parameters(model),
-        "warmup": warmup,
-        "steps": steps,
-        "train_img_s": train_img_s,
-        "infer_img_s": infer_img_s,
-        "train_step_s": train_times,
-        "infer_step_s": infer_times,
-        "forward_macs_per_image": fwd_macs,
-        "train_macs_per_image": train_macs,
-        "train_gflops": 2 * train_macs * train_img_s / 1e9,
-        "infer_gflops": 2 * fwd_macs * infer_img_s / 1e9,
-        "matmul_peak_gflops": peak,
-        "train_fraction_of_peak": 2 * train_macs * train_img_s / 1e9 / peak,
-        "infer_fraction_of_peak": 2 * fwd_macs * infer_img_s / 1e9 / peak,
+    if peak_bf16 is None and (precision == "bf16" or native_bf16(dev)):
+        peak_bf16 = matmul_peak_gflops(dev, dtype=torch.bfloat16)
+    ceiling = peak_bf16 if precision == "bf16" and peak_bf16 else peak
+    train_img_s = cfg.batch_size / statistics.median(train_times)
+    infer_img_s = cfg.batch_size / statistics.median(infer_times)
+    train_gflops = 2 * 3 * fwd_macs * train_img_s / 1e9
+    infer_gflops = 2 * fwd_macs * infer_img_s / 1e9
+    return BenchResult(
+        model=cfg.model,
+        batch_size=cfg.batch_size,
+        device=str(dev),
+        precision=precision,
+        compile=cfg.compile,
+        params=count_parameters(model),
+        warmup=warmup,
+        steps=steps,
+        train_img_s=train_img_s,
+        infer_img_s=infer_img_s,
+        train_step_s=train_times,
+        infer_step_s=infer_times,
+        forward_macs_per_image=fwd_macs,
+        train_macs_per_image=3 * fwd_macs,
+        train_gflops=train_gflops,
+        infer_gflops=infer_gflops,
+        matmul_peak_gflops=peak,
+        matmul_peak_bf16_gflops=peak_bf16,
+        train_fraction_of_peak=train_gflops / ceiling,
+        infer_fraction_of_peak=infer_gflops / ceiling,
         **train_mem,
-        "environment": environment(),
-    }
+        environment=environment(),
+    )
 
 
 # --------------------------------------------------------------------------- token scaling
@@ -242,16 +276,10 @@ def scaling(
     jobs = [(s, m) for s in sizes for m in models]
     for size, name in tqdm(jobs, desc="scaling", disable=not progress):
         shape = {"image_size": size, "patch_size": patch_size}
-        r = bench_model(
-            name,
-            batch_size,
-            device,
-            warmup=warmup,
-            steps=steps,
-            model_args=shape,
-            peak=peak,
-            augment="none",
+        cfg = TrainConfig(
+            model=name, model_args=shape, batch_size=batch_size, device=device, augment="none"
         )
+        r = bench_model(cfg, warmup=warmup, steps=steps, peak=peak)
         torch.manual_seed(0)
         model = create_model(name, **shape).to(dev)
         x = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, device=dev)
@@ -260,10 +288,10 @@ def scaling(
                 "model": name,
                 "image_size": size,
                 "tokens": (size // patch_size) ** 2,
-                "train_ms_per_image": 1e3 / r["train_img_s"],
-                "infer_ms_per_image": 1e3 / r["infer_img_s"],
+                "train_ms_per_image": 1e3 / r.train_img_s,
+                "infer_ms_per_image": 1e3 / r.infer_img_s,
                 "activation_mb_per_image": saved_activation_bytes(model, x) / 2**20,
-                "forward_gmacs_per_image": r["forward_macs_per_image"] / 1e9,
+                "forward_gmacs_per_image": r.forward_macs_per_image / 1e9,
             }
         )
     return rows

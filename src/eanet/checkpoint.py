@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from eanet.errors import CheckpointError, ConfigError
+from eanet.errors import CheckpointError, ConfigError, one_line
 from eanet.fileio import atomic_path
 from eanet.models.config import ModelConfig
 from eanet.models.registry import build_model
@@ -105,11 +105,6 @@ def digest(tensors: dict[str, torch.Tensor], header: dict[str, str]) -> str:
     return h.hexdigest()
 
 
-def _one_line(exc: BaseException) -> str:
-    """An exception's message on one line (it may quote names from a damaged file)."""
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def _test_slow_save() -> None:
     """Test hook: EANET_TEST_SLOW_SAVE=SECONDS sleeps between writing the temporary file and
     renaming it over the checkpoint, so a test can kill a run in the middle of a save."""
@@ -127,7 +122,7 @@ def load(path: str | Path) -> Checkpoint:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(
-            f"{path}: not a readable safetensors checkpoint ({_one_line(exc)}); "
+            f"{path}: not a readable safetensors checkpoint ({one_line(exc)}); "
             "it may be truncated or corrupt, re-create it"
         ) from exc
     if header.get("format") != FORMAT:
@@ -147,7 +142,7 @@ def load(path: str | Path) -> Checkpoint:
         ModelConfig.from_dict(meta["model_config"])
         _check_meta(meta)
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
-        raise CheckpointError(f"{path}: checkpoint metadata is damaged ({_one_line(exc)})") from exc
+        raise CheckpointError(f"{path}: checkpoint metadata is damaged ({one_line(exc)})") from exc
     ckpt = Checkpoint(meta=meta, model_state={})
     optim: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -258,6 +253,6 @@ def restore_training(
         restore_rng(ckpt)
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise CheckpointError(
-            f"{path}: optimizer or RNG state cannot be restored ({_one_line(exc)}); the "
+            f"{path}: optimizer or RNG state cannot be restored ({one_line(exc)}); the "
             "checkpoint is damaged or from another training setup"
         ) from exc

@@ -32,6 +32,7 @@ def evaluate_checkpoint(
     device: str = "auto",
     progress: bool = True,
     data: ImageData | None = None,
+    precision: str = "fp32",
 ) -> dict:
     """Evaluate a checkpoint on a split of its data set; write per-class CSV and confusion PNG.
 
@@ -65,7 +66,7 @@ def evaluate_checkpoint(
         _, _, images, labels = train_val_split(data, frac)
     else:
         raise ConfigError(f"split {split!r} must be 'test' or 'val'")
-    logits = predict_logits(model, images, batch_size, progress=progress, desc=f"eval {split}")
+    logits = predict_logits(model, images, batch_size, progress, f"eval {split}", precision)
     m = metrics_from_logits(logits, labels, train_cfg.get("label_smoothing", 0.1))
     conf = confusion_matrix(logits.argmax(1), labels, data.num_classes)
     support = conf.sum(1)

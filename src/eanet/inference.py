@@ -7,6 +7,7 @@ from tqdm.auto import tqdm
 
 from eanet.metrics import Metrics, metrics_from_logits
 from eanet.models.transformer import VisionTransformer
+from eanet.runtime import autocast, resolve_precision
 
 
 @torch.no_grad()
@@ -16,14 +17,20 @@ def predict_logits(
     batch_size: int = 500,
     progress: bool = False,
     desc: str = "predict",
+    precision: str = "fp32",
 ) -> torch.Tensor:
-    """Logits for uint8 images [N, C, H, W], in batches, on the model's device (eval mode)."""
+    """Logits (fp32) for uint8 images [N, C, H, W], in batches, on the model's device (eval).
+
+    `precision` ('fp32', 'bf16' or 'auto') is the forward pass's (`eanet.runtime.autocast`).
+    """
     device = next(model.parameters()).device
+    precision = resolve_precision(precision, device)
     was_training = model.training
     model.eval()
     out = []
     for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
-        out.append(model(images[i : i + batch_size].to(device, non_blocking=True)))
+        with autocast(precision, device):
+            out.append(model(images[i : i + batch_size].to(device, non_blocking=True)).float())
     model.train(was_training)
     if not out:
         return torch.empty(0, model.config.num_classes, device=device)
@@ -39,7 +46,8 @@ def evaluate_tensors(
     label_smoothing: float = 0.1,
     progress: bool = False,
     desc: str = "evaluate",
+    precision: str = "fp32",
 ) -> Metrics:
     """Metrics of `model` on uint8 images and int64 labels (the loss as in training)."""
-    logits = predict_logits(model, images, batch_size, progress=progress, desc=desc)
+    logits = predict_logits(model, images, batch_size, progress, desc, precision)
     return metrics_from_logits(logits, labels, label_smoothing)

@@ -1,7 +1,12 @@
-"""Type checks for configuration dataclasses: a hand-edited config.json is a one-line error.
+"""Options declared once: config dataclass fields with help, choices and a resume rule.
 
-`TrainConfig` and `ModelConfig` are built from JSON (a run's config.json, a checkpoint's
-metadata) and from `--model-arg KEY=VALUE`; a value of the wrong type must not reach a
+Every training option is a field of a config dataclass (`TrainConfig`, `CompareConfig`,
+...) declared with `option(...)`: its help text, its choices and how it behaves on
+`--resume`. The command line's flags, config files (YAML in, YAML out), resume merging,
+`compare` and `bench` are derived from those fields.
+
+Type checks: configs are built from JSON/YAML (a run's config, a checkpoint's metadata, a
+config file) and from `--model-arg KEY=VALUE`; a value of the wrong type must not reach a
 comparison or a tensor constructor as a TypeError with a traceback.
 """
 
@@ -9,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import types
 import typing
@@ -70,3 +76,175 @@ def check_field_types(obj: object, describe: Callable[[str, object], str]) -> No
             continue
         wanted = " or ".join(_NAMES.get(typing.get_origin(o) or o, str(o)) for o in options)
         raise ConfigError(f"{describe(f.name, value)} must be {wanted}, not {type(value).__name__}")
+
+
+# --------------------------------------------------------------------------- declared options
+
+# How an option behaves when a run is continued with `eanet train --resume RUN`:
+CHANGE = "change"  # may change: the flag is applied (e.g. --epochs, --device)
+MATCH = "match"  # part of the run's recipe: the same value is accepted, another is refused
+KEEP = "keep"  # kept from the run: the flag does not apply to a resumed run and is refused
+RESUME_RULES = (CHANGE, MATCH, KEEP)
+
+
+def option(
+    default: object = dataclasses.MISSING,
+    *,
+    help: str,
+    resume: str = MATCH,
+    choices: tuple[str, ...] | None = None,
+    metavar: str | None = None,
+    default_factory: Callable[[], object] | None = None,
+    results: bool = True,
+) -> typing.Any:
+    """A config dataclass field that carries its help text, choices and resume rule.
+
+    Flags (`eanet.cli.flags`), `--help`, resume merging, compare, bench and config files
+    are all derived from these fields; nothing re-declares them. `results=False` marks
+    an option that never changes what a run computes (where the data lie, the device), so
+    `compare` may reuse a run made with another value.
+    """
+    if resume not in RESUME_RULES:
+        raise ValueError(f"resume={resume!r} must be one of {RESUME_RULES}")
+    meta = {"help": help, "resume": resume, "choices": choices, "metavar": metavar}
+    meta["results"] = results
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def check_choices(obj: object) -> None:
+    """Raise ConfigError naming the first declared field whose value is not a choice."""
+    for name, f in declared(type(obj)).items():
+        choices = f.metadata["choices"]
+        value = getattr(obj, name)
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{flag(name)} {value!r} must be one of {', '.join(choices)}")
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a field: `batch_size` -> `--batch-size`."""
+    return "--" + name.replace("_", "-")
+
+
+def declared(cls: type) -> dict[str, dataclasses.Field]:
+    """The fields of a config dataclass declared with `option`, by name."""
+    return {f.name: f for f in dataclasses.fields(cls) if "help" in f.metadata}
+
+
+def field_default(f: dataclasses.Field) -> object:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def value_type(cls: type, name: str) -> object:
+    """The annotated type of a field without `None` (`int | None` -> int)."""
+    options = [o for o in _options(_hints(cls)[name]) if o is not type(None)]
+    return typing.get_origin(options[0]) or options[0] if len(options) == 1 else options[0]
+
+
+def from_mapping(cls: type, data: object, where: str) -> typing.Any:
+    """Build config dataclass `cls` from a mapping; unknown keys and bad values name `where`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of options, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k) for k in set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown option {unknown[0]!r}; known: {', '.join(sorted(known))}"
+        )
+    try:
+        return cls(**data)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def resume_merge(saved: typing.Any, given: dict[str, object], run: str) -> typing.Any:
+    """The saved config of `run` with the `given` options applied by their resume rules.
+
+    A CHANGE option is applied; a MATCH option must equal the run's value; a KEEP option
+    is refused. Every refusal is a one-line ConfigError naming the flag.
+    """
+    fields = declared(type(saved))
+    changes = {}
+    for name, value in given.items():
+        rule = fields[name].metadata["resume"]
+        old = getattr(saved, name)
+        if rule == CHANGE:
+            changes[name] = value
+        elif rule == KEEP:
+            raise ConfigError(
+                f"{flag(name)} does not apply to --resume {run}: the run keeps its own; "
+                "drop the flag, or start a new run with --out"
+            )
+        elif value != old:
+            raise ConfigError(
+                f"{flag(name)} {_show(value)} differs from the run's {_show(old)}: --resume "
+                f"{run} continues its own recipe; drop the flag, or start a new run with --out"
+            )
+    return dataclasses.replace(saved, **changes)
+
+
+def _show(value: object) -> str:
+    return json.dumps(value) if not isinstance(value, str) else repr(value)
+
+
+# --------------------------------------------------------------------------- config files
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """The mapping in a YAML (.yaml/.yml) or JSON (.json) config file; one-line errors."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from exc
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # yaml.YAMLError, json.JSONDecodeError, RecursionError
+        first = " ".join(str(exc).split())[:200]
+        raise ConfigError(f"{path}: not valid {_kind(path)} ({first})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise ConfigError(f"{path}: expected a mapping of option names to values")
+    return data
+
+
+def _kind(path: str) -> str:
+    return "JSON" if path.endswith(".json") else "YAML"
+
+
+def to_yaml(values: dict, header: str = "") -> str:
+    """`values` as YAML in field order, after `header` comment lines."""
+    import yaml
+
+    lines = [f"# {line}".rstrip() for line in header.splitlines()]
+    body = yaml.safe_dump(values, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    return "\n".join([*lines, body]) if lines else body
+
+
+def to_argv(obj: object, skip: tuple[str, ...] = ()) -> list[str]:
+    """The flags that rebuild `obj` from its class's defaults (fields left at default omitted)."""
+    argv: list[str] = []
+    for name, f in declared(type(obj)).items():
+        value = getattr(obj, name)
+        if name in skip or value == field_default(f):
+            continue
+        if isinstance(value, bool):
+            argv.append(flag(name) if value else "--no-" + flag(name)[2:])
+        elif isinstance(value, dict):  # model_args: --model-arg KEY=VALUE, repeated
+            for key, v in value.items():
+                argv += ["--model-arg", f"{key}={v if isinstance(v, str) else json.dumps(v)}"]
+        elif isinstance(value, list):
+            argv += [flag(name), *map(str, value)]
+        elif value is not None:
+            argv += [flag(name), str(value)]
+    return argv

@@ -92,11 +92,12 @@ def predict_batch(
     images: Sequence[imgs.ImageLike],
     top_k: int = 5,
     batch_size: int = 64,
+    precision: str = "fp32",
 ) -> list[Prediction]:
     """Predict in-memory images or files; the first unusable one raises DataError."""
     size = model.config.image_size
     x = imgs.prepare(images, size)
-    logits = predict_logits(model, x, batch_size)
+    logits = predict_logits(model, x, batch_size, precision=precision)
     sources = [str(i) if isinstance(i, (str, Path)) else None for i in images]
     return top_k_predictions(logits, class_names, top_k, sources)
 
@@ -136,6 +137,7 @@ def iter_predict_files(
     files: Sequence[Path],
     top_k: int = 5,
     batch_size: int = 64,
+    precision: str = "fp32",
 ) -> Iterator[Prediction | Failure]:
     """Decode and predict `files` a batch at a time, in order; unusable files yield Failure."""
     check_top_k(top_k)
@@ -152,7 +154,8 @@ def iter_predict_files(
             except DataError as exc:
                 results.append(Failure(str(path), _reason(exc, path)))
         if decoded:
-            logits = predict_logits(model, torch.stack([t for _, t in decoded]), batch_size)
+            x = torch.stack([t for _, t in decoded])
+            logits = predict_logits(model, x, batch_size, precision=precision)
             chunk = files[start : start + batch_size]
             srcs = [str(chunk[i]) for i, _ in decoded]
             for (i, _), pred in zip(

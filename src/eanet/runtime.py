@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import platform
@@ -15,6 +17,9 @@ from eanet.errors import ConfigError
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "auto")
+# /proc/cpuinfo flags that say what the CPU computes natively (and is worth naming).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 _allocator_tuned = False
 
@@ -58,6 +63,58 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+@functools.cache
+def cpu_info() -> tuple[str | None, tuple[str, ...]]:
+    """(model name, the CPU_FLAGS it has) from /proc/cpuinfo; (None, ()) where unreadable."""
+    model, flags = None, set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model is None:
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+                if model is not None and flags:
+                    break
+    except OSError:
+        pass
+    return model, tuple(f for f in CPU_FLAGS if f in flags)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 natively: CUDA with bf16, or avx512_bf16/AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        flags = cpu_info()[1]
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """'fp32' or 'bf16' for `device`: 'auto' is bf16 where the device computes it natively."""
+    if name not in PRECISIONS:
+        raise ConfigError(f"--precision {name!r} must be one of {', '.join(PRECISIONS)}")
+    if name == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return name
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The one precision context of training, evaluation, prediction, bench and serving.
+
+    'bf16': bfloat16 autocast (matmuls and what torch lists as autocast-safe; reductions
+    stay fp32); 'fp32': nothing changes. `precision` must be resolved (not 'auto').
+    """
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision != "fp32":
+        raise ValueError(f"unresolved precision {precision!r}")
+    return contextlib.nullcontext()
+
+
 def set_threads(threads: int | None) -> None:
     """Set torch's intra-op threads (None keeps torch's default: one per core)."""
     if threads is not None:
@@ -77,12 +134,9 @@ def environment() -> dict:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    model, flags = cpu_info()
+    if model is not None:
+        info["cpu_model"] = model
+    info["cpu_flags"] = list(flags)
+    info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     return info

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from eanet.errors import ConfigError
 from eanet.models.registry import MODELS
+from eanet.options import check_field_types, flag, option, to_argv
 from eanet.train.config import AUGMENT_MODES, TrainConfig
 
-# TrainConfig fields that may differ between calls without changing a run's results.
-_NOT_RESULTS = ("data_path", "md5", "verify", "device", "threads")
+# TrainConfig fields that compare sets per run; the rest of the recipe is shared.
+PER_RUN = ("model", "augment", "seed")
 
 CURVE_FIELDS = ("train_loss", "val_loss", "train_top1", "val_top1")
 
@@ -38,30 +38,33 @@ SEED_FIELDS = (
 
 @dataclass
 class CompareConfig:
-    """What to compare and the one recipe all runs share (TrainConfig's defaults otherwise)."""
+    """What to compare, and the one training recipe (`train`) all runs share.
 
-    models: list[str] = field(default_factory=lambda: ["eanet-cifar", "vit-cifar"])
-    dataset: str = "cifar100"
-    data_path: str | None = None
-    md5: str | None = None
-    verify: bool = True
-    epochs: int = 50
-    seeds: int = 1  # runs per model and order, seeds 0..seeds-1
-    model_args: dict = field(default_factory=dict)  # overrides applied to every model
-    augment_orders: list[str] = field(default_factory=lambda: ["fixed"])
-    batch_size: int = 128
-    lr: float = 1e-3
-    val_fraction: float = 0.2
-    image_size: int | None = None
-    bench_steps: int = 3  # timed steps per model for img/s; 0 skips the speed measurement
-    device: str = "auto"
-    threads: int | None = None
+    Each run is `train` with its model, augmentation order and seed set
+    (`train_config`); everything else of the recipe is `train`'s.
+    """
+
+    models: list[str] = option(
+        default_factory=lambda: ["eanet-cifar", "vit-cifar"],
+        help="registered models to train side by side (see `eanet models`)",
+        metavar="MODEL",
+    )
+    seeds: int = option(1, help="runs per model and order, seeds 0..K-1")
+    augment_orders: list[str] = option(
+        default_factory=lambda: ["fixed"],
+        help="'fixed' (pixel space, then normalise), 'reference-bug' (the Keras example's "
+        "order), 'none'",
+        metavar="ORDER",
+    )
+    bench_steps: int = option(3, help="timed steps per model for img/s, 0 to skip")
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Raise ConfigError naming the first impossible option."""
+        check_field_types(self, lambda name, value: f"{flag(name)} {value!r}")
         if not self.models:
             raise ConfigError("--models is empty; name at least one model, e.g. eanet-cifar")
         for name in self.models:
@@ -84,23 +87,7 @@ class CompareConfig:
 
     def train_config(self, model: str, augment: str, seed: int) -> TrainConfig:
         """The TrainConfig of one run: the shared recipe with this model, order and seed."""
-        return TrainConfig(
-            model=model,
-            model_args=dict(self.model_args),
-            dataset=self.dataset,
-            data_path=self.data_path,
-            md5=self.md5,
-            verify=self.verify,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            val_fraction=self.val_fraction,
-            augment=augment,
-            seed=seed,
-            device=self.device,
-            threads=self.threads,
-            image_size=self.image_size,
-        )
+        return dataclasses.replace(self.train, model=model, augment=augment, seed=seed)
 
     def runs(self) -> list[tuple[str, str, int]]:
         """(model, augment order, seed) of every run, in the order they are trained."""
@@ -110,29 +97,10 @@ class CompareConfig:
 
     def command(self, out: str | Path) -> str:
         """The `eanet compare` command line that reproduces this comparison."""
-        parts = ["eanet", "compare", "--models", *self.models, "--dataset", self.dataset]
-        if self.data_path:
-            parts += ["--data-path", str(self.data_path)]
-        if self.md5:
-            parts += ["--md5", self.md5]
-        if not self.verify:
-            parts.append("--no-verify")
-        parts += ["--epochs", str(self.epochs), "--seeds", str(self.seeds)]
-        for key, value in self.model_args.items():
-            text = value if isinstance(value, str) else json.dumps(value)
-            parts += ["--model-arg", f"{key}={text}"]
-        parts += ["--augment-orders", *self.augment_orders]
-        parts += ["--batch-size", str(self.batch_size), "--lr", str(self.lr)]
-        parts += ["--val-fraction", str(self.val_fraction)]
-        if self.image_size is not None:
-            parts += ["--image-size", str(self.image_size)]
-        parts += ["--bench-steps", str(self.bench_steps)]
-        if self.device != "auto":
-            parts += ["--device", self.device]
-        if self.threads is not None:
-            parts += ["--threads", str(self.threads)]
-        parts += ["--out", str(out)]
-        return shlex.join(parts)
+        parts = ["eanet", "compare", "--models", *self.models]
+        parts += to_argv(self, skip=("models", "train"))
+        parts += to_argv(self.train, skip=PER_RUN)
+        return shlex.join([*parts, "--out", str(out)])
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -79,6 +79,7 @@ def _val_loss_path(g: dict) -> str:
 def format_report(report: dict) -> str:
     """The report as Markdown: provenance, tables, figures."""
     cfg, env, data = report["config"], report["environment"], report["data"]
+    rec = cfg["train"]  # the recipe every run shared
     machine = env.get("cuda") or env.get("cpu_model") or env.get("processor")
     n_seeds = cfg["seeds"]
     lines = [
@@ -98,13 +99,13 @@ def format_report(report: dict) -> str:
         f"- data: {data['name']}, {data['train_images']:,} training, {data['val_images']:,} "
         f"validation, {data['test_images']:,} test images, {data['classes']} classes",
         f"- recipe: the reference's (AdamW, weight decay 1e-4, label smoothing 0.1) with "
-        f"lr {cfg['lr']}, batch {cfg['batch_size']}, {cfg['epochs']} epochs, seeds "
+        f"lr {rec['lr']}, batch {rec['batch_size']}, {rec['epochs']} epochs, seeds "
         f"0..{n_seeds - 1}; model overrides: "
-        + (", ".join(f"{k}={v}" for k, v in cfg["model_args"].items()) or "none"),
+        + (", ".join(f"{k}={v}" for k, v in rec["model_args"].items()) or "none"),
         "- figures are mean ± sample standard deviation over the seeds"
         + (" (one seed: no spread)" if n_seeds == 1 else ""),
         "- img/s: `eanet.bench.bench_model`, median of "
-        f"{cfg['bench_steps']} steps of batch {cfg['batch_size']} after 1 warm-up step, on this "
+        f"{cfg['bench_steps']} steps of batch {rec['batch_size']} after 1 warm-up step, on this "
         "machine; other jobs may share it, so speeds are indicative, compare them only "
         "side by side within this report",
         "- multiply-adds per image: a forward pass of the reference formulation "

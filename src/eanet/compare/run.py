@@ -9,6 +9,7 @@ Speed comes from `eanet.bench.bench_model` (a few steps, cached in `OUT/bench.js
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -19,7 +20,7 @@ import torch
 
 from eanet import __version__, checkpoint
 from eanet.bench import bench_model, macs_per_image, matmul_peak_gflops
-from eanet.compare.config import _NOT_RESULTS, CURVE_FIELDS, CompareConfig, run_name
+from eanet.compare.config import CURVE_FIELDS, CompareConfig, run_name
 from eanet.compare.report import format_report, summarize_group, value_stats
 from eanet.data.augment import AugmentConfig
 from eanet.data.dataset import ImageData
@@ -28,6 +29,7 @@ from eanet.errors import ConfigError, EANetError
 from eanet.fileio import read_json, write_json, write_text
 from eanet.locks import directory_lock
 from eanet.models.registry import count_parameters
+from eanet.options import declared
 from eanet.runtime import environment, resolve_device, set_threads
 from eanet.train.config import TrainConfig
 from eanet.train.loop import build_for_data, fit, load_data
@@ -36,6 +38,17 @@ from eanet.train.step import forward_train
 log = logging.getLogger(__name__)
 
 
+SPEED_FIELDS = (
+    "model",
+    "batch_size",
+    "device",
+    "steps",
+    "warmup",
+    "train_img_s",
+    "infer_img_s",
+    "train_step_s",
+    "infer_step_s",
+)
 HIST_IMAGES = 256  # training images whose first-layer inputs are histogrammed
 
 
@@ -44,10 +57,11 @@ def _check_same_recipe(run_dir: Path, cfg: TrainConfig) -> None:
     saved = read_json(run_dir / "config.json").get("train", {})
     wanted = json.loads(json.dumps(cfg.to_dict()))
     defaults = json.loads(json.dumps(TrainConfig().to_dict()))
+    may_differ = {n for n, f in declared(TrainConfig).items() if not f.metadata["results"]}
     for key, value in wanted.items():
         # A field added to TrainConfig after the run was saved matches at its default.
         before = saved.get(key, defaults.get(key))
-        if key not in _NOT_RESULTS and before != value:
+        if key not in may_differ and before != value:
             raise ConfigError(
                 f"{run_dir} was trained with {key}={before!r}, not {value!r}; "
                 "repeat the earlier options or choose another --out"
@@ -117,43 +131,24 @@ def measure_speed(cfg: CompareConfig, out: Path, data: ImageData) -> dict[str, d
     path = out / "bench.json"
     cache = read_json(path) if path.is_file() else {}
     _, c, h, _ = data.train_images.shape
-    dev = resolve_device(cfg.device)
+    dev = resolve_device(cfg.train.device)
     peak = None
     results = {}
     for model in cfg.models:
         args = {"num_classes": data.num_classes, "image_size": h, "in_chans": c}
-        args.update(cfg.model_args)
+        args.update(cfg.train.model_args)
+        tcfg = dataclasses.replace(cfg.train_config(model, "fixed", 0), model_args=args)
         key = json.dumps(
-            [model, args, cfg.batch_size, cfg.bench_steps, str(dev), cfg.threads], sort_keys=True
+            [model, args, tcfg.batch_size, cfg.bench_steps, str(dev), tcfg.threads]
+            + ([tcfg.precision] if tcfg.precision != "fp32" else []),
+            sort_keys=True,
         )
         if key not in cache:
             if peak is None:  # bench_model reports it; a small matmul is enough, not shown here
                 peak = matmul_peak_gflops(dev, n=1024, repeats=3)
-            log.info("timing %s: %d steps of batch %d", model, cfg.bench_steps, cfg.batch_size)
-            r = bench_model(
-                model,
-                batch_size=cfg.batch_size,
-                device=cfg.device,
-                warmup=1,
-                steps=cfg.bench_steps,
-                threads=cfg.threads,
-                model_args=args,
-                peak=peak,
-            )
-            cache[key] = {
-                k: r[k]
-                for k in (
-                    "model",
-                    "batch_size",
-                    "device",
-                    "steps",
-                    "warmup",
-                    "train_img_s",
-                    "infer_img_s",
-                    "train_step_s",
-                    "infer_step_s",
-                )
-            }
+            log.info("timing %s: %d steps of batch %d", model, cfg.bench_steps, tcfg.batch_size)
+            r = bench_model(tcfg, warmup=1, steps=cfg.bench_steps, peak=peak).to_dict()
+            cache[key] = {k: r[k] for k in SPEED_FIELDS}
             write_json(path, cache)
         results[model] = cache[key]
     return results
@@ -163,7 +158,7 @@ def first_layer_inputs(cfg: CompareConfig, data: ImageData) -> dict[str, torch.T
     """What `patch_embed` receives: in training under each order, and at inference."""
     torch.manual_seed(0)
     model = build_for_data(cfg.train_config(cfg.models[0], "fixed", 0), data)
-    train_x = train_val_split(data, cfg.val_fraction)[0][:HIST_IMAGES]
+    train_x = train_val_split(data, cfg.train.val_fraction)[0][:HIST_IMAGES]
     seen: list[torch.Tensor] = []
     hook = model.patch_embed.register_forward_hook(lambda m, i, o: seen.append(i[0].flatten()))
     out = {}
@@ -193,13 +188,13 @@ def run_compare(
     out = Path(out)
     cfg.validate()
     t_start = time.perf_counter()
-    set_threads(cfg.threads)  # as fit does; also when every run is skipped
+    set_threads(cfg.train.threads)  # as fit does; also when every run is skipped
     if data is None:
         data = load_data(cfg.train_config(cfg.models[0], "fixed", 0), progress)
-    train_x, _, val_x, _ = train_val_split(data, cfg.val_fraction)
+    train_x, _, val_x, _ = train_val_split(data, cfg.train.val_fraction)
     if len(val_x) == 0:
         raise ConfigError(
-            f"--val-fraction {cfg.val_fraction} leaves no validation images; "
+            f"--val-fraction {cfg.train.val_fraction} leaves no validation images; "
             "compare needs them (e.g. --val-fraction 0.2)"
         )
     with directory_lock(out):
@@ -215,7 +210,7 @@ def _compare(cfg: CompareConfig, out: Path, data: ImageData, progress: bool, t_s
         plot_val_top1,
     )
 
-    train_x, _, val_x, _ = train_val_split(data, cfg.val_fraction)
+    train_x, _, val_x, _ = train_val_split(data, cfg.train.val_fraction)
     status = {}
     for model, augment, seed in cfg.runs():
         name = run_name(model, augment, seed)
@@ -252,7 +247,7 @@ def _compare(cfg: CompareConfig, out: Path, data: ImageData, progress: bool, t_s
         "accuracy_vs_params": "accuracy_vs_params.png",
         "input_distribution": "input_distribution.png",
     }
-    title = f"{data.name}, {cfg.epochs} epochs, {cfg.seeds} seed(s)"
+    title = f"{data.name}, {cfg.train.epochs} epochs, {cfg.seeds} seed(s)"
     plot_val_top1(groups, out / figures["val_top1"], title)
     plot_loss_curves(groups, out / figures["loss"], title)
     plot_accuracy_vs_params(groups, out / figures["accuracy_vs_params"], title)

@@ -20,8 +20,7 @@ import torch
 
 from eanet.data.dataset import ImageData
 from eanet.data.download import _check_md5, default_cache_dir, download
-from eanet.errors import DataError
-from eanet.errors import one_line as _one_line
+from eanet.errors import DataError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +164,8 @@ def _unpickle(file: IO[bytes], where: str) -> Any:
         return _RestrictedUnpickler(file, where).load()
     except _CORRUPT as exc:
         raise DataError(
-            f"{where}: cannot unpickle it ({_one_line(exc)}); the file is truncated or corrupt: "
+            f"{where}: cannot unpickle it ({one_line(exc, with_type=True)}); "
+            "the file is truncated or corrupt: "
             "download it again"
         ) from exc
 
@@ -204,7 +204,8 @@ def _read_archive(path: Path, spec: CifarSpec) -> dict[str, Any]:
                     found[key] = _unpickle(handle, where)
     except (tarfile.TarError, EOFError, zlib.error, OSError, lzma.LZMAError) as exc:
         raise DataError(
-            f"{path}: cannot read the archive ({_one_line(exc)}); it is truncated or corrupt: "
+            f"{path}: cannot read the archive ({one_line(exc, with_type=True)}); "
+            "it is truncated or corrupt: "
             f"download {spec.filename} again"
         ) from exc
     for name, key in wanted.items():
@@ -230,7 +231,9 @@ def _read_folder(folder: Path, spec: CifarSpec) -> dict[str, Any]:
             with open(path, "rb") as f:
                 found[member] = _unpickle(f, str(path))
         except OSError as exc:
-            raise DataError(f"{path}: cannot read it ({_one_line(exc)}); check it") from exc
+            raise DataError(
+                f"{path}: cannot read it ({one_line(exc, with_type=True)}); check it"
+            ) from exc
     return found
 
 

@@ -14,8 +14,7 @@ from typing import IO
 
 from tqdm import tqdm
 
-from eanet.errors import DataError
-from eanet.errors import one_line as _one_line
+from eanet.errors import DataError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,9 @@ def md5sum(path: Path, chunk: int = 1 << 20) -> str:
             while block := f.read(chunk):
                 digest.update(block)
     except OSError as exc:
-        raise DataError(f"{path}: cannot read it ({_one_line(exc)}); check the path") from exc
+        raise DataError(
+            f"{path}: cannot read it ({one_line(exc, with_type=True)}); check the path"
+        ) from exc
     return digest.hexdigest()
 
 
@@ -48,7 +49,9 @@ def download(url: str, dest: Path, md5: str | None, progress: bool = True) -> Pa
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
     except OSError as exc:
-        raise DataError(f"{dest.parent}: cannot write there ({_one_line(exc)}); {hint}") from exc
+        raise DataError(
+            f"{dest.parent}: cannot write there ({one_line(exc, with_type=True)}); {hint}"
+        ) from exc
     tmp = Path(tmp_name)
     log.info("downloading %s to %s", url, dest)
     try:
@@ -61,7 +64,7 @@ def download(url: str, dest: Path, md5: str | None, progress: bool = True) -> Pa
             )
         os.replace(tmp, dest)
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-        raise DataError(f"cannot download {url} ({_one_line(exc)}); {hint}") from exc
+        raise DataError(f"cannot download {url} ({one_line(exc, with_type=True)}); {hint}") from exc
     finally:
         # Whatever happened (error, mismatch, Ctrl-C), never leave a partial file behind.
         tmp.unlink(missing_ok=True)

@@ -6,10 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from eanet.data.cifar import DATASETS, _spec, load_cifar
-from eanet.data.dataset import ImageData, synthetic_cifar
+from eanet.data.dataset import DATASET_NAMES, ImageData, synthetic_cifar
 from eanet.errors import ConfigError, DataError
-
-DATASET_NAMES = (*DATASETS, "folder", "digits", "synthetic")
 
 
 def load_dataset(

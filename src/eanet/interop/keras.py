@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from eanet import checkpoint
-from eanet.errors import CheckpointError, ConfigError, DataError
+from eanet.errors import CheckpointError, ConfigError, DataError, one_line
 from eanet.models.config import ModelConfig
 from eanet.models.registry import build_model, count_parameters
 from eanet.models.transformer import VisionTransformer
@@ -59,11 +59,6 @@ def _require_h5py() -> Any:
     return h5py
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def read_keras_weights(path: str | Path) -> dict[str, np.ndarray]:
     """Every tensor of a `.weights.h5` file, or of the weights inside a `.keras` zip, by path."""
     h5py = _require_h5py()
@@ -92,7 +87,8 @@ def read_keras_weights(path: str | Path) -> dict[str, np.ndarray]:
         raise
     except (OSError, zipfile.BadZipFile, zlib.error, EOFError, ValueError, KeyError) as exc:
         raise CheckpointError(
-            f"{path}: not a readable Keras weights file ({_one_line(exc)}); it may be truncated "
+            f"{path}: not a readable Keras weights file ({one_line(exc, with_type=True)}); "
+            "it may be truncated "
             "or another format: save it again with Keras 3 model.save_weights or model.save"
         ) from exc
     return tensors
@@ -386,7 +382,7 @@ def read_class_names(path: str | Path) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(
-            f"{path}: cannot read the class names ({_one_line(exc)}); "
+            f"{path}: cannot read the class names ({one_line(exc, with_type=True)}); "
             "pass a UTF-8 text file with one class name per line"
         ) from exc
     names = [line.strip() for line in text.splitlines() if line.strip()]

@@ -28,7 +28,7 @@ import torch
 
 from eanet import __version__
 from eanet.data import images as imgs
-from eanet.errors import DataError
+from eanet.errors import DataError, one_line
 from eanet.predict import top_k_predictions
 from eanet.serve.batcher import Batcher
 from eanet.serve.config import ServeConfig, check_dependencies
@@ -42,10 +42,6 @@ RAW_TYPES = ("application/octet-stream",)  # accepted besides image/*
 
 class _TooLarge(Exception):
     """The request body passed the upload limit."""
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 def _decode(items: list[tuple[str | None, bytes]], size: int) -> torch.Tensor:
@@ -148,7 +144,7 @@ def create_app(config: ServeConfig, served: ServedModel | None = None) -> Any:
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     if served is None:
-        served = ServedModel(config.checkpoint, config.device)
+        served = ServedModel(config.checkpoint, config.device, config.precision)
     batcher = Batcher(served.forward, config.max_batch, config.max_wait_ms)
     counters = {"requests_served": 0, "requests_refused": 0, "internal_errors": 0}
     # Decoding runs beside the event loop, a few images at a time: a burst of large uploads
@@ -185,14 +181,14 @@ def create_app(config: ServeConfig, served: ServedModel | None = None) -> Any:
 
     def refuse(code: int, detail: str) -> HTTPException:
         counters["requests_refused"] += 1
-        return HTTPException(code, _one_line(detail))
+        return HTTPException(code, one_line(detail))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         counters["requests_refused"] += 1
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
-        return JSONResponse({"detail": _one_line(f"{where}: {first.get('msg')}")}, 422)
+        return JSONResponse({"detail": one_line(f"{where}: {first.get('msg')}")}, 422)
 
     def stats() -> dict:
         return {**counters, **batcher.stats(), "uptime_s": round(time.time() - started, 1)}

@@ -4,6 +4,8 @@ import importlib.util
 from dataclasses import asdict, dataclass, fields
 
 from eanet.errors import ConfigError, EANetError
+from eanet.options import option
+from eanet.runtime import PRECISIONS
 
 CONFIG_ENV = "EANET_SERVE_CONFIG"  # how `--workers N` hands the settings to each worker
 
@@ -16,15 +18,27 @@ class ServeConfig:
     """Everything `eanet serve` is started with."""
 
     checkpoint: str
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_batch: int = 64  # images per forward pass
-    max_wait_ms: float = 5.0  # how long a request waits for others to share its forward pass
-    workers: int = 1  # uvicorn worker processes, each with its own copy of the model
-    max_upload_mb: float = 10.0  # request body limit
-    max_images: int = 64  # images per request
-    device: str = "auto"
-    threads: int | None = None  # torch threads per worker (default: `default_threads`)
+    host: str = option("127.0.0.1", help="address to bind")
+    port: int = option(8000, help="TCP port")
+    max_batch: int = option(64, help="images per forward pass")
+    max_wait_ms: float = option(
+        5.0, help="how long a request waits for others to share its forward pass"
+    )
+    workers: int = option(1, help="uvicorn worker processes, each loading the model")
+    max_upload_mb: float = option(10.0, help="request body limit in MB, larger is refused with 413")
+    max_images: int = option(64, help="images per request, more is refused with 413")
+    device: str = option("auto", help="auto, cpu, cuda or cuda:N")
+    precision: str = option(
+        "fp32",
+        help="forward passes in 'fp32', 'bf16', or 'auto' (bf16 where the device computes "
+        "it natively)",
+        choices=PRECISIONS,
+    )
+    threads: int | None = option(
+        None,
+        help="torch threads per worker (default: cores / workers - 1, at least 1: a core is "
+        "left for HTTP and decoding)",
+    )
 
     def __post_init__(self) -> None:
         self.checkpoint = str(self.checkpoint)

@@ -7,13 +7,13 @@ import torch
 
 from eanet import __version__, checkpoint
 from eanet.models.registry import count_parameters
-from eanet.runtime import resolve_device
+from eanet.runtime import autocast, resolve_device, resolve_precision
 
 
 class ServedModel:
     """A checkpoint loaded for serving: model, class names, name and version, forward pass."""
 
-    def __init__(self, path: str | Path, device: str = "auto") -> None:
+    def __init__(self, path: str | Path, device: str = "auto", precision: str = "fp32") -> None:
         path = checkpoint.resolve(path)
         self.path = path
         self.model, ckpt = checkpoint.load_model(path, resolve_device(device))
@@ -21,6 +21,7 @@ class ServedModel:
         self.class_names = ckpt.class_names
         self.config = self.model.config
         self.device = next(self.model.parameters()).device
+        self.precision = resolve_precision(precision, self.device)  # the forward pass's
         self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
         fallback = "eanet" if self.config.attention == "external" else "vit"
         self.name = str(self.meta.get("model_name") or fallback)
@@ -42,5 +43,5 @@ class ServedModel:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 images [B, 3, S, S] -> float logits [B, classes] on the CPU."""
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.precision, self.device):
             return self.model(x.to(self.device)).float().cpu()

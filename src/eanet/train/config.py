@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from eanet.data.dataset import DATASET_NAMES
 from eanet.errors import ConfigError
 from eanet.models.registry import MODELS
-from eanet.options import check_field_types
+from eanet.options import CHANGE, KEEP, check_choices, check_field_types, option
+from eanet.runtime import PRECISIONS
 from eanet.train.guard import ON_NONFINITE
 
 AUGMENT_MODES = ("fixed", "reference-bug", "none")
@@ -16,33 +18,118 @@ AUGMENT_MODES = ("fixed", "reference-bug", "none")
 
 @dataclass
 class TrainConfig:
-    """The training recipe; the defaults are the Keras example's, with its bug fixed."""
+    """The training recipe; the defaults are the Keras example's, with its bug fixed.
 
-    model: str = "eanet-cifar"
-    model_args: dict = field(default_factory=dict)  # overrides of the model config
-    dataset: str = "cifar100"
-    data_path: str | None = None
-    md5: str | None = None  # expected archive checksum when it is not the official file
-    verify: bool = True
-    epochs: int = 50
-    batch_size: int = 128
-    eval_batch_size: int = 500
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    adam_eps: float = 1e-7  # Keras's default epsilon, not torch's 1e-8
-    label_smoothing: float = 0.1
-    val_fraction: float = 0.2
-    augment: str = "fixed"  # "fixed", "reference-bug" (normalise first, as the reference), "none"
-    seed: int = 0
-    device: str = "auto"
-    threads: int | None = None
-    image_size: int | None = None  # folder data sets: resize images to this side (default 32)
-    init_from: str | None = None  # fine-tune: start from this checkpoint's compatible weights
-    freeze_backbone: bool = False  # fine-tune: train only the classification head
-    compile: bool = False  # torch.compile the model for the training steps
-    amp: str = "off"  # "bf16": bfloat16 autocast (and TF32 on CUDA); "off": fp32 as the reference
-    on_nonfinite: str = "stop"  # a NaN/inf loss: "stop" training, or "skip" the batch
-    deterministic: bool = False  # torch's deterministic algorithms (see train/provenance.py)
+    Each field is declared once with its help and its rule on `--resume` (`eanet.options`):
+    the flags of `eanet train`, `compare` and `bench`, config files and resume merging are
+    derived from these declarations.
+    """
+
+    model: str = option(
+        "eanet-cifar", help="registered model (see `eanet models`)", choices=tuple(MODELS)
+    )
+    model_args: dict = option(
+        default_factory=dict,
+        help="override a model config field, repeatable (e.g. --model-arg depth=2 "
+        "--model-arg memory_size=64)",
+        metavar="KEY=VALUE",
+    )
+    dataset: str = option(
+        "cifar100",
+        help="data set; 'folder': your images, one subfolder per class, in --data-path; "
+        "'digits': scikit-learn's 1,797 real digits at 32x32, a fixed quarter as test; "
+        "'synthetic': random CIFAR-100-shaped images, only for timing the recipe",
+        choices=DATASET_NAMES,
+    )
+    data_path: str | None = option(
+        None,
+        help="CIFAR: archive (.tar.gz), extracted folder, or a directory holding the "
+        "archive; default: $EANET_DATA or ~/.cache/eanet, downloaded there if missing. "
+        "folder: the directory of class subfolders",
+        resume=CHANGE,
+        results=False,
+    )
+    md5: str | None = option(
+        None,
+        help="expected md5 of an archive that is not the official one",
+        resume=CHANGE,
+        results=False,
+    )
+    verify: bool = option(
+        True,
+        help="check the md5 of a local archive (--no-verify: one you trust)",
+        resume=CHANGE,
+        results=False,
+    )
+    epochs: int = option(50, help="epochs (a resumed run may be extended)", resume=CHANGE)
+    batch_size: int = option(
+        128, help="images per optimizer step (over all processes under torchrun)"
+    )
+    eval_batch_size: int = option(
+        500, help="images per forward pass for validation/test (bounds memory)", resume=CHANGE
+    )
+    lr: float = option(1e-3, help="AdamW learning rate, constant")
+    weight_decay: float = option(1e-4, help="AdamW decoupled weight decay")
+    adam_eps: float = option(1e-7, help="AdamW epsilon (Keras's default, not torch's 1e-8)")
+    label_smoothing: float = option(0.1, help="label smoothing of the cross-entropy")
+    val_fraction: float = option(
+        0.2,
+        help="fraction of the training set held out for validation, taken from its end "
+        "as Keras does",
+    )
+    augment: str = option(
+        "fixed",
+        help="'fixed': augment in pixel space, then normalise; 'reference-bug': the Keras "
+        "example's order (normalise, then contrast clipped to 0..255), only to reproduce "
+        "its failure; 'none'",
+        choices=AUGMENT_MODES,
+    )
+    seed: int = option(0, help="random seed (weights, order, augmentation, dropout)")
+    device: str = option("auto", help="auto, cpu, cuda or cuda:N", resume=CHANGE, results=False)
+    threads: int | None = option(
+        None, help="CPU threads for torch (default: one per core)", resume=CHANGE, results=False
+    )
+    image_size: int | None = option(
+        None,
+        help="--dataset folder or digits: resize every image to this side (default: 32; "
+        "with --init-from: the checkpoint's)",
+    )
+    init_from: str | None = option(
+        None,
+        help="fine-tune: start from every tensor of this run directory or checkpoint that "
+        "fits (same name and shape); a new head when the classes differ; normalization "
+        "statistics from the new data; its architecture unless --model/--model-arg is given",
+        resume=KEEP,
+        metavar="CHECKPOINT",
+    )
+    freeze_backbone: bool = option(
+        False, help="with --init-from: train only the classification head"
+    )
+    compile: bool = option(
+        False,
+        help="torch.compile the model for the training steps (on a CPU compiling costs minutes)",
+        resume=CHANGE,
+    )
+    precision: str = option(
+        "fp32",
+        help="'fp32': the reference's numerics; 'bf16': bfloat16 autocast (+TF32 on CUDA); "
+        "'auto': bf16 where the device computes it natively (CUDA with bf16, a CPU with "
+        "avx512_bf16 or AMX), else fp32",
+        choices=PRECISIONS,
+    )
+    on_nonfinite: str = option(
+        "stop",
+        help="a NaN or infinite training loss: 'stop' training, keeping the last complete "
+        "epoch's checkpoint, or 'skip' the batch (no optimizer step; counted in the "
+        "history as skipped_batches)",
+        choices=ON_NONFINITE,
+        resume=CHANGE,
+    )
+    deterministic: bool = option(
+        False,
+        help="torch's deterministic algorithms, cuDNN deterministic, no benchmark, "
+        "CUBLAS_WORKSPACE_CONFIG=:4096:8: repeatable GPU runs, maybe slower",
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -54,6 +141,7 @@ class TrainConfig:
             raise ConfigError(
                 f"--model {self.model!r} is unknown; choose one of {', '.join(MODELS)}"
             )
+        check_choices(self)
         for name in ("epochs", "batch_size", "eval_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -68,12 +156,6 @@ class TrainConfig:
             raise ConfigError(f"--label-smoothing {self.label_smoothing!r} must be in [0, 1)")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"--val-fraction {self.val_fraction!r} must be in [0, 1)")
-        if self.amp not in ("off", "bf16"):
-            raise ConfigError(f"--amp {self.amp!r} must be 'off' or 'bf16'")
-        if self.augment not in AUGMENT_MODES:
-            raise ConfigError(
-                f"--augment {self.augment!r} must be one of {', '.join(AUGMENT_MODES)}"
-            )
         if not self.adam_eps > 0:
             raise ConfigError(f"adam_eps {self.adam_eps!r} must be > 0")
         if self.image_size is not None and (
@@ -84,8 +166,6 @@ class TrainConfig:
             raise ConfigError(f"--image-size {self.image_size!r} must be a positive integer")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads {self.threads!r} must be a positive integer")
-        if self.on_nonfinite not in ON_NONFINITE:
-            raise ConfigError(f"--on-nonfinite {self.on_nonfinite!r} must be 'stop' or 'skip'")
         if self.freeze_backbone and not self.init_from:
             raise ConfigError(
                 "--freeze-backbone trains only the head of a pretrained model; "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from eanet.train import distributed, finetune
 from eanet.train.config import TrainConfig
 from eanet.train.guard import StepGuard, graceful_interrupts
 from eanet.train.provenance import configure_determinism, provenance
-from eanet.train.rundir import prepare_run_dir, write_history
+from eanet.train.rundir import prepare_run_dir, write_history, write_run_config
 from eanet.train.step import accelerate, make_optimizer, train_epoch
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,29 @@ def build_for_data(cfg: TrainConfig, data: ImageData) -> VisionTransformer:
     return model
 
 
+@dataclass
+class _Run:
+    """What one training run holds between its phases."""
+
+    cfg: TrainConfig
+    out: Path
+    dist: distributed.Distributed
+    data: ImageData
+    model: VisionTransformer
+    optimizer: torch.optim.Optimizer
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    progress: bool
+    history: list[dict] = field(default_factory=list)
+    start: int = 1  # the first epoch still to train
+
+    @property
+    def title(self) -> str:
+        return f"{self.cfg.model} on {self.data.name}"
+
+
 @graceful_interrupts  # Ctrl-C/SIGTERM: stop between steps, keep the last epoch
 def fit(
     cfg: TrainConfig,
@@ -87,133 +111,185 @@ def fit(
     """Train (or resume) a run in `out`; returns the final test metrics (fractions).
 
     Started by torchrun (or inside a process group), every process calls this and they
-    train one model with DDP; `eanet.distributed` says what is global and what per rank.
+    train one model with DDP; `eanet.train.distributed` says what is global and what per
+    rank. The phases: start the session, build the run (or restore it), record its
+    configuration, train epoch by epoch (each saved), then test.
     """
     out = Path(out)
     cfg.validate()
-    configure_determinism(cfg.deterministic)  # before CUDA starts
-    dist = distributed.setup(cfg.device)  # a process group only under torchrun
-    dist.check_batch(cfg.batch_size)
+    dist = _start_session(cfg, out, resume, overwrite)
     progress = progress and dist.is_main
-    dist.from_main(prepare_run_dir, out, resume, overwrite)  # only rank 0 touches `out`
-    set_threads(cfg.threads)
-    device = dist.device
-    tune_cpu_allocator()
-    torch.manual_seed(cfg.seed)
     if data is None:
         with dist.local_main_first():  # one download per node
             data = load_data(cfg, progress)
+    run = _build_run(cfg, out, dist, data, resume, progress)
+    if resume:
+        _restore(run)
+    if dist.is_main:
+        write_run_config(out, cfg, _run_record(run))
+    runner = accelerate(dist.wrap(run.model), cfg, dist.device)  # DDP under torchrun
+    guard = StepGuard(cfg.on_nonfinite, cfg.lr, out)
+    for epoch in range(run.start, cfg.epochs + 1):
+        row = _train_and_validate(run, runner, guard, epoch)
+        _save_epoch(run, row)
+        guard.epoch_saved()  # a Ctrl-C during validation or saving stops here
+    metrics = _test(run)
+    dist.close()
+    return metrics
+
+
+def _start_session(
+    cfg: TrainConfig, out: Path, resume: bool, overwrite: bool
+) -> distributed.Distributed:
+    """Determinism, the process group (under torchrun), the run directory, threads, seed."""
+    configure_determinism(cfg.deterministic)  # before CUDA starts
+    dist = distributed.setup(cfg.device)  # a process group only under torchrun
+    dist.check_batch(cfg.batch_size)
+    dist.from_main(prepare_run_dir, out, resume, overwrite)  # only rank 0 touches `out`
+    set_threads(cfg.threads)
+    tune_cpu_allocator()
+    torch.manual_seed(cfg.seed)
+    return dist
+
+
+def _build_run(
+    cfg: TrainConfig,
+    out: Path,
+    dist: distributed.Distributed,
+    data: ImageData,
+    resume: bool,
+    progress: bool,
+) -> _Run:
+    """The model (fine-tuned or fresh), its optimizer and the split tensors on the device."""
+    device = dist.device
     model = build_for_data(cfg, data).to(device)
     if cfg.init_from and not resume:  # a resumed run has its own weights
         finetune.load_compatible(model, cfg.init_from, data.class_names)
     if cfg.freeze_backbone:
         finetune.freeze_backbone(model)
     optimizer = make_optimizer(model, cfg)
-    train_x, train_y, val_x, val_y = (t.to(device) for t in train_val_split(data, cfg.val_fraction))
-    history: list[dict] = []
-    start = 1
-    if resume:
-        ckpt = dist.from_main(checkpoint.load, out)  # every rank restores rank 0's file
-        if ckpt.class_names != data.class_names:
-            raise EANetError(
-                f"{out}: the checkpoint was trained on other classes than "
-                f"{data.name}; resume it with its own data set"
-            )
-        checkpoint.restore_training(model, optimizer, ckpt, out)  # weights, AdamW, RNG
-        history = ckpt.meta["history"]
-        start = ckpt.meta["epoch"] + 1
-        log.info("resuming %s after epoch %d of %d", out, start - 1, cfg.epochs)
-        if dist.is_main:
-            write_history(out, history, f"{cfg.model} on {data.name}")  # in case the kill beat it
-    if dist.is_main:
-        write_json(
-            out / "config.json",
-            {
-                "train": cfg.to_dict(),
-                "model": model.config.to_dict(),
-                "dataset": {
-                    "name": data.name,
-                    "classes": data.num_classes,
-                    "train_images": len(train_x),
-                    "val_images": len(val_x),
-                    "test_images": len(data.test_images),
-                },
-                "eanet_version": __version__,
-                "environment": environment(),
-                "distributed": dist.describe(),
-                "reproducibility": provenance(cfg, device),
-            },
+    tensors = (t.to(device) for t in train_val_split(data, cfg.val_fraction))
+    return _Run(cfg, out, dist, data, model, optimizer, *tensors, progress=progress)
+
+
+def _restore(run: _Run) -> None:
+    """Weights, AdamW and RNG state and the history of the run's last complete epoch."""
+    ckpt = run.dist.from_main(checkpoint.load, run.out)  # every rank restores rank 0's file
+    if ckpt.class_names != run.data.class_names:
+        raise EANetError(
+            f"{run.out}: the checkpoint was trained on other classes than "
+            f"{run.data.name}; resume it with its own data set"
         )
-    title = f"{cfg.model} on {data.name}"
-    meta = {
-        "model_name": cfg.model,
-        "class_names": data.class_names,
-        "train_config": cfg.to_dict(),
+    checkpoint.restore_training(run.model, run.optimizer, ckpt, run.out)
+    run.history = ckpt.meta["history"]
+    run.start = ckpt.meta["epoch"] + 1
+    log.info("resuming %s after epoch %d of %d", run.out, run.start - 1, run.cfg.epochs)
+    if run.dist.is_main:
+        write_history(run.out, run.history, run.title)  # in case the kill beat it
+
+
+def _run_record(run: _Run) -> dict:
+    """config.json beyond the options: model, data set sizes, versions, machine."""
+    return {
+        "model": run.model.config.to_dict(),
+        "dataset": {
+            "name": run.data.name,
+            "classes": run.data.num_classes,
+            "train_images": len(run.train_x),
+            "val_images": len(run.val_x),
+            "test_images": len(run.data.test_images),
+        },
         "eanet_version": __version__,
+        "environment": environment(),
+        "distributed": run.dist.describe(),
+        "reproducibility": provenance(run.cfg, run.dist.device),
     }
-    runner = accelerate(dist.wrap(model), cfg, device)  # DDP under torchrun; saves use `model`
-    guard = StepGuard(cfg.on_nonfinite, cfg.lr, out)
-    for epoch in range(start, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        with dist.epoch_rng(cfg.seed, epoch):
-            tr = train_epoch(
-                runner,
-                optimizer,
-                train_x,
-                train_y,
-                cfg,
-                desc=f"epoch {epoch}/{cfg.epochs}",
-                progress=progress,
-                dist=dist if dist.enabled else None,
-                guard=guard,
-            )
-        tr = dist.all_reduce(tr)  # every rank logs the figures over all ranks' images
-        train_s = time.perf_counter() - t0
-        va = evaluate_tensors(
-            model, *dist.eval_shard(val_x, val_y), cfg.eval_batch_size, cfg.label_smoothing
+
+
+def _train_and_validate(run: _Run, runner: torch.nn.Module, guard: StepGuard, epoch: int) -> dict:
+    """One epoch of training and validation; its history row (figures over all ranks)."""
+    cfg, dist = run.cfg, run.dist
+    t0 = time.perf_counter()
+    with dist.epoch_rng(cfg.seed, epoch):
+        tr = train_epoch(
+            runner,
+            run.optimizer,
+            run.train_x,
+            run.train_y,
+            cfg,
+            desc=f"epoch {epoch}/{cfg.epochs}",
+            progress=run.progress,
+            dist=dist if dist.enabled else None,
+            guard=guard,
         )
-        va = dist.all_reduce(va)
-        row = {
-            "epoch": epoch,
-            "train_loss": tr.loss,
-            "train_top1": tr.top1,
-            "train_top5": tr.top5,
-            "val_loss": va.loss if va.count else None,
-            "val_top1": va.top1 if va.count else None,
-            "val_top5": va.top5 if va.count else None,
-            "train_seconds": round(train_s, 3),
-            "epoch_seconds": round(time.perf_counter() - t0, 3),
-            "train_images_per_s": round(tr.count / train_s, 2),
-        }
-        if cfg.on_nonfinite == "skip":
-            row["skipped_batches"] = guard.skipped  # batches with a NaN/inf loss, not stepped
-        history.append(row)
-        if dist.is_main:
-            checkpoint.save(
-                out / checkpoint.CHECKPOINT_NAME,
-                model,
-                {**meta, "epoch": epoch, "history": history},
-                optimizer,
-                rng=True,
-            )
-            write_history(out, history, title)
-        log.info(
-            "epoch %d/%d  %s | %s | %.1fs %.0f img/s",
-            epoch,
-            cfg.epochs,
-            _fmt("train", tr),
-            _fmt("val", va) if va.count else "no validation",
-            row["epoch_seconds"],
-            row["train_images_per_s"],
-        )
-        guard.epoch_saved()  # a Ctrl-C during validation or saving stops here
-    test = evaluate_tensors(
-        model,
-        *dist.eval_shard(data.test_images.to(device), data.test_labels.to(device)),
+    tr = dist.all_reduce(tr)  # every rank logs the figures over all ranks' images
+    train_s = time.perf_counter() - t0
+    va = evaluate_tensors(
+        run.model,
+        *dist.eval_shard(run.val_x, run.val_y),
         cfg.eval_batch_size,
         cfg.label_smoothing,
-        progress=progress,
+        precision=cfg.precision,
+    )
+    va = dist.all_reduce(va)
+    row = _history_row(epoch, tr, va, train_s, time.perf_counter() - t0)
+    if cfg.on_nonfinite == "skip":
+        row["skipped_batches"] = guard.skipped  # batches with a NaN/inf loss, not stepped
+    log.info(
+        "epoch %d/%d  %s | %s | %.1fs %.0f img/s",
+        epoch,
+        cfg.epochs,
+        _fmt("train", tr),
+        _fmt("val", va) if va.count else "no validation",
+        row["epoch_seconds"],
+        row["train_images_per_s"],
+    )
+    return row
+
+
+def _history_row(epoch: int, tr: Metrics, va: Metrics, train_s: float, epoch_s: float) -> dict:
+    return {
+        "epoch": epoch,
+        "train_loss": tr.loss,
+        "train_top1": tr.top1,
+        "train_top5": tr.top5,
+        "val_loss": va.loss if va.count else None,
+        "val_top1": va.top1 if va.count else None,
+        "val_top5": va.top5 if va.count else None,
+        "train_seconds": round(train_s, 3),
+        "epoch_seconds": round(epoch_s, 3),
+        "train_images_per_s": round(tr.count / train_s, 2),
+    }
+
+
+def _save_epoch(run: _Run, row: dict) -> None:
+    """Append the row and, on rank 0, write the checkpoint and the history files."""
+    run.history.append(row)
+    if not run.dist.is_main:
+        return
+    meta = {
+        "model_name": run.cfg.model,
+        "class_names": run.data.class_names,
+        "train_config": run.cfg.to_dict(),
+        "eanet_version": __version__,
+        "epoch": row["epoch"],
+        "history": run.history,
+    }
+    checkpoint.save(run.out / checkpoint.CHECKPOINT_NAME, run.model, meta, run.optimizer, rng=True)
+    write_history(run.out, run.history, run.title)
+
+
+def _test(run: _Run) -> dict:
+    """The final weights' test figures (as the reference reports them), in metrics.json."""
+    cfg, dist, data = run.cfg, run.dist, run.data
+    test = evaluate_tensors(
+        run.model,
+        *dist.eval_shard(data.test_images.to(dist.device), data.test_labels.to(dist.device)),
+        cfg.eval_batch_size,
+        cfg.label_smoothing,
+        progress=run.progress,
         desc="test",
+        precision=cfg.precision,
     )
     test = dist.all_reduce(test)
     metrics = {
@@ -225,12 +301,11 @@ def fit(
         "model": cfg.model,
         "dataset": data.name,
     }
-    vals = [h["val_top1"] for h in history if h["val_top1"] is not None]
+    vals = [h["val_top1"] for h in run.history if h["val_top1"] is not None]
     if vals:
         metrics["best_val_top1"] = max(vals)
         metrics["final_val_top1"] = vals[-1]
     if dist.is_main:
-        write_json(out / "metrics.json", metrics)
+        write_json(run.out / "metrics.json", metrics)
     log.info("%s (%d images)", _fmt("test", test), test.count)
-    dist.close()
     return metrics

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eanet import checkpoint
+from eanet import __version__, checkpoint
 from eanet.errors import ConfigError, EANetError
-from eanet.fileio import read_json, remove_stale_temp_files, write_csv, write_json
+from eanet.fileio import read_json, remove_stale_temp_files, write_csv, write_json, write_text
+from eanet.options import to_yaml
 from eanet.plots import plot_curves
 from eanet.train.config import TrainConfig
 
 RUN_FILES = (
     "config.json",
+    "config.yaml",
     "history.json",
     "history.csv",
     "curves.png",
@@ -49,6 +51,19 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
         probe.unlink()
     except OSError as exc:
         raise EANetError(f"cannot write to run directory {out}: {exc.strerror or exc}") from exc
+
+
+def write_run_config(out: Path, cfg: TrainConfig, record: dict) -> None:
+    """config.json (the options and what else the run recorded) and config.yaml (the options).
+
+    `eanet train --config RUN/config.yaml --out OTHER` trains the same run again.
+    """
+    write_json(out / "config.json", {"train": cfg.to_dict(), **record})
+    header = (
+        f"eanet {__version__} training options of {out}\n"
+        f"reproduce: eanet train --config {out / 'config.yaml'} --out OTHER_DIR"
+    )
+    write_text(out / "config.yaml", to_yaml(cfg.to_dict(), header))
 
 
 def write_history(out: Path, history: list[dict], title: str) -> None:

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from eanet.data.augment import AugmentConfig, augment, augment_reference_bug
 from eanet.metrics import Metrics, MetricSums
 from eanet.models.transformer import VisionTransformer
+from eanet.runtime import autocast, resolve_precision
 from eanet.train import distributed
 from eanet.train import guard as guard_mod
 from eanet.train.config import TrainConfig
@@ -37,9 +38,9 @@ def forward_train(
 def accelerate(model: VisionTransformer, cfg: TrainConfig, device: torch.device) -> nn.Module:
     """The module the training steps call: the model, or torch.compile of it (--compile).
 
-    With --amp bf16 on CUDA, fp32 matmuls outside autocast may use TF32 too.
+    With --precision bf16 on CUDA, fp32 matmuls outside autocast may use TF32 too.
     """
-    if cfg.amp == "bf16" and device.type == "cuda":
+    if resolve_precision(cfg.precision, device) == "bf16" and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if not cfg.compile:
@@ -75,7 +76,7 @@ def train_step(
     last batch under DDP (see `distributed.Distributed.shard`). `guard` may veto the
     optimizer step of a non-finite batch: then `guard_mod.BatchSkipped` is raised.
     """
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+    with autocast(resolve_precision(cfg.precision, x.device), x.device):
         logits = forward_train(model, x, cfg.augment, aug)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
     optimizer.zero_grad(set_to_none=True)

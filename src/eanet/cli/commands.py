@@ -1,0 +1,310 @@
+"""The `eanet` commands: each turns parsed arguments into one library call and prints the result."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from eanet.cli.flags import given
+from eanet.errors import ConfigError
+from eanet.options import declared, from_mapping, read_config_file, resume_merge
+from eanet.train.config import TrainConfig
+from eanet.train.finetune import inherited_model
+from eanet.train.loop import fit
+from eanet.train.rundir import load_run_config
+
+log = logging.getLogger("eanet")
+
+
+def train_config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Path, bool]:
+    """(config, run directory, resume?) from flags over --config FILE over the defaults.
+
+    With --resume the run's saved options apply and each given option is merged by its
+    resume rule (`eanet.options.resume_merge`): applied, or refused in one line.
+    """
+    requested = read_config_file(args.config) if args.config else {}
+    if requested:
+        from_mapping(TrainConfig, requested, str(args.config))  # unknown keys, bad values
+    requested.update(given(args, TrainConfig))
+    if args.resume is not None:
+        if args.out is not None and Path(args.out) != Path(args.resume):
+            raise ConfigError(
+                f"--out {args.out} and --resume {args.resume} name two runs; give one"
+            )
+        saved = load_run_config(args.resume)
+        return resume_merge(saved, requested, str(args.resume)), args.resume, True
+    if args.init_from is not None and "model" not in requested and "model_args" not in requested:
+        # Fine-tune the checkpoint's own architecture; stored, so --resume rebuilds it.
+        requested["model"], requested["model_args"], size = inherited_model(args.init_from)
+        if requested.get("dataset", "cifar100") == "folder" and "image_size" not in requested:
+            requested["image_size"] = size
+    cfg = TrainConfig(**{**TrainConfig().to_dict(), **requested})
+    out = args.out or Path("runs") / f"{cfg.model}-{cfg.dataset}-{_stamp()}"
+    return cfg, out, False
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config, out, resume = train_config_from_args(args)
+    log.info("run directory: %s", out)
+    metrics = fit(config, out, resume=resume, overwrite=args.overwrite, progress=args.progress)
+    print(
+        f"test top-1 {metrics['test_top1']:.2%}  top-5 {metrics['test_top5']:.2%}  "
+        f"loss {metrics['test_loss']:.4f}  ({metrics['test_images']} images)  -> {out}"
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from eanet.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        args.checkpoint,
+        dataset=args.dataset,
+        data_path=args.data_path,
+        md5=args.md5,
+        verify=args.verify,
+        split=args.split,
+        out_dir=args.out,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=args.progress,
+        precision=args.precision,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        s = args.split
+        print(
+            f"{result['dataset']} {s}: loss {result[f'{s}_loss']:.4f}  top-1 "
+            f"{result[f'{s}_top1']:.2%}  top-5 {result[f'{s}_top5']:.2%}  "
+            f"({result['images']} images)"
+        )
+        for f in result["files"]:
+            print(f"  wrote {f}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from eanet.demo import DEMO_EPOCHS, run_demo
+
+    out = args.out or Path("runs") / f"demo-{_stamp()}"
+    t0 = time.perf_counter()
+    r = run_demo(
+        out,
+        epochs=args.epochs or DEMO_EPOCHS,
+        seed=args.seed,
+        device=args.device,
+        progress=args.progress,
+    )
+    m = r["metrics"]
+    print(
+        f"\nTrained the reference EANet on {r['train_images']} real CIFAR-100 images "
+        f"(the shipped slice; the full set has 50,000) for {m['epochs']} epochs."
+    )
+    print(
+        f"test top-1 {m['test_top1']:.2%} top-5 {m['test_top5']:.2%} on "
+        f"{m['test_images']} real test images (chance: {r['chance_top1']:.0%} / "
+        f"{5 * r['chance_top1']:.0%}); a slice this small cannot teach 100 classes.\n"
+    )
+    print(f"{'#':>3}  {'true class':<16} top-3 predictions")
+    for p in r["predictions"]:
+        preds = "  ".join(f"{name} {prob:.1%}" for name, prob in p["top3"])
+        print(f"{p['test_index']:>3}  {p['true']:<16} {preds}")
+    print(
+        f"\nRun directory: {out} (config, history, curves.png, checkpoint, metrics, "
+        f"per-class CSV, confusion PNG); {time.perf_counter() - t0:.0f} s in all."
+    )
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from eanet.models.registry import MODELS, count_parameters, create_model
+
+    for name, spec in MODELS.items():
+        print(f"{name:<18} {count_parameters(create_model(name)):>9,} params  {spec.description}")
+    return 0
+
+
+def cmd_import_keras(args: argparse.Namespace) -> int:
+    from eanet.interop.keras import import_keras, read_class_names
+
+    names = read_class_names(args.class_names) if args.class_names else None
+    s = import_keras(args.file, args.out, class_names=names, overwrite=args.overwrite)
+    print(
+        f"imported Keras {s['model']} ({s['depth']} blocks, {s['num_classes']} classes, "
+        f"{s['parameters']:,} params + normalization statistics) -> {s['checkpoint']}"
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from eanet.interop.export import export
+
+    parity = export(args.checkpoint, args.format, args.out, tolerance=args.tolerance)
+    print(parity.message(args.format))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from eanet import checkpoint
+    from eanet.predict import Failure, check_top_k, expand_inputs, iter_predict_files
+    from eanet.runtime import resolve_device
+
+    check_top_k(args.top_k)
+    model, ckpt = checkpoint.load_model(args.checkpoint, resolve_device(args.device))
+    names = ckpt.class_names
+    files, failures = expand_inputs(args.inputs)
+    for f in failures:
+        print(f"eanet: error: {f.source}: {f.reason}", file=sys.stderr)
+    k = min(args.top_k, len(names))
+    file_w = max((len(str(f)) for f in files), default=4) + 2
+    cell_w = max(len(n) for n in names) + 9
+    if files and not args.json:
+        header = "".join(f"{f'top-{j + 1}':<{cell_w}}" for j in range(k))
+        print(f"{'file':<{file_w}}{header}".rstrip())
+    done = 0
+    for r in iter_predict_files(model, names, files, args.top_k, args.batch_size, args.precision):
+        if isinstance(r, Failure):
+            failures.append(r)
+            print(f"eanet: error: {r.source}: {r.reason}", file=sys.stderr)
+        elif args.json:
+            print(json.dumps(r.to_dict()), flush=True)
+            done += 1
+        else:
+            cells = (f"{c} {p:.1%}" for c, p in zip(r.classes, r.probabilities, strict=True))
+            print(f"{r.source:<{file_w}}" + "".join(f"{c:<{cell_w}}" for c in cells).rstrip())
+            done += 1
+    if failures:
+        print(f"eanet: {done} image(s) predicted, {len(failures)} failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from eanet.info import describe, format_info
+
+    info = describe(args.target, **dict(args.model_args or []))
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+def cmd_sample_images(args: argparse.Namespace) -> int:
+    from eanet.data.cifar import SAMPLE_ARCHIVE, SAMPLE_MD5
+    from eanet.data.folders import write_image_folder
+    from eanet.data.load import load_dataset
+    from eanet.errors import EANetError
+
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise EANetError(f"{args.out} exists and is not an empty directory; choose a new OUT")
+    data = load_dataset("cifar100", SAMPLE_ARCHIVE, md5=SAMPLE_MD5, progress=False)
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    counts = write_image_folder(data, args.out, classes=classes, fmt=args.format)
+    n = len(classes) if classes else data.num_classes
+    print(
+        f"wrote {counts['train']} train and {counts['test']} test images of {n} classes "
+        f"(real CIFAR-100, 32x32 {args.format}) to {args.out}/train/ and {args.out}/test/"
+    )
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from eanet.bench import bench_model
+
+    if args.scaling:
+        return _bench_scaling(args)
+    cfg = TrainConfig(**{**TrainConfig().to_dict(), **given(args, TrainConfig)})
+    r = bench_model(cfg, args.warmup, args.steps)
+    if args.json:
+        print(json.dumps(r.to_dict(), indent=2))
+        return 0
+    env = r.environment
+    where = env.get("cuda") or env.get("cpu_model", env["processor"])
+    flags = " ".join(env.get("cpu_flags", [])) or "none of note"
+    print(
+        f"{r.model} batch {r.batch_size} {r.precision} on {r.device} ({where}; CPU flags: "
+        f"{flags}; {env['torch_threads']} threads, torch {env['torch']}"
+        f"{', compiled' if r.compile else ''})"
+    )
+    for what, img_s, gflops, share in (
+        ("train", r.train_img_s, r.train_gflops, r.train_fraction_of_peak),
+        ("inference", r.infer_img_s, r.infer_gflops, r.infer_fraction_of_peak),
+    ):
+        print(
+            f"  {what:<9} {img_s:9.1f} img/s  {gflops:7.1f} GFLOP/s  "
+            f"{share:.0%} of the {r.precision} matmul peak"
+        )
+    bf16 = f", bf16 {r.matmul_peak_bf16_gflops:.1f}" if r.matmul_peak_bf16_gflops else ""
+    print(
+        f"  matmul peak fp32 {r.matmul_peak_gflops:.1f}{bf16} GFLOP/s; {r.peak_memory_kind} "
+        f"{r.peak_memory_mb:.0f} MB; forward {r.forward_macs_per_image / 1e9:.3f} GMACs/image"
+    )
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from eanet.compare.config import CompareConfig
+    from eanet.compare.run import run_compare
+
+    recipe = TrainConfig(**{**TrainConfig().to_dict(), **given(args, TrainConfig)})
+    cfg = CompareConfig(**{**given(args, CompareConfig), "train": recipe})
+    report = run_compare(cfg, args.out, progress=args.progress)
+    done = list(report["runs"].values())
+    print(
+        f"{len(done)} runs ({done.count('skipped')} finished earlier, "
+        f"{done.count('resumed')} resumed) in {report['invocation_seconds']:.0f} s"
+    )
+    for g in report["groups"]:
+        s = g["summary"]
+        print(
+            f"  {g['model']:<16} {g['augment']:<14} {g['params']:>9,} params  "
+            f"best val top-1 {s['best_val_top1']['mean']:.1%}  "
+            f"test top-1 {s['test_top1']['mean']:.1%}  top-5 {s['test_top5']['mean']:.1%}"
+        )
+    print(f"report: {args.out / 'report.md'}")
+    return 0
+
+
+def _bench_scaling(args: argparse.Namespace) -> int:
+    from eanet.bench import scaling
+    from eanet.fileio import write_json, write_text
+    from eanet.plots import plot_scaling
+    from eanet.runtime import environment
+
+    rows = scaling(tuple(args.sizes), batch_size=2, device=args.device or "auto")
+    lines = [
+        "| tokens | image | model | inference ms/img | train ms/img | activations MB/img "
+        "| forward GMACs/img |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['tokens']} | {r['image_size']}x{r['image_size']} | {r['model']} | "
+            f"{r['infer_ms_per_image']:.1f} | {r['train_ms_per_image']:.1f} | "
+            f"{r['activation_mb_per_image']:.1f} | {r['forward_gmacs_per_image']:.3f} |"
+        )
+    table = "\n".join(lines) + "\n"
+    write_json(args.out / "scaling.json", {"rows": rows, "environment": environment()})
+    write_text(args.out / "scaling.md", table)
+    plot_scaling(rows, args.out / "scaling.png")
+    print(table)
+    print(f"wrote {args.out}/scaling.json, scaling.md, scaling.png")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from eanet.serve.config import ServeConfig, check_dependencies
+    from eanet.serve.server import serve
+
+    check_dependencies()
+    values = {name: getattr(args, name) for name in declared(ServeConfig)}
+    serve(ServeConfig(checkpoint=str(args.checkpoint), **values))
+    return 0
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")

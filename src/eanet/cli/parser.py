@@ -1,0 +1,282 @@
+"""The `eanet` argument parser: one sub-parser per command, option flags derived from configs.
+
+Training options are `TrainConfig` fields (`eanet.options.option`); `train`, `compare`,
+`bench`, `evaluate`, `predict` and `serve` take their flags from those declarations, so
+each option is declared once: its name, type, choices, default and help.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from eanet import __version__
+from eanet.cli.flags import add_config_flags
+from eanet.compare.config import PER_RUN, CompareConfig
+from eanet.serve.config import ServeConfig
+from eanet.train.config import TrainConfig
+
+DATA = ("dataset", "data_path", "md5", "verify")  # where a data set comes from
+RUNTIME = ("device", "precision")  # where and how the model computes
+BENCHED = ("model", "model_args", "batch_size", "device", "threads", "compile", "precision")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eanet",
+        description="EANet (External Attention Transformer) and its ViT "
+        "baseline: train, evaluate and inspect, faithful to the Keras example.",
+    )
+    parser.add_argument("--version", action="version", version=f"eanet {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show full tracebacks instead of one-line errors"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train_parser(sub)
+    _add_evaluate_parser(sub)
+    _add_demo_parser(sub)
+    sub.add_parser("models", help="list the registered models")
+    _add_interop_parsers(sub)
+    _add_use_parsers(sub)
+    _add_bench_parser(sub)
+    _add_compare_parser(sub)
+    _add_serve_parser(sub)
+    return parser
+
+
+def _no_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bars (the one-line log per epoch stays)",
+    )
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    """The `train` command: every TrainConfig field, plus where the run goes."""
+    t = sub.add_parser(
+        "train",
+        help="train a model (the reference recipe by default)",
+        description="Train EANet or ViT. Defaults are the Keras example's recipe "
+        "with its augmentation bug fixed. Precedence: flags over --config FILE over the "
+        "defaults; with --resume, the run's own options, where a flag may change only "
+        "what may change on a resumed run (e.g. --epochs, --device) and must otherwise "
+        "repeat the run's value.",
+    )
+    add_config_flags(t, TrainConfig)
+    t.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="options from a YAML or JSON file (a run's config.yaml reproduces the run); "
+        "flags given on the command line override it",
+    )
+    t.add_argument("--out", type=Path, help="run directory (default: runs/MODEL-DATASET-TIME)")
+    t.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last complete epoch",
+    )
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run files in an existing --out directory",
+    )
+    _no_progress(t)
+
+
+def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser(
+        "evaluate",
+        help="test loss, top-1/top-5, per-class CSV, confusion PNG",
+        description="Evaluate a run directory or checkpoint on its data set.",
+    )
+    e.add_argument("checkpoint", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
+    add_config_flags(e, TrainConfig, only=DATA, defaults={"dataset": "the run's"})
+    add_config_flags(e, TrainConfig, only=RUNTIME, fill_defaults=True)
+    e.add_argument(
+        "--split",
+        choices=["test", "val"],
+        default="test",
+        help="which split (default: %(default)s)",
+    )
+    e.add_argument("--out", type=Path, help="where to write the files (default: the run dir)")
+    e.add_argument("--batch-size", type=int, default=500, help="default: %(default)s")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    _no_progress(e)
+
+
+def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    m = sub.add_parser(
+        "demo",
+        help="offline demo: learn real handwritten digits, then the CIFAR-100 pipeline",
+        description="Offline, in about a minute: train EANet on 1,797 real handwritten "
+        "digits shipped in the package until it works, and show its predictions; then run "
+        "the reference recipe on the shipped CIFAR-100 slice.",
+    )
+    m.add_argument("--out", type=Path, help="run directory (default: runs/demo-TIME)")
+    m.add_argument("--epochs", type=int, default=None, help="CIFAR part: epochs (default: 4)")
+    m.add_argument("--seed", type=int, default=0)
+    add_config_flags(m, TrainConfig, only=["device"], fill_defaults=True)
+    _no_progress(m)
+
+
+def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
+    """The `compare` command: CompareConfig's fields and the shared recipe's."""
+    c = sub.add_parser(
+        "compare",
+        help="train models (and augmentation orders) side by side; report.md with plots",
+        description="Train every model x augmentation order x seed under one recipe (runs in "
+        "OUT/runs/MODEL-AUGMENT-seedK/), then write OUT/report.md, OUT/report.json and PNG "
+        "figures: parameters, multiply-adds, train/inference img/s, best/final val and test "
+        "top-1/top-5 as mean +- std over seeds, curves, and what the first layer sees under "
+        "each order. Calling it again with the same --out skips finished runs and resumes "
+        "interrupted ones.",
+    )
+    add_config_flags(c, CompareConfig)
+    add_config_flags(c, TrainConfig, exclude=PER_RUN)
+    c.add_argument("--out", type=Path, required=True, help="comparison directory")
+    _no_progress(c)
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """The `bench` command: times the training step `train` runs with the same options."""
+    b = sub.add_parser(
+        "bench",
+        help="training and inference throughput, peak memory",
+        description="Time the training step (augmentation, forward, loss, backward, AdamW) "
+        "that `eanet train` runs with the same options, and inference, on random "
+        "CIFAR-shaped data: warm-up excluded, median of the timed steps. Also times large "
+        "fp32 (and, where native, bf16) matmuls in the same run and reports the model's "
+        "share of them.",
+    )
+    add_config_flags(b, TrainConfig, only=BENCHED)
+    b.add_argument("--steps", type=int, default=10, help="timed steps (default: %(default)s)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed steps (default: %(default)s)")
+    b.add_argument("--json", action="store_true", help="print the full result as JSON")
+    b.add_argument(
+        "--scaling",
+        action="store_true",
+        help="instead: time and activation memory per image of EANet vs ViT as the token "
+        "count grows (patch 2, image sizes --sizes); writes a table and a log-log plot",
+    )
+    b.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[32, 48, 64, 96],
+        help="image sides for --scaling (default: %(default)s = 256..2304 tokens)",
+    )
+    b.add_argument(
+        "--out",
+        type=Path,
+        default=Path("benchmarks/results/scaling"),
+        help="directory for the --scaling table and plot (default: %(default)s)",
+    )
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    """The `serve` command: every ServeConfig field."""
+    s = sub.add_parser(
+        "serve",
+        help="serve a checkpoint over HTTP: POST /predict, /health, /info, an upload page",
+        description="Serve a run directory or checkpoint with FastAPI + uvicorn: POST /predict "
+        "(multipart files or raw image bytes, ?top_k=5) answers the top-k classes of each "
+        "image as JSON; GET /health, GET /info, and GET / a page to upload an image. "
+        "Concurrent requests share forward passes (dynamic batching). Needs: pip install "
+        "'eanet[serve]'.",
+    )
+    s.add_argument("checkpoint", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
+    add_config_flags(s, ServeConfig, exclude=["checkpoint"], fill_defaults=True)
+
+
+def _add_use_parsers(sub: argparse._SubParsersAction) -> None:
+    """The `predict`, `info` and `sample-images` commands."""
+    p = sub.add_parser(
+        "predict",
+        help="top-k classes of image files or directories",
+        description="Predict the classes of images: any file Pillow reads (PNG, JPEG, BMP, "
+        "WebP, GIF, TIFF; grey, RGBA composited on black, palette, 16-bit), any size (the "
+        "whole image resized to the model's input, no crop). Directories are walked "
+        "recursively for image files. A file that cannot be read gets an error line on "
+        "stderr, the others are still predicted, and the exit code is 1.",
+    )
+    p.add_argument("checkpoint", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--top-k", type=int, default=5, help="classes per image (default: 5)")
+    p.add_argument("--json", action="store_true", help="one JSON object per image and line")
+    p.add_argument("--batch-size", type=int, default=64, help="default: %(default)s")
+    add_config_flags(p, TrainConfig, only=RUNTIME, fill_defaults=True)
+
+    i = sub.add_parser(
+        "info",
+        help="parameters per layer, multiply-adds per image, configuration",
+        description="Describe a registered model or a checkpoint: parameters per layer "
+        "(and the 7 normalization statistics), multiply-adds per image, its config.",
+    )
+    i.add_argument("target", metavar="MODEL_NAME_OR_CHECKPOINT")
+    add_config_flags(i, TrainConfig, only=["model_args"])
+    i.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    s = sub.add_parser(
+        "sample-images",
+        help="write the shipped CIFAR-100 slice as a folder of PNG images",
+        description="Write real images to try the folder commands on: the CIFAR-100 slice "
+        "shipped in the package as OUT/train/CLASS/*.png and OUT/test/CLASS/*.png.",
+    )
+    s.add_argument("out", type=Path, metavar="OUT")
+    s.add_argument(
+        "--classes",
+        help="comma-separated class names (default: all 100), e.g. apple,bicycle,cloud",
+    )
+    s.add_argument(
+        "--format", choices=["png", "jpg", "bmp", "webp"], default="png", help="default: png"
+    )
+
+
+def _add_interop_parsers(sub: argparse._SubParsersAction) -> None:
+    """The `import-keras` and `export` commands."""
+    k = sub.add_parser(
+        "import-keras",
+        help="convert the Keras example's trained EANet/ViT into an eanet checkpoint",
+        description="Read a Keras 3 .keras or .weights.h5 file of the Keras example's EANet "
+        "or ViT (detected from the weights), map every weight and the normalization "
+        "statistics, and write an eanet checkpoint. Needs h5py: pip install 'eanet[keras]'.",
+    )
+    k.add_argument("file", type=Path, metavar="FILE", help=".keras or .weights.h5 file")
+    k.add_argument(
+        "out",
+        type=Path,
+        metavar="OUT",
+        help="a .safetensors file, or a directory that gets checkpoint.safetensors",
+    )
+    k.add_argument(
+        "--class-names",
+        type=Path,
+        metavar="FILE",
+        help="text file, one class name per line (default: CIFAR-100's 100 fine labels)",
+    )
+    k.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+
+    x = sub.add_parser(
+        "export",
+        help="export a checkpoint to ONNX or TorchScript (checked against PyTorch)",
+        description="Export a checkpoint with normalization inside: input 'pixels' float32 "
+        "(B, 3, H, W), raw values 0..255; output 'probabilities' (B, classes); class names "
+        "in the metadata. The file is written only if it matches PyTorch within the "
+        "tolerance. ONNX needs: pip install 'eanet[export]'.",
+    )
+    x.add_argument("checkpoint", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
+    x.add_argument("--format", choices=["onnx", "torchscript"], required=True)
+    x.add_argument("--out", type=Path, required=True, metavar="FILE", help="file to write")
+    x.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="largest allowed |difference| of probabilities vs PyTorch (default: %(default)s)",
+    )
+
+
+# --------------------------------------------------------------------------- commands

@@ -1,0 +1,98 @@
+"""One source of truth for options: flags, --help, config files and --resume from the fields."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from eanet import checkpoint
+from eanet.cli.main import main
+from eanet.cli.parser import build_parser
+from eanet.data.cifar import SAMPLE_ARCHIVE, SAMPLE_MD5
+from eanet.errors import ConfigError
+from eanet.options import CHANGE, KEEP, MATCH, declared, read_config_file, resume_merge, to_argv
+from eanet.train.config import TrainConfig
+
+SLICE = ["--data-path", str(SAMPLE_ARCHIVE), "--md5", SAMPLE_MD5]
+TINY = ["--model-arg", "depth=1", "--model-arg", "dim=32", "--model-arg", "mlp_dim=32"]
+QUICK = [*SLICE, *TINY, "--batch-size", "64", "--threads", "1", "--device", "cpu"]
+
+
+def test_every_training_option_is_declared_with_help_and_a_resume_rule():
+    fields = declared(TrainConfig)
+    assert len(fields) == len(TrainConfig.__dataclass_fields__)
+    for name, f in fields.items():
+        assert f.metadata["help"].strip(), name
+        assert f.metadata["resume"] in (CHANGE, MATCH, KEEP), name
+
+
+def test_every_field_is_a_flag_of_train_and_its_help_shows_the_default():
+    text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for name in declared(TrainConfig):
+        flag = "--model-arg" if name == "model_args" else "--" + name.replace("_", "-")
+        assert flag in text, flag
+    assert "(default: 0.001)" in text and "(default: fp32)" in text
+
+
+def test_flags_round_trip_through_to_argv():
+    cfg = TrainConfig(lr=0.002, verify=False, model_args={"depth": 2}, precision="bf16")
+    args = build_parser().parse_args(["train", *to_argv(cfg)])
+    from eanet.cli.flags import given
+
+    assert TrainConfig(**{**TrainConfig().to_dict(), **given(args, TrainConfig)}) == cfg
+
+
+def test_config_file_errors_name_the_key_and_the_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lrr: 0.1\n")
+    assert main(["train", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(bad) in err and "'lrr'" in err
+    bad.write_text("lr: fast\n")
+    assert main(["train", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(bad) in err and "--lr 'fast' must be a number" in err
+    bad.write_text("lr: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        read_config_file(bad)
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        read_config_file(tmp_path / "missing.json")
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_merge_applies_changes_and_refuses_the_rest():
+    saved = TrainConfig(epochs=2, lr=0.002)
+    assert resume_merge(saved, {"epochs": 5, "device": "cpu"}, "RUN").epochs == 5
+    assert resume_merge(saved, {"lr": 0.002}, "RUN").lr == 0.002  # the same value is fine
+    with pytest.raises(ConfigError, match="--lr 0.01 differs from the run's 0.002"):
+        resume_merge(saved, {"lr": 0.01}, "RUN")
+    with pytest.raises(ConfigError, match="--precision 'bf16' differs"):
+        resume_merge(saved, {"precision": "bf16"}, "RUN")
+    with pytest.raises(ConfigError, match="--init-from does not apply to --resume RUN"):
+        resume_merge(saved, {"init_from": "x"}, "RUN")
+
+
+@pytest.mark.slow
+def test_config_yaml_reproduces_the_run_bit_for_bit(tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["train", *QUICK, "--epochs", "1", "--seed", "3", "--out", str(first)]) == 0
+    saved = yaml.safe_load((first / "config.yaml").read_text())
+    assert saved["seed"] == 3 and saved["model_args"] == {"depth": 1, "dim": 32, "mlp_dim": 32}
+    assert main(["train", "--config", str(first / "config.yaml"), "--out", str(second)]) == 0
+    a, b = checkpoint.load(first), checkpoint.load(second)
+    for key in a.model_state:
+        assert torch.equal(a.model_state[key], b.model_state[key]), key
+    assert json.loads((second / "config.json").read_text())["train"] == saved
+    capsys.readouterr()
+    # flags override the file
+    third = tmp_path / "third"
+    argv = ["train", "--config", str(first / "config.yaml"), "--epochs", "2", "--out", str(third)]
+    assert main([*argv, "--seed", "4"]) == 0
+    assert yaml.safe_load((third / "config.yaml").read_text())["seed"] == 4
+    # --resume: a changeable flag is applied, a recipe flag refused in one line, never dropped
+    assert main(["train", "--resume", str(first), "--precision", "bf16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--precision 'bf16' differs from the run's 'fp32'" in err
+    assert main(["train", "--resume", str(first), "--epochs", "2", "--no-progress"]) == 0
+    assert checkpoint.load(first).meta["epoch"] == 2
