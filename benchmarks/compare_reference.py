@@ -2,8 +2,10 @@
 
 For each model, `eanet bench` and `benchmarks/reference_keras.py` run one after the other
 (each in its own process, nothing else of ours running), `--rounds` times in alternation;
-the medians go into benchmarks/results/<stamp>-reference.json and a markdown table with the
-ratios and the 2x targets (benchmarks/results/reference_comparison.md):
+eanet in each `--precisions` (Keras always fp32: the reference has no bf16 path); the medians
+go into benchmarks/results/cpu/<machine class>/<stamp>-reference.json and a markdown table
+with the ratios, the targets and the CPU's flags (.../reference_comparison.md); the machine
+class is avx2, avx512 or avx512-bf16, from /proc/cpuinfo:
 
     python benchmarks/compare_reference.py --keras-python /path/to/keras-venv/bin/python
 
@@ -34,81 +36,103 @@ def run_json(cmd: list[str]) -> dict:
     return json.loads(out.stdout[out.stdout.index("{") :])
 
 
-def measure(model: str, args: argparse.Namespace) -> dict:
-    """Medians over rounds of ours and the reference's train and inference images/s."""
-    common = [
-        "--batch-size",
-        str(args.batch_size),
-        "--warmup",
-        str(args.warmup),
-        "--steps",
-        str(args.steps),
-        "--json",
-    ]
-    ours_cmd = [
-        sys.executable,
-        "-m",
-        "eanet",
-        "bench",
-        "--model",
-        MODELS[model],
-        "--device",
-        "cpu",
-        *common,
-    ]
+# Targets of the side-by-side comparison (eanet / Keras fp32), by eanet's precision.
+TARGETS = {
+    ("eanet", "fp32"): (1.6, 1.6),
+    ("vit", "fp32"): (1.1, 1.1),
+    ("eanet", "bf16"): (3.0, 4.0),  # only on a CPU with native bf16
+    ("vit", "bf16"): (2.0, 2.0),
+}
+
+
+def measure(model: str, args: argparse.Namespace) -> list[dict]:
+    """Medians over alternating rounds: Keras (fp32) and eanet in each asked precision."""
+    common = ["--batch-size", str(args.batch_size), "--warmup", str(args.warmup)]
+    common += ["--steps", str(args.steps), "--json"]
+    ours_cmd = [sys.executable, "-m", "eanet", "bench", "--model", MODELS[model]]
+    ours_cmd += ["--device", "cpu", *common]
     ref_cmd = [args.keras_python, "benchmarks/reference_keras.py", "--model", model, *common]
-    ours, ref = [], []
+    ours: dict[str, list[dict]] = {p: [] for p in args.precisions}
+    ref: list[dict] = []
     for r in range(args.rounds):
-        print(f"[{model}] round {r + 1}/{args.rounds}: eanet ...", file=sys.stderr, flush=True)
-        ours.append(run_json(ours_cmd))
+        for p in args.precisions:
+            print(f"[{model}] round {r + 1}/{args.rounds}: eanet {p} ...", file=sys.stderr)
+            ours[p].append(run_json([*ours_cmd, "--precision", p]))
         print(f"[{model}] round {r + 1}/{args.rounds}: keras ...", file=sys.stderr, flush=True)
         ref.append(run_json(ref_cmd))
 
     def med(rows: list[dict], key: str) -> float:
         return statistics.median(row[key] for row in rows)
 
-    return {
-        "model": model,
-        "eanet_train_img_s": med(ours, "train_img_s"),
-        "eanet_infer_img_s": med(ours, "infer_img_s"),
-        "keras_train_img_s": med(ref, "train_img_s"),
-        "keras_infer_img_s": med(ref, "infer_img_s"),
-        "train_ratio": med(ours, "train_img_s") / med(ref, "train_img_s"),
-        "infer_ratio": med(ours, "infer_img_s") / med(ref, "infer_img_s"),
-        "matmul_peak_gflops": med(ours, "matmul_peak_gflops"),
-        "eanet_train_fraction_of_peak": med(ours, "train_fraction_of_peak"),
-        "eanet_infer_fraction_of_peak": med(ours, "infer_fraction_of_peak"),
-        "keras_framework": ref[0]["framework"],
-        "environment": ours[0]["environment"],
-        "runs": {"eanet": ours, "keras": ref},
-    }
+    out = []
+    for p, rows in ours.items():
+        out.append(
+            {
+                "model": model,
+                "precision": rows[0]["precision"],
+                "eanet_train_img_s": med(rows, "train_img_s"),
+                "eanet_infer_img_s": med(rows, "infer_img_s"),
+                "keras_train_img_s": med(ref, "train_img_s"),
+                "keras_infer_img_s": med(ref, "infer_img_s"),
+                "train_ratio": med(rows, "train_img_s") / med(ref, "train_img_s"),
+                "infer_ratio": med(rows, "infer_img_s") / med(ref, "infer_img_s"),
+                "matmul_peak_gflops": med(rows, "matmul_peak_gflops"),
+                "matmul_peak_bf16_gflops": rows[0]["matmul_peak_bf16_gflops"],
+                "eanet_train_fraction_of_peak": med(rows, "train_fraction_of_peak"),
+                "eanet_infer_fraction_of_peak": med(rows, "infer_fraction_of_peak"),
+                "keras_framework": ref[0]["framework"],
+                "environment": rows[0]["environment"],
+                "runs": {"eanet": rows, "keras": ref},
+                "asked_precision": p,
+            }
+        )
+    return out
+
+
+def _verdict(ratio: float, target: float | None) -> str:
+    if target is None:
+        return f"{ratio:.2f}x"
+    return f"{ratio:.2f}x ({'yes' if ratio >= target else 'no'}, target {target:g}x)"
 
 
 def table(rows: list[dict], args: argparse.Namespace) -> str:
-    """The markdown table of the comparison."""
+    """The markdown table of the comparison, naming the machine and its CPU flags."""
     env = rows[0]["environment"]
+    flags = ", ".join(env.get("cpu_flags", [])) or "none of avx2/avx512/bf16/amx"
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} on {env.get('cpu_model', env['processor'])} "
-        f"({env['cpu_count']} cores, {env['torch_threads']} torch threads), torch "
-        f"{env['torch']} vs {rows[0]['keras_framework']}; batch {args.batch_size}, fp32, "
-        f"median of {args.steps} steps after {args.warmup} warm-up, {args.rounds} alternating "
-        "round(s); command: `python benchmarks/compare_reference.py "
-        f"--rounds {args.rounds} --steps {args.steps}`.",
+        f"(CPU flags: {flags}; torch CPU capability {env.get('cpu_capability')}; "
+        f"{env['cpu_count']} cores, {env['torch_threads']} torch threads), torch "
+        f"{env['torch']} vs {rows[0]['keras_framework']} (fp32; the reference has no bf16 "
+        f"path); batch {args.batch_size}, median of {args.steps} steps after {args.warmup} "
+        f"warm-up, {args.rounds} alternating round(s); command: `python "
+        f"benchmarks/compare_reference.py --rounds {args.rounds} --steps {args.steps} "
+        f"--precisions {' '.join(args.precisions)}`.",
         "",
-        "| model | | eanet img/s | Keras img/s | ratio (target >= 2x) "
-        "| eanet share of matmul peak |",
-        "|---|---|---|---|---|---|",
+        "| model | eanet precision | | eanet img/s | Keras fp32 img/s | ratio "
+        "| eanet share of the matmul peak |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        for kind, label in (("train", "training step"), ("infer", "inference")):
-            ok = "yes" if r[f"{kind}_ratio"] >= TARGET else "no"
+        targets = TARGETS.get((r["model"], r["precision"]), (None, None))
+        peak = r["matmul_peak_bf16_gflops"] if r["precision"] == "bf16" else None
+        peak = peak or r["matmul_peak_gflops"]
+        for i, (kind, label) in enumerate((("train", "training step"), ("infer", "inference"))):
             lines.append(
-                f"| {r['model']} | {label} | {r[f'eanet_{kind}_img_s']:.1f} | "
-                f"{r[f'keras_{kind}_img_s']:.1f} | {r[f'{kind}_ratio']:.2f}x ({ok}) | "
-                f"{r[f'eanet_{kind}_fraction_of_peak']:.0%} of "
-                f"{r['matmul_peak_gflops']:.0f} GFLOP/s |"
+                f"| {r['model']} | {r['precision']} | {label} | {r[f'eanet_{kind}_img_s']:.1f} | "
+                f"{r[f'keras_{kind}_img_s']:.1f} | {_verdict(r[f'{kind}_ratio'], targets[i])} | "
+                f"{r[f'eanet_{kind}_fraction_of_peak']:.0%} of {peak:.0f} GFLOP/s "
+                f"({r['precision']}) |"
             )
     return "\n".join(lines) + "\n"
+
+
+def machine_class(env: dict) -> str:
+    """'avx512-bf16', 'avx512' or 'avx2': which results folder a run belongs to."""
+    flags = set(env.get("cpu_flags", []))
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        return "avx512-bf16"
+    return "avx512" if "avx512f" in flags else "avx2"
 
 
 def main() -> None:
@@ -123,13 +147,21 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=["fp32", "bf16", "auto"],
+        default=["fp32", "bf16"],
+        help="eanet's precisions to time against Keras fp32 (default: fp32 bf16)",
+    )
     args = parser.parse_args()
-    rows = [measure(m, args) for m in args.models]
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    rows = [row for m in args.models for row in measure(m, args)]
+    folder = RESULTS / "cpu" / machine_class(rows[0]["environment"])
+    folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    (RESULTS / f"{stamp}-reference.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (folder / f"{stamp}-reference.json").write_text(json.dumps(rows, indent=2) + "\n")
     md = table(rows, args)
-    (RESULTS / "reference_comparison.md").write_text(md)
+    (folder / "reference_comparison.md").write_text(md)
     print(md)
 
 

@@ -11,9 +11,14 @@ import argparse
 import json
 from collections.abc import Iterable
 
-from eanet.options import declared, field_default, flag, value_type
+from eanet.options import CHANGE, KEEP, MATCH, declared, field_default, flag, value_type
 
 MODEL_ARG = "model_args"  # the dict field given as repeated --model-arg KEY=VALUE
+RESUME_WORDS = {
+    CHANGE: "may change on --resume",
+    MATCH: "on --resume must match the run",
+    KEEP: "not with --resume",
+}
 
 
 def model_arg(text: str) -> tuple[str, object]:
@@ -30,13 +35,14 @@ def model_arg(text: str) -> tuple[str, object]:
         return key.replace("-", "_"), value
 
 
-def _help(f, default: object) -> str:
+def _help(f, default: object, show_resume: bool) -> str:
     shown = "none" if default is None else default
     if isinstance(default, bool):
         shown = "on" if default else "off"
     elif isinstance(default, (list, dict)):
         shown = " ".join(map(str, default)) if isinstance(default, list) else "none"
-    return f"{f.metadata['help']} (default: {shown})".replace("%", "%%")
+    rule = f"; {RESUME_WORDS[f.metadata['resume']]}" if show_resume else ""
+    return f"{f.metadata['help']} (default: {shown}{rule})".replace("%", "%%")
 
 
 def add_config_flags(
@@ -47,12 +53,14 @@ def add_config_flags(
     exclude: Iterable[str] = (),
     defaults: dict[str, object] | None = None,
     fill_defaults: bool = False,
+    show_resume: bool = False,
 ) -> None:
     """One flag per declared field of `cls` (or those in `only`), all defaulting to None.
 
     `defaults` overrides the default shown in the help (e.g. evaluate's data set: the
     run's). `fill_defaults`: the parsed value of a flag not given is the field's default
     (for commands that take the options as they are, with nothing to merge).
+    `show_resume`: say in the help how each option behaves on `--resume` (train).
     """
     fields = declared(cls)
     names = [n for n in (only if only is not None else fields) if n not in set(exclude)]
@@ -60,7 +68,10 @@ def add_config_flags(
         f = fields[name]
         default = (defaults or {}).get(name, field_default(f))
         kind = value_type(cls, name)
-        kw: dict = {"default": default if fill_defaults else None, "help": _help(f, default)}
+        kw: dict = {
+            "default": default if fill_defaults else None,
+            "help": _help(f, default, show_resume),
+        }
         kw["dest"] = name
         if f.metadata["metavar"]:
             kw["metavar"] = f.metadata["metavar"]

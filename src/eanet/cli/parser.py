@@ -64,7 +64,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         "what may change on a resumed run (e.g. --epochs, --device) and must otherwise "
         "repeat the run's value.",
     )
-    add_config_flags(t, TrainConfig)
+    add_config_flags(t, TrainConfig, show_resume=True)
     t.add_argument(
         "--config",
         type=Path,

@@ -71,5 +71,11 @@ class _DoubleNormalize(torch.autograd.Function):
 
 
 def double_normalize(z: torch.Tensor, token_dim: int = 1) -> torch.Tensor:
-    """External attention's normalisation of logits `z` (..., tokens, ..., memory)."""
+    """External attention's normalisation of logits `z` (..., tokens, ..., memory).
+
+    Under autocast it runs in fp32, as autocast runs torch's own softmax: a softmax over
+    256 tokens and a sum over the memory slots lose too much in bfloat16's 8-bit mantissa.
+    """
+    if torch.is_autocast_enabled(z.device.type) and z.dtype != torch.float32:
+        z = z.float()
     return _DoubleNormalize.apply(z, token_dim)

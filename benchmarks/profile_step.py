@@ -1,0 +1,104 @@
+"""Where a training or inference step spends its time: torch.profiler, by operator.
+
+    python benchmarks/profile_step.py --model eanet-cifar --precision bf16 --batch-size 128
+
+Runs the step `eanet train` / `eanet bench` run with the same options (train.step.train_step,
+inference under inference mode and `runtime.autocast`), warm-up excluded, and prints the
+operators by self CPU time; `--out FILE.json` also saves the table with the machine's
+description (CPU model and flags). Take profiles on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from eanet.data.augment import AugmentConfig
+from eanet.models.registry import create_model
+from eanet.runtime import autocast, environment, resolve_precision, set_threads
+from eanet.train.config import TrainConfig
+from eanet.train.step import make_optimizer, train_step
+
+
+def profile_step(cfg: TrainConfig, phase: str, steps: int, warmup: int) -> list[dict]:
+    """Operator table (name, calls, self CPU ms per step, share) of `steps` profiled steps."""
+    set_threads(cfg.threads)
+    torch.manual_seed(0)
+    dev = torch.device("cpu")
+    model = create_model(cfg.model, **cfg.model_args)
+    x = torch.randint(0, 256, (cfg.batch_size, *model.input_shape), dtype=torch.uint8)
+    y = torch.randint(0, model.config.num_classes, (cfg.batch_size,))
+    optimizer, aug = make_optimizer(model, cfg), AugmentConfig()
+    precision = resolve_precision(cfg.precision, dev)
+
+    def step() -> None:
+        if phase == "train":
+            train_step(model, optimizer, x, y, cfg, aug)
+        else:
+            with torch.inference_mode(), autocast(precision, dev):
+                model.eval()(x)
+
+    for _ in range(warmup):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    rows = [
+        {
+            "op": e.key,
+            "calls_per_step": e.count / steps,
+            "self_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+            "share": e.self_cpu_time_total / total,
+        }
+        for e in events
+    ]
+    return sorted(rows, key=lambda r: -r["share"])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="eanet-cifar")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--phase", choices=["train", "infer"], default="train")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--top", type=int, default=25, help="operators to print")
+    p.add_argument("--out", type=Path, help="also write the table as JSON")
+    args = p.parse_args()
+    cfg = TrainConfig(
+        model=args.model,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        threads=args.threads,
+        device="cpu",
+    )
+    rows = profile_step(cfg, args.phase, args.steps, args.warmup)
+    env = environment()
+    print(
+        f"{args.model} {args.phase} step, batch {args.batch_size}, {args.precision}, on "
+        f"{env.get('cpu_model')} (flags: {' '.join(env['cpu_flags'])})"
+    )
+    print(f"{'operator':<48} {'calls':>6} {'ms/step':>9} {'share':>6}")
+    for r in rows[: args.top]:
+        print(
+            f"{r['op'][:48]:<48} {r['calls_per_step']:>6.0f} {r['self_ms_per_step']:>9.2f} "
+            f"{r['share']:>6.1%}"
+        )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        record = {"args": vars(args) | {"out": str(args.out)}, "environment": env, "ops": rows}
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

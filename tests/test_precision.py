@@ -1,0 +1,111 @@
+"""One precision option: what `--precision` resolves to, what runs in bf16, and that it learns."""
+
+import statistics
+
+import pytest
+import torch
+
+from eanet import bench, runtime
+from eanet.errors import ConfigError
+from eanet.inference import predict_logits
+from eanet.models.registry import create_model
+from eanet.train.config import TrainConfig
+from eanet.train.loop import fit
+
+
+def test_auto_is_bf16_only_where_the_device_computes_it_natively(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_info", lambda: ("x", ("avx2", "avx512f")))
+    assert runtime.resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setattr(runtime, "cpu_info", lambda: ("x", ("avx512f", "avx512_bf16")))
+    assert runtime.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(runtime, "cpu_info", lambda: ("x", ("amx_bf16",)))
+    assert runtime.resolve_precision("auto", cpu) == "bf16"
+    assert runtime.resolve_precision("fp32", cpu) == "fp32"
+    assert runtime.resolve_precision("bf16", cpu) == "bf16"  # asked for: honoured everywhere
+    with pytest.raises(ConfigError, match="--precision 'fp16' must be one of fp32, bf16, auto"):
+        runtime.resolve_precision("fp16", cpu)
+
+
+def test_cpu_info_names_the_model_and_its_flags():
+    model, flags = runtime.cpu_info()
+    assert set(flags) <= set(runtime.CPU_FLAGS)
+    env = runtime.environment()
+    assert env["cpu_flags"] == list(flags) and "cpu_capability" in env
+
+
+def _record_dtypes(monkeypatch) -> list[tuple[str, torch.dtype]]:
+    """(phase, dtype) of the first layer's output in every forward of bench's model.
+
+    Phases: "train" (train mode with autograd: the timed step), "infer" (eval mode), and
+    "count" (train mode without autograd: the multiply-add count on the reference ops).
+    """
+    seen: list[tuple[str, torch.dtype]] = []
+
+    def phase(m) -> str:
+        if not m.training:
+            return "infer"
+        return "train" if torch.is_grad_enabled() else "count"
+
+    real = bench.create_model
+
+    def create(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.patch_embed.proj.register_forward_hook(
+            lambda m, i, o: seen.append((phase(m), o.dtype))
+        )
+        return model
+
+    monkeypatch.setattr(bench, "create_model", create)
+    return seen
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_bench_times_the_training_step_in_the_precision_asked(monkeypatch, precision, dtype):
+    seen = _record_dtypes(monkeypatch)
+    cfg = TrainConfig(model_args={"depth": 1}, batch_size=4, device="cpu", precision=precision)
+    r = bench.bench_model(cfg, warmup=0, steps=1, peak=100.0, peak_bf16=400.0)
+    assert r.precision == precision
+    train = {d for p, d in seen if p == "train"}
+    infer = {d for p, d in seen if p == "infer"}
+    assert train == {dtype} and infer == {dtype}
+
+
+def test_bf16_inference_stays_close_to_fp32():
+    torch.manual_seed(0)
+    model = create_model("eanet-cifar", depth=2).eval()
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    p32 = predict_logits(model, x).softmax(-1)
+    p16 = predict_logits(model, x, precision="bf16").softmax(-1)
+    assert p16.dtype == torch.float32
+    # bf16 keeps 8 bits of mantissa: probabilities move by ~1e-2 at most on 8 blocks
+    assert (p16 - p32).abs().max() < 0.05
+
+
+@pytest.mark.slow
+def test_bf16_training_learns_as_fp32_does_on_real_digits(tmp_path, digits_data):
+    """Learning parity: bf16's held-out top-1 is within the spread of 3 fp32 seeds.
+
+    The learning check's configuration (depth 2, 4x4 patches, lr 2e-3), 4 epochs to stay
+    quick; the figures of each seed are in the assertion message.
+    """
+    results: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for precision in results:
+        for seed in range(3):
+            cfg = TrainConfig(
+                model_args={"depth": 2, "patch_size": 4},
+                epochs=4,
+                batch_size=32,
+                lr=2e-3,
+                val_fraction=0.0,
+                augment="none",
+                device="cpu",
+                seed=seed,
+                precision=precision,
+            )
+            out = tmp_path / f"{precision}-{seed}"
+            results[precision].append(fit(cfg, out, data=digits_data, progress=False)["test_top1"])
+    fp32, bf16 = results["fp32"], results["bf16"]
+    spread = max(max(fp32) - min(fp32), 0.01)
+    assert min(fp32) >= 0.8, results  # both learn: chance is 10%
+    assert statistics.mean(bf16) >= statistics.mean(fp32) - spread, results
