@@ -41,7 +41,6 @@ sys.path.insert(0, str(ROOT / "tests"))  # the real-server helpers the tests use
 from serve_helpers import flat_png, process_memory_kb, server_process  # noqa: E402
 from serve_load import reference_checkpoint, sample_pngs  # noqa: E402
 
-
 SERVER_COUNTERS = (
     "internal_errors",
     "client_disconnects",
