@@ -231,6 +231,28 @@ def test_config_validation():
         ServeConfig("x", max_batch=0)
     with pytest.raises(ConfigError, match="--max-upload-mb"):
         ServeConfig("x", max_upload_mb=0)
+    with pytest.raises(ConfigError, match="--max-request-mp .* >= --max-image-mp"):
+        ServeConfig("x", max_image_mp=8, max_request_mp=4)
+    for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s", "max_large_decodes"):
+        flag = "--" + name.replace("_", "-")
+        with pytest.raises(ConfigError, match=flag):
+            ServeConfig("x", **{name: 0})
+
+
+def test_pixel_budget_is_read_from_the_header(tiny_ckpt):
+    from serve_helpers import flat_png
+
+    over = flat_png(4000, 4001)  # one row above the default 16 MP, in 62 KB of PNG
+    with TestClient(create_app(make_config(tiny_ckpt, max_upload_mb=1))) as c:
+        r = c.post("/predict", files=files(over))
+        assert r.status_code == 413
+        assert r.json()["detail"] == (
+            "image 1 (img0.png): 4000x4001 = 16.0 megapixels, above the serving limit of 16 "
+            "megapixels per image (--max-image-mp)"
+        )
+        assert c.get("/health").json()["large_decodes"] == 0  # refused before decoding
+        assert c.post("/predict", files=files(flat_png(2000, 2000))).status_code == 200
+        assert c.get("/health").json()["large_decodes"] == 1  # decoded in the large lane
 
 
 def test_cli_missing_extra_is_one_line(monkeypatch, capsys, tiny_ckpt):

@@ -209,17 +209,37 @@ def test_bf16_serves_and_info_reports_it(server, small_png):
     assert r.status_code == 200 and len(r.json()["predictions"][0]["predictions"]) == 5
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_workers_with_a_device_they_cannot_use_exit_2_at_once(tiny_ckpt):  # noqa: F811
-    cmd = [sys.executable, "-m", "eanet", "serve", str(tiny_ckpt), "--workers", "2"]
-    cmd += ["--device", "cuda", "--port", str(free_port())]
-    try:
+def _weights_that_do_not_fit(tiny_ckpt, folder):  # noqa: F811
+    """A checkpoint that `checkpoint.load` reads but no model loads: a tensor gone, no digest."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(tiny_ckpt), framework="pt") as f:
+        header = {k: v for k, v in (f.metadata() or {}).items() if k != "sha256"}
+    tensors = load_file(str(tiny_ckpt))
+    tensors.pop(next(k for k in tensors if k.startswith("model.")))
+    path = folder / "unfit.safetensors"
+    save_file(tensors, str(path), metadata=header)
+    return path
+
+
+@pytest.mark.parametrize("case", ["device cuda without a GPU", "weights that do not fit"])
+def test_workers_that_cannot_load_the_model_exit_2_at_once(case, tiny_ckpt, tmp_path):  # noqa: F811
+    if case.startswith("device"):
+        if torch.cuda.is_available():
+            pytest.skip("needs a machine without CUDA")
+        ckpt, extra, word = tiny_ckpt, ["--device", "cuda"], "cuda"
+    else:
+        ckpt, extra, word = _weights_that_do_not_fit(tiny_ckpt, tmp_path), [], "do not fit"
+    cmd = [sys.executable, "-m", "eanet", "serve", str(ckpt), "--workers", "2", *extra]
+    cmd += ["--port", str(free_port())]
+    try:  # before the fix: workers die and are restarted for ever
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired as exc:
-        raise AssertionError("eanet serve --workers 2 --device cuda did not exit") from exc
+        raise AssertionError(f"eanet serve --workers 2 with {case} did not exit") from exc
     assert p.returncode == 2
     err = p.stderr.strip()
-    assert err.startswith("eanet: error:") and "cuda" in err and "\n" not in err
+    assert err.startswith("eanet: error:") and word in err and "\n" not in err
 
 
 def test_workers_serve(tiny_ckpt, small_png):  # noqa: F811
