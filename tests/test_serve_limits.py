@@ -142,6 +142,19 @@ def test_stalled_connections_are_closed(server, small_png):
     assert r.status_code == 200
 
 
+def test_oversized_headers_are_refused(server):
+    url, _ = server
+    with socket.create_connection(_address(url)) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n")
+        answer, took = read_until_closed(s, timeout=5)
+    assert took is not None and answer.startswith(b"HTTP/1.1 431")  # --max-header-kb 16
+    assert b"--max-header-kb" in answer
+    with socket.create_connection(_address(url)) as s:  # just under the limit: served
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 15_000 + b"\r\n\r\n")
+        s.settimeout(5)
+        assert s.recv(100).startswith(b"HTTP/1.1 200")
+
+
 @pytest.fixture(scope="module")
 def huge_png():
     return flat_png(9000, 9000)  # 81 megapixels in ~330 KB, under Pillow's bomb limit

@@ -64,7 +64,7 @@ class ServeConfig:
         5.0, help="seconds an idle keep-alive connection stays open (uvicorn's timeout_keep_alive)"
     )
     max_header_kb: int = option(
-        16, help="size limit of a request's headers in KiB; larger is answered 400 and closed"
+        16, help="size limit of a request's headers in KiB; larger is answered 431 and closed"
     )
     max_connections: int = option(
         100,
