@@ -2,6 +2,7 @@
 
 import asyncio
 import io
+import json
 import shutil
 import threading
 import warnings
@@ -178,6 +179,67 @@ def test_an_internal_error_is_a_500_line_and_the_server_goes_on(tiny_ckpt, pngs,
         assert c.post("/predict", files=files(pngs[0])).status_code == 200
         assert c.get("/health").json()["internal_errors"] == 1
     assert "Traceback" in caplog.text and "boom" in caplog.text  # logged server-side
+
+
+def _post_scope(length: int) -> dict:
+    headers = [(b"content-type", b"image/png"), (b"content-length", str(length).encode())]
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/predict",
+        "raw_path": b"/predict",
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "state": {},
+    }
+
+
+def _call(app, scope: dict, messages: list[dict]) -> list[dict]:
+    """Run one ASGI request: `messages` from the client, then silence; what the app sent."""
+    sent = []
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        await asyncio.Event().wait()  # a client that sends nothing more
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+def test_a_client_leaving_mid_upload_is_one_info_line_not_an_error(tiny_ckpt, caplog):
+    app = create_app(make_config(tiny_ckpt))
+    part = {"type": "http.request", "body": b"\x89PNG" + bytes(100), "more_body": True}
+    with caplog.at_level("INFO", logger="eanet.serve"):
+        sent = _call(app, _post_scope(5000), [part, {"type": "http.disconnect"}])
+    assert not [m for m in sent if m["type"] == "http.response.start"]  # nobody to answer
+    counters = app.state.serve.counters
+    assert counters["client_disconnects"] == 1 and counters["internal_errors"] == 0
+    records = [r for r in caplog.records if r.name.startswith("eanet.serve")]
+    assert [r.getMessage() for r in records] == [
+        "POST /predict: the client disconnected after 104 body bytes"
+    ]
+    assert records[0].levelname == "INFO"
+
+
+def test_a_stalled_body_gets_408_and_the_connection_closed(tiny_ckpt):
+    app = create_app(make_config(tiny_ckpt, body_timeout_s=0.2))
+    part = {"type": "http.request", "body": b"\x89PNG", "more_body": True}
+    sent = _call(app, _post_scope(5000), [part])
+    start, body = sent
+    assert start["status"] == 408 and (b"connection", b"close") in start["headers"]
+    detail = json.loads(body["body"])["detail"]
+    assert detail == "request body not complete within 0.2 s (4 bytes received; --body-timeout-s)"
+    assert app.state.serve.counters["body_timeouts"] == 1
 
 
 def test_concurrent_requests_share_forward_passes(tiny_ckpt, pngs):
