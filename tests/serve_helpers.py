@@ -72,3 +72,59 @@ def server_process(
                 proc.wait()
         if temporary:
             log_path.unlink(missing_ok=True)
+
+
+def flat_png(
+    width: int, height: int, rgba: tuple[int, int, int, int] = (200, 30, 30, 128)
+) -> bytes:
+    """A one-colour RGBA PNG of width x height, written row by row: a few hundred KB for 81 MP.
+
+    Built with zlib directly so that making a huge-pixel test image costs no memory: every row
+    after the first uses PNG's "up" filter, i.e. all zeros, which compress to almost nothing.
+    """
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)  # 8-bit RGBA
+    z = zlib.compressobj(9)
+    parts = [z.compress(b"\x00" + bytes(rgba) * width)]
+    up_row = b"\x02" + bytes(4 * width)
+    parts += [z.compress(up_row) for _ in range(height - 1)]
+    parts.append(z.flush())
+    idat = b"".join(parts)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+def read_until_closed(sock, timeout: float) -> tuple[bytes, float | None]:
+    """Read `sock` until the server closes it: (what it sent, seconds taken or None if not)."""
+    t0 = time.monotonic()
+    data = b""
+    sock.settimeout(0.2)
+    while time.monotonic() - t0 < timeout:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return data, time.monotonic() - t0
+        if not chunk:
+            return data, time.monotonic() - t0
+        data += chunk
+    return data, None
+
+
+def process_memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak resident memory) of process `pid` in KiB, from /proc/PID/status."""
+    out = {}
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0])
+    return out

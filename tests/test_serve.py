@@ -2,6 +2,7 @@
 
 import asyncio
 import io
+import json
 import shutil
 import threading
 import warnings
@@ -180,6 +181,67 @@ def test_an_internal_error_is_a_500_line_and_the_server_goes_on(tiny_ckpt, pngs,
     assert "Traceback" in caplog.text and "boom" in caplog.text  # logged server-side
 
 
+def _post_scope(length: int) -> dict:
+    headers = [(b"content-type", b"image/png"), (b"content-length", str(length).encode())]
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/predict",
+        "raw_path": b"/predict",
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "state": {},
+    }
+
+
+def _call(app, scope: dict, messages: list[dict]) -> list[dict]:
+    """Run one ASGI request: `messages` from the client, then silence; what the app sent."""
+    sent = []
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        await asyncio.Event().wait()  # a client that sends nothing more
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+def test_a_client_leaving_mid_upload_is_one_info_line_not_an_error(tiny_ckpt, caplog):
+    app = create_app(make_config(tiny_ckpt))
+    part = {"type": "http.request", "body": b"\x89PNG" + bytes(100), "more_body": True}
+    with caplog.at_level("INFO", logger="eanet.serve"):
+        sent = _call(app, _post_scope(5000), [part, {"type": "http.disconnect"}])
+    assert not [m for m in sent if m["type"] == "http.response.start"]  # nobody to answer
+    counters = app.state.serve.counters
+    assert counters["client_disconnects"] == 1 and counters["internal_errors"] == 0
+    records = [r for r in caplog.records if r.name.startswith("eanet.serve")]
+    assert [r.getMessage() for r in records] == [
+        "POST /predict: the client disconnected after 104 body bytes"
+    ]
+    assert records[0].levelname == "INFO"
+
+
+def test_a_stalled_body_gets_408_and_the_connection_closed(tiny_ckpt):
+    app = create_app(make_config(tiny_ckpt, body_timeout_s=0.2))
+    part = {"type": "http.request", "body": b"\x89PNG", "more_body": True}
+    sent = _call(app, _post_scope(5000), [part])
+    start, body = sent
+    assert start["status"] == 408 and (b"connection", b"close") in start["headers"]
+    detail = json.loads(body["body"])["detail"]
+    assert detail == "request body not complete within 0.2 s (4 bytes received; --body-timeout-s)"
+    assert app.state.serve.counters["body_timeouts"] == 1
+
+
 def test_concurrent_requests_share_forward_passes(tiny_ckpt, pngs):
     app = create_app(make_config(tiny_ckpt, max_wait_ms=250, max_images=8))
 
@@ -231,6 +293,28 @@ def test_config_validation():
         ServeConfig("x", max_batch=0)
     with pytest.raises(ConfigError, match="--max-upload-mb"):
         ServeConfig("x", max_upload_mb=0)
+    with pytest.raises(ConfigError, match="--max-request-mp .* >= --max-image-mp"):
+        ServeConfig("x", max_image_mp=8, max_request_mp=4)
+    for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s", "max_large_decodes"):
+        flag = "--" + name.replace("_", "-")
+        with pytest.raises(ConfigError, match=flag):
+            ServeConfig("x", **{name: 0})
+
+
+def test_pixel_budget_is_read_from_the_header(tiny_ckpt):
+    from serve_helpers import flat_png
+
+    over = flat_png(4000, 4001)  # one row above the default 16 MP, in 62 KB of PNG
+    with TestClient(create_app(make_config(tiny_ckpt, max_upload_mb=1))) as c:
+        r = c.post("/predict", files=files(over))
+        assert r.status_code == 413
+        assert r.json()["detail"] == (
+            "image 1 (img0.png): 4000x4001 = 16.0 megapixels, above the serving limit of 16 "
+            "megapixels per image (--max-image-mp)"
+        )
+        assert c.get("/health").json()["large_decodes"] == 0  # refused before decoding
+        assert c.post("/predict", files=files(flat_png(2000, 2000))).status_code == 200
+        assert c.get("/health").json()["large_decodes"] == 1  # decoded in the large lane
 
 
 def test_cli_missing_extra_is_one_line(monkeypatch, capsys, tiny_ckpt):

@@ -5,279 +5,214 @@
     GET  /info      model config, classes, parameter count, server settings, counters
     GET  /          a small self-contained page: upload an image, see the top-5 as bars
 
-Images go through `eanet.data.images`, the one preprocessing path. Requests arriving together are
-grouped by a `Batcher` into one forward pass (up to `max_batch` images, waiting at most
-`max_wait_ms` for company), which runs in a worker thread so the event loop keeps accepting
-requests. Bad input is answered with a status and a one-line `detail`, never a traceback, and
-the server keeps serving.
+Images go through `eanet.data.images`, the one preprocessing path, after a pixel budget read
+from their headers (`serve.decode`). Requests arriving together are grouped by a `Batcher`
+into one forward pass (up to `max_batch` images, waiting at most `max_wait_ms` for company),
+which runs in a worker thread so the event loop keeps accepting requests. Bad input is
+answered with a status and a one-line `detail`, never a traceback, and the server keeps
+serving. `ServeState` holds what the handlers share; `create_app` only wires it to routes.
 """
 
-import asyncio
-import concurrent.futures
 import contextlib
-import json
 import logging
 import os
 import time
-import traceback
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
 
 import torch
 
 from eanet import __version__
-from eanet.data import images as imgs
 from eanet.errors import DataError, one_line
 from eanet.predict import top_k_predictions
 from eanet.serve.batcher import Batcher
 from eanet.serve.config import ServeConfig, check_dependencies
+from eanet.serve.decode import ImageDecoder, Items, PixelBudgetError, decode_memory_bound
+from eanet.serve.guard import RequestGuard
 from eanet.serve.model import ServedModel
 
 log = logging.getLogger(__name__)
 
-
 RAW_TYPES = ("application/octet-stream",)  # accepted besides image/*
-
-
-class _TooLarge(Exception):
-    """The request body passed the upload limit."""
-
-
-def _decode(items: list[tuple[str | None, bytes]], size: int) -> torch.Tensor:
-    """Encoded images -> uint8 [n, 3, size, size]; a DataError names the image and why."""
-    out = []
-    for i, (name, data) in enumerate(items):
-        try:
-            out.append(imgs.load_image(data, size))
-        except DataError as exc:
-            reason = str(exc).removeprefix(f"<{len(data)} bytes>: ")
-            label = f"image {i + 1}" + (f" ({name})" if name else "")
-            raise DataError(f"{label}: {reason}") from exc
-    return torch.stack(out)
-
-
-class _Guard:
-    """Outermost ASGI layer: body-size limit, catch-all 500, one log line per request."""
-
-    def __init__(self, app: Any, max_bytes: int, counters: dict | None = None) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-        self.counters = counters if counters is not None else {}
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        t0 = time.perf_counter()
-        status = {"code": 0}
-        received = {"bytes": 0}
-
-        async def send_status(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        async def limited_receive() -> dict:
-            message = await receive()
-            received["bytes"] += len(message.get("body", b""))
-            if received["bytes"] > self.max_bytes:
-                raise _TooLarge
-            return message
-
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length", b"").decode("latin-1")
-        try:
-            if declared.isdigit() and int(declared) > self.max_bytes:
-                raise _TooLarge
-            await self.app(scope, limited_receive, send_status)
-        except _TooLarge:
-            self._count("requests_refused")
-            await self._error(send_status, status, 413, self._too_large())
-        except Exception as exc:
-            self._count("internal_errors")
-            log.error(
-                "%s %s: unhandled error\n%s", scope["method"], scope["path"], traceback.format_exc()
-            )
-            await self._error(
-                send_status,
-                status,
-                500,
-                f"internal server error ({type(exc).__name__}); the server log has the details",
-            )
-        ms = (time.perf_counter() - t0) * 1000
-        images = (scope.get("state") or {}).get("images", 0)
-        log.info(
-            "%s %s %d %.1f ms images=%d", scope["method"], scope["path"], status["code"], ms, images
-        )
-
-    def _count(self, key: str) -> None:
-        self.counters[key] = self.counters.get(key, 0) + 1
-
-    def _too_large(self) -> str:
-        return (
-            f"request body larger than the upload limit of {self.max_bytes / 2**20:g} MB "
-            "(--max-upload-mb)"
-        )
-
-    @staticmethod
-    async def _error(send: Callable, status: dict, code: int, detail: str) -> None:
-        if status["code"]:  # the response has begun: too late to change it
-            return
-        body = json.dumps({"detail": detail}, separators=(",", ":")).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-        await send({"type": "http.response.start", "status": code, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
 
 
 def _page() -> str:
     return resources.files("eanet").joinpath("static/index.html").read_text(encoding="utf-8")
 
 
-def create_app(config: ServeConfig, served: ServedModel | None = None) -> Any:
-    """The FastAPI application for `config` (loads the checkpoint unless `served` is given)."""
-    check_dependencies()
-    from fastapi import FastAPI, HTTPException, Query, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse
-    from starlette.datastructures import UploadFile
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+class ServeState:
+    """What the handlers share: settings, model, batcher, decoder, counters."""
 
-    if served is None:
-        served = ServedModel(config.checkpoint, config.device, config.precision)
-    batcher = Batcher(served.forward, config.max_batch, config.max_wait_ms)
-    counters = {"requests_served": 0, "requests_refused": 0, "internal_errors": 0}
-    # Decoding runs beside the event loop, a few images at a time: a burst of large uploads
-    # queues here instead of decoding all at once into memory.
-    decoder = concurrent.futures.ThreadPoolExecutor(
-        min(4, os.cpu_count() or 1), thread_name_prefix="eanet-decode"
-    )
-    started = time.time()
-    page = _page()
+    def __init__(self, config: ServeConfig, served: ServedModel | None = None) -> None:
+        self.config = config
+        self.served = served or ServedModel(config.checkpoint, config.device, config.precision)
+        self.batcher = Batcher(self.served.forward, config.max_batch, config.max_wait_ms)
+        self.decoder = ImageDecoder(
+            config.max_image_pixels, config.max_request_pixels, config.max_large_decodes
+        )
+        self.counters = {"requests_served": 0, "requests_refused": 0, "internal_errors": 0}
+        self.counters |= {"client_disconnects": 0, "body_timeouts": 0}
+        self.started = time.time()
+        self.page = _page()
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(self, app: Any) -> AsyncIterator[None]:
+        """Log what is served; on shutdown stop the batcher and the decode threads."""
+        c, s = self.config, self.served
         log.info(
-            "serving %s (%s, %d classes, %s) on %s: max batch %d, max wait %g ms",
-            served.name,
-            served.describe()["version"],
-            len(served.class_names),
-            served.device,
-            f"http://{config.host}:{config.port}",
-            config.max_batch,
-            config.max_wait_ms,
+            "serving %s (%s, %d classes, %s, %s) on http://%s:%d: max batch %d, max wait %g ms",
+            *(s.name, s.describe()["version"], len(s.class_names), s.device, s.precision),
+            *(c.host, c.port, c.max_batch, c.max_wait_ms),
         )
         yield
-        await batcher.close()
-        decoder.shutdown(wait=False, cancel_futures=True)
+        await self.batcher.close()
+        self.decoder.close()
 
-    # No /docs or /redoc: FastAPI's pages load their scripts from a CDN, and the server may be
-    # offline. The OpenAPI schema stays at /openapi.json.
-    app = FastAPI(
-        title="eanet", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
-    )
-    app.state.batcher = batcher
-    app.state.served = served
+    def refuse(self, code: int, detail: str) -> Exception:
+        """An HTTPException answering `code` with a one-line detail, counted as refused."""
+        from fastapi import HTTPException
 
-    def refuse(code: int, detail: str) -> HTTPException:
-        counters["requests_refused"] += 1
+        self.counters["requests_refused"] += 1
         return HTTPException(code, one_line(detail))
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        counters["requests_refused"] += 1
+    async def validation_error(self, request: Any, exc: Any) -> Any:
+        """A bad query parameter: 422 with one line naming it."""
+        from fastapi.responses import JSONResponse
+
+        self.counters["requests_refused"] += 1
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
         return JSONResponse({"detail": one_line(f"{where}: {first.get('msg')}")}, 422)
 
-    def stats() -> dict:
-        return {**counters, **batcher.stats(), "uptime_s": round(time.time() - started, 1)}
+    def stats(self) -> dict:
+        """The counters, the batcher's and the decoder's, uptime."""
+        extra = {"large_decodes": self.decoder.large_requests}
+        uptime = round(time.time() - self.started, 1)
+        return {**self.counters, **self.batcher.stats(), **extra, "uptime_s": uptime}
 
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "model": served.describe()["version"], **stats()}
+    async def health(self) -> dict:
+        """GET /health."""
+        return {"status": "ok", "model": self.served.describe()["version"], **self.stats()}
 
-    @app.get("/info")
-    async def info() -> dict:
+    async def info(self) -> dict:
+        """GET /info."""
+        s = self.served
         return {
-            "model": served.describe(),
-            "config": served.config.to_dict(),
-            "parameters": served.parameters,
-            "image_size": served.image_size,
-            "num_classes": len(served.class_names),
-            "class_names": served.class_names,
-            "device": str(served.device),
-            "server": {
-                "max_batch": config.max_batch,
-                "max_wait_ms": config.max_wait_ms,
-                "max_upload_mb": config.max_upload_mb,
-                "max_images": config.max_images,
-                "workers": config.workers,
-                "pid": os.getpid(),
-                "torch_threads": torch.get_num_threads(),
-            },
-            "stats": stats(),
+            "model": s.describe(),
+            "config": s.config.to_dict(),
+            "parameters": s.parameters,
+            "image_size": s.image_size,
+            "num_classes": len(s.class_names),
+            "class_names": s.class_names,
+            "device": str(s.device),
+            "precision": s.precision,
+            "server": self.server_info(),
+            "stats": self.stats(),
         }
 
-    @app.get("/", response_class=HTMLResponse)
-    async def index() -> str:
-        return page
+    def server_info(self) -> dict:
+        """The server's settings and limits, as /info reports them."""
+        c = self.config
+        keys = ("max_batch", "max_wait_ms", "max_upload_mb", "max_images", "workers")
+        limits = ("max_image_mp", "max_request_mp", "max_large_decodes", "header_timeout_s")
+        limits += ("body_timeout_s", "keep_alive_s", "max_header_kb", "max_connections")
+        bound = decode_memory_bound(c.max_image_pixels, c.max_large_decodes)
+        return {
+            **{k: getattr(c, k) for k in keys + limits},
+            "decode_memory_bound_mb": round(bound / 2**20),
+            "pid": os.getpid(),
+            "torch_threads": torch.get_num_threads(),
+        }
 
-    async def read_images(request: Request) -> list[tuple[str | None, bytes]]:
+    async def index(self) -> str:
+        """GET /: the upload page."""
+        return self.page
+
+    async def read_images(self, request: Any) -> Items:
+        """The images of a request: a multipart form's files, or one raw image body."""
+        from starlette.datastructures import UploadFile
+        from starlette.exceptions import HTTPException as StarletteHTTPException
+
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media.startswith("image/") or media in RAW_TYPES:
-            body = await request.body()
-            return [(None, body)]
+            return [(None, await request.body())]
         if media != "multipart/form-data":
-            raise refuse(
+            raise self.refuse(
                 415,
                 f"content type {media or '(none)'!r} not accepted; send multipart/form-data "
                 "with image files, or the raw bytes of one image with an image/* content type",
             )
+        n = self.config.max_images
         try:
-            form = await request.form(max_files=config.max_images, max_fields=1000)
+            form = await request.form(max_files=n, max_fields=1000)
         except StarletteHTTPException as exc:  # what request.form raises on bad input
             if "Too many files" in str(exc.detail):
-                raise refuse(
-                    413, f"more than {config.max_images} images in one request (--max-images)"
-                ) from exc
-            raise refuse(400, f"malformed multipart body: {exc.detail}") from exc
+                msg = f"more than {n} images in one request (--max-images)"
+                raise self.refuse(413, msg) from exc
+            raise self.refuse(400, f"malformed multipart body: {exc.detail}") from exc
         try:
-            return [
-                (value.filename, await value.read())
-                for _, value in form.multi_items()
-                if isinstance(value, UploadFile)
-            ]
+            files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+            return [(v.filename, await v.read()) for v in files]
         finally:
             await form.close()
 
-    @app.post("/predict")
-    async def predict(
-        request: Request, top_k: int = Query(5, ge=1, description="classes per image")
-    ) -> dict:
-        items = await read_images(request)
+    async def predict(self, request: Any, top_k: int) -> dict:
+        """POST /predict: read, measure, decode, batch, answer the top-k of each image."""
+        items = await self.read_images(request)
         if not items:
-            raise refuse(
+            raise self.refuse(
                 400,
                 "no image in the request; send each image as a file field of a multipart "
                 "form (curl -F file=@photo.jpg)",
             )
-        if len(items) > config.max_images:
-            raise refuse(
-                413,
-                f"{len(items)} images in one request, at most {config.max_images} (--max-images)",
-            )
+        n = self.config.max_images
+        if len(items) > n:
+            msg = f"{len(items)} images in one request, at most {n} (--max-images)"
+            raise self.refuse(413, msg)
         try:
-            loop = asyncio.get_running_loop()
-            x = await loop.run_in_executor(decoder, _decode, items, served.image_size)
+            x = await self.decoder.decode(items, self.served.image_size)
+        except PixelBudgetError as exc:
+            raise self.refuse(413, str(exc)) from exc
         except DataError as exc:
-            raise refuse(400, str(exc)) from exc
+            raise self.refuse(400, str(exc)) from exc
         request.state.images = len(items)
-        logits = await batcher.submit(x)
+        logits = await self.batcher.submit(x)
         names = [name for name, _ in items]
-        preds = top_k_predictions(logits, served.class_names, top_k, names)
-        counters["requests_served"] += 1
-        return {"model": served.describe(), "predictions": [p.to_dict() for p in preds]}
+        preds = top_k_predictions(logits, self.served.class_names, top_k, names)
+        self.counters["requests_served"] += 1
+        return {"model": self.served.describe(), "predictions": [p.to_dict() for p in preds]}
 
-    app.add_middleware(_Guard, max_bytes=config.max_upload_bytes, counters=counters)
+
+def create_app(config: ServeConfig, served: ServedModel | None = None) -> Any:
+    """The FastAPI application for `config` (loads the checkpoint unless `served` is given)."""
+    check_dependencies()
+    from fastapi import FastAPI, Query, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse
+
+    state = ServeState(config, served)
+    # No /docs or /redoc: FastAPI's pages load their scripts from a CDN, and the server may be
+    # offline. The OpenAPI schema stays at /openapi.json.
+    app = FastAPI(
+        title="eanet", version=__version__, lifespan=state.lifespan, docs_url=None, redoc_url=None
+    )
+    app.state.serve, app.state.batcher, app.state.served = state, state.batcher, state.served
+    app.add_exception_handler(RequestValidationError, state.validation_error)
+    app.add_api_route("/health", state.health, methods=["GET"])
+    app.add_api_route("/info", state.info, methods=["GET"])
+    app.add_api_route("/", state.index, methods=["GET"], response_class=HTMLResponse)
+
+    async def predict(
+        request: Request, top_k: int = Query(5, ge=1, description="classes per image")
+    ) -> dict:
+        return await state.predict(request, top_k)
+
+    app.add_api_route("/predict", predict, methods=["POST"])
+    app.add_middleware(
+        RequestGuard,
+        max_bytes=config.max_upload_bytes,
+        body_timeout_s=config.body_timeout_s,
+        counters=state.counters,
+    )
     return app

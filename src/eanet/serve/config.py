@@ -39,6 +39,38 @@ class ServeConfig:
         help="torch threads per worker (default: cores / workers - 1, at least 1: a core is "
         "left for HTTP and decoding)",
     )
+    max_image_mp: float = option(
+        16.0,
+        help="megapixels per image, read from its header before decoding; more is refused "
+        "with 413 (decoding takes up to 40 bytes a pixel)",
+    )
+    max_request_mp: float = option(
+        64.0, help="megapixels of all images of one request together; more is refused with 413"
+    )
+    max_large_decodes: int = option(
+        1,
+        help="requests above 1 megapixel decoded at once (each up to --max-image-mp); the "
+        "others wait, and smaller requests have their own decode threads",
+    )
+    header_timeout_s: float = option(
+        10.0, help="seconds a connection may take to send a request's headers, then it is closed"
+    )
+    body_timeout_s: float = option(
+        30.0,
+        help="seconds a request may take to send its whole body, then it gets 408 and the "
+        "connection is closed",
+    )
+    keep_alive_s: float = option(
+        5.0, help="seconds an idle keep-alive connection stays open (uvicorn's timeout_keep_alive)"
+    )
+    max_header_kb: int = option(
+        16, help="size limit of a request's headers in KiB; larger is answered 431 and closed"
+    )
+    max_connections: int = option(
+        100,
+        help="connections and requests in progress at once (uvicorn's limit_concurrency); "
+        "a request above it is answered 503",
+    )
 
     def __post_init__(self) -> None:
         self.checkpoint = str(self.checkpoint)
@@ -50,6 +82,14 @@ class ServeConfig:
             "--max-upload-mb": (self.max_upload_mb > 0, "> 0"),
             "--max-images": (self.max_images >= 1, ">= 1"),
             "--threads": (self.threads is None or self.threads >= 1, ">= 1"),
+            "--max-image-mp": (self.max_image_mp > 0, "> 0"),
+            "--max-request-mp": (self.max_request_mp >= self.max_image_mp, ">= --max-image-mp"),
+            "--max-large-decodes": (self.max_large_decodes >= 1, ">= 1"),
+            "--header-timeout-s": (self.header_timeout_s > 0, "> 0"),
+            "--body-timeout-s": (self.body_timeout_s > 0, "> 0"),
+            "--keep-alive-s": (self.keep_alive_s > 0, "> 0"),
+            "--max-header-kb": (self.max_header_kb >= 1, ">= 1"),
+            "--max-connections": (self.max_connections >= 1, ">= 1"),
         }
         for name, (ok, rule) in rules.items():
             if not ok:
@@ -59,6 +99,14 @@ class ServeConfig:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_image_pixels(self) -> int:
+        return int(self.max_image_mp * 1_000_000)
+
+    @property
+    def max_request_pixels(self) -> int:
+        return int(self.max_request_mp * 1_000_000)
 
     def to_dict(self) -> dict:
         return asdict(self)

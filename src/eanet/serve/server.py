@@ -1,15 +1,16 @@
-"""Starting the server: threads, workers, the port check, and uvicorn."""
+"""Starting the server: threads, workers, the port check, the timeouts, and uvicorn."""
 
+import functools
 import json
 import logging
 import os
 from typing import Any
 
-from eanet import checkpoint
 from eanet.errors import ConfigError
 from eanet.runtime import set_threads
 from eanet.serve.app import create_app
 from eanet.serve.config import CONFIG_ENV, ServeConfig, check_dependencies
+from eanet.serve.model import ServedModel
 
 
 def default_threads(workers: int = 1) -> int:
@@ -35,20 +36,43 @@ def app_from_env() -> Any:
     return create_app(config)
 
 
+def uvicorn_options(config: ServeConfig) -> dict:
+    """uvicorn.run's arguments for `config`: address, limits and timeouts."""
+    from eanet.serve.protocol import HeaderTimeoutH11Protocol
+
+    # A partial of the protocol class carries the header deadline into uvicorn (and, being
+    # picklable, into each --workers process).
+    http = functools.partial(HeaderTimeoutH11Protocol, header_timeout=config.header_timeout_s)
+    return {
+        "host": config.host,
+        "port": config.port,
+        "access_log": False,  # the request guard logs one line per request
+        "log_level": "info",
+        "http": http,
+        "timeout_keep_alive": config.keep_alive_s,
+        "h11_max_incomplete_event_size": config.max_header_kb * 1024,
+        "limit_concurrency": config.max_connections,
+    }
+
+
 def serve(config: ServeConfig) -> None:
     """Start uvicorn on `config` and serve until interrupted."""
     check_dependencies()
     import uvicorn
 
     _check_port(config.host, config.port)
-    common = {"host": config.host, "port": config.port, "access_log": False, "log_level": "info"}
+    options = uvicorn_options(config)
     if config.workers == 1:
         _set_threads(config)
-        uvicorn.run(create_app(config), **common)
+        uvicorn.run(create_app(config), **options)
         return
-    checkpoint.load(config.checkpoint)  # a bad checkpoint: one line now, not N tracebacks
+    # Every worker loads the model itself, and uvicorn restarts a worker that dies, for ever:
+    # a device or checkpoint no worker can load would be a crash loop. Load it here once
+    # first, so that those are one line and exit 2 before any worker starts.
+    served = ServedModel(config.checkpoint, config.device, config.precision)
+    del served
     os.environ[CONFIG_ENV] = json.dumps(config.to_dict())
-    uvicorn.run("eanet.serve:app_from_env", factory=True, workers=config.workers, **common)
+    uvicorn.run("eanet.serve.server:app_from_env", factory=True, workers=config.workers, **options)
 
 
 def _check_port(host: str, port: int) -> None:
