@@ -80,13 +80,14 @@ def _stray(run: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_a_second_train_or_resume_on_a_run_in_use_is_refused(tmp_path, capsys):
-    """A real first `eanet train`, held inside its first save; a second train and a second
-    --resume get one line and exit 2, and leave the first one's temporary file alone; after
-    a kill -9 of the first, the next start takes the stale lock over and leaves no stray file."""
+    """A real `eanet train --resume`, held inside its save; a second --resume and a second
+    train get one line and exit 2, and leave the first one's temporary file alone; after a
+    kill -9 of the first, the next start takes the stale lock over and leaves no stray file."""
     run, log = tmp_path / "run", tmp_path / "first.log"
+    assert main(["train", *TINY_CLI, "--epochs", "1", "--out", str(run)]) == 0
     with open(log, "wb") as f:
         first = subprocess.Popen(
-            [sys.executable, "-m", "eanet", "train", *TINY_CLI, "--epochs", "1", "--out", str(run)],
+            [sys.executable, "-m", "eanet", "train", "--resume", str(run), "--epochs", "2"],
             stdout=f,
             stderr=subprocess.STDOUT,
             env={**os.environ, "EANET_TEST_SLOW_SAVE": "60"},
@@ -99,9 +100,9 @@ def test_a_second_train_or_resume_on_a_run_in_use_is_refused(tmp_path, capsys):
             time.sleep(0.05)
         temp = list(run.glob(".checkpoint.safetensors.*.tmp"))
         for argv in (
+            ["train", "--resume", str(run), "--epochs", "2"],
             ["train", *TINY_CLI, "--epochs", "1", "--out", str(run)],
             ["train", *TINY_CLI, "--epochs", "1", "--out", str(run), "--overwrite"],
-            ["train", "--resume", str(run)],
         ):
             capsys.readouterr()
             assert main(argv) == 2
@@ -110,11 +111,11 @@ def test_a_second_train_or_resume_on_a_run_in_use_is_refused(tmp_path, capsys):
             assert "\n" not in err
         # nothing of the first run's was touched: its save in progress is still there
         assert list(run.glob(".checkpoint.safetensors.*.tmp")) == temp
-        assert (run / "config.json").is_file() and first.poll() is None
+        assert checkpoint.load(run).meta.epoch == 1 and first.poll() is None
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=60)
     assert (run / RUN_LOCK).read_text() == str(first.pid)  # stale now
-    assert main(["train", *TINY_CLI, "--epochs", "1", "--out", str(run), "--overwrite"]) == 0
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
     assert _stray(run) == []  # the stale lock and the killed save's temporary file are gone
-    assert checkpoint.load(run).meta.epoch == 1
+    assert checkpoint.load(run).meta.epoch == 2
