@@ -172,6 +172,7 @@ def save(
     if isinstance(meta, dict):
         meta = CheckpointMeta.from_dict({**meta, "model_config": model.config.to_dict()})
     meta = dataclasses.replace(meta, model_config=model.config, optimizer=None)
+    meta.check()  # e.g. as many class names as the model has outputs
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if optimizer is not None:
         state = optimizer.state_dict()
