@@ -24,14 +24,14 @@ def test_round_trip_gives_identical_outputs(tmp_path):
     loaded, ckpt = checkpoint.load_model(tmp_path / "m.safetensors")
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     assert torch.equal(model(x), loaded(x))
-    assert ckpt.meta["epoch"] == 3 and ckpt.class_names == META["class_names"]
+    assert ckpt.meta.epoch == 3 and ckpt.class_names == META["class_names"]
     assert torch.equal(loaded.normalize.mean, torch.tensor([1.0, 2, 3]))
     assert not loaded.training
 
 
 def test_run_directory_resolves_to_its_checkpoint(tmp_path):
     _save(tmp_path / checkpoint.CHECKPOINT_NAME)
-    assert checkpoint.load(tmp_path).meta["epoch"] == 3
+    assert checkpoint.load(tmp_path).meta.epoch == 3
 
 
 def test_missing_checkpoint(tmp_path):
@@ -95,3 +95,106 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
     _save(tmp_path / "m.safetensors")
     _save(tmp_path / "m.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+# --------------------------------------------------------------------------- crafted metadata
+
+
+def _forge(path, edit, checksum: str = "recompute", edit_tensors=None):
+    """Rewrite a checkpoint's metadata with `edit(meta)` (and its tensors with
+    `edit_tensors`), its checksum recomputed (as a forger would) or dropped."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        header = dict(f.metadata())
+    tensors = load_file(str(path))
+    meta = json.loads(header["meta"])
+    edit(meta)
+    if edit_tensors:
+        edit_tensors(tensors)
+    header["meta"] = json.dumps(meta)
+    header.pop("sha256")
+    if checksum == "recompute":  # what a forger does
+        header["sha256"] = checkpoint.digest(tensors, header)
+    save_file(tensors, str(path), metadata=header)
+
+
+@pytest.mark.parametrize("checksum", ["recompute", "absent"])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"dim": 65536, "depth": 1000}, "more than any eanet model"),
+        ({"depth": 2}, "implies"),  # plausible, but not what the file holds
+        ({"mlp_dim": 128}, "implies"),
+    ],
+)
+def test_a_header_claiming_another_model_is_refused_before_building_it(
+    tmp_path, checksum, change, message, monkeypatch
+):
+    import time
+
+    from eanet.cli.main import main
+
+    path = tmp_path / "m.safetensors"
+    _save(path)
+    _forge(path, lambda meta: meta["model_config"].update(change), checksum)
+    devices = []
+    real = checkpoint.build_model
+
+    def build(cfg):
+        model = real(cfg)
+        devices.append(next(model.parameters()).device.type)
+        return model
+
+    monkeypatch.setattr(checkpoint, "build_model", build)
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match=f"checkpoint metadata is damaged .*{message}"):
+        checkpoint.load_model(path)
+    assert time.perf_counter() - t0 < 5  # milliseconds of work; generous for a busy CI
+    assert set(devices) == {"meta"}  # nothing was built with real memory
+    monkeypatch.undo()
+    for command in (["info", str(path)], ["predict", str(path), str(tmp_path)]):
+        assert main(command) == 2
+
+
+def test_a_header_whose_shapes_differ_with_the_same_count_is_refused(tmp_path):
+    path = tmp_path / "m.safetensors"
+    _save(path)
+
+    def transpose(tensors):  # the same parameter count, another shape
+        key = "model.blocks.0.attn.proj_in.weight"
+        tensors[key] = tensors[key].t().contiguous()
+
+    _forge(path, lambda meta: None, edit_tensors=transpose)
+    with pytest.raises(
+        CheckpointError, match="metadata is damaged .*does not describe the file's tensors"
+    ):
+        checkpoint.load(path)
+
+
+def test_metadata_is_typed_and_round_trips_unknown_keys(tmp_path):
+    model = create_model("eanet-cifar", depth=1, num_classes=10)
+    meta = {**META, "model_name": "eanet-cifar", "future_key": {"x": 1}}
+    checkpoint.save(tmp_path / "m.safetensors", model, meta)
+    loaded = checkpoint.load(tmp_path / "m.safetensors").meta
+    assert isinstance(loaded, checkpoint.CheckpointMeta)
+    assert (loaded.model_name, loaded.epoch, loaded.history) == ("eanet-cifar", 3, None)
+    assert loaded.model_config == model.config and loaded.extra == {"future_key": {"x": 1}}
+    checkpoint.save(tmp_path / "again.safetensors", model, loaded)  # the typed form saves too
+    assert checkpoint.load(tmp_path / "again.safetensors").meta == loaded
+
+
+def test_an_old_checkpoint_with_a_plain_dict_header_still_loads(tmp_path):
+    """Written as eanet wrote them before CheckpointMeta (and before the checksum)."""
+    import json
+
+    model = create_model("eanet-cifar", depth=1, num_classes=10)
+    tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    meta = {"class_names": META["class_names"], "model_config": model.config.to_dict()}
+    header = {"format": "eanet-checkpoint", "format_version": "1", "meta": json.dumps(meta)}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=header)
+    _, ckpt = checkpoint.load_model(tmp_path / "old.safetensors")
+    assert ckpt.meta.epoch is None and ckpt.meta.model_name is None

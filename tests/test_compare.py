@@ -108,7 +108,7 @@ def test_a_directory_in_use_is_refused(compared, small_sample):
     out, _ = compared
     (out / ".compare.lock").write_text(str(os.getpid()))  # a live process holds it
     try:
-        with pytest.raises(EANetError, match="in use by another eanet compare"):
+        with pytest.raises(EANetError, match=f"compare directory in use by PID {os.getpid()}"):
             run_compare(tiny_compare(), out, data=small_sample, progress=False)
     finally:
         (out / ".compare.lock").unlink()

@@ -293,7 +293,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, sample_data):
     history = json.loads((run / "history.json").read_text())
     assert history[0] == after_first[0]
     figures = ("train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "val_top5")
-    for got, want in zip(history, a.meta["history"], strict=True):
+    for got, want in zip(history, a.meta.history, strict=True):
         _close(got, want, figures)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test_images"] == single["test_images"] == 916  # both ranks' halves

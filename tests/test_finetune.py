@@ -74,7 +74,7 @@ def test_fine_tune_onto_a_folder(tiny_run, folder_data, tmp_path):
     ckpt = checkpoint.load(tmp_path / "ft")
     assert ckpt.class_names == ["apple", "bicycle", "cloud"]
     assert ckpt.model_config.num_classes == 3
-    assert ckpt.meta["train_config"]["init_from"] == str(tiny_run)
+    assert ckpt.meta.train_config["init_from"] == str(tiny_run)
     mean, var, _ = compute_normalization(folder_data.train_images)  # from the NEW data
     assert torch.allclose(ckpt.model_state["normalize.mean"], mean)
     assert torch.allclose(ckpt.model_state["normalize.var"], var)
@@ -99,7 +99,7 @@ def test_freeze_backbone_trains_only_the_head_and_resumes(tiny_run, folder_data,
     cfg.epochs = 2
     fit(cfg, run, data=folder_data, resume=True, progress=False)
     ckpt = checkpoint.load(run)
-    assert ckpt.meta["epoch"] == 2
+    assert ckpt.meta.epoch == 2
     source = checkpoint.load(tiny_run).model_state
     for name, tensor in _backbone(ckpt.model_state).items():
         assert torch.equal(tensor, source[name]), name  # bit-identical: frozen

@@ -243,3 +243,65 @@ def test_cli_sample_images_writes_real_pngs_and_never_mixes(tmp_path, capsys):
     assert "not an empty directory" in capsys.readouterr().err
     assert main(["sample-images", str(tmp_path / "x"), "--classes", "dragon"]) == 2
     assert "unknown class" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- odd entries
+
+
+def test_broken_and_self_links_are_skipped_and_reported(image_folder, tmp_path, caplog):
+    root = tmp_path / "links"
+    shutil.copytree(image_folder, root)
+    (root / "train" / "apple" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (root / "train" / "cloud" / "self.png").symlink_to(root / "train" / "cloud" / "self.png")
+    clean = load_folder(image_folder, progress=False)
+    with caplog.at_level("INFO", logger="eanet.data.folders"):
+        data = load_folder(root, progress=False)
+    assert "skipped 2 unreadable file(s)" in caplog.text
+    assert "train/apple/gone.png (No such file or directory)" in caplog.text
+    assert "train/cloud/self.png (Too many levels of symbolic links)" in caplog.text
+    assert torch.equal(data.train_images, clean.train_images)
+
+
+def _two_classes(root, names):
+    for name in names:
+        folder = os.path.join(os.fsencode(root), name if isinstance(name, bytes) else name.encode())
+        os.makedirs(folder)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (i * 90, 10, 10)).save(os.path.join(folder, b"%d.png" % i))
+
+
+def test_a_class_folder_name_that_is_not_utf8_is_a_one_line_error(tmp_path):
+    _two_classes(tmp_path / "d", [b"caf\xe9", b"tea"])  # Latin-1 bytes, not UTF-8
+    with pytest.raises(DataError, match=r"class folder name 'caf\\\\xe9' is not valid UTF-8"):
+        load_folder(tmp_path / "d", progress=False)
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped(image_folder, tmp_path, caplog):
+    root = tmp_path / "names"
+    shutil.copytree(image_folder, root)
+    png = next((root / "train" / "apple").glob("*.png"))
+    os.rename(png, os.path.join(os.fsencode(png.parent), b"\xff.png"))
+    with caplog.at_level("INFO", logger="eanet.data.folders"):
+        data = load_folder(root, progress=False)
+    assert "skipped 1 unreadable file(s): train/apple/\\xff.png (not UTF-8)" in caplog.text
+    assert len(data.train_labels) == len(load_folder(image_folder, progress=False).train_labels) - 1
+
+
+def test_class_names_equal_under_unicode_normalisation_are_a_one_line_error(tmp_path):
+    _two_classes(tmp_path / "d", ["caf\u00e9", "cafe\u0301"])  # NFC and NFD of "café"
+    with pytest.raises(DataError, match="same name in different Unicode forms"):
+        load_folder(tmp_path / "d", progress=False)
+
+
+def test_training_on_a_folder_with_odd_entries_gives_no_traceback(tmp_path, capsys):
+    from eanet.cli.main import main
+
+    root = tmp_path / "d"
+    _two_classes(root, ["a", "b"])
+    (root / "a" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (root / "b" / "loop.png").symlink_to(root / "b" / "loop.png")
+    args = ["train", "--dataset", "folder", "--data-path", str(root), "--epochs", "1"]
+    args += ["--model-arg", "depth=1", "--model-arg", "dim=32", "--model-arg", "mlp_dim=32"]
+    args += ["--batch-size", "2", "--threads", "1", "--no-progress", "--out", str(tmp_path / "r")]
+    assert main(args) == 0
+    assert "Traceback" not in capsys.readouterr().err

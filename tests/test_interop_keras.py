@@ -4,6 +4,7 @@ must be reproduced without Keras, and a wrong mapping must be caught by the same
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import sys
 import zipfile
@@ -152,7 +153,7 @@ def test_cli_import_writes_a_checkpoint_with_cifar100_names(tmp_path, capsys, ex
     model, ckpt = checkpoint.load_model(out)
     assert ckpt.class_names[:3] == ["apple", "aquarium_fish", "baby"]
     assert len(ckpt.class_names) == 100
-    assert ckpt.meta["source"]["container"] == ".weights.h5"
+    assert ckpt.meta.source["container"] == ".weights.h5"
     with torch.no_grad():
         probs = model(pixels).softmax(dim=-1).numpy()
     assert np.abs(probs - expected["vit_probs"]).max() <= TOLERANCE
@@ -260,3 +261,22 @@ def test_missing_h5py_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "h5py", None)
     with pytest.raises(ConfigError, match=r"eanet\[keras\]"):
         K.read_keras_model(FIXTURE / "eanet.weights.h5")
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        (["cat", "dog", "cat"], "class name 'cat' (name 3) repeats name 1; "),
+        (["caf\u00e9", "cafe\u0301"], "repeats name 1 in another Unicode form"),
+    ],
+)
+def test_repeated_class_names_are_a_one_line_error(tmp_path, capsys, names, message):
+    path = tmp_path / "names.txt"
+    path.write_text("\n".join(names) + "\n", encoding="utf-8")
+    with pytest.raises(K.DataError, match=re.escape(message)):
+        K.read_class_names(path)
+    out = tmp_path / "x.safetensors"
+    args = ["import-keras", str(FIXTURE / "eanet.weights.h5"), str(out), "--class-names", str(path)]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and not out.exists()

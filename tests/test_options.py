@@ -95,4 +95,4 @@ def test_config_yaml_reproduces_the_run_bit_for_bit(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--precision 'bf16' differs from the run's 'fp32'" in err
     assert main(["train", "--resume", str(first), "--epochs", "2", "--no-progress"]) == 0
-    assert checkpoint.load(first).meta["epoch"] == 2
+    assert checkpoint.load(first).meta.epoch == 2

@@ -217,3 +217,31 @@ def test_readme_python_api_example_runs(tiny_run, image_folder, tmp_path, monkey
     exec(compile(_readme_python_block("## Python API"), "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "images/test/apple/" in out and "%" in out
+
+
+def test_ctrl_c_in_predict_is_one_line_and_exit_130(tiny_run, image_folder, capsys, monkeypatch):
+    import eanet.predict
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # what Ctrl-C raises, with no message of its own
+        yield  # a generator, as the real one
+
+    monkeypatch.setattr(eanet.predict, "iter_predict_files", interrupted)
+    assert main(["predict", str(tiny_run), str(image_folder / "test")]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "eanet: interrupted"
+
+
+def test_a_class_name_with_a_newline_keeps_the_table_one_line_per_file(
+    tiny_run, image_folder, tmp_path, capsys
+):
+    model, ckpt = checkpoint.load_model(tiny_run)
+    names = [f"line\nbreak{i}" if i % 2 else f"tab\t{i}" for i in range(len(ckpt.class_names))]
+    checkpoint.save(tmp_path / "m.safetensors", model, {"class_names": names})
+    files = sorted((image_folder / "test").rglob("*.png"))[:3]
+    assert main(["predict", str(tmp_path / "m.safetensors"), *map(str, files)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 + len(files)  # the header and one line per image
+    assert "\\n" in "".join(lines) or "\\t" in "".join(lines)
+    assert main(["predict", "--json", str(tmp_path / "m.safetensors"), str(files[0])]) == 0
+    row = json.loads(capsys.readouterr().out)  # JSON keeps the names as they are
+    assert all(p["class"] in names for p in row["predictions"])

@@ -49,7 +49,7 @@ def tiny_config(**kw) -> TrainConfig:
 
 def assert_same_training_state(a: checkpoint.Checkpoint, b: checkpoint.Checkpoint) -> None:
     """Bit equality of every weight and every AdamW tensor, and the same history."""
-    assert a.meta["epoch"] == b.meta["epoch"]
+    assert a.meta.epoch == b.meta.epoch
     assert a.model_state.keys() == b.model_state.keys()
     for key in a.model_state:
         assert torch.equal(a.model_state[key], b.model_state[key]), key
@@ -63,7 +63,7 @@ def assert_same_training_state(a: checkpoint.Checkpoint, b: checkpoint.Checkpoin
             {k: v for k, v in h.items() if "seconds" not in k and "per_s" not in k} for h in history
         ]
 
-    assert untimed(a.meta["history"]) == untimed(b.meta["history"])
+    assert untimed(a.meta.history) == untimed(b.meta.history)
 
 
 def temp_files(run: Path) -> list[str]:
@@ -98,7 +98,7 @@ def _saved_epoch(run: Path) -> int:
     """The epoch of the checkpoint on disk, 0 if none (a torn read would be an error)."""
     if not (run / checkpoint.CHECKPOINT_NAME).exists():
         return 0
-    return checkpoint.load(run).meta["epoch"]
+    return checkpoint.load(run).meta.epoch
 
 
 def _check_consistent(run: Path) -> int:
@@ -204,7 +204,7 @@ def test_ctrl_c_keeps_the_last_complete_epoch_and_resumes_exactly(
     assert str(info.value).startswith(f"interrupted; resume with eanet train --resume {run}")
     assert "partial epoch 2/3 is discarded" in str(info.value)
     assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is restored
-    assert checkpoint.load(run).meta["epoch"] == 1
+    assert checkpoint.load(run).meta.epoch == 1
     assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [1]
     monkeypatch.undo()
     fit(cfg, run, data=small_sample, resume=True, progress=False)
@@ -225,7 +225,7 @@ def test_second_ctrl_c_stops_at_once(tmp_path, small_sample, monkeypatch):
     with pytest.raises(KeyboardInterrupt) as info:
         fit(tiny_config(), tmp_path, data=small_sample, progress=False)
     assert not isinstance(info.value, guard.TrainingInterrupted)
-    assert checkpoint.load(tmp_path).meta["epoch"] == 1 and temp_files(tmp_path) == []
+    assert checkpoint.load(tmp_path).meta.epoch == 1 and temp_files(tmp_path) == []
 
 
 def test_cli_ctrl_c_exit_code_and_message(tmp_path, monkeypatch, capsys):
@@ -274,7 +274,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(
     assert "keeps the checkpoint of its last complete epoch" in message
     assert "lower --lr (this run: 0.5)" in message and "--on-nonfinite skip" in message
     ckpt = checkpoint.load(tmp_path)
-    assert ckpt.meta["epoch"] == 1 and len(ckpt.meta["history"]) == 1
+    assert ckpt.meta.epoch == 1 and len(ckpt.meta.history) == 1
     assert all(torch.isfinite(t).all() for t in ckpt.model_state.values())
 
 
@@ -282,7 +282,7 @@ def test_skip_mode_skips_and_counts_nonfinite_batches(tmp_path, small_sample, mo
     _nan_at_calls(monkeypatch, {2, 6})  # epoch 1 step 2, epoch 2 step 3
     fit(tiny_config(on_nonfinite="skip"), tmp_path, data=small_sample, progress=False)
     ckpt = checkpoint.load(tmp_path)
-    assert [h["skipped_batches"] for h in ckpt.meta["history"]] == [1, 1]
+    assert [h["skipped_batches"] for h in ckpt.meta.history] == [1, 1]
     assert all(torch.isfinite(t).all() for t in ckpt.model_state.values())
     steps = {float(s["step"]) for s in ckpt.optimizer_state["state"].values()}
     assert steps == {4.0}  # 2 epochs x 3 batches, 2 of them without an optimizer step
@@ -308,17 +308,17 @@ def test_cli_huge_learning_rate_is_a_one_line_error(tmp_path, capsys):
 
 def _enospc_on_second_save(monkeypatch) -> None:
     """The 2nd checkpoint write gets 1000 bytes into its temporary file, then ENOSPC."""
-    real = checkpoint.save_file
+    real = checkpoint._write_data
     count = {"n": 0}
 
-    def save_file(tensors, filename, metadata=None):
+    def write_data(tmp, data):
         count["n"] += 1
         if count["n"] == 2:
-            Path(filename).write_bytes(b"\0" * 1000)
+            Path(tmp).write_bytes(b"\0" * 1000)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(tensors, filename, metadata=metadata)
+        return real(tmp, data)
 
-    monkeypatch.setattr(checkpoint, "save_file", save_file)
+    monkeypatch.setattr(checkpoint, "_write_data", write_data)
 
 
 @pytest.mark.parametrize("where", ["checkpoint", "history"])
@@ -346,7 +346,7 @@ def test_full_disk_stops_with_one_line_and_keeps_the_last_good_files(
         "check free disk space and permissions"
     )
     ckpt = checkpoint.load(tmp_path)
-    assert ckpt.meta["epoch"] == (1 if where == "checkpoint" else 2)
+    assert ckpt.meta.epoch == (1 if where == "checkpoint" else 2)
     assert [h["epoch"] for h in json.loads((tmp_path / "history.json").read_text())] == [1]
     assert temp_files(tmp_path) == []
     monkeypatch.undo()  # space again: the run resumes from what was kept
@@ -484,7 +484,7 @@ def test_checkpoint_records_a_checksum_of_its_contents(tmp_path):
 
     with safe_open(str(path), framework="pt") as f:
         assert re.fullmatch(r"[0-9a-f]{64}", f.metadata()["sha256"])
-    assert checkpoint.load(path).meta["epoch"] == 3
+    assert checkpoint.load(path).meta.epoch == 3
 
 
 @pytest.mark.parametrize("offset", [0, 1000, -1])
@@ -523,7 +523,7 @@ def test_checkpoint_without_checksum_still_loads(tmp_path):
     header = {"format": "eanet-checkpoint", "format_version": "1", "meta": json.dumps(meta)}
     save_file(tensors, str(path), metadata=header)
     loaded, ckpt = checkpoint.load_model(path)
-    assert ckpt.meta["epoch"] == 3
+    assert ckpt.meta.epoch == 3
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
 
@@ -539,7 +539,17 @@ def test_checkpoint_without_checksum_still_loads(tmp_path):
 )
 def test_impossible_metadata_is_a_checkpoint_error(tmp_path, meta, message):
     path = tmp_path / "m.safetensors"
-    _save_tiny(path, **meta)
+    with pytest.raises((TypeError, ValueError), match=re.escape(message)):
+        _save_tiny(path, **meta)  # save refuses to write it
+    _save_tiny(path)
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:  # so a file is forged
+        header = dict(f.metadata())
+    header["meta"] = json.dumps({**json.loads(header["meta"]), **meta})
+    header["sha256"] = checkpoint.digest(load_file(str(path)), header)
+    save_file(load_file(str(path)), str(path), metadata=header)
     with pytest.raises(CheckpointError, match=f"metadata is damaged .*{re.escape(message)}"):
         checkpoint.load(path)
 
@@ -557,7 +567,8 @@ def test_resume_with_a_checkpoint_of_another_architecture(tiny_run, tmp_path, ca
     run = _copy_run(tiny_run, tmp_path)
     other = eanet.create_model("vit-cifar", **TINY)
     ckpt = checkpoint.load(run)
-    checkpoint.save(run / checkpoint.CHECKPOINT_NAME, other, ckpt.meta)
+    optimizer = torch.optim.AdamW(other.parameters())
+    checkpoint.save(run / checkpoint.CHECKPOINT_NAME, other, ckpt.meta, optimizer)
     assert main(["train", "--resume", str(run), "--epochs", "2", *SLICE]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "weights do not fit the model" in err and "another architecture" in err

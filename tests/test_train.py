@@ -52,7 +52,7 @@ def test_run_directory_holds_every_artifact(tmp_path, small_sample):
         "test_images": 64,
     }  # last 20% held out
     ckpt = checkpoint.load(tmp_path)
-    assert ckpt.meta["epoch"] == 2 and ckpt.class_names == small_sample.class_names
+    assert ckpt.meta.epoch == 2 and ckpt.class_names == small_sample.class_names
     assert ckpt.optimizer_state is not None and "cpu" in ckpt.rng_state
 
 
@@ -74,8 +74,8 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, small
             {k: v for k, v in h.items() if "seconds" not in k and "per_s" not in k} for h in history
         ]
 
-    assert untimed(b.meta["history"]) == untimed(a.meta["history"])
-    assert len(b.meta["history"]) == 3
+    assert untimed(b.meta.history) == untimed(a.meta.history)
+    assert len(b.meta.history) == 3
 
 
 def test_existing_run_is_never_overwritten_silently(tmp_path, small_sample):

@@ -102,4 +102,4 @@ def load(path: str | Path, device: str = "auto", precision: str = "fp32") -> Cla
     dev = resolve_device(device)
     resolve_precision(precision, dev)  # an impossible precision fails here, not at predict
     model, ckpt = checkpoint.load_model(path, dev)
-    return Classifier(model, ckpt.class_names, ckpt.meta, precision)
+    return Classifier(model, ckpt.class_names, ckpt.meta.to_dict(), precision)

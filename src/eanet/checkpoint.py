@@ -2,27 +2,42 @@
 
 Nothing is unpickled: weights, optimizer moments and RNG states are tensors; the model
 config, class names, epoch, history and optimizer hyper-parameters are JSON in the
-safetensors header. One file means one atomic rename per save.
+safetensors header (`CheckpointMeta`). One file means one atomic rename per save: the file
+is serialised to bytes in memory and written through `fileio.atomic_path`, so a kill leaves
+at most one `.checkpoint.safetensors.*.tmp` (which the next training start removes) and the
+file gets the umask's permissions.
 
 Integrity: the header also holds `sha256`, a digest of the other header entries and of every
 tensor (name, dtype, shape, bytes), checked at load: a flipped bit in the tensor data or an
 edited header is "checksum mismatch", not silently different weights. It guards against
-corruption and accidental edits, not against a forger, who can recompute it. Checkpoints
-written before the digest existed load without the check.
+corruption and accidental edits, not against a forger, who can recompute it.
+
+Structure: before anything is built, the model config in the metadata must describe exactly
+the model tensors in the file (names and shapes, from a model built on the `meta` device,
+which allocates nothing) and stay under `MAX_PARAMETERS`. So a header that claims a huge
+model (a forged config with a recomputed checksum, or none) is "checkpoint metadata is
+damaged" in milliseconds, never an allocation of what the file does not hold.
+
+Checkpoints without `sha256` (written before the digest existed) still load: the digest is no
+defence against a forger anyway, and the structure check above applies to them too, so such a
+file can only be as large as the tensors it really holds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as serialize
 
 from eanet.errors import CheckpointError, ConfigError, one_line
 from eanet.fileio import atomic_path
@@ -33,24 +48,101 @@ from eanet.models.transformer import VisionTransformer
 FORMAT = "eanet-checkpoint"
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.safetensors"
+# Far above any model of this project (the reference has 0.36 M): a header claiming more is
+# refused before anything is built.
+MAX_PARAMETERS = 2_000_000_000
+
+
+@dataclass
+class CheckpointMeta:
+    """The metadata of a checkpoint (JSON in the safetensors header), typed.
+
+    On disk it is the same JSON object as before the type existed; keys this version does not
+    know are kept in `extra` and written back unchanged.
+    """
+
+    class_names: list[str]
+    model_config: ModelConfig = field(default_factory=ModelConfig)
+    model_name: str | None = None  # the registered name, e.g. "eanet-cifar"
+    train_config: dict | None = None  # TrainConfig.to_dict() of the run that wrote it
+    eanet_version: str | None = None
+    epoch: int | None = None  # the last complete epoch (training checkpoints)
+    history: list[dict] | None = None  # one row per epoch (training checkpoints)
+    source: dict | None = None  # where an imported model came from (import-keras)
+    optimizer: dict | None = None  # {"param_groups": [...]} with the optimizer's tensors
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """The JSON object stored in the header (absent fields are left out)."""
+        out: dict[str, Any] = {"class_names": list(self.class_names)}
+        out["model_config"] = self.model_config.to_dict()
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name not in ("class_names", "model_config", "extra") and value is not None:
+                out[f.name] = value
+        return {**self.extra, **out}
+
+    @classmethod
+    def from_dict(cls, data: object) -> CheckpointMeta:
+        """Parse and check the header's object; TypeError/ValueError/KeyError/ConfigError
+        where a field is missing or has an impossible type."""
+        if not isinstance(data, dict):
+            raise TypeError(f"metadata is a {type(data).__name__}, not an object")
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        meta = cls(
+            class_names=data["class_names"],
+            model_config=ModelConfig.from_dict(data["model_config"]),
+            extra={k: v for k, v in data.items() if k not in known},
+            **{k: data[k] for k in known - {"class_names", "model_config"} if k in data},
+        )
+        meta.check()
+        return meta
+
+    def check(self) -> None:
+        """Raise TypeError/ValueError where the fields have impossible types or values."""
+        names = self.class_names
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise TypeError("class_names is not a list of strings")
+        if len(names) != self.model_config.num_classes:
+            raise ValueError(f"{len(names)} class names for a model with other classes")
+        epoch = self.epoch
+        if epoch is not None and (not isinstance(epoch, int) or isinstance(epoch, bool)):
+            raise ValueError(f"epoch {epoch!r} is not a count of epochs")
+        if epoch is not None and epoch < 0:
+            raise ValueError(f"epoch {epoch!r} is not a count of epochs")
+        history = self.history
+        if history is not None and (
+            not isinstance(history, list) or not all(isinstance(h, dict) for h in history)
+        ):
+            raise TypeError("history is not a list of objects")
+        for name in ("model_name", "eanet_version"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} is not a string")
+        for name in ("train_config", "source"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
+                raise TypeError(f"{name} is not an object")
+        if self.optimizer is not None:
+            groups = self.optimizer["param_groups"]
+            if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+                raise TypeError("optimizer param_groups is not a list of objects")
 
 
 @dataclass
 class Checkpoint:
     """What a checkpoint holds, loaded."""
 
-    meta: dict
+    meta: CheckpointMeta
     model_state: dict[str, torch.Tensor]
     optimizer_state: dict | None = None
     rng_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def model_config(self) -> ModelConfig:
-        return ModelConfig.from_dict(self.meta["model_config"])
+        return self.meta.model_config
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.meta["class_names"])
+        return list(self.meta.class_names)
 
 
 def resolve(path: str | Path) -> Path:
@@ -69,29 +161,47 @@ def resolve(path: str | Path) -> Path:
 def save(
     path: str | Path,
     model: VisionTransformer,
-    meta: dict,
+    meta: CheckpointMeta | dict,
     optimizer: torch.optim.Optimizer | None = None,
     rng: bool = False,
 ) -> None:
-    """Write model weights (+ optimizer state and RNG states) and `meta` atomically."""
+    """Write model weights (+ optimizer state and RNG states) and `meta` atomically.
+
+    `meta` is a CheckpointMeta or its dict form; its model config is the model's own.
+    """
+    if isinstance(meta, dict):
+        meta = CheckpointMeta.from_dict({**meta, "model_config": model.config.to_dict()})
+    meta = dataclasses.replace(meta, model_config=model.config, optimizer=None)
+    meta.check()  # e.g. as many class names as the model has outputs
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {**meta, "model_config": model.config.to_dict()}
     if optimizer is not None:
         state = optimizer.state_dict()
         for idx, pstate in state["state"].items():
             for key, value in pstate.items():
                 tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-        meta["optimizer"] = {"param_groups": state["param_groups"]}
+        meta.optimizer = {"param_groups": state["param_groups"]}
     if rng:
         tensors["rng.cpu"] = torch.get_rng_state()
         if torch.cuda.is_available():
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"rng.cuda{i}"] = s
-    header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "meta": json.dumps(meta)}
+    header = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "meta": json.dumps(meta.to_dict()),
+    }
     header["sha256"] = digest(tensors, header)
+    # Serialised here and written through atomic_path: safetensors' own save_file would
+    # write (and leave, when killed) a second temporary file and make the file mode 0600.
+    data = serialize(tensors, metadata=header)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
+        _write_data(tmp, data)
         _test_slow_save()
+
+
+def _write_data(tmp: Path, data: bytes) -> None:
+    """Write the serialised checkpoint into the temporary file (tests make this fail)."""
+    tmp.write_bytes(data)
 
 
 def digest(tensors: dict[str, torch.Tensor], header: dict[str, str]) -> str:
@@ -138,11 +248,16 @@ def load(path: str | Path) -> Checkpoint:
             f"not supported (this eanet reads {FORMAT_VERSION})"
         )
     try:
-        meta = json.loads(header["meta"])
-        ModelConfig.from_dict(meta["model_config"])
-        _check_meta(meta)
+        meta = CheckpointMeta.from_dict(json.loads(header["meta"]))
+        model = {k.removeprefix("model."): t for k, t in tensors.items() if k.startswith("model.")}
+        check_structure(meta.model_config, {k: tuple(t.shape) for k, t in model.items()})
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise CheckpointError(f"{path}: checkpoint metadata is damaged ({one_line(exc)})") from exc
+    return _unpack(path, meta, tensors)
+
+
+def _unpack(path: Path, meta: CheckpointMeta, tensors: dict[str, torch.Tensor]) -> Checkpoint:
+    """Sort the file's tensors into weights, optimizer state and RNG states."""
     ckpt = Checkpoint(meta=meta, model_state={})
     optim: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -156,8 +271,8 @@ def load(path: str | Path) -> Checkpoint:
             optim.setdefault(int(idx), {})[name] = value
         elif kind == "rng":
             ckpt.rng_state[rest] = value
-    if "optimizer" in meta:
-        groups = meta["optimizer"]["param_groups"]
+    if meta.optimizer is not None:
+        groups = meta.optimizer["param_groups"]
         for group in groups:
             if "betas" in group:
                 group["betas"] = tuple(group["betas"])
@@ -165,25 +280,50 @@ def load(path: str | Path) -> Checkpoint:
     return ckpt
 
 
-def _check_meta(meta: dict) -> None:
-    """Raise TypeError/ValueError where the metadata's fields have impossible types."""
-    if not isinstance(meta, dict):
-        raise TypeError(f"metadata is a {type(meta).__name__}, not an object")
-    names = meta["class_names"]
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise TypeError("class_names is not a list of strings")
-    if len(names) != meta["model_config"].get("num_classes", 100):
-        raise ValueError(f"{len(names)} class names for a model with other classes")
-    epoch = meta.get("epoch", 0)
-    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-        raise ValueError(f"epoch {epoch!r} is not a count of epochs")
-    history = meta.get("history", [])
-    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
-        raise TypeError("history is not a list of objects")
-    if "optimizer" in meta:
-        groups = meta["optimizer"]["param_groups"]
-        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
-            raise TypeError("optimizer param_groups is not a list of objects")
+def _meta_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The state-dict shapes of the model `config` describes, built on the meta device
+    (no memory, no initialisation cost)."""
+    with torch.device("meta"):
+        model = build_model(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _size(shapes: dict[str, tuple[int, ...]]) -> int:
+    total = 0
+    for shape in shapes.values():
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+    return total
+
+
+def check_structure(config: ModelConfig, found: dict[str, tuple[int, ...]]) -> None:
+    """ValueError unless `config` describes exactly the tensors `found` (names and shapes).
+
+    The size a config implies is worked out from one- and two-block models first (blocks
+    are alike), so a config claiming thousands of wide blocks is refused without building
+    them; only a config whose size matches the file's tensors is built, on the meta device.
+    """
+    one = _size(_meta_shapes(dataclasses.replace(config, depth=1)))
+    per_block = _size(_meta_shapes(dataclasses.replace(config, depth=2))) - one
+    implied = one + (config.depth - 1) * per_block
+    held = _size(found)
+    if implied > MAX_PARAMETERS:
+        raise ValueError(
+            f"the model config implies {implied:,} parameters, more than any eanet model "
+            f"({MAX_PARAMETERS:,}); the file holds {held:,}"
+        )
+    if implied != held:
+        raise ValueError(
+            f"the model config implies {implied:,} parameters but the file holds {held:,}"
+        )
+    expected = _meta_shapes(config)
+    if expected != found:
+        wrong = sorted(set(expected) ^ set(found)) or sorted(
+            k for k in expected if expected[k] != found[k]
+        )
+        raise ValueError(f"the model config does not describe the file's tensors ({wrong[:3]})")
 
 
 def load_model(
@@ -232,7 +372,8 @@ def restore_training(
     model: VisionTransformer, optimizer: torch.optim.Optimizer, ckpt: Checkpoint, path: str | Path
 ) -> None:
     """Weights, AdamW state and RNG states of a training checkpoint, for `--resume`."""
-    if ckpt.optimizer_state is None or "epoch" not in ckpt.meta or "history" not in ckpt.meta:
+    meta = ckpt.meta
+    if ckpt.optimizer_state is None or meta.epoch is None or meta.history is None:
         raise CheckpointError(
             f"{path}: holds weights only, no optimizer state, epoch and history; it cannot "
             "be resumed (fine-tune from it with --init-from)"

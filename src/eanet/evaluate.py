@@ -41,7 +41,7 @@ def evaluate_checkpoint(
     """
     dev = resolve_device(device)
     model, ckpt = checkpoint.load_model(path, dev)
-    train_cfg = ckpt.meta.get("train_config", {})
+    train_cfg = ckpt.meta.train_config or {}
     dataset = dataset or train_cfg.get("dataset", "cifar100")
     if data_path is None and dataset == train_cfg.get("dataset"):
         data_path = train_cfg.get("data_path")

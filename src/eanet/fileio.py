@@ -19,21 +19,38 @@ log = logging.getLogger(__name__)
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process's umask, read without changing it where Linux tells it (threads may be
+    creating files meanwhile); elsewhere set and restored at once."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status", encoding="ascii") as f:
+            line = next(x for x in f if x.startswith("Umask:"))
+        return int(line.split()[1], 8)
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
 def _fsync(path: Path) -> None:
-    """Flush a written file to the disk: a crash after the rename finds the new data."""
+    """Flush a written file (or a directory's entries) to the disk: a crash after the rename
+    finds the new data under the name."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):  # a file system without fsync
+        # a file system without fsync; a directory that cannot be synced
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
             raise
     finally:
         os.close(fd)
+
+
+def _discard(tmp: Path) -> None:
+    """Delete a temporary file after a failure; a failure to delete it is only a warning,
+    never an error that hides the one that made the write fail."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("cannot remove the temporary file %s: %s", tmp, exc.strerror or exc)
 
 
 @contextlib.contextmanager
@@ -56,12 +73,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         _fsync(tmp_path)  # the data reach the disk before the rename makes them the file
         os.replace(tmp_path, path)
     except OSError as exc:
+        _discard(tmp_path)
         raise EANetError(
             f"cannot write {path}: {exc.strerror or exc}; check free disk space and permissions"
         ) from exc
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
+    except BaseException:
+        _discard(tmp_path)
+        raise
+    try:
+        _fsync(path.parent)  # the rename itself reaches the disk
+    except OSError as exc:
+        log.warning("cannot flush the directory %s: %s", path.parent, exc.strerror or exc)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (with the umask's permissions, no other temp file)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -100,13 +100,13 @@ def describe(target: str | Path, **overrides: object) -> dict:
     if overrides:
         raise ConfigError("--model-arg applies to a model name, not to a checkpoint")
     model, ckpt = checkpoint.load_model(path)
-    info = model_info(model, ckpt.meta.get("model_name"))
+    info = model_info(model, ckpt.meta.model_name)
     info["checkpoint"] = {
         "path": str(checkpoint.resolve(path)),
         "classes": len(ckpt.class_names),
         "class_names": ckpt.class_names,
-        "epoch": ckpt.meta.get("epoch"),
-        "train_config": ckpt.meta.get("train_config"),
+        "epoch": ckpt.meta.epoch,
+        "train_config": ckpt.meta.train_config,
     }
     return info
 

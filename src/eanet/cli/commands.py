@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from eanet.checkpoint import CHECKPOINT_NAME
 from eanet.cli.flags import given
 from eanet.errors import ConfigError
 from eanet.options import declared, from_mapping, read_config_file, resume_merge
@@ -30,6 +31,8 @@ def train_config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Path,
     if requested:
         from_mapping(TrainConfig, requested, str(args.config))  # unknown keys, bad values
     requested.update(given(args, TrainConfig))
+    if args.auto_resume:
+        return _auto_resume(args, requested)
     if args.resume is not None:
         if args.out is not None and Path(args.out) != Path(args.resume):
             raise ConfigError(
@@ -37,20 +40,54 @@ def train_config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Path,
             )
         saved = load_run_config(args.resume)
         return resume_merge(saved, requested, str(args.resume)), args.resume, True
+    cfg = _new_run_config(args, requested)
+    out = args.out or Path("runs") / f"{cfg.model}-{cfg.dataset}-{_stamp()}"
+    return cfg, out, False
+
+
+def _new_run_config(args: argparse.Namespace, requested: dict) -> TrainConfig:
+    """The options of a new run: `requested` over the defaults (+ an --init-from model)."""
     if args.init_from is not None and "model" not in requested and "model_args" not in requested:
         # Fine-tune the checkpoint's own architecture; stored, so --resume rebuilds it.
         requested["model"], requested["model_args"], size = inherited_model(args.init_from)
         if requested.get("dataset", "cifar100") == "folder" and "image_size" not in requested:
             requested["image_size"] = size
-    cfg = TrainConfig(**{**TrainConfig().to_dict(), **requested})
-    out = args.out or Path("runs") / f"{cfg.model}-{cfg.dataset}-{_stamp()}"
-    return cfg, out, False
+    return TrainConfig(**{**TrainConfig().to_dict(), **requested})
+
+
+def _auto_resume(args: argparse.Namespace, requested: dict) -> tuple[TrainConfig, Path, bool]:
+    """--auto-resume: resume --out when it holds a checkpoint, else start it afresh.
+
+    The options asked for (flags over --config over the defaults, as for a new run) are
+    compared with the run's saved ones: an option that differs is merged by its resume rule,
+    so a MATCH or KEEP option that differs is refused in one line, never silently dropped.
+    """
+    if args.out is None or args.resume is not None or args.overwrite:
+        raise ConfigError(
+            "--auto-resume needs --out RUN_DIR and neither --resume nor --overwrite: "
+            "it resumes RUN_DIR when it holds a checkpoint and starts it otherwise"
+        )
+    out = Path(args.out)
+    wanted = _new_run_config(args, requested)
+    if not (out / "config.json").is_file():
+        return wanted, out, False
+    saved = load_run_config(out)
+    wanted = wanted.to_dict()
+    differs = {k: v for k, v in wanted.items() if v != saved.to_dict()[k]}
+    cfg = resume_merge(saved, differs, str(out))
+    # A run killed before its first epoch was saved has a config but no checkpoint:
+    # it starts again (its partial files are replaced, see cmd_train).
+    return cfg, out, (out / CHECKPOINT_NAME).is_file()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     config, out, resume = train_config_from_args(args)
     log.info("run directory: %s", out)
-    metrics = fit(config, out, resume=resume, overwrite=args.overwrite, progress=args.progress)
+    # --auto-resume starting a run again replaces what a kill before epoch 1 left (its
+    # config.json was found equal to the options asked for)
+    restart = args.auto_resume and not resume and (Path(out) / "config.json").is_file()
+    overwrite = args.overwrite or restart
+    metrics = fit(config, out, resume=resume, overwrite=overwrite, progress=args.progress)
     print(
         f"test top-1 {metrics['test_top1']:.2%}  top-5 {metrics['test_top5']:.2%}  "
         f"loss {metrics['test_loss']:.4f}  ({metrics['test_images']} images)  -> {out}"
@@ -162,8 +199,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for f in failures:
         print(f"eanet: error: {f.source}: {f.reason}", file=sys.stderr)
     k = min(args.top_k, len(names))
-    file_w = max((len(str(f)) for f in files), default=4) + 2
-    cell_w = max(len(n) for n in names) + 9
+    shown = {n: _printable(n) for n in names}  # a newline in a name would break the table
+    file_w = max((len(_printable(str(f))) for f in files), default=4) + 2
+    cell_w = max(len(n) for n in shown.values()) + 9
     if files and not args.json:
         header = "".join(f"{f'top-{j + 1}':<{cell_w}}" for j in range(k))
         print(f"{'file':<{file_w}}{header}".rstrip())
@@ -176,13 +214,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(json.dumps(r.to_dict()), flush=True)
             done += 1
         else:
-            cells = (f"{c} {p:.1%}" for c, p in zip(r.classes, r.probabilities, strict=True))
-            print(f"{r.source:<{file_w}}" + "".join(f"{c:<{cell_w}}" for c in cells).rstrip())
+            cells = (f"{shown[c]} {p:.1%}" for c, p in zip(r.classes, r.probabilities, strict=True))
+            source = _printable(r.source)
+            print(f"{source:<{file_w}}" + "".join(f"{c:<{cell_w}}" for c in cells).rstrip())
             done += 1
     if failures:
         print(f"eanet: {done} image(s) predicted, {len(failures)} failed", file=sys.stderr)
         return 1
     return 0
+
+
+def _printable(text: str) -> str:
+    """`text` for one table cell: control characters (newline, tab, ...) as escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -84,6 +84,12 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="replace the run files in an existing --out directory",
     )
+    t.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="resume --out if it holds a checkpoint, else start it (the same command can be "
+        "re-run, e.g. by torchrun --max-restarts); refused if the run's options differ",
+    )
     _no_progress(t)
 
 

@@ -27,7 +27,7 @@ from eanet.data.dataset import ImageData
 from eanet.data.splits import train_val_split
 from eanet.errors import ConfigError, EANetError
 from eanet.fileio import read_json, write_json, write_text
-from eanet.locks import directory_lock
+from eanet.locks import COMPARE_LOCK, directory_lock
 from eanet.models.registry import count_parameters
 from eanet.options import declared
 from eanet.runtime import environment, resolve_device, set_threads
@@ -197,7 +197,7 @@ def run_compare(
             f"--val-fraction {cfg.train.val_fraction} leaves no validation images; "
             "compare needs them (e.g. --val-fraction 0.2)"
         )
-    with directory_lock(out):
+    with directory_lock(out, COMPARE_LOCK, "compare directory"):
         return _compare(cfg, out, data, progress, t_start)
 
 

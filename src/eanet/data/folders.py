@@ -26,19 +26,21 @@ import hashlib
 import json
 import logging
 import os
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as serialize
 from tqdm.auto import tqdm
 
 from eanet.data import images as imgs
 from eanet.data.dataset import ImageData
 from eanet.data.download import default_cache_dir
 from eanet.errors import ConfigError, DataError, EANetError
-from eanet.fileio import atomic_path, write_json
+from eanet.fileio import atomic_path, write_bytes, write_json
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ class _Entry:
     rel: str  # POSIX relative path, the cache's and the split's name for the file
     split: str  # "train", "val", "test" or "" (flat layout: decided by the stratified split)
     cls: str
+    size: int = 0  # of the file (or the file a link points to), for the cache key
+    mtime_ns: int = 0
 
 
 def _few(items: list[str]) -> str:
@@ -71,29 +75,71 @@ def _few(items: list[str]) -> str:
     )
 
 
+def _utf8(name: str) -> bool:
+    """Whether a file name decoded from the disk is valid UTF-8 (Python keeps undecodable
+    bytes as lone surrogates, which cannot be written to JSON, a hash or a checkpoint)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _class_names(class_root: Path) -> list[str]:
+    """The class folders' names, sorted; a name that is not UTF-8, or two names that differ
+    only in their Unicode form (NFC/NFD), is a one-line error."""
+    names = sorted(
+        d.name for d in class_root.iterdir() if d.is_dir() and not d.name.startswith(".")
+    )
+    bad = [n for n in names if not _utf8(n)]
+    if bad:
+        shown = os.fsencode(bad[0]).decode("utf-8", "backslashreplace")
+        raise DataError(
+            f"{class_root}: class folder name {shown!r} is not valid UTF-8; rename it "
+            "(class names are stored in checkpoints as text)"
+        )
+    seen: dict[str, str] = {}
+    for name in names:
+        other = seen.setdefault(unicodedata.normalize("NFC", name), name)
+        if other != name:
+            raise DataError(
+                f"{class_root}: class folders {other!r} and {name!r} have the same name in "
+                "different Unicode forms (NFC/NFD); merge or rename one"
+            )
+    return names
+
+
 def _scan(root: Path) -> tuple[bool, list[str], list[_Entry]]:
     """The layout (split folders or flat), the class folders, and the image files."""
     found, others = imgs.list_images(root)
     split_layout = (root / "train").is_dir()
-    class_root = root / "train" if split_layout else root
-    classes = sorted(
-        d.name for d in class_root.iterdir() if d.is_dir() and not d.name.startswith(".")
-    )
+    classes = _class_names(root / "train" if split_layout else root)
     entries: list[_Entry] = []
     stray: list[str] = []
+    broken: list[str] = []
     for path in found:
         parts = path.relative_to(root).parts
         rel = "/".join(parts)
+        if not _utf8(rel):
+            broken.append(f"{os.fsencode(rel).decode('utf-8', 'backslashreplace')} (not UTF-8)")
+            continue
+        try:
+            st = path.stat()  # a broken link, a link to itself: unreadable, skipped
+        except OSError as exc:
+            broken.append(f"{rel} ({exc.strerror or exc})")
+            continue
         if split_layout:
             split = SPLIT_FOLDERS.get(parts[0])
             if split is None or len(parts) < 3:
                 stray.append(rel)
                 continue
-            entries.append(_Entry(path, rel, split, parts[1]))
+            entries.append(_Entry(path, rel, split, parts[1], st.st_size, st.st_mtime_ns))
         elif len(parts) < 2:
             stray.append(rel)
         else:
-            entries.append(_Entry(path, rel, "", parts[0]))
+            entries.append(_Entry(path, rel, "", parts[0], st.st_size, st.st_mtime_ns))
+    if broken:
+        log.warning("%s: skipped %d unreadable file(s): %s", root, len(broken), _few(broken))
     if others:
         rels = ["/".join(p.relative_to(root).parts) for p in others]
         log.warning(
@@ -111,8 +157,7 @@ def _cache_key(entries: list[_Entry], image_size: int) -> str:
     """Hash of the listing (relative path, size, mtime) and the image size."""
     digest = hashlib.sha256(f"eanet-folder-cache {CACHE_VERSION} {image_size}\n".encode())
     for e in entries:
-        st = e.path.stat()
-        digest.update(f"{e.rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        digest.update(f"{e.rel}\0{e.size}\0{e.mtime_ns}\n".encode())
     return digest.hexdigest()[:24]
 
 
@@ -148,12 +193,10 @@ def _write_cache(
     only a warning."""
     meta = {"key": key, "files": files, "failed": failed}
     try:
-        with atomic_path(folder / "images.safetensors") as tmp:
-            save_file(
-                {"images": images.contiguous()},
-                str(tmp),
-                metadata={"eanet_folder_cache": json.dumps(meta)},
-            )
+        # Serialised here, written through atomic_path: safetensors' save_file would leave
+        # its own temporary file when killed and make the cache mode 0600.
+        data = serialize({"images": images.contiguous()}, {"eanet_folder_cache": json.dumps(meta)})
+        write_bytes(folder / "images.safetensors", data)
         write_json(
             folder / "classes.json",
             {"source": str(root), "class_names": classes, "images": len(files)},

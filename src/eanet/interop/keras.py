@@ -18,6 +18,7 @@ import io
 import logging
 import math
 import re
+import unicodedata
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -388,6 +389,16 @@ def read_class_names(path: str | Path) -> list[str]:
     names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names:
         raise DataError(f"{path}: no class names in it; write one class name per line")
+    seen: dict[str, int] = {}
+    for number, name in enumerate(names, 1):
+        # NFC: "café" typed precomposed or with a combining accent is one name
+        first = seen.setdefault(unicodedata.normalize("NFC", name), number)
+        if first != number:
+            raise DataError(
+                f"{path}: class name {name!r} (name {number}) repeats name {first}"
+                f"{'' if name == names[first - 1] else ' in another Unicode form'}; "
+                "every class needs its own name"
+            )
     return names
 
 
@@ -424,14 +435,15 @@ def import_keras(
             "outputs; give exactly one name per output"
         )
     model = to_torch(keras_model)
-    meta = {
-        "class_names": list(class_names),
-        "source": {
+    meta = checkpoint.CheckpointMeta(
+        class_names=list(class_names),
+        model_config=model.config,
+        source={
             "kind": "keras",
             "file": str(keras_model.source),
             "container": keras_model.container,
         },
-    }
+    )
     checkpoint.save(target, model, meta)
     summary = {
         "model": keras_model.kind,

@@ -24,7 +24,7 @@ class ServedModel:
         self.precision = resolve_precision(precision, self.device)  # the forward pass's
         self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
         fallback = "eanet" if self.config.attention == "external" else "vit"
-        self.name = str(self.meta.get("model_name") or fallback)
+        self.name = str(self.meta.model_name or fallback)
         self.parameters = count_parameters(self.model)
 
     @property
@@ -38,7 +38,7 @@ class ServedModel:
             "version": f"sha256:{self.sha256[:12]}",
             "checkpoint_sha256": self.sha256,
             "eanet_version": __version__,
-            "trained_with_eanet": self.meta.get("eanet_version"),
+            "trained_with_eanet": self.meta.eanet_version,
         }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -111,7 +111,7 @@ def inherited_model(path: str | Path) -> tuple[str, dict, int]:
     architecture; the class count is left to the new data."""
     ckpt = checkpoint.load(path)
     config = ckpt.model_config
-    name = ckpt.meta.get("model_name")
+    name = ckpt.meta.model_name
     if name not in MODELS:
         name = "eanet-cifar" if config.attention == "external" else "vit-cifar"
     base = MODELS[name].config.to_dict()

@@ -8,8 +8,12 @@ state, so `resume` continues bit-for-bit where an interrupted run stopped.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +34,7 @@ from eanet.train import distributed, finetune
 from eanet.train.config import TrainConfig
 from eanet.train.guard import StepGuard, graceful_interrupts
 from eanet.train.provenance import configure_determinism, provenance
-from eanet.train.rundir import prepare_run_dir, write_history, write_run_config
+from eanet.train.rundir import claim_run_dir, write_history, write_run_config
 from eanet.train.step import accelerate, make_optimizer, train_epoch
 
 log = logging.getLogger(__name__)
@@ -98,7 +102,27 @@ class _Run:
         return f"{self.cfg.model} on {self.data.name}"
 
 
+# What a running `fit` holds until it returns or fails (the run directory's lock).
+_HELD: contextvars.ContextVar[contextlib.ExitStack] = contextvars.ContextVar("_HELD")
+
+
+def _releasing(fn: Callable[..., dict]) -> Callable[..., dict]:
+    """Decorate `fit`: what `_start_session` takes into `_HELD` is released when fit ends."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs) -> dict:
+        with contextlib.ExitStack() as held:
+            token = _HELD.set(held)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _HELD.reset(token)
+
+    return wrapper
+
+
 @graceful_interrupts  # Ctrl-C/SIGTERM: stop between steps, keep the last epoch
+@_releasing  # the run directory stays locked for the whole run
 def fit(
     cfg: TrainConfig,
     out: str | Path,
@@ -145,7 +169,8 @@ def _start_session(
     configure_determinism(cfg.deterministic)  # before CUDA starts
     dist = distributed.setup(cfg.device)  # a process group only under torchrun
     dist.check_batch(cfg.batch_size)
-    dist.from_main(prepare_run_dir, out, resume, overwrite)  # only rank 0 touches `out`
+    # Only rank 0 touches `out`: it locks it for the run, then cleans and checks it.
+    dist.from_main(claim_run_dir, _HELD.get(), out, resume, overwrite)
     set_threads(cfg.threads)
     tune_cpu_allocator()
     torch.manual_seed(cfg.seed)
@@ -181,8 +206,8 @@ def _restore(run: _Run) -> None:
             f"{run.data.name}; resume it with its own data set"
         )
     checkpoint.restore_training(run.model, run.optimizer, ckpt, run.out)
-    run.history = ckpt.meta["history"]
-    run.start = ckpt.meta["epoch"] + 1
+    run.history = ckpt.meta.history
+    run.start = ckpt.meta.epoch + 1
     log.info("resuming %s after epoch %d of %d", run.out, run.start - 1, run.cfg.epochs)
     if run.dist.is_main:
         write_history(run.out, run.history, run.title)  # in case the kill beat it
@@ -267,14 +292,14 @@ def _save_epoch(run: _Run, row: dict) -> None:
     run.history.append(row)
     if not run.dist.is_main:
         return
-    meta = {
-        "model_name": run.cfg.model,
-        "class_names": run.data.class_names,
-        "train_config": run.cfg.to_dict(),
-        "eanet_version": __version__,
-        "epoch": row["epoch"],
-        "history": run.history,
-    }
+    meta = checkpoint.CheckpointMeta(
+        class_names=run.data.class_names,
+        model_name=run.cfg.model,
+        train_config=run.cfg.to_dict(),
+        eanet_version=__version__,
+        epoch=row["epoch"],
+        history=run.history,
+    )
     checkpoint.save(run.out / checkpoint.CHECKPOINT_NAME, run.model, meta, run.optimizer, rng=True)
     write_history(run.out, run.history, run.title)
 

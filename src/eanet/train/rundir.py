@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from eanet import __version__, checkpoint
 from eanet.errors import ConfigError, EANetError
 from eanet.fileio import read_json, remove_stale_temp_files, write_csv, write_json, write_text
+from eanet.locks import RUN_LOCK, directory_lock
 from eanet.options import to_yaml
 from eanet.plots import plot_curves
 from eanet.train.config import TrainConfig
@@ -22,18 +24,35 @@ RUN_FILES = (
 )
 
 
+def claim_run_dir(held: contextlib.ExitStack, out: Path, resume: bool, overwrite: bool) -> None:
+    """Lock the run directory for this process (until `held` closes), then prepare it.
+
+    A second eanet on the same directory is refused in one line ("run directory in use by
+    PID N"); only the lock's holder cleans up temporary files, so a second `--resume` can
+    never delete the first one's save in progress.
+    """
+    if resume:
+        _check_resumable(out)  # before the lock creates the directory
+    held.enter_context(directory_lock(out, RUN_LOCK))
+    prepare_run_dir(out, resume, overwrite)
+
+
+def _check_resumable(out: Path) -> None:
+    if not (out / checkpoint.CHECKPOINT_NAME).is_file():
+        raise EANetError(
+            f"{out}: nothing to resume (no {checkpoint.CHECKPOINT_NAME}); "
+            "start a new run with --out"
+        )
+
+
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to clobber an existing run unless asked; check the directory is writable.
 
-    Temporary files that a killed writer left beside the run files are deleted.
+    Temporary files that a killed writer left beside the run files are deleted: call it
+    only while holding the directory's lock (`claim_run_dir`).
     """
-    ckpt = out / checkpoint.CHECKPOINT_NAME
     if resume:
-        if not ckpt.is_file():
-            raise EANetError(
-                f"{out}: nothing to resume (no {checkpoint.CHECKPOINT_NAME}); "
-                "start a new run with --out"
-            )
+        _check_resumable(out)
     else:
         existing = [name for name in RUN_FILES if (out / name).exists()]
         if existing and not overwrite:
