@@ -17,7 +17,7 @@
 #   summary  benchmarks/gpu/summarize.py -> table.md
 # steps.tsv has each step's exit status and seconds; STEP.log its output.
 #
-# --dry-run: the same steps at tiny sizes on the CPU (2 epochs, 320 synthetic images, a
+# --dry-run: the same steps at tiny sizes on the CPU (2 epochs, 100 synthetic images, a
 # 1-block width-32 model, one bench batch size, no install, no compile probe: inductor on
 # a CPU takes minutes), so CI can run the script (tests/test_gpu_script.py).
 # --only tests,recipe: a subset of the steps (e.g. to split the work over two calls).
@@ -73,7 +73,7 @@ skipped() { printf '%s\tskipped: %s\t0\n' "$1" "$2" >>"$OUT/steps.tsv"; echo "==
 if [ "$DRY" = 1 ]; then
     DEVICE=cpu
     TINY=(--threads 1 --model-arg depth=1 --model-arg dim=32 --model-arg mlp_dim=32)
-    DATA=(--synthetic-images 320)
+    DATA=(--synthetic-images 100)
     EPOCHS=2
     BATCHES=(16)
     BENCH_STEPS=(--steps 1 --warmup 0)
