@@ -268,3 +268,12 @@ def test_compile_mode_default_is_torchs_default(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda model, mode=None: seen.update(mode=mode))
     step_mod.accelerate(_model(), _cfg(compile=True), torch.device("cpu"))
     assert seen == {"mode": None}
+
+
+def test_bench_takes_the_compile_mode():
+    """run.sh's probe: `eanet bench --compile --compile-mode MODE` reaches the config."""
+    from eanet.cli.flags import given
+    from eanet.cli.parser import build_parser
+
+    args = build_parser().parse_args(["bench", "--compile", "--compile-mode", "reduce-overhead"])
+    assert given(args, TrainConfig)["compile_mode"] == "reduce-overhead"
