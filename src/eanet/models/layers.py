@@ -73,7 +73,7 @@ class ExternalAttention(nn.Module):
     computes the same function faster: M_k follows the input projection and M_v precedes
     the output projection with nothing non-linear in between, and both are shared by every
     head, so each pair folds into one (dim x heads*S) matrix: two matmuls instead of four,
-    no transposes, and the dropout rescales ride on the folded output weights.
+    no transposes, and (on the CPU) the dropout rescales ride on the folded output weights.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:

@@ -89,10 +89,8 @@ def _own_kernel(optimizer: torch.optim.Optimizer) -> None:
     the CPU. The fused kernel keeps its step counts on the parameters' device.
     """
     for group in optimizer.param_groups:
-        group["fused"], group["foreach"] = (
-            optimizer.defaults["fused"],
-            optimizer.defaults["foreach"],
-        )
+        group["fused"] = optimizer.defaults["fused"]
+        group["foreach"] = optimizer.defaults["foreach"]
         if not group["fused"]:
             continue
         for p in group["params"]:
@@ -190,7 +188,11 @@ def live_metrics(device: torch.device) -> bool:
 
 
 def _show(bar: tqdm, sums: MetricSums, read: bool) -> None:
-    """The bar's postfix: images/s, and the running metrics where `read` (a host sync)."""
+    """The bar's postfix: images/s, and the running metrics where `read` (a host sync).
+
+    Without a read on CUDA the rate counts the images queued, which the GPU may still be
+    working on; the last update of an epoch reads, so its rate is the real one.
+    """
     rate = sums.count / max(bar.format_dict["elapsed"], 1e-9)  # count is a host int
     if not read:
         bar.set_postfix(img_s=f"{rate:.0f}")
