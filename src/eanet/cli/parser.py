@@ -18,7 +18,16 @@ from eanet.train.config import TrainConfig
 
 DATA = ("dataset", "data_path", "md5", "verify")  # where a data set comes from
 RUNTIME = ("device", "precision")  # where and how the model computes
-BENCHED = ("model", "model_args", "batch_size", "device", "threads", "compile", "precision")
+BENCHED = (
+    "model",
+    "model_args",
+    "batch_size",
+    "device",
+    "threads",
+    "compile",
+    "compile_mode",
+    "precision",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,11 +11,17 @@ from eanet.errors import ConfigError, DataError
 
 
 def load_dataset(
-    name: str, data_path: str | Path | None = None, *, image_size: int | None = None, **kwargs: Any
+    name: str,
+    data_path: str | Path | None = None,
+    *,
+    image_size: int | None = None,
+    synthetic_images: int = 50_000,
+    **kwargs: Any,
 ) -> ImageData:
     """Load a data set by name (DATASET_NAMES); kwargs go to the specific loader.
 
     `image_size` is the side a folder's images are resized to (default 32); CIFAR is 32 only.
+    `synthetic_images`: the training images of 'synthetic' (and a fifth as many to test).
     """
     if name == "folder":
         from eanet.data.folders import load_folder
@@ -26,7 +32,7 @@ def load_dataset(
 
         return load_digits(data_path, image_size=image_size or 32)
     if name == "synthetic":  # random CIFAR-100-shaped data, only to time the recipe
-        return synthetic_cifar()
+        return synthetic_cifar(train=synthetic_images, test=synthetic_images // 5)
     if name not in DATASETS:
         raise DataError(
             f"unknown data set {name!r}; choose one of: {', '.join(sorted(DATASET_NAMES))}"

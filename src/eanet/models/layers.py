@@ -14,6 +14,17 @@ from eanet.models.config import ModelConfig
 from eanet.models.fused import double_normalize, masked
 
 
+def native_dropout(x: torch.Tensor) -> bool:
+    """Whether the fast paths use torch's own dropout for `x`: on CUDA, not on the CPU.
+
+    The cheap masks of `fused.masked` exist because `bernoulli_` dominated the CPU step; on
+    a GPU `F.dropout` draws and applies its mask in one fused kernel, where the mask trick
+    takes three (random words, comparison, multiplication), and torch's fused attention
+    kernels draw their own dropout.
+    """
+    return x.is_cuda
+
+
 class Normalize(nn.Module):
     """Keras `Normalization`: (x - mean) / max(sqrt(var), 1e-7), per channel, pixel space."""
 
@@ -62,7 +73,7 @@ class ExternalAttention(nn.Module):
     computes the same function faster: M_k follows the input projection and M_v precedes
     the output projection with nothing non-linear in between, and both are shared by every
     head, so each pair folds into one (dim x heads*S) matrix: two matmuls instead of four,
-    no transposes, and the dropout rescales ride on the folded output weights.
+    no transposes, and (on the CPU) the dropout rescales ride on the folded output weights.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -119,6 +130,9 @@ class ExternalAttention(nn.Module):
         p2 = self.proj_drop.p if self.training else 0.0
         w_in, b_in, w_out, b_out = self.folded_weights()
         z = F.linear(x, w_in, b_in).view(B, N, self.heads, self.memory)  # (B, N, h, S)
+        if native_dropout(x):  # torch's dropout, which rescales by itself
+            attn = self.attn_drop(double_normalize(z, token_dim=1).view(B, N, -1))
+            return self.proj_drop(F.linear(attn, w_out, b_out))
         attn = masked(double_normalize(z, token_dim=1).view(B, N, -1), p1)  # (B, N, h*S)
         s1, s2 = 1.0 / (1.0 - p1), 1.0 / (1.0 - p2)  # dropout rescales, folded into w_out
         return masked(F.linear(attn, w_out * (s1 * s2), b_out * s2), p2)
@@ -152,7 +166,7 @@ class SelfAttention(nn.Module):
             return t.view(B, N, self.heads, self.key_dim).transpose(1, 2)  # (B, h, N, kd)
 
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
-        if self.training and self.explicit_attention:
+        if self.training and self.explicit_attention and not native_dropout(x):
             # Training on the CPU: torch's attention draws its dropout with bernoulli_ over
             # (B, h, N, N); the explicit form uses the cheap masks, rescale folded into proj.
             w = torch.softmax((q * self.key_dim**-0.5) @ k.transpose(-2, -1), dim=-1)
@@ -180,7 +194,7 @@ class Mlp(nn.Module):
         self.cheap_dropout = True  # `fused.masked` masks, rescale folded into fc2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.cheap_dropout:
+        if not self.cheap_dropout or native_dropout(x):
             return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
         p = self.drop.p if self.training else 0.0
         s = 1.0 / (1.0 - p)  # both dropout rescales folded into fc2

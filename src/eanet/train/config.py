@@ -14,6 +14,9 @@ from eanet.runtime import PRECISIONS
 from eanet.train.guard import ON_NONFINITE
 
 AUGMENT_MODES = ("fixed", "reference-bug", "none")
+COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")  # torch.compile's modes
+LR_SCALINGS = ("none", "linear")
+REFERENCE_BATCH = 128  # the batch the reference's learning rate was chosen for
 
 
 @dataclass
@@ -130,6 +133,24 @@ class TrainConfig:
         help="torch's deterministic algorithms, cuDNN deterministic, no benchmark, "
         "CUBLAS_WORKSPACE_CONFIG=:4096:8: repeatable GPU runs, maybe slower",
     )
+    compile_mode: str = option(
+        "default",
+        help="with --compile: torch.compile's mode; 'max-autotune' searches for faster "
+        "kernels (minutes of compiling), 'reduce-overhead' replays CUDA graphs (CUDA only)",
+        choices=COMPILE_MODES,
+        resume=CHANGE,
+    )
+    lr_scaling: str = option(
+        "none",
+        help="'linear': AdamW's learning rate is --lr * --batch-size / 128, the linear "
+        "scaling rule for batches larger than the reference's 128; 'none': --lr as given",
+        choices=LR_SCALINGS,
+    )
+    synthetic_images: int = option(
+        50_000,
+        help="--dataset synthetic: training images (the last --val-fraction of them "
+        "validate) and a fifth as many test images; 50,000 as in CIFAR-100",
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -166,10 +187,24 @@ class TrainConfig:
             raise ConfigError(f"--image-size {self.image_size!r} must be a positive integer")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads {self.threads!r} must be a positive integer")
+        self._validate_gpu_options()
         if self.freeze_backbone and not self.init_from:
             raise ConfigError(
                 "--freeze-backbone trains only the head of a pretrained model; "
                 "give the model with --init-from CHECKPOINT"
+            )
+
+    def _validate_gpu_options(self) -> None:
+        if self.compile_mode != "default" and not self.compile:
+            raise ConfigError(
+                f"--compile-mode {self.compile_mode} applies to torch.compile; add --compile"
+            )
+        n = self.synthetic_images
+        if isinstance(n, bool) or not isinstance(n, int) or n < 5:
+            raise ConfigError(f"--synthetic-images {n!r} must be an integer >= 5")
+        if n != 50_000 and self.dataset != "synthetic":
+            raise ConfigError(
+                f"--synthetic-images applies to --dataset synthetic, not {self.dataset}; drop it"
             )
 
     def to_dict(self) -> dict:

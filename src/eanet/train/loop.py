@@ -53,6 +53,7 @@ def load_data(cfg: TrainConfig, progress: bool = True) -> ImageData:
         verify=cfg.verify,
         progress=progress,
         image_size=cfg.image_size,
+        synthetic_images=cfg.synthetic_images,
     )
 
 

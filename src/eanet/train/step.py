@@ -16,7 +16,7 @@ from eanet.models.transformer import VisionTransformer
 from eanet.runtime import autocast, resolve_precision
 from eanet.train import distributed
 from eanet.train import guard as guard_mod
-from eanet.train.config import TrainConfig
+from eanet.train.config import REFERENCE_BATCH, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +45,58 @@ def accelerate(model: VisionTransformer, cfg: TrainConfig, device: torch.device)
         torch.backends.cudnn.allow_tf32 = True
     if not cfg.compile:
         return model
-    log.info("compiling the model with torch.compile (the first steps are slow)")
-    return torch.compile(model)
+    log.info(
+        "compiling the model with torch.compile, mode %s (the first steps are slow)",
+        cfg.compile_mode,
+    )
+    return torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+
+
+def scaled_lr(cfg: TrainConfig) -> float:
+    """AdamW's learning rate: --lr, times batch/128 under --lr-scaling linear."""
+    if cfg.lr_scaling == "linear":
+        return cfg.lr * cfg.batch_size / REFERENCE_BATCH
+    return cfg.lr
 
 
 def make_optimizer(model: VisionTransformer, cfg: TrainConfig) -> torch.optim.AdamW:
-    """The reference's AdamW (decoupled decay on every trainable tensor, Keras's epsilon)."""
-    return torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=cfg.lr,
+    """The reference's AdamW (decoupled decay on every trainable tensor, Keras's epsilon).
+
+    On CUDA torch's fused kernel (one launch for every tensor); elsewhere torch's default
+    implementation, exactly as before.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    kernel = {"fused": True} if params and all(p.is_cuda for p in params) else {}
+    if cfg.lr_scaling != "none":
+        log.info("learning rate %g (%s scaling of --lr %g)", scaled_lr(cfg), cfg.lr_scaling, cfg.lr)
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=scaled_lr(cfg),
         betas=(0.9, 0.999),
         eps=cfg.adam_eps,
         weight_decay=cfg.weight_decay,
+        **kernel,
     )
+    optimizer.register_load_state_dict_post_hook(_own_kernel)
+    return optimizer
+
+
+def _own_kernel(optimizer: torch.optim.Optimizer) -> None:
+    """After loading a checkpoint: this device's AdamW kernel, not the one that saved it.
+
+    `load_state_dict` takes every group setting from the file, `fused` too, so a CPU
+    checkpoint resumed on a GPU would lose the fused kernel and a GPU one would bring it to
+    the CPU. The fused kernel keeps its step counts on the parameters' device.
+    """
+    for group in optimizer.param_groups:
+        group["fused"] = optimizer.defaults["fused"]
+        group["foreach"] = optimizer.defaults["foreach"]
+        if not group["fused"]:
+            continue
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "step" in state:
+                state["step"] = state["step"].to(p.device, torch.float32)
 
 
 def train_step(
@@ -109,6 +148,7 @@ def train_epoch(
     model.train()
     aug = AugmentConfig()
     sums = MetricSums(images.device)
+    live = live_metrics(images.device)
     if dist is None:
         perm = torch.randperm(len(images), device=images.device)
     else:
@@ -132,14 +172,32 @@ def train_epoch(
         if scale:  # weight 0: a stand-in image, only there to join the gradient average
             sums.add(logits, y, loss)
         if progress and (step % 10 == 0 or step == steps - 1):
-            m = sums.result()
-            rate = m.count / max(bar.format_dict["elapsed"], 1e-9)
-            bar.set_postfix(
-                loss=f"{m.loss:.3f}",
-                top1=f"{m.top1:.1%}",
-                top5=f"{m.top5:.1%}",
-                img_s=f"{rate:.0f}",
-            )
+            _show(bar, sums, live or step == steps - 1)
     if guard is not None:
         guard.end_epoch(model)
     return sums.result()
+
+
+def live_metrics(device: torch.device) -> bool:
+    """Whether the progress bar may read the running metrics during an epoch.
+
+    Not on CUDA: each read waits for the GPU to drain its queue, every 10 steps. There the
+    bar shows steps and images/s during the epoch and the metrics once, at its end.
+    """
+    return device.type != "cuda"
+
+
+def _show(bar: tqdm, sums: MetricSums, read: bool) -> None:
+    """The bar's postfix: images/s, and the running metrics where `read` (a host sync).
+
+    Without a read on CUDA the rate counts the images queued, which the GPU may still be
+    working on; the last update of an epoch reads, so its rate is the real one.
+    """
+    rate = sums.count / max(bar.format_dict["elapsed"], 1e-9)  # count is a host int
+    if not read:
+        bar.set_postfix(img_s=f"{rate:.0f}")
+        return
+    m = sums.result()
+    bar.set_postfix(
+        loss=f"{m.loss:.3f}", top1=f"{m.top1:.1%}", top5=f"{m.top5:.1%}", img_s=f"{rate:.0f}"
+    )
