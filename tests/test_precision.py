@@ -86,15 +86,17 @@ def test_bf16_inference_stays_close_to_fp32():
 def test_bf16_training_learns_as_fp32_does_on_real_digits(tmp_path, digits_data):
     """Learning parity: bf16's held-out top-1 is within the spread of 3 fp32 seeds.
 
-    The learning check's configuration (depth 2, 4x4 patches, lr 2e-3), 4 epochs to stay
-    quick; the figures of each seed are in the assertion message.
+    The learning check's configuration (depth 2, 4x4 patches, lr 2e-3, 8 epochs; at 4
+    epochs the model is still at ~60%); the figures of each seed are in the assertion
+    message. The spread has a floor of 2 points (9 of 449 images): three seeds that agree
+    closely would otherwise demand bit-level agreement of two numerics.
     """
     results: dict[str, list[float]] = {"fp32": [], "bf16": []}
     for precision in results:
         for seed in range(3):
             cfg = TrainConfig(
                 model_args={"depth": 2, "patch_size": 4},
-                epochs=4,
+                epochs=8,
                 batch_size=32,
                 lr=2e-3,
                 val_fraction=0.0,
@@ -106,6 +108,6 @@ def test_bf16_training_learns_as_fp32_does_on_real_digits(tmp_path, digits_data)
             out = tmp_path / f"{precision}-{seed}"
             results[precision].append(fit(cfg, out, data=digits_data, progress=False)["test_top1"])
     fp32, bf16 = results["fp32"], results["bf16"]
-    spread = max(max(fp32) - min(fp32), 0.01)
-    assert min(fp32) >= 0.8, results  # both learn: chance is 10%
+    spread = max(max(fp32) - min(fp32), 0.02)
+    assert min(fp32) >= 0.9, results  # both learn: chance is 10%
     assert statistics.mean(bf16) >= statistics.mean(fp32) - spread, results
