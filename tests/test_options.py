@@ -32,7 +32,8 @@ def test_every_field_is_a_flag_of_train_and_its_help_shows_the_default():
     for name in declared(TrainConfig):
         flag = "--model-arg" if name == "model_args" else "--" + name.replace("_", "-")
         assert flag in text, flag
-    assert "(default: 0.001)" in text and "(default: fp32)" in text
+    assert "(default: 0.001; on --resume must match the run)" in text
+    assert "(default: 50; may change on --resume)" in text
 
 
 def test_flags_round_trip_through_to_argv():
