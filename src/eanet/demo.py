@@ -9,6 +9,7 @@ training images), evaluated with its reports; far too few images to learn 100 cl
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,7 @@ class DemoPart:
     metrics: dict
     train_images: int
     chance_top1: float
+    seconds: float
     predictions: list[Prediction] = field(default_factory=list)
     evaluation: dict | None = None
 
@@ -87,8 +89,10 @@ def _predict(run_dir: Path, data: ImageData, indices: list[int], device: str, k:
 
 
 def _part(cfg: TrainConfig, out: Path, data: ImageData, progress: bool) -> DemoPart:
+    t0 = time.perf_counter()
     metrics = fit(cfg, out, data=data, overwrite=True, progress=progress)
-    return DemoPart(out, metrics, len(data.train_images), 1 / data.num_classes)
+    seconds = time.perf_counter() - t0
+    return DemoPart(out, metrics, len(data.train_images), 1 / data.num_classes, seconds)
 
 
 def run_digits(out: Path, show: int, seed: int, device: str, threads, progress: bool):

@@ -103,8 +103,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     _print_demo_digits(r.digits)
     _print_demo_cifar(r.cifar)
-    print(f"\nRun directories: {out}/digits and {out}/cifar100; ", end="")
-    print(f"{time.perf_counter() - t0:.0f} s in all on {r.torch_threads} threads.")
+    threads = f"{r.torch_threads} thread" + ("s" if r.torch_threads > 1 else "")
+    print(
+        f"\nRuns in {out}/digits and {out}/cifar100; "
+        f"{time.perf_counter() - t0:.0f} s in all, {threads}."
+    )
     return 0
 
 
@@ -112,38 +115,39 @@ def _print_demo_digits(part) -> None:
     """Part 1 of the demo: it learns, shown on held-out images it never trained on."""
     m = part.metrics
     print(
-        f"\n1. Learning: a 2-block EANet trained {m['epochs']} epochs on {part.train_images} "
-        f"real handwritten digits (8x8, shipped in the package).\n"
-        f"   held-out top-1 {m['test_top1']:.1%} on {m['test_images']} digits it never saw "
+        f"\n1. Learning. A 2-block EANet trained {m['epochs']} epochs ({part.seconds:.0f} s) on "
+        f"{part.train_images} real\n   handwritten digits (8x8, shipped in the package).\n"
+        f"   Held-out top-1 {m['test_top1']:.1%} on {m['test_images']} digits it never saw "
         f"(chance: {part.chance_top1:.0%}).\n"
     )
     print(f"   {'#':>3}  true  predicted  probability")
     for p in part.predictions:
         name, prob = p.top[0]
         mark = "ok" if p.correct else "WRONG"
-        print(f"   {p.test_index:>3}  {p.true:>4}  {name:>9}  {prob:>10.1%}  {mark}")
+        print(f"   {p.test_index:>3}  {p.true:>4}  {name:>9}  {prob:>11.1%}  {mark}")
     right = sum(p.correct for p in part.predictions)
-    print(f"   {right} of {len(part.predictions)} shown are right.")
+    print(f"   {right} of the {len(part.predictions)} shown are right.")
 
 
 def _print_demo_cifar(part) -> None:
     """Part 2 of the demo: the full pipeline on real CIFAR-100, too few images to learn."""
     m = part.metrics
     print(
-        f"\n2. Pipeline: the reference EANet and recipe on {part.train_images} real CIFAR-100 "
-        f"images (the shipped slice; the full set has 50,000), {m['epochs']} epochs.\n"
-        f"   test top-1 {m['test_top1']:.2%} top-5 {m['test_top5']:.2%} on "
-        f"{m['test_images']} real test images (chance: {part.chance_top1:.0%} / "
-        f"{5 * part.chance_top1:.0%}): this slice is far too small to learn 100 classes;\n"
-        "   it shows the run directory, reports and predictions that a real run produces.\n"
+        f"\n2. Pipeline. The reference EANet and recipe, {m['epochs']} epochs "
+        f"({part.seconds:.0f} s), on {part.train_images} real\n   CIFAR-100 images "
+        "(the shipped slice; the full set has 50,000). "
+        f"Test top-1 {m['test_top1']:.2%}, top-5 {m['test_top5']:.2%}\n"
+        f"   on {m['test_images']} real test images (chance: {part.chance_top1:.0%} / "
+        f"{5 * part.chance_top1:.0%}). This slice is far too small to learn\n"
+        "   100 classes; it shows the files and reports a real run produces.\n"
     )
     print(f"   {'#':>3}  {'true class':<16} top-3 predictions")
     for p in part.predictions:
         preds = "  ".join(f"{name} {prob:.1%}" for name, prob in p.top)
         print(f"   {p.test_index:>3}  {p.true:<16} {preds}")
     print(
-        f"   Files in {part.run_dir}: config, history, curves.png, checkpoint, metrics, "
-        "per-class CSV, confusion PNG."
+        f"   In {part.run_dir}: config, history, curves.png, checkpoint, metrics,\n"
+        "   per-class CSV, confusion PNG."
     )
 
 
