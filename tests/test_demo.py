@@ -29,4 +29,4 @@ def test_demo_learns_digits_and_runs_the_cifar_pipeline_offline(tmp_path, capsys
         "per_class_test.csv",
         "checkpoint.safetensors",
     ):
-        assert (out_dir / "cifar100" / name).exists(), name
+        assert (out_dir / name).exists(), name

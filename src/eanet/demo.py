@@ -131,8 +131,13 @@ def run_demo(
     threads: int | None = None,
     progress: bool = True,
 ) -> DemoResult:
-    """Run both parts in OUT/digits and OUT/cifar100; `epochs` is the CIFAR part's."""
+    """Part 1 in OUT/digits, part 2 in OUT itself; `epochs` is the CIFAR part's.
+
+    OUT is the CIFAR-100 run, so `eanet predict/serve/export OUT` and `--init-from OUT`
+    get a 100-class checkpoint, as the docs use it (a new run only replaces run files, so
+    OUT/digits stays).
+    """
     out = Path(out)
     digits = run_digits(out / "digits", show, seed, device, threads, progress)
-    cifar = run_cifar(out / "cifar100", epochs, show, seed, device, threads, progress)
+    cifar = run_cifar(out, epochs, show, seed, device, threads, progress)
     return DemoResult(digits, cifar, torch.get_num_threads())

@@ -105,7 +105,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _print_demo_cifar(r.cifar)
     threads = f"{r.torch_threads} thread" + ("s" if r.torch_threads > 1 else "")
     print(
-        f"\nRuns in {out}/digits and {out}/cifar100; "
+        f"\nRuns in {out}/digits (part 1) and {out} (part 2); "
         f"{time.perf_counter() - t0:.0f} s in all, {threads}."
     )
     return 0

@@ -119,7 +119,8 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument(
         "--out",
         type=Path,
-        help="directory for the two runs, OUT/digits and OUT/cifar100 (default: runs/demo-TIME)",
+        help="the CIFAR-100 run's directory; the digits run goes to OUT/digits "
+        "(default: runs/demo-TIME)",
     )
     m.add_argument("--epochs", type=int, default=None, help="CIFAR part: epochs (default: 4)")
     m.add_argument("--seed", type=int, default=0, help="seed of both runs (default: 0)")
