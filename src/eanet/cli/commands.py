@@ -116,7 +116,7 @@ def _print_demo_digits(part) -> None:
     m = part.metrics
     print(
         f"\n1. Learning. A 2-block EANet trained {m['epochs']} epochs ({part.seconds:.0f} s) on "
-        f"{part.train_images} real\n   handwritten digits (8x8, shipped in the package).\n"
+        f"{part.train_images:,} real handwritten\n   digits (8x8, shipped in the package).\n"
         f"   Held-out top-1 {m['test_top1']:.1%} on {m['test_images']} digits it never saw "
         f"(chance: {part.chance_top1:.0%}).\n"
     )
@@ -134,12 +134,12 @@ def _print_demo_cifar(part) -> None:
     m = part.metrics
     print(
         f"\n2. Pipeline. The reference EANet and recipe, {m['epochs']} epochs "
-        f"({part.seconds:.0f} s), on {part.train_images} real\n   CIFAR-100 images "
-        "(the shipped slice; the full set has 50,000). "
-        f"Test top-1 {m['test_top1']:.2%}, top-5 {m['test_top5']:.2%}\n"
-        f"   on {m['test_images']} real test images (chance: {part.chance_top1:.0%} / "
-        f"{5 * part.chance_top1:.0%}). This slice is far too small to learn\n"
-        "   100 classes; it shows the files and reports a real run produces.\n"
+        f"({part.seconds:.0f} s), on {part.train_images} real CIFAR-100\n"
+        "   images (the shipped slice; the full set has 50,000).\n"
+        f"   Test top-1 {m['test_top1']:.2%}, top-5 {m['test_top5']:.2%} on {m['test_images']} "
+        f"real test images (chance: {part.chance_top1:.0%} / {5 * part.chance_top1:.0%}).\n"
+        "   This slice is far too small to learn 100 classes: this part shows the files,\n"
+        "   reports and predictions that a real run produces, not accuracy.\n"
     )
     print(f"   {'#':>3}  {'true class':<16} top-3 predictions")
     for p in part.predictions:
