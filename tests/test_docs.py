@@ -110,6 +110,7 @@ def test_every_documented_command_parses(where, argv, capsys):
 OFFLINE = [(where, argv) for where, argv in COMMANDS if runs_offline(argv)]
 
 
+@pytest.mark.slow  # a fresh interpreter (torch import) per command
 @pytest.mark.parametrize("where, argv", OFFLINE, ids=[c for c, _ in OFFLINE])
 def test_offline_documented_commands_run(where, argv, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
