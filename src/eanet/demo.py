@@ -47,6 +47,7 @@ class Prediction:
 
     @property
     def correct(self) -> bool:
+        """Whether the most probable class is the true one."""
         return self.top[0][0] == self.true
 
 
@@ -72,7 +73,9 @@ class DemoResult:
     torch_threads: int
 
 
-def _predict(run_dir: Path, data: ImageData, indices: list[int], device: str, k: int):
+def _predict(
+    run_dir: Path, data: ImageData, indices: list[int], device: str, k: int
+) -> list[Prediction]:
     """The top-`k` classes (names, probabilities) of the checkpoint for some test images."""
     model, ckpt = checkpoint.load_model(run_dir, resolve_device(device))
     probs = predict_logits(model, data.test_images[indices]).softmax(dim=1)
@@ -89,13 +92,16 @@ def _predict(run_dir: Path, data: ImageData, indices: list[int], device: str, k:
 
 
 def _part(cfg: TrainConfig, out: Path, data: ImageData, progress: bool) -> DemoPart:
+    """Train one part's run (replacing an earlier one in `out`) and time it."""
     t0 = time.perf_counter()
     metrics = fit(cfg, out, data=data, overwrite=True, progress=progress)
     seconds = time.perf_counter() - t0
     return DemoPart(out, metrics, len(data.train_images), 1 / data.num_classes, seconds)
 
 
-def run_digits(out: Path, show: int, seed: int, device: str, threads, progress: bool):
+def run_digits(
+    out: Path, show: int, seed: int, device: str, threads: int | None, progress: bool
+) -> DemoPart:
     """Part 1: train the reduced EANet on the real digits; predict `show` held-out ones."""
     cfg = TrainConfig(dataset="digits", seed=seed, device=device, threads=threads, **DIGITS_RECIPE)
     data = load_dataset("digits")
@@ -104,7 +110,15 @@ def run_digits(out: Path, show: int, seed: int, device: str, threads, progress: 
     return part
 
 
-def run_cifar(out: Path, epochs: int, show: int, seed: int, device: str, threads, progress: bool):
+def run_cifar(
+    out: Path,
+    epochs: int,
+    show: int,
+    seed: int,
+    device: str,
+    threads: int | None,
+    progress: bool,
+) -> DemoPart:
     """Part 2: the reference EANet and recipe on the CIFAR-100 slice, with evaluation reports."""
     cfg = TrainConfig(
         dataset="cifar100",

@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from eanet.cli.flags import given
 from eanet.errors import ConfigError
@@ -16,6 +17,9 @@ from eanet.train.config import TrainConfig
 from eanet.train.finetune import inherited_model
 from eanet.train.loop import fit
 from eanet.train.rundir import load_run_config
+
+if TYPE_CHECKING:  # the demo's modules load only when `eanet demo` runs
+    from eanet.demo import DemoPart
 
 log = logging.getLogger("eanet")
 
@@ -111,7 +115,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_demo_digits(part) -> None:
+def _print_demo_digits(part: DemoPart) -> None:
     """Part 1 of the demo: it learns, shown on held-out images it never trained on."""
     m = part.metrics
     print(
@@ -129,7 +133,7 @@ def _print_demo_digits(part) -> None:
     print(f"   {right} of the {len(part.predictions)} shown are right.")
 
 
-def _print_demo_cifar(part) -> None:
+def _print_demo_cifar(part: DemoPart) -> None:
     """Part 2 of the demo: the full pipeline on real CIFAR-100, too few images to learn."""
     m = part.metrics
     print(
