@@ -129,18 +129,3 @@ def test_corrupt_archive_names_the_file(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert str(bad) in result.stderr
     assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
-
-
-@pytest.mark.slow
-def test_demo_runs_offline_and_names_real_classes(tmp_path, capsys):
-    assert main(["demo", "--epochs", "1", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
-    out = capsys.readouterr().out
-    assert "true class" in out and "mountain" in out  # first test image of CIFAR-100
-    for name in (
-        "metrics.json",
-        "curves.png",
-        "confusion_test.png",
-        "per_class_test.csv",
-        "checkpoint.safetensors",
-    ):
-        assert (tmp_path / "demo" / name).exists(), name

@@ -216,7 +216,19 @@ def test_digits_loader_is_the_fixture(digits_data):
     assert load_dataset("digits", image_size=16).train_images.shape[-1] == 16
 
 
-def test_digits_without_scikit_learn_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import fails
-    with pytest.raises(DataError, match=r"needs scikit-learn.*pip install 'eanet\[digits\]'"):
-        load_dataset("digits")
+def test_digits_are_shipped_and_need_no_scikit_learn(monkeypatch, tmp_path):
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    from eanet.data.digits import raw_digits
+
+    images, labels = raw_digits()  # the shipped asset is scikit-learn's data, every pixel
+    sk = sk_load_digits()
+    assert torch.equal(images, torch.tensor(sk.images, dtype=torch.float32))
+    assert torch.equal(labels, torch.tensor(sk.target, dtype=torch.int64))
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # any scikit-learn import fails
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    assert load_dataset("digits").test_images.shape == (449, 3, 32, 32)
+    bad = tmp_path / "digits.npz"
+    bad.write_bytes(b"not an npz")
+    with pytest.raises(DataError, match=r"digits file .* is missing or damaged"):
+        raw_digits(bad)

@@ -55,7 +55,7 @@ def test_analytic_macs_equal_flop_counter(name, overrides):
 
 def test_eanet_forward_is_about_a_tenth_of_a_giga_mac():
     macs = describe("eanet-cifar")["macs_per_image"]
-    assert macs == 100_866_304 and 0.095e9 < macs < 0.105e9  # SPEC section 5: ~0.10 G
+    assert macs == 100_866_304 and 0.095e9 < macs < 0.105e9  # docs/reference.md section 1: ~0.10 G
 
 
 def test_cli_text_and_json(capsys):

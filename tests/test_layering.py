@@ -2,6 +2,8 @@
 
 The imports of every module are read from its source (AST), including the imports inside
 functions (lazy imports count: they run too). A module may import its own layer or lower.
+Also: inference (`eanet.load(ckpt).predict`, the server's app) stays lean, and no function
+is longer than 100 lines.
 """
 
 from __future__ import annotations
@@ -123,19 +125,65 @@ def test_the_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
 
 
+BANNED_FOR_INFERENCE = ("matplotlib", "eanet.data.cifar", "eanet.train", "eanet.plots")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A real checkpoint of a 1-block EANet with 3 classes, written by eanet.checkpoint.save."""
+    import torch
+
+    from eanet import checkpoint
+    from eanet.models.registry import create_model
+
+    torch.manual_seed(0)
+    model = create_model("eanet-cifar", depth=1, dim=32, mlp_dim=32, num_classes=3)
+    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
+    checkpoint.save(path, model, {"class_names": ["apple", "bicycle", "cloud"], "epoch": 1})
+    return path
+
+
+def _modules_imported_by(code: str, banned: tuple[str, ...]) -> list[str]:
+    """Run `code` in a fresh interpreter; the banned modules it ended up importing."""
+    check = f"{code}\nimport sys; print(sorted(m for m in sys.modules if m.startswith({banned!r})))"
+    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.strip().splitlines()
+
+
+def test_load_and_predict_imports_no_plotting_and_no_archive_code(tiny_checkpoint):
+    code = (
+        "import numpy as np, eanet\n"
+        f"c = eanet.load({str(tiny_checkpoint)!r}, device='cpu')\n"
+        "p = c.predict(np.zeros((32, 32, 3), np.uint8), top_k=2)\n"
+        "assert len(p) == 1 and p[0].label in ('apple', 'bicycle', 'cloud'), p\n"
+        "print('predicted', p[0].label)"
+    )
+    out = _modules_imported_by(code, BANNED_FOR_INFERENCE)
+    assert out[0].startswith("predicted ") and out[-1] == "[]", f"imported: {out}"
+
+
 @pytest.mark.parametrize(
     "code, banned",
     [
         (
             "import torch, eanet; m = eanet.create_model('eanet-cifar', depth=1);import eanet.api",
-            ("matplotlib", "eanet.data.cifar", "eanet.train", "eanet.plots"),
+            BANNED_FOR_INFERENCE,
         ),
         ("import eanet.serve.app", ("matplotlib", "eanet.data.cifar", "eanet.train")),
     ],
 )
 def test_the_inference_path_imports_no_plotting_and_no_archive_code(code, banned):
-    check = f"{code}; import sys; print(sorted(m for m in sys.modules if m.startswith({banned!r})))"
-    out = subprocess.run(
-        [sys.executable, "-c", check], capture_output=True, text=True, check=True
-    ).stdout
-    assert out.strip() == "[]", f"imported: {out}"
+    assert _modules_imported_by(code, banned) == ["[]"]
+
+
+def test_no_function_is_longer_than_100_lines():
+    """Every def in the package reads at once: none over 100 lines (aim for under ~60)."""
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                n = node.end_lineno - node.lineno + 1
+                if n > 100:
+                    long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({n})")
+    assert long == [], "functions over 100 lines:\n" + "\n".join(long)

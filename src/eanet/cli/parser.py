@@ -131,10 +131,15 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
         "digits shipped in the package until it works, and show its predictions; then run "
         "the reference recipe on the shipped CIFAR-100 slice.",
     )
-    m.add_argument("--out", type=Path, help="run directory (default: runs/demo-TIME)")
+    m.add_argument(
+        "--out",
+        type=Path,
+        help="the CIFAR-100 run's directory; the digits run goes to OUT/digits "
+        "(default: runs/demo-TIME)",
+    )
     m.add_argument("--epochs", type=int, default=None, help="CIFAR part: epochs (default: 4)")
-    m.add_argument("--seed", type=int, default=0)
-    add_config_flags(m, TrainConfig, only=["device"], fill_defaults=True)
+    m.add_argument("--seed", type=int, default=0, help="seed of both runs (default: 0)")
+    add_config_flags(m, TrainConfig, only=["device", "threads"], fill_defaults=True)
     _no_progress(m)
 
 

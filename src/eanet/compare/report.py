@@ -78,11 +78,24 @@ def _val_loss_path(g: dict) -> str:
 
 def format_report(report: dict) -> str:
     """The report as Markdown: provenance, tables, figures."""
+    groups = report["groups"]
+    lines = _provenance(report)
+    lines += _results_section(groups)
+    lines += _gap_section(groups)
+    lines += _input_section(report["input_distribution"])
+    lines += _figures_section(report["figures"])
+    lines += _runs_section(groups)
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _provenance(report: dict) -> list[str]:
+    """Title, the command, the machine, the data, the recipe and how figures were measured."""
     cfg, env, data = report["config"], report["environment"], report["data"]
     rec = cfg["train"]  # the recipe every run shared
     machine = env.get("cuda") or env.get("cpu_model") or env.get("processor")
     n_seeds = cfg["seeds"]
-    lines = [
+    return [
         f"# {' vs '.join(cfg['models'])} on {data['name']}",
         "",
         f"Made by `{report['command']}`",
@@ -111,9 +124,11 @@ def format_report(report: dict) -> str:
         "- multiply-adds per image: a forward pass of the reference formulation "
         "(`eanet.bench.macs_per_image`, torch's FlopCounterMode, matrix products only)",
         "",
-        "## Results",
-        "",
     ]
+
+
+def _results_section(groups: list[dict]) -> list[str]:
+    """One row per model x augmentation: size, cost, speed, accuracies, training time."""
     header = [
         "model",
         "augment",
@@ -130,7 +145,7 @@ def format_report(report: dict) -> str:
         "training s / run",
     ]
     rows = []
-    for g in report["groups"]:
+    for g in groups:
         s = g["summary"]
         rows.append(
             [
@@ -149,15 +164,11 @@ def format_report(report: dict) -> str:
                 _num(s["train_seconds"], 0),
             ]
         )
-    lines += _table(header, rows)
-    lines += [
-        "",
-        "## Train/validation gap (last epoch)",
-        "",
-        "Training figures are measured while training (augmentation and dropout on), as the "
-        "reference's log shows them.",
-        "",
-    ]
+    return ["## Results", "", *_table(header, rows)]
+
+
+def _gap_section(groups: list[dict]) -> list[str]:
+    """Last-epoch training against validation figures, and the validation loss's path."""
     header = [
         "model",
         "augment",
@@ -177,18 +188,21 @@ def format_report(report: dict) -> str:
             _pct(g["summary"]["final_val_top1"]),
             _val_loss_path(g),
         ]
-        for g in report["groups"]
+        for g in groups
     ]
-    lines += _table(header, rows)
-    dist = report["input_distribution"]
-    lines += [
+    return [
         "",
-        "## What the first layer sees",
+        "## Train/validation gap (last epoch)",
         "",
-        f"Inputs of `patch_embed` for the first {dist['images']} training images "
-        f"(`{dist['model']}`, the same augmentation draws for both orders).",
+        "Training figures are measured while training (augmentation and dropout on), as the "
+        "reference's log shows them.",
         "",
+        *_table(header, rows),
     ]
+
+
+def _input_section(dist: dict) -> list[str]:
+    """Statistics of what the first layer sees, per augmentation order and at inference."""
     header = ["where", "min", "max", "mean", "std", "negative %", "exactly 0 %"]
     rows = [
         [
@@ -202,31 +216,47 @@ def format_report(report: dict) -> str:
         ]
         for name, s in dist["stats"].items()
     ]
-    lines += _table(header, rows)
-    lines += ["", "## Figures", ""]
-    captions = {
-        "val_top1": "Validation top-1 per epoch (mean, band ± std; dotted: training top-1)",
-        "loss": "Training and validation loss per epoch",
-        "accuracy_vs_params": "Test top-1 against trainable parameters",
-        "input_distribution": "Values the first layer sees, training vs inference",
-    }
-    for key, file in report["figures"].items():
-        lines += [f"![{captions[key]}]({file})", "", f"*{captions[key]}.*", ""]
-    lines += ["## Runs", ""]
+    return [
+        "",
+        "## What the first layer sees",
+        "",
+        f"Inputs of `patch_embed` for the first {dist['images']} training images "
+        f"(`{dist['model']}`, the same augmentation draws for both orders).",
+        "",
+        *_table(header, rows),
+    ]
+
+
+FIGURE_CAPTIONS = {
+    "val_top1": "Validation top-1 per epoch (mean, band ± std; dotted: training top-1)",
+    "loss": "Training and validation loss per epoch",
+    "accuracy_vs_params": "Test top-1 against trainable parameters",
+    "input_distribution": "Values the first layer sees, training vs inference",
+}
+
+
+def _figures_section(figures: dict) -> list[str]:
+    """Each figure file with its caption."""
+    lines = ["", "## Figures", ""]
+    for key, file in figures.items():
+        caption = FIGURE_CAPTIONS[key]
+        lines += [f"![{caption}]({file})", "", f"*{caption}.*", ""]
+    return lines
+
+
+def _runs_section(groups: list[dict]) -> list[str]:
+    """One row per trained run (every seed of every group)."""
     header = ["run", "epochs", "best val top-1 %", "test top-1 %", "test top-5 %", "training s"]
-    rows = []
-    for g in report["groups"]:
-        for r in g["runs"]:
-            rows.append(
-                [
-                    r["run"],
-                    str(r["epochs"]),
-                    f"{100 * r['best_val_top1']:.1f}",
-                    f"{100 * r['test_top1']:.1f}",
-                    f"{100 * r['test_top5']:.1f}",
-                    f"{r['train_seconds']:.0f}",
-                ]
-            )
-    lines += _table(header, rows)
-    lines.append("")
-    return "\n".join(lines)
+    rows = [
+        [
+            r["run"],
+            str(r["epochs"]),
+            f"{100 * r['best_val_top1']:.1f}",
+            f"{100 * r['test_top1']:.1f}",
+            f"{100 * r['test_top5']:.1f}",
+            f"{r['train_seconds']:.0f}",
+        ]
+        for g in groups
+        for r in g["runs"]
+    ]
+    return ["## Runs", "", *_table(header, rows)]

@@ -1,7 +1,8 @@
 """Batched training augmentation of the Keras reference, on tensors, on any device.
 
 The reference's ``data_augmentation`` is RandomFlip("horizontal"), RandomRotation(0.1),
-RandomContrast(0.1), RandomZoom(0.2, 0.2), fill_mode "reflect", bilinear (SPEC.md section 2).
+RandomContrast(0.1), RandomZoom(0.2, 0.2), fill_mode "reflect", bilinear (docs/reference.md,
+section 2).
 Here flip, rotation and zoom become ONE affine sampling matrix per image, applied by a single
 ``affine_grid`` + ``grid_sample`` over the batch: one resample instead of Keras's three, so
 less blur and far less work. Contrast follows that resample.
@@ -193,7 +194,7 @@ def augment_reference_bug(
 
     The reference's order, kept only to reproduce its failure: x is ALREADY normalized; same
     geometry; contrast clips to (0, 255), which wipes out every negative normalized value in
-    training (SPEC.md section 3). Never the default.
+    training (docs/reference.md, section 3). Never the default.
     """
     _check_batch(x_normalized)
     return _augment_float(x_normalized.to(torch.float32), cfg, generator)

@@ -27,7 +27,7 @@ def load_dataset(
         from eanet.data.folders import load_folder
 
         return load_folder(data_path, image_size=image_size or 32, **kwargs)
-    if name == "digits":  # scikit-learn's real 8x8 digits; md5/verify/progress do not apply
+    if name == "digits":  # the shipped real 8x8 digits; md5/verify/progress do not apply
         from eanet.data.digits import load_digits
 
         return load_digits(data_path, image_size=image_size or 32)

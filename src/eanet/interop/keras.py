@@ -210,101 +210,20 @@ class KerasModel:
 
 def _infer(layers: _Layers) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """Read the architecture from the weights and map every tensor to a torch name."""
-    path = layers.path
     state: dict[str, np.ndarray] = {}
-
-    def fail(what: str) -> CheckpointError:
-        return CheckpointError(f"{path}: {what}; the file is not the Keras example's EANet/ViT")
-
-    norm = layers.normalization()
-    ngroup, _, nsub = norm.partition("/")
-    prefix = f"{nsub}/" if nsub else ""
-    mean = layers.get(ngroup, f"{prefix}vars/0").reshape(-1)
-    var = layers.get(ngroup, f"{prefix}vars/1").reshape(-1)
-    count = layers.get(ngroup, f"{prefix}vars/2").reshape(-1)
-    if mean.shape != var.shape or count.size != 1:
-        raise fail(f"normalization statistics have shapes {mean.shape}, {var.shape}, {count.shape}")
-    state["normalize.mean"], state["normalize.var"] = mean, var
-    state["normalize.count"] = np.asarray(count[0], dtype=np.int64)
-    in_chans = mean.size
-
-    embeds = layers.numbered("patch_embedding")
-    if len(embeds) != 1:
-        raise fail(f"expected one PatchEmbedding layer, found {len(embeds)}")
-    pos = _var(layers, f"{embeds[0]}/pos_embed", 0, 2)
-    proj_w, proj_b = _dense(layers, f"{embeds[0]}/proj")
-    num_patches, dim = pos.shape
-    patch_dim = proj_w.shape[1]
-    patch = math.isqrt(patch_dim // in_chans)
-    grid = math.isqrt(num_patches)
-    if patch * patch * in_chans != patch_dim or grid * grid != num_patches:
-        raise fail(f"patch embedding {proj_w.shape[::-1]} with {num_patches} positions")
-    state["patch_embed.proj.weight"], state["patch_embed.proj.bias"] = proj_w, proj_b
-    state["patch_embed.pos_embed"] = pos
-
-    norms = layers.numbered("layer_normalization")
-    depth = len(norms) // 2
-    if depth < 1 or len(norms) % 2:
-        raise fail(f"{len(norms)} LayerNormalization layers (two per block expected)")
-    for b in range(depth):
-        for j, name in enumerate(norms[2 * b : 2 * b + 2], start=1):
-            state[f"blocks.{b}.norm{j}.weight"] = _var(layers, name, 0, 1)
-            state[f"blocks.{b}.norm{j}.bias"] = _var(layers, name, 1, 1)
-
+    in_chans = _map_normalization(layers, state)
+    dim, patch, grid = _map_patch_embedding(layers, state, in_chans)
+    depth = _map_layer_norms(layers, state)
     dense = layers.numbered("dense")
     attns = layers.numbered("multi_head_attention")
-    fields: dict[str, object] = {}
     if attns:
-        if len(attns) != depth or len(dense) != 2 * depth + 1:
-            raise fail(f"{len(attns)} attention and {len(dense)} Dense layers for {depth} blocks")
-        q_kernel = _var(layers, f"{attns[0]}/query_dense", 0, 3)
-        heads, key_dim = q_kernel.shape[1:]
-        if key_dim != dim:
-            raise fail(f"attention key_dim {key_dim} differs from the embedding width {dim}")
-        fields.update(attention="self", num_heads=heads)
-        for b, name in enumerate(attns):
-            for keras_name, torch_name in (("query", "q"), ("key", "k"), ("value", "v")):
-                kernel = _var(layers, f"{name}/{keras_name}_dense", 0, 3)  # (dim, h, kd)
-                bias = _var(layers, f"{name}/{keras_name}_dense", 1, 2)  # (h, kd)
-                # Head-major flattening matches torch's view(B, N, heads, key_dim).
-                state[f"blocks.{b}.attn.{torch_name}.weight"] = kernel.reshape(dim, -1).T
-                state[f"blocks.{b}.attn.{torch_name}.bias"] = bias.reshape(-1)
-            kernel = _var(layers, f"{name}/output_dense", 0, 3)  # (h, kd, dim)
-            state[f"blocks.{b}.attn.proj.weight"] = kernel.reshape(-1, kernel.shape[-1]).T
-            state[f"blocks.{b}.attn.proj.bias"] = _var(layers, f"{name}/output_dense", 1, 1)
-        mlps = [dense[2 * b : 2 * b + 2] for b in range(depth)]
+        fields, mlps = _map_self_attention(layers, state, attns, dense, depth, dim)
     else:
-        if len(dense) != 6 * depth + 1:
-            raise fail(f"{len(dense)} Dense layers for {depth} external-attention blocks")
-        inner = _var(layers, dense[0], 0, 2).shape[1]
-        head_dim, memory = _var(layers, dense[1], 0, 2).shape
-        if inner % dim or inner % head_dim or (inner // head_dim) % (inner // dim):
-            raise fail(f"external attention widths {dim} -> {inner}, heads of {head_dim}")
-        coefficient = inner // dim
-        fields.update(
-            attention="external",
-            dim_coefficient=coefficient,
-            num_heads=inner // head_dim // coefficient,
-            memory_size=None if memory == dim // coefficient else memory,
-        )
-        for b in range(depth):
-            names = dense[6 * b : 6 * b + 6]
-            for name, torch_name in zip(names[:4], ("proj_in", "mk", "mv", "proj"), strict=True):
-                w, bias = _dense(layers, name)
-                state[f"blocks.{b}.attn.{torch_name}.weight"] = w
-                state[f"blocks.{b}.attn.{torch_name}.bias"] = bias
-        mlps = [dense[6 * b + 4 : 6 * b + 6] for b in range(depth)]
-    for b, (fc1, fc2) in enumerate(mlps):
-        for name, torch_name in ((fc1, "fc1"), (fc2, "fc2")):
-            w, bias = _dense(layers, name)
-            state[f"blocks.{b}.mlp.{torch_name}.weight"] = w
-            state[f"blocks.{b}.mlp.{torch_name}.bias"] = bias
-    head_w, head_b = _dense(layers, dense[-1])
-    state["head.weight"], state["head.bias"] = head_w, head_b
-
+        fields, mlps = _map_external_attention(layers, state, dense, depth, dim)
+    _map_mlps_and_head(layers, state, mlps, dense[-1])
     unused = layers.unused()
     if unused:
-        raise fail(f"{len(unused)} weight(s) not used, e.g. layers/{unused[0]}")
+        raise _fail(layers, f"{len(unused)} weight(s) not used, e.g. layers/{unused[0]}")
     try:
         config = ModelConfig(
             image_size=grid * patch,
@@ -313,14 +232,128 @@ def _infer(layers: _Layers) -> tuple[ModelConfig, dict[str, np.ndarray]]:
             dim=dim,
             depth=depth,
             mlp_dim=state["blocks.0.mlp.fc1.weight"].shape[0],
-            num_classes=head_w.shape[0],
+            num_classes=state["head.weight"].shape[0],
             gelu="tanh",
             ln_eps=1e-5,
             **fields,
         )
     except ConfigError as exc:
-        raise fail(f"its shapes give an impossible model ({exc})") from exc
+        raise _fail(layers, f"its shapes give an impossible model ({exc})") from exc
     return config, state
+
+
+def _fail(layers: _Layers, what: str) -> CheckpointError:
+    return CheckpointError(f"{layers.path}: {what}; the file is not the Keras example's EANet/ViT")
+
+
+def _map_normalization(layers: _Layers, state: dict) -> int:
+    """The Normalization layer's mean, variance and count; returns the channel count."""
+    norm = layers.normalization()
+    ngroup, _, nsub = norm.partition("/")
+    prefix = f"{nsub}/" if nsub else ""
+    mean = layers.get(ngroup, f"{prefix}vars/0").reshape(-1)
+    var = layers.get(ngroup, f"{prefix}vars/1").reshape(-1)
+    count = layers.get(ngroup, f"{prefix}vars/2").reshape(-1)
+    if mean.shape != var.shape or count.size != 1:
+        raise _fail(
+            layers, f"normalization statistics have shapes {mean.shape}, {var.shape}, {count.shape}"
+        )
+    state["normalize.mean"], state["normalize.var"] = mean, var
+    state["normalize.count"] = np.asarray(count[0], dtype=np.int64)
+    return mean.size
+
+
+def _map_patch_embedding(layers: _Layers, state: dict, in_chans: int) -> tuple[int, int, int]:
+    """The patch projection and position embedding; returns (width, patch side, grid side)."""
+    embeds = layers.numbered("patch_embedding")
+    if len(embeds) != 1:
+        raise _fail(layers, f"expected one PatchEmbedding layer, found {len(embeds)}")
+    pos = _var(layers, f"{embeds[0]}/pos_embed", 0, 2)
+    proj_w, proj_b = _dense(layers, f"{embeds[0]}/proj")
+    num_patches, dim = pos.shape
+    patch_dim = proj_w.shape[1]
+    patch = math.isqrt(patch_dim // in_chans)
+    grid = math.isqrt(num_patches)
+    if patch * patch * in_chans != patch_dim or grid * grid != num_patches:
+        raise _fail(layers, f"patch embedding {proj_w.shape[::-1]} with {num_patches} positions")
+    state["patch_embed.proj.weight"], state["patch_embed.proj.bias"] = proj_w, proj_b
+    state["patch_embed.pos_embed"] = pos
+    return dim, patch, grid
+
+
+def _map_layer_norms(layers: _Layers, state: dict) -> int:
+    """Two LayerNorms per block, in creation order; returns the depth."""
+    norms = layers.numbered("layer_normalization")
+    depth = len(norms) // 2
+    if depth < 1 or len(norms) % 2:
+        raise _fail(layers, f"{len(norms)} LayerNormalization layers (two per block expected)")
+    for b in range(depth):
+        for j, name in enumerate(norms[2 * b : 2 * b + 2], start=1):
+            state[f"blocks.{b}.norm{j}.weight"] = _var(layers, name, 0, 1)
+            state[f"blocks.{b}.norm{j}.bias"] = _var(layers, name, 1, 1)
+    return depth
+
+
+def _map_self_attention(
+    layers: _Layers, state: dict, attns: list[str], dense: list[str], depth: int, dim: int
+) -> tuple[dict, list]:
+    """ViT: Keras MultiHeadAttention per block; returns config fields and the MLP layer pairs."""
+    if len(attns) != depth or len(dense) != 2 * depth + 1:
+        raise _fail(
+            layers, f"{len(attns)} attention and {len(dense)} Dense layers for {depth} blocks"
+        )
+    q_kernel = _var(layers, f"{attns[0]}/query_dense", 0, 3)
+    heads, key_dim = q_kernel.shape[1:]
+    if key_dim != dim:
+        raise _fail(layers, f"attention key_dim {key_dim} differs from the embedding width {dim}")
+    for b, name in enumerate(attns):
+        for keras_name, torch_name in (("query", "q"), ("key", "k"), ("value", "v")):
+            kernel = _var(layers, f"{name}/{keras_name}_dense", 0, 3)  # (dim, h, kd)
+            bias = _var(layers, f"{name}/{keras_name}_dense", 1, 2)  # (h, kd)
+            # Head-major flattening matches torch's view(B, N, heads, key_dim).
+            state[f"blocks.{b}.attn.{torch_name}.weight"] = kernel.reshape(dim, -1).T
+            state[f"blocks.{b}.attn.{torch_name}.bias"] = bias.reshape(-1)
+        kernel = _var(layers, f"{name}/output_dense", 0, 3)  # (h, kd, dim)
+        state[f"blocks.{b}.attn.proj.weight"] = kernel.reshape(-1, kernel.shape[-1]).T
+        state[f"blocks.{b}.attn.proj.bias"] = _var(layers, f"{name}/output_dense", 1, 1)
+    fields = {"attention": "self", "num_heads": heads}
+    return fields, [dense[2 * b : 2 * b + 2] for b in range(depth)]
+
+
+def _map_external_attention(
+    layers: _Layers, state: dict, dense: list[str], depth: int, dim: int
+) -> tuple[dict, list]:
+    """EANet: 4 attention Dense + 2 MLP Dense per block; returns config fields and MLP pairs."""
+    if len(dense) != 6 * depth + 1:
+        raise _fail(layers, f"{len(dense)} Dense layers for {depth} external-attention blocks")
+    inner = _var(layers, dense[0], 0, 2).shape[1]
+    head_dim, memory = _var(layers, dense[1], 0, 2).shape
+    if inner % dim or inner % head_dim or (inner // head_dim) % (inner // dim):
+        raise _fail(layers, f"external attention widths {dim} -> {inner}, heads of {head_dim}")
+    coefficient = inner // dim
+    fields = {
+        "attention": "external",
+        "dim_coefficient": coefficient,
+        "num_heads": inner // head_dim // coefficient,
+        "memory_size": None if memory == dim // coefficient else memory,
+    }
+    for b in range(depth):
+        names = dense[6 * b : 6 * b + 6]
+        for name, torch_name in zip(names[:4], ("proj_in", "mk", "mv", "proj"), strict=True):
+            w, bias = _dense(layers, name)
+            state[f"blocks.{b}.attn.{torch_name}.weight"] = w
+            state[f"blocks.{b}.attn.{torch_name}.bias"] = bias
+    return fields, [dense[6 * b + 4 : 6 * b + 6] for b in range(depth)]
+
+
+def _map_mlps_and_head(layers: _Layers, state: dict, mlps: list, head: str) -> None:
+    """Each block's two MLP Dense layers, then the classification head (the last Dense)."""
+    for b, (fc1, fc2) in enumerate(mlps):
+        for name, torch_name in ((fc1, "fc1"), (fc2, "fc2")):
+            w, bias = _dense(layers, name)
+            state[f"blocks.{b}.mlp.{torch_name}.weight"] = w
+            state[f"blocks.{b}.mlp.{torch_name}.bias"] = bias
+    state["head.weight"], state["head.bias"] = _dense(layers, head)
 
 
 def read_keras_model(path: str | Path) -> KerasModel:

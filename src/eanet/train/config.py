@@ -40,7 +40,8 @@ class TrainConfig:
     dataset: str = option(
         "cifar100",
         help="data set; 'folder': your images, one subfolder per class, in --data-path; "
-        "'digits': scikit-learn's 1,797 real digits at 32x32, a fixed quarter as test; "
+        "'digits': 1,797 real handwritten digits shipped with eanet, at 32x32, a fixed "
+        "quarter as test; "
         "'synthetic': random CIFAR-100-shaped images, only for timing the recipe",
         choices=DATASET_NAMES,
     )

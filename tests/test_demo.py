@@ -1,0 +1,32 @@
+"""`eanet demo`: offline, it visibly learns the shipped digits, then runs the CIFAR-100 slice."""
+
+import re
+
+import pytest
+
+from eanet.cli import main
+
+
+@pytest.mark.slow
+def test_demo_learns_digits_and_runs_the_cifar_pipeline_offline(tmp_path, capsys):
+    out_dir = tmp_path / "demo"
+    args = ["demo", "--epochs", "1", "--threads", "2", "--out", str(out_dir), "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    # Part 1 learns: >= 90% held-out top-1 on the 449 real digits, and the shown ones mostly right.
+    top1 = float(re.search(r"Held-out top-1 ([\d.]+)% on 449 digits", out).group(1))
+    assert top1 >= 90.0, out
+    shown = re.search(r"(\d+) of the (\d+) shown are right", out)
+    assert int(shown.group(2)) == 8 and int(shown.group(1)) >= 6, out
+    assert (out_dir / "digits" / "checkpoint.safetensors").exists()
+    # Part 2 runs the reference pipeline on the real slice and says it cannot learn from it.
+    assert "true class" in out and "mountain" in out  # first test image of CIFAR-100
+    assert "far too small to learn" in out
+    for name in (
+        "metrics.json",
+        "curves.png",
+        "confusion_test.png",
+        "per_class_test.csv",
+        "checkpoint.safetensors",
+    ):
+        assert (out_dir / name).exists(), name
