@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from docs_helpers import python_block
 from PIL import Image
 
 import eanet
@@ -203,18 +204,13 @@ def test_api_resizes_any_size_and_reports_bad_input(tiny_run):
         clf.predict([])
 
 
-def _docs_python_block(heading: str) -> str:
-    page = (Path(__file__).parents[1] / "docs" / "own-images.md").read_text()
-    section = page.split(heading, 1)[1]
-    return section.split("```python\n", 1)[1].split("```", 1)[0]
-
-
 def test_docs_python_api_example_runs(tiny_run, image_folder, tmp_path, monkeypatch, capsys):
     (tmp_path / "runs").mkdir()
     shutil.copytree(tiny_run, tmp_path / "runs" / "demo")
     shutil.copytree(image_folder, tmp_path / "images")
     monkeypatch.chdir(tmp_path)
-    exec(compile(_docs_python_block("## Python API"), "docs/own-images.md", "exec"), {})
+    example = python_block("own-images.md", "## Python API")
+    exec(compile(example, "docs/own-images.md", "exec"), {})
     out = capsys.readouterr().out
     assert "images/test/apple/" in out and "%" in out
 

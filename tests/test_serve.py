@@ -6,7 +6,6 @@ import json
 import shutil
 import threading
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ with warnings.catch_warnings():  # starlette 1.x prefers httpx2; httpx works
     warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
     from fastapi.testclient import TestClient
 
+from docs_helpers import python_block  # noqa: E402
 from serve_helpers import server_process  # noqa: E402
 
 from eanet import checkpoint  # noqa: E402
@@ -385,20 +385,15 @@ def test_real_uvicorn_server(
         assert health["batches_run"] - before < 6
         assert c.get("/").status_code == 200
 
-        # the README's Python example, against this server
+        # the docs' Python example, against this server
         shutil.copytree(image_folder, tmp_path / "images")
         monkeypatch.chdir(tmp_path)
-        example = _readme_python_block("## Serve a model").replace("http://127.0.0.1:8000", url)
-        exec(compile(example, "README.md", "exec"), {})
+        example = python_block("serving.md", "## From Python")
+        example = example.replace("http://127.0.0.1:8000", url)
+        exec(compile(example, "docs/serving.md", "exec"), {})
         out = capsys.readouterr().out.splitlines()
         assert [line.split()[0] for line in out] == ["0009.png", "0008.png"]
         assert all(line.count("%") == 3 for line in out)
     text = log.read_text()
     assert "POST /predict 200" in text and "images=2" in text
     assert "POST /predict 413" in text and "Traceback" not in text
-
-
-def _readme_python_block(heading: str) -> str:
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    section = readme.split(heading, 1)[1]
-    return section.split("```python\n", 1)[1].split("```", 1)[0]
