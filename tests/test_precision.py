@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from eanet import bench, runtime
+from eanet.demo import DIGITS_RECIPE
 from eanet.errors import ConfigError
 from eanet.inference import predict_logits
 from eanet.models.registry import create_model
@@ -94,17 +95,7 @@ def test_bf16_training_learns_as_fp32_does_on_real_digits(tmp_path, digits_data)
     results: dict[str, list[float]] = {"fp32": [], "bf16": []}
     for precision in results:
         for seed in range(3):
-            cfg = TrainConfig(
-                model_args={"depth": 2, "patch_size": 4},
-                epochs=8,
-                batch_size=32,
-                lr=2e-3,
-                val_fraction=0.0,
-                augment="none",
-                device="cpu",
-                seed=seed,
-                precision=precision,
-            )
+            cfg = TrainConfig(**DIGITS_RECIPE, device="cpu", seed=seed, precision=precision)
             out = tmp_path / f"{precision}-{seed}"
             results[precision].append(fit(cfg, out, data=digits_data, progress=False)["test_top1"])
     fp32, bf16 = results["fp32"], results["bf16"]

@@ -7,6 +7,7 @@ import torch
 
 from eanet import checkpoint
 from eanet.data.augment import AugmentConfig
+from eanet.demo import DIGITS_RECIPE
 from eanet.errors import ConfigError, EANetError
 from eanet.models.registry import create_model
 from eanet.train.config import TrainConfig
@@ -156,15 +157,7 @@ def test_learning_check_on_real_digits(tmp_path, digits_data):
     depth 2 and 4x4 patches (64 tokens), lr 2e-3, batch 32, 8 epochs, no augmentation
     (flips and 36-degree rotations change what a digit means). Measured: 97.6% in 27 s.
     """
-    cfg = TrainConfig(
-        model_args={"depth": 2, "patch_size": 4},
-        epochs=8,
-        batch_size=32,
-        lr=2e-3,
-        val_fraction=0.0,
-        augment="none",
-        device="cpu",
-    )
+    cfg = TrainConfig(**DIGITS_RECIPE, device="cpu")  # the demo's part 1 trains the same
     metrics = fit(cfg, tmp_path, data=digits_data, progress=False)
     assert metrics["test_images"] == 449
     assert metrics["test_top1"] >= 0.90, metrics
