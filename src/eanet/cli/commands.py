@@ -15,21 +15,27 @@ from eanet.options import declared, from_mapping, read_config_file, resume_merge
 from eanet.train.config import TrainConfig
 from eanet.train.finetune import inherited_model
 from eanet.train.loop import fit
+from eanet.train.recipes import DEFAULT_RECIPE, apply_recipe, load_recipe
 from eanet.train.rundir import load_run_config
 
 log = logging.getLogger("eanet")
 
 
 def train_config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Path, bool]:
-    """(config, run directory, resume?) from flags over --config FILE over the defaults.
+    """(config, run directory, resume?) from flags over --config FILE over --recipe over defaults.
 
-    With --resume the run's saved options apply and each given option is merged by its
-    resume rule (`eanet.options.resume_merge`): applied, or refused in one line.
+    With --resume the run's saved options apply (its recipe's values among them) and each
+    given option is merged by its resume rule (`eanet.options.resume_merge`): applied, or
+    refused in one line.
     """
-    requested = read_config_file(args.config) if args.config else {}
-    if requested:
-        from_mapping(TrainConfig, requested, str(args.config))  # unknown keys, bad values
-    requested.update(given(args, TrainConfig))
+    file = read_config_file(args.config) if args.config else {}
+    if file:
+        from_mapping(TrainConfig, file, str(args.config))  # unknown keys, bad values
+    flags = given(args, TrainConfig)
+    if args.resume is not None:
+        requested = {**file, **flags}
+    else:
+        requested = recipe_values(flags.get("recipe", file.get("recipe")), file, flags)
     if args.resume is not None:
         if args.out is not None and Path(args.out) != Path(args.resume):
             raise ConfigError(
@@ -45,6 +51,26 @@ def train_config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Path,
     cfg = TrainConfig(**{**TrainConfig().to_dict(), **requested})
     out = args.out or Path("runs") / f"{cfg.model}-{cfg.dataset}-{_stamp()}"
     return cfg, out, False
+
+
+def recipe_values(name: str | None, *layers: dict) -> dict:
+    """The options of recipe `name` (default: the reference) overridden by `layers` in turn."""
+    name = name or DEFAULT_RECIPE
+    values = load_recipe(name)
+    from_mapping(TrainConfig, values, f"recipe {name}")  # a broken recipe file: one line
+    return {**apply_recipe(values, *layers), "recipe": name}
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from eanet.train.recipes import describe_recipe, recipe_names, recipe_path
+
+    for name in recipe_names():
+        print(f"{name:<12} {describe_recipe(name)}")
+        if args.verbose:
+            print(f"{'':<12} {recipe_path(name)}")
+            for key, value in load_recipe(name).items():
+                print(f"{'':<14}{key}: {value}")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -73,6 +99,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device=args.device,
         progress=args.progress,
         precision=args.precision,
+        weights=args.weights,
     )
     if args.json:
         print(json.dumps(result, indent=2))
@@ -144,7 +171,9 @@ def cmd_import_keras(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from eanet.interop.export import export
 
-    parity = export(args.checkpoint, args.format, args.out, tolerance=args.tolerance)
+    parity = export(
+        args.checkpoint, args.format, args.out, tolerance=args.tolerance, weights=args.weights
+    )
     print(parity.message(args.format))
     print(f"wrote {args.out}")
     return 0
@@ -156,7 +185,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from eanet.runtime import resolve_device
 
     check_top_k(args.top_k)
-    model, ckpt = checkpoint.load_model(args.checkpoint, resolve_device(args.device))
+    model, ckpt = checkpoint.load_model(args.checkpoint, resolve_device(args.device), args.weights)
     names = ckpt.class_names
     files, failures = expand_inputs(args.inputs)
     for f in failures:
@@ -250,8 +279,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from eanet.compare.config import CompareConfig
     from eanet.compare.run import run_compare
 
-    recipe = TrainConfig(**{**TrainConfig().to_dict(), **given(args, TrainConfig)})
-    cfg = CompareConfig(**{**given(args, CompareConfig), "train": recipe})
+    flags = given(args, TrainConfig)
+    recipe = TrainConfig(**{**TrainConfig().to_dict(), **recipe_values(flags.get("recipe"), flags)})
+    compare = given(args, CompareConfig)
+    if "augment_orders" not in compare:  # the recipe's own augmentation (modern: crop-flip)
+        compare["augment_orders"] = [recipe.augment]
+    cfg = CompareConfig(**{**compare, "train": recipe})
     report = run_compare(cfg, args.out, progress=args.progress)
     done = list(report["runs"].values())
     print(
