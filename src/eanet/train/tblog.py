@@ -53,7 +53,7 @@ class TensorBoardLog:
     def log_step(self, step: int, loss: torch.Tensor, lr: float, images: int) -> None:
         """The training loss, learning rate and images/s of optimizer step `step`."""
         now = time.perf_counter()
-        self.writer.add_scalar("step/train_loss", float(loss), step)
+        self.writer.add_scalar("step/train_loss", float(loss.detach()), step)
         self.writer.add_scalar("step/lr", lr, step)
         self.writer.add_scalar("step/images_per_s", images / max(now - self._last, 1e-9), step)
         self._last = now
