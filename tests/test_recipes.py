@@ -253,3 +253,22 @@ def test_tensorboard_events_read_back(tmp_path, small_sample):
     assert "train/augmented_images" in tags["images"]
     history = json.loads((tmp_path / "history.json").read_text())
     assert acc.Scalars("epoch/val_top1")[1].value == pytest.approx(history[1]["val_top1"])
+
+
+def test_compare_trains_both_models_under_the_named_recipe():
+    from eanet.cli.commands import compare_config_from_args
+    from eanet.compare.report import _recipe_words
+
+    args = build_parser().parse_args(
+        ["compare", "--recipe", "modern", "--epochs", "4", "--out", "x"]
+    )
+    cfg = compare_config_from_args(args)
+    assert cfg.models == ["eanet-cifar", "vit-cifar"] and cfg.augment_orders == ["crop-flip"]
+    for model, augment, seed in cfg.runs():
+        run = cfg.train_config(model, augment, seed)
+        assert run.recipe == "modern" and run.epochs == 4 and run.mixup_alpha == 0.8
+    assert "--recipe modern" in cfg.command("x")
+    assert "`--recipe modern`" in _recipe_words(cfg.train.to_dict())
+    plain = compare_config_from_args(build_parser().parse_args(["compare", "--out", "x"]))
+    assert plain.train == TrainConfig() and plain.augment_orders == ["fixed"]
+    assert "`--recipe reference`" in _recipe_words(plain.train.to_dict())

@@ -275,16 +275,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
+def compare_config_from_args(args: argparse.Namespace):
+    """The CompareConfig of `eanet compare`: its flags, and the recipe flags over --recipe."""
     from eanet.compare.config import CompareConfig
-    from eanet.compare.run import run_compare
 
     flags = given(args, TrainConfig)
     recipe = TrainConfig(**{**TrainConfig().to_dict(), **recipe_values(flags.get("recipe"), flags)})
     compare = given(args, CompareConfig)
     if "augment_orders" not in compare:  # the recipe's own augmentation (modern: crop-flip)
         compare["augment_orders"] = [recipe.augment]
-    cfg = CompareConfig(**{**compare, "train": recipe})
+    return CompareConfig(**{**compare, "train": recipe})
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from eanet.compare.run import run_compare
+
+    cfg = compare_config_from_args(args)
     report = run_compare(cfg, args.out, progress=args.progress)
     done = list(report["runs"].values())
     print(
