@@ -203,7 +203,8 @@ def test_modern_recipe_resumes_bit_exactly_with_everything_on(tmp_path, small_sa
     for key in ("best_epoch", "best_test_top1", "ema_test_top1", "test_top1"):
         assert key in metrics, key
     best = checkpoint.load(tmp_path / "split" / "best.safetensors")
-    assert best.meta["best_epoch"] == metrics["best_epoch"]
+    assert best.meta["epoch"] == metrics["best_epoch"]
+    assert best.meta["history"][-1]["val_top1"] == max(h["val_top1"] for h in b.meta["history"])
 
 
 @pytest.mark.slow
@@ -213,7 +214,7 @@ def test_weights_choice_loads_last_best_and_ema(tmp_path, small_sample, capsys):
     last, _ = checkpoint.load_model(tmp_path / "run")
     best, ckpt = checkpoint.load_model(tmp_path / "run", weights="best")
     ema, _ = checkpoint.load_model(tmp_path / "run", weights="ema")
-    assert ckpt.meta["best_epoch"] in (1, 2)
+    assert ckpt.meta["epoch"] in (1, 2)
     w = "blocks.0.mlp.fc1.weight"
     assert not torch.equal(last.state_dict()[w], ema.state_dict()[w])
     plain = TrainConfig(model_args=TINY, epochs=1, batch_size=32, device="cpu")

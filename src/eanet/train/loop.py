@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from eanet.data.dataset import ImageData
 from eanet.data.load import load_dataset
 from eanet.data.splits import compute_normalization, train_val_split
 from eanet.errors import ConfigError, EANetError
-from eanet.fileio import write_json
+from eanet.fileio import atomic_path, write_json
 from eanet.inference import evaluate_tensors
 from eanet.metrics import Metrics
 from eanet.models.registry import build_model, model_config
@@ -250,6 +251,8 @@ def _restore(run: _Run) -> None:
             ) from exc
     run.history = ckpt.meta["history"]
     run.start = ckpt.meta["epoch"] + 1
+    if run.dist.is_main and _best_epoch(run.history) == ckpt.meta["epoch"]:
+        _keep_best(run)  # in case the kill came between the checkpoint and its copy
     log.info("resuming %s after epoch %d of %d", run.out, run.start - 1, run.cfg.epochs)
     if run.dist.is_main:
         write_history(run.out, run.history, run.title)  # in case the kill beat it
@@ -371,16 +374,30 @@ def _save_epoch(run: _Run, row: dict) -> None:
         "epoch": row["epoch"],
         "history": run.history,
     }
-    vals = [h["val_top1"] for h in run.history[:-1] if h["val_top1"] is not None]
-    if row["val_top1"] is not None and row["val_top1"] > max(vals, default=-1.0):
-        # Before the last checkpoint: a kill in between re-trains the epoch and rewrites it.
-        best = {**meta, "best_epoch": row["epoch"], "best_val_top1": row["val_top1"]}
-        checkpoint.save(run.out / checkpoint.BEST_NAME, run.model, best)
     ema = run.extras.ema if run.extras is not None else None
     extra = ema.tensors() if ema is not None else None
     path = run.out / checkpoint.CHECKPOINT_NAME
     checkpoint.save(path, run.model, meta, run.optimizer, rng=True, extra=extra)
+    _keep_best(run)
     write_history(run.out, run.history, run.title)
+
+
+def _best_epoch(history: list[dict]) -> int | None:
+    """The first epoch with the highest validation top-1 (None without validation)."""
+    rows = [h for h in history if h.get("val_top1") is not None]
+    return max(rows, key=lambda h: h["val_top1"])["epoch"] if rows else None
+
+
+def _keep_best(run: _Run) -> None:
+    """best.safetensors = a copy of the checkpoint of the best validation epoch so far.
+
+    A copy of the file just saved, so it is the checkpoint of that epoch exactly (its
+    `epoch` is the best epoch); `_restore` re-copies it if a kill came between the two.
+    """
+    best = run.out / checkpoint.BEST_NAME
+    if _best_epoch(run.history) == run.history[-1]["epoch"]:
+        with atomic_path(best) as tmp:
+            shutil.copyfile(run.out / checkpoint.CHECKPOINT_NAME, tmp)
 
 
 def _test(run: _Run) -> dict:
@@ -425,7 +442,7 @@ def _test_other_weights(run: _Run, has_best: bool) -> dict:
         ckpt = run.dist.from_main(checkpoint.load, run.out / checkpoint.BEST_NAME)
         best = copy.deepcopy(run.model)
         checkpoint.load_weights(best, ckpt, run.out / checkpoint.BEST_NAME)
-        out["best_epoch"] = ckpt.meta["best_epoch"]
+        out["best_epoch"] = ckpt.meta["epoch"]
         models["best"] = best
     if run.ema_model is not None:
         models["ema"] = run.extras.ema.copy_to(run.ema_model)
