@@ -72,7 +72,9 @@ class TrainConfig:
     eval_batch_size: int = option(
         500, help="images per forward pass for validation/test (bounds memory)", resume=CHANGE
     )
-    lr: float = option(1e-3, help="AdamW learning rate, constant")
+    lr: float = option(
+        1e-3, help="AdamW learning rate (constant; the peak with --lr-schedule cosine)"
+    )
     weight_decay: float = option(1e-4, help="AdamW decoupled weight decay")
     adam_eps: float = option(1e-7, help="AdamW epsilon (Keras's default, not torch's 1e-8)")
     label_smoothing: float = option(0.1, help="label smoothing of the cross-entropy")
