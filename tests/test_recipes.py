@@ -273,3 +273,13 @@ def test_compare_trains_both_models_under_the_named_recipe():
     plain = compare_config_from_args(build_parser().parse_args(["compare", "--out", "x"]))
     assert plain.train == TrainConfig() and plain.augment_orders == ["fixed"]
     assert "`--recipe reference`" in _recipe_words(plain.train.to_dict())
+
+
+def test_tensorboard_missing_is_a_one_line_error_before_any_file(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    cfg = TrainConfig(model_args=TINY, epochs=1, device="cpu", log="tensorboard")
+    with pytest.raises(ConfigError, match=r"pip install 'eanet\[tensorboard\]'"):
+        fit(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
