@@ -48,6 +48,9 @@ from eanet.models.transformer import VisionTransformer
 FORMAT = "eanet-checkpoint"
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.safetensors"
+BEST_NAME = "best.safetensors"  # the weights of the best validation top-1, beside the last
+WEIGHTS = ("last", "best", "ema")  # which weights of a run `load_model` rebuilds
+EMA_PREFIX = "ema."  # extra tensors holding the moving average of the weights
 # Far above any model of this project (the reference has 0.36 M): a header claiming more is
 # refused before anything is built.
 MAX_PARAMETERS = 2_000_000_000
@@ -135,6 +138,7 @@ class Checkpoint:
     model_state: dict[str, torch.Tensor]
     optimizer_state: dict | None = None
     rng_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # save(extra=...)
 
     @property
     def model_config(self) -> ModelConfig:
@@ -145,9 +149,19 @@ class Checkpoint:
         return list(self.meta.class_names)
 
 
-def resolve(path: str | Path) -> Path:
-    """A run directory or a checkpoint file -> the checkpoint file."""
+def resolve(path: str | Path, weights: str = "last") -> Path:
+    """A run directory or a checkpoint file -> the checkpoint file (`best`: best.safetensors)."""
     path = Path(path)
+    if weights not in WEIGHTS:
+        raise ConfigError(f"--weights {weights!r} must be one of {', '.join(WEIGHTS)}")
+    if weights == "best":
+        run = path if path.is_dir() else path.parent
+        if not (run / BEST_NAME).is_file():
+            raise CheckpointError(
+                f"{run}: no {BEST_NAME} there (written by `eanet train` when a run has "
+                "validation images); use --weights last"
+            )
+        return run / BEST_NAME
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     if not path.is_file():
@@ -164,10 +178,13 @@ def save(
     meta: CheckpointMeta | dict,
     optimizer: torch.optim.Optimizer | None = None,
     rng: bool = False,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write model weights (+ optimizer state and RNG states) and `meta` atomically.
+    """Write model weights (+ optimizer state, RNG states, `extra` tensors) and `meta` atomically.
 
     `meta` is a CheckpointMeta or its dict form; its model config is the model's own.
+    `extra` (e.g. the EMA weights) is stored under the prefix "extra." and read back into
+    `Checkpoint.extra`.
     """
     if isinstance(meta, dict):
         meta = CheckpointMeta.from_dict({**meta, "model_config": model.config.to_dict()})
@@ -185,6 +202,8 @@ def save(
         if torch.cuda.is_available():
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"rng.cuda{i}"] = s
+    for name, value in (extra or {}).items():
+        tensors[f"extra.{name}"] = value.detach().cpu().contiguous()
     header = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
@@ -271,6 +290,8 @@ def _unpack(path: Path, meta: CheckpointMeta, tensors: dict[str, torch.Tensor]) 
             optim.setdefault(int(idx), {})[name] = value
         elif kind == "rng":
             ckpt.rng_state[rest] = value
+        elif kind == "extra":
+            ckpt.extra[rest] = value
     if meta.optimizer is not None:
         groups = meta.optimizer["param_groups"]
         for group in groups:
@@ -327,13 +348,30 @@ def check_structure(config: ModelConfig, found: dict[str, tuple[int, ...]]) -> N
 
 
 def load_model(
-    path: str | Path, device: str | torch.device = "cpu"
+    path: str | Path, device: str | torch.device = "cpu", weights: str = "last"
 ) -> tuple[VisionTransformer, Checkpoint]:
-    """Rebuild the model a checkpoint was saved from, in eval mode, on `device`."""
-    ckpt = load(path)
+    """Rebuild the model a checkpoint was saved from, in eval mode, on `device`.
+
+    `weights`: the last epoch's ("last"), the best validation top-1's ("best") or the
+    moving average of the weights ("ema", a run trained with --ema-decay).
+    """
+    ckpt = load(resolve(path, weights))
+    if weights == "ema":
+        ckpt.model_state = ema_weights(ckpt, path)
     model = build_model(ckpt.model_config)
     load_weights(model, ckpt, path)
     return model.to(device).eval(), ckpt
+
+
+def ema_weights(ckpt: Checkpoint, path: str | Path) -> dict[str, torch.Tensor]:
+    """The moving-average weights saved in a training checkpoint; CheckpointError if none."""
+    state = {k[len(EMA_PREFIX) :]: v for k, v in ckpt.extra.items() if k.startswith(EMA_PREFIX)}
+    if not state:
+        raise CheckpointError(
+            f"{path}: holds no moving average of the weights (the run was trained without "
+            "--ema-decay); use --weights last or best"
+        )
+    return state
 
 
 def load_weights(model: VisionTransformer, ckpt: Checkpoint, path: str | Path) -> None:

@@ -33,14 +33,16 @@ def evaluate_checkpoint(
     progress: bool = True,
     data: ImageData | None = None,
     precision: str = "fp32",
+    weights: str = "last",
 ) -> dict:
     """Evaluate a checkpoint on a split of its data set; write per-class CSV and confusion PNG.
 
     The data set defaults to the one the checkpoint was trained on (from its train config);
-    `data` skips loading when the caller already holds it.
+    `data` skips loading when the caller already holds it. `weights`: a run's last, best or
+    EMA weights (`checkpoint.load_model`); the files of best/EMA are named with a suffix.
     """
     dev = resolve_device(device)
-    model, ckpt = checkpoint.load_model(path, dev)
+    model, ckpt = checkpoint.load_model(path, dev, weights)
     train_cfg = ckpt.meta.train_config or {}
     dataset = dataset or train_cfg.get("dataset", "cifar100")
     if data_path is None and dataset == train_cfg.get("dataset"):
@@ -81,7 +83,8 @@ def evaluate_checkpoint(
         for i, name in enumerate(data.class_names)
     ]
     result = {
-        "checkpoint": str(checkpoint.resolve(path)),
+        "checkpoint": str(checkpoint.resolve(path, "best" if weights == "best" else "last")),
+        "weights": weights,
         "dataset": dataset,
         "split": split,
         f"{split}_loss": m.loss,
@@ -92,16 +95,17 @@ def evaluate_checkpoint(
     if out_dir is None:
         out_dir = Path(path) if Path(path).is_dir() else Path(path).parent
     out_dir = Path(out_dir)
-    write_csv(out_dir / f"per_class_{split}.csv", per_class)
+    tag = split if weights == "last" else f"{split}_{weights}"  # last: the names as before
+    write_csv(out_dir / f"per_class_{tag}.csv", per_class)
     plot_confusion(
         conf.numpy(),
         data.class_names,
-        out_dir / f"confusion_{split}.png",
-        title=f"{dataset} {split}: top-1 {m.top1:.2%} ({m.count} images)",
+        out_dir / f"confusion_{tag}.png",
+        title=f"{dataset} {tag}: top-1 {m.top1:.2%} ({m.count} images)",
     )
-    write_json(out_dir / f"evaluation_{split}.json", result)
+    write_json(out_dir / f"evaluation_{tag}.json", result)
     result["files"] = [
-        str(out_dir / f"{n}_{split}.{e}")
+        str(out_dir / f"{n}_{tag}.{e}")
         for n, e in (("per_class", "csv"), ("confusion", "png"), ("evaluation", "json"))
     ]
     return result

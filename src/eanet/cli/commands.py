@@ -17,6 +17,7 @@ from eanet.options import declared, from_mapping, read_config_file, resume_merge
 from eanet.train.config import TrainConfig
 from eanet.train.finetune import inherited_model
 from eanet.train.loop import fit
+from eanet.train.recipes import DEFAULT_RECIPE, apply_recipe, load_recipe
 from eanet.train.rundir import load_run_config
 
 if TYPE_CHECKING:  # the demo's modules load only when `eanet demo` runs
@@ -26,15 +27,20 @@ log = logging.getLogger("eanet")
 
 
 def train_config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Path, bool]:
-    """(config, run directory, resume?) from flags over --config FILE over the defaults.
+    """(config, run directory, resume?) from flags over --config FILE over --recipe over defaults.
 
-    With --resume the run's saved options apply and each given option is merged by its
-    resume rule (`eanet.options.resume_merge`): applied, or refused in one line.
+    With --resume the run's saved options apply (its recipe's values among them) and each
+    given option is merged by its resume rule (`eanet.options.resume_merge`): applied, or
+    refused in one line.
     """
-    requested = read_config_file(args.config) if args.config else {}
-    if requested:
-        from_mapping(TrainConfig, requested, str(args.config))  # unknown keys, bad values
-    requested.update(given(args, TrainConfig))
+    file = read_config_file(args.config) if args.config else {}
+    if file:
+        from_mapping(TrainConfig, file, str(args.config))  # unknown keys, bad values
+    flags = given(args, TrainConfig)
+    if args.resume is not None:
+        requested = {**file, **flags}
+    else:
+        requested = recipe_values(flags.get("recipe", file.get("recipe")), file, flags)
     if args.auto_resume:
         return _auto_resume(args, requested)
     if args.resume is not None:
@@ -84,6 +90,26 @@ def _auto_resume(args: argparse.Namespace, requested: dict) -> tuple[TrainConfig
     return cfg, out, (out / CHECKPOINT_NAME).is_file()
 
 
+def recipe_values(name: str | None, *layers: dict) -> dict:
+    """The options of recipe `name` (default: the reference) overridden by `layers` in turn."""
+    name = name or DEFAULT_RECIPE
+    values = load_recipe(name)
+    from_mapping(TrainConfig, values, f"recipe {name}")  # a broken recipe file: one line
+    return {**apply_recipe(values, *layers), "recipe": name}
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from eanet.train.recipes import describe_recipe, recipe_names, recipe_path
+
+    for name in recipe_names():
+        print(f"{name:<12} {describe_recipe(name)}")
+        if args.verbose:
+            print(f"{'':<12} {recipe_path(name)}")
+            for key, value in load_recipe(name).items():
+                print(f"{'':<14}{key}: {value}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     config, out, resume = train_config_from_args(args)
     log.info("run directory: %s", out)
@@ -114,6 +140,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device=args.device,
         progress=args.progress,
         precision=args.precision,
+        weights=args.weights,
     )
     if args.json:
         print(json.dumps(result, indent=2))
@@ -215,7 +242,9 @@ def cmd_import_keras(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from eanet.interop.export import export
 
-    parity = export(args.checkpoint, args.format, args.out, tolerance=args.tolerance)
+    parity = export(
+        args.checkpoint, args.format, args.out, tolerance=args.tolerance, weights=args.weights
+    )
     print(parity.message(args.format))
     print(f"wrote {args.out}")
     return 0
@@ -227,7 +256,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from eanet.runtime import resolve_device
 
     check_top_k(args.top_k)
-    model, ckpt = checkpoint.load_model(args.checkpoint, resolve_device(args.device))
+    model, ckpt = checkpoint.load_model(args.checkpoint, resolve_device(args.device), args.weights)
     names = ckpt.class_names
     files, failures = expand_inputs(args.inputs)
     for f in failures:
@@ -324,12 +353,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
+def compare_config_from_args(args: argparse.Namespace):
+    """The CompareConfig of `eanet compare`: its flags, and the recipe flags over --recipe."""
     from eanet.compare.config import CompareConfig
+
+    flags = given(args, TrainConfig)
+    recipe = TrainConfig(**{**TrainConfig().to_dict(), **recipe_values(flags.get("recipe"), flags)})
+    compare = given(args, CompareConfig)
+    if "augment_orders" not in compare:  # the recipe's own augmentation (modern: crop-flip)
+        compare["augment_orders"] = [recipe.augment]
+    return CompareConfig(**{**compare, "train": recipe})
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
     from eanet.compare.run import run_compare
 
-    recipe = TrainConfig(**{**TrainConfig().to_dict(), **given(args, TrainConfig)})
-    cfg = CompareConfig(**{**given(args, CompareConfig), "train": recipe})
+    cfg = compare_config_from_args(args)
     report = run_compare(cfg, args.out, progress=args.progress)
     done = list(report["runs"].values())
     print(

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from eanet import __version__
+from eanet.checkpoint import WEIGHTS
 from eanet.cli.flags import add_config_flags
 from eanet.compare.config import PER_RUN, CompareConfig
 from eanet.serve.config import ServeConfig
@@ -45,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_parser(sub)
     _add_demo_parser(sub)
     sub.add_parser("models", help="list the registered models")
+    r = sub.add_parser(
+        "recipes",
+        help="list the training recipes for `eanet train --recipe NAME`",
+        description="List the shipped training recipes (YAML files in the package): "
+        "'reference' (the Keras example's, the default) and 'modern'.",
+    )
+    r.add_argument("--verbose", "-v", action="store_true", help="also show each value")
     _add_interop_parsers(sub)
     _add_use_parsers(sub)
     _add_bench_parser(sub)
@@ -68,10 +76,11 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train a model (the reference recipe by default)",
         description="Train EANet or ViT. Defaults are the Keras example's recipe "
-        "with its augmentation bug fixed. Precedence: flags over --config FILE over the "
-        "defaults; with --resume, the run's own options, where a flag may change only "
-        "what may change on a resumed run (e.g. --epochs, --device) and must otherwise "
-        "repeat the run's value.",
+        "with its augmentation bug fixed (--recipe reference); --recipe modern: a published "
+        "small-transformer recipe (see `eanet recipes`). Precedence: flags over --config FILE "
+        "over --recipe NAME over the defaults; with --resume, the run's own options, where a "
+        "flag may change only what may change on a resumed run (e.g. --epochs, --device) and "
+        "must otherwise repeat the run's value.",
     )
     add_config_flags(t, TrainConfig, show_resume=True)
     t.add_argument(
@@ -102,6 +111,17 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     _no_progress(t)
 
 
+def _weights_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default="last",
+        help="a run's weights: of the last epoch, of the best validation top-1 "
+        "(best.safetensors), or their moving average (runs trained with --ema-decay) "
+        "(default: %(default)s)",
+    )
+
+
 def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser(
         "evaluate",
@@ -109,6 +129,7 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
         description="Evaluate a run directory or checkpoint on its data set.",
     )
     e.add_argument("checkpoint", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
+    _weights_flag(e)
     add_config_flags(e, TrainConfig, only=DATA, defaults={"dataset": "the run's"})
     add_config_flags(e, TrainConfig, only=RUNTIME, fill_defaults=True)
     e.add_argument(
@@ -225,6 +246,7 @@ def _add_use_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    _weights_flag(p)
     p.add_argument("--top-k", type=int, default=5, help="classes per image (default: 5)")
     p.add_argument("--json", action="store_true", help="one JSON object per image and line")
     p.add_argument("--batch-size", type=int, default=64, help="default: %(default)s")
@@ -289,6 +311,7 @@ def _add_interop_parsers(sub: argparse._SubParsersAction) -> None:
         "tolerance. ONNX needs: pip install 'eanet[export]'.",
     )
     x.add_argument("checkpoint", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
+    _weights_flag(x)
     x.add_argument("--format", choices=["onnx", "torchscript"], required=True)
     x.add_argument("--out", type=Path, required=True, metavar="FILE", help="file to write")
     x.add_argument(

@@ -76,6 +76,22 @@ def _val_loss_path(g: dict) -> str:
     return f"{curve[0]:.3f} → {curve[low]:.3f} (epoch {low + 1}) → {curve[-1]:.3f}; {trend}"
 
 
+def _recipe_words(rec: dict) -> str:
+    """Which recipe the runs shared, in words (`--recipe`; older reports: the reference)."""
+    name = rec.get("recipe", "reference")
+    if name == "reference":
+        return (
+            f"`--recipe reference`, the Keras example's (AdamW, weight decay "
+            f"{rec['weight_decay']}, label smoothing {rec['label_smoothing']})"
+        )
+    return (
+        f"`--recipe {name}` (see `eanet recipes -v`: AdamW, weight decay "
+        f"{rec['weight_decay']} on {rec.get('weight_decay_params', 'all')}, "
+        f"{rec.get('lr_schedule', 'constant')} schedule, label smoothing "
+        f"{rec['label_smoothing']}, augment {rec['augment']})"
+    )
+
+
 def format_report(report: dict) -> str:
     """The report as Markdown: provenance, tables, figures."""
     groups = report["groups"]
@@ -111,7 +127,7 @@ def _provenance(report: dict) -> list[str]:
         ),
         f"- data: {data['name']}, {data['train_images']:,} training, {data['val_images']:,} "
         f"validation, {data['test_images']:,} test images, {data['classes']} classes",
-        f"- recipe: the reference's (AdamW, weight decay 1e-4, label smoothing 0.1) with "
+        f"- recipe: {_recipe_words(rec)} with "
         f"lr {rec['lr']}, batch {rec['batch_size']}, {rec['epochs']} epochs, seeds "
         f"0..{n_seeds - 1}; model overrides: "
         + (", ".join(f"{k}={v}" for k, v in rec["model_args"].items()) or "none"),

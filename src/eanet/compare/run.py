@@ -111,6 +111,8 @@ def run_result(run_dir: Path) -> dict:
         "final_val_loss": val_loss[-1],
         "train_seconds": sum(h["epoch_seconds"] for h in history),
         "history": [{k: h.get(k) for k in ("epoch", *CURVE_FIELDS)} for h in history],
+        # The best-validation and EMA weights' test figures, where the run has them.
+        **{k: v for k, v in metrics.items() if k.startswith(("best_test", "ema_test", "best_ep"))},
     }
 
 

@@ -196,13 +196,22 @@ def _export_torchscript(
     return run
 
 
-def export(source: str | Path, fmt: str, out: str | Path, tolerance: float = TOLERANCE) -> Parity:
-    """Export the checkpoint at `source` to `out` in `fmt`; raise ExportError on failed parity."""
+def export(
+    source: str | Path,
+    fmt: str,
+    out: str | Path,
+    tolerance: float = TOLERANCE,
+    weights: str = "last",
+) -> Parity:
+    """Export the checkpoint at `source` (its last/best/ema weights) to `out` in `fmt`.
+
+    Raises ExportError on failed parity.
+    """
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt == "onnx":
         _require_onnx()  # before any work
-    model, ckpt = checkpoint.load_model(source, "cpu")
+    model, ckpt = checkpoint.load_model(source, "cpu", weights)
     return export_model(model, ckpt.class_names, fmt, out, tolerance)
 
 

@@ -36,6 +36,7 @@ class ModelConfig:
     gelu: str = "tanh"  # Keras `ops.gelu` defaults to the tanh approximation
     ln_eps: float = 1e-5
     init: str = "keras"  # "keras" (Glorot-uniform, Keras fans) or "trunc_normal" (paper code)
+    drop_path: float = 0.0  # stochastic depth of the last block, linear from 0 (0: off, as Keras)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -74,7 +75,7 @@ class ModelConfig:
                 f"dim={self.dim} is not divisible by num_heads={self.num_heads}; "
                 "choose dim as a multiple of num_heads"
             )
-        for name in ("attn_drop", "proj_drop", "mlp_drop"):
+        for name in ("attn_drop", "proj_drop", "mlp_drop", "drop_path"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"model option {name}={value!r} must be in [0, 1)")

@@ -202,19 +202,36 @@ class Mlp(nn.Module):
         return masked(F.linear(h, self.fc2.weight * (s * s), self.fc2.bias * s), p)
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero a residual branch per sample with probability p, rescale 1/(1-p).
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    Identity at eval and at p = 0 (no random number drawn, so the reference is untouched).
+    """
+    if p == 0.0 or not training:
+        return x
+    keep = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device) >= p
+    return x * (keep.to(x.dtype) / (1.0 - p))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
+
+    `drop_path`: this block's stochastic-depth rate (timm/CCT: linear in the block index
+    from 0 to the config's `drop_path`).
+    """
+
+    def __init__(self, cfg: ModelConfig, drop_path: float = 0.0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
         self.attn = ExternalAttention(cfg) if cfg.attention == "external" else SelfAttention(cfg)
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
         self.mlp = Mlp(cfg)
+        self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        p, training = self.drop_path, self.training
+        x = x + drop_path(self.attn(self.norm1(x)), p, training)
+        return x + drop_path(self.mlp(self.norm2(x)), p, training)
 
 
 # The switches between each layer's fast equivalent and the reference's literal ops.

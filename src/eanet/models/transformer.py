@@ -24,7 +24,8 @@ class VisionTransformer(nn.Module):
         self.config = cfg = cfg or ModelConfig()
         self.normalize = Normalize(cfg.in_chans)
         self.patch_embed = PatchEmbed(cfg)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
         init_weights(self, cfg.init)
 

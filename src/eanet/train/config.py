@@ -12,11 +12,15 @@ from eanet.models.registry import MODELS
 from eanet.options import CHANGE, KEEP, check_choices, check_field_types, option
 from eanet.runtime import PRECISIONS
 from eanet.train.guard import ON_NONFINITE
+from eanet.train.recipes import DEFAULT_RECIPE, recipe_names
+from eanet.train.schedule import SCHEDULES
 
-AUGMENT_MODES = ("fixed", "reference-bug", "none")
+AUGMENT_MODES = ("fixed", "reference-bug", "none", "crop-flip")
 COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")  # torch.compile's modes
 LR_SCALINGS = ("none", "linear")
 REFERENCE_BATCH = 128  # the batch the reference's learning rate was chosen for
+DECAY_PARAMS = ("all", "matrices")
+LOGGERS = ("none", "tensorboard")
 
 
 @dataclass
@@ -72,7 +76,9 @@ class TrainConfig:
     eval_batch_size: int = option(
         500, help="images per forward pass for validation/test (bounds memory)", resume=CHANGE
     )
-    lr: float = option(1e-3, help="AdamW learning rate, constant")
+    lr: float = option(
+        1e-3, help="AdamW learning rate (constant; the peak with --lr-schedule cosine)"
+    )
     weight_decay: float = option(1e-4, help="AdamW decoupled weight decay")
     adam_eps: float = option(1e-7, help="AdamW epsilon (Keras's default, not torch's 1e-8)")
     label_smoothing: float = option(0.1, help="label smoothing of the cross-entropy")
@@ -85,7 +91,8 @@ class TrainConfig:
         "fixed",
         help="'fixed': augment in pixel space, then normalise; 'reference-bug': the Keras "
         "example's order (normalise, then contrast clipped to 0..255), only to reproduce "
-        "its failure; 'none'",
+        "its failure; 'none'; 'crop-flip': random resized crop (area 0.8..1) and "
+        "horizontal flip (the modern recipe's)",
         choices=AUGMENT_MODES,
     )
     seed: int = option(0, help="random seed (weights, order, augmentation, dropout)")
@@ -153,6 +160,56 @@ class TrainConfig:
         "validate) and a fifth as many test images; 50,000 as in CIFAR-100",
     )
 
+    # ------------------------------------------------------------ recipe ingredients
+    # Every one off by default: the reference recipe is the defaults (`--recipe`).
+    recipe: str = option(
+        DEFAULT_RECIPE,
+        help="named recipe whose values are the starting point (see `eanet recipes`); "
+        "--config FILE and flags override it",
+        choices=recipe_names(),
+    )
+    lr_schedule: str = option(
+        "constant",
+        help="'constant' (the reference); 'cosine': linear warm-up over --warmup-fraction "
+        "of all steps from --warmup-lr, then cosine down to --min-lr, set every step",
+        choices=SCHEDULES,
+    )
+    warmup_fraction: float = option(0.0, help="cosine: fraction of all steps spent warming up")
+    warmup_lr: float = option(0.0, help="cosine: learning rate at the first step")
+    min_lr: float = option(0.0, help="cosine: learning rate at the last step")
+    weight_decay_params: str = option(
+        "all",
+        help="tensors AdamW decays: 'all' trainable (the reference) or 'matrices' (weight "
+        "matrices only: no biases, LayerNorm or position embedding)",
+        choices=DECAY_PARAMS,
+    )
+    grad_clip: float = option(0.0, help="clip the gradient norm to this (0: off)")
+    ema_decay: float = option(
+        0.0,
+        help="keep an exponential moving average of the weights with this decay, validated "
+        "each epoch and saved (0: off; e.g. 0.9999)",
+    )
+    randaugment_ops: int = option(0, help="RandAugment: operations per image (0: off)")
+    randaugment_magnitude: float = option(9.0, help="RandAugment: magnitude 0..10")
+    randaugment_magnitude_std: float = option(
+        0.0, help="RandAugment: per-image noise (std) on the magnitude"
+    )
+    mixup_alpha: float = option(0.0, help="mixup: Beta(alpha, alpha) mixing factor (0: off)")
+    cutmix_alpha: float = option(0.0, help="CutMix: Beta(alpha, alpha) box area (0: off)")
+    mix_prob: float = option(1.0, help="probability that a batch is mixed (mixup/CutMix)")
+    mix_switch_prob: float = option(
+        0.5, help="with mixup and CutMix on: probability of CutMix for a batch"
+    )
+    erase_prob: float = option(0.0, help="random erasing: probability per image (0: off)")
+    log: str = option(
+        "none",
+        help="'tensorboard': also write TensorBoard events to RUN/tensorboard/ (needs "
+        "pip install 'eanet[tensorboard]'); the CSV/JSON history is always written",
+        choices=LOGGERS,
+        resume=CHANGE,
+        results=False,
+    )
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -189,6 +246,7 @@ class TrainConfig:
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads {self.threads!r} must be a positive integer")
         self._validate_gpu_options()
+        self._validate_ingredients()
         if self.freeze_backbone and not self.init_from:
             raise ConfigError(
                 "--freeze-backbone trains only the head of a pretrained model; "
@@ -207,6 +265,38 @@ class TrainConfig:
             raise ConfigError(
                 f"--synthetic-images applies to --dataset synthetic, not {self.dataset}; drop it"
             )
+
+    def _validate_ingredients(self) -> None:
+        """The modern recipe's options: ranges, and combinations that cannot be honoured."""
+        fractions = ("warmup_fraction", "mix_prob", "mix_switch_prob", "erase_prob")
+        for name in fractions:
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {value!r} must be in [0, 1]")
+        for name in ("warmup_lr", "min_lr", "grad_clip", "mixup_alpha", "cutmix_alpha"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"--{name.replace('_', '-')} {value!r} must be >= 0")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"--ema-decay {self.ema_decay!r} must be in [0, 1)")
+        if self.randaugment_ops < 0:
+            raise ConfigError(f"--randaugment-ops {self.randaugment_ops!r} must be >= 0")
+        if not 0 <= self.randaugment_magnitude <= 10 or self.randaugment_magnitude_std < 0:
+            raise ConfigError(
+                f"--randaugment-magnitude {self.randaugment_magnitude!r} must be in [0, 10] "
+                "and --randaugment-magnitude-std >= 0"
+            )
+        if self.augment == "reference-bug" and self.uses_pixel_extras:
+            raise ConfigError(
+                "--augment reference-bug normalises before augmenting; RandAugment, random "
+                "erasing and mixup/CutMix work in pixel space: drop them or use another --augment"
+            )
+
+    @property
+    def uses_pixel_extras(self) -> bool:
+        """Whether RandAugment, random erasing or mixup/CutMix is on."""
+        mixing = self.mix_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+        return self.randaugment_ops > 0 or self.erase_prob > 0 or mixing
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

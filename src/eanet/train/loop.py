@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import functools
 import logging
+import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,11 +23,12 @@ from pathlib import Path
 import torch
 
 from eanet import __version__, checkpoint
+from eanet.data.augment import AugmentConfig
 from eanet.data.dataset import ImageData
 from eanet.data.load import load_dataset
 from eanet.data.splits import compute_normalization, train_val_split
 from eanet.errors import ConfigError, EANetError
-from eanet.fileio import write_json
+from eanet.fileio import atomic_path, write_json
 from eanet.inference import evaluate_tensors
 from eanet.metrics import Metrics
 from eanet.models.registry import build_model, model_config
@@ -32,10 +36,20 @@ from eanet.models.transformer import VisionTransformer
 from eanet.runtime import environment, set_threads, tune_cpu_allocator
 from eanet.train import distributed, finetune
 from eanet.train.config import TrainConfig
+from eanet.train.ema import EMA
 from eanet.train.guard import StepGuard, graceful_interrupts
 from eanet.train.provenance import configure_determinism, provenance
 from eanet.train.rundir import claim_run_dir, write_history, write_run_config
-from eanet.train.step import accelerate, make_optimizer, train_epoch
+from eanet.train.schedule import LRSchedule
+from eanet.train.step import (
+    StepExtras,
+    accelerate,
+    augment_pixels,
+    make_optimizer,
+    scaled_lr,
+    train_epoch,
+)
+from eanet.train.tblog import TensorBoardLog, check_tensorboard
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +111,13 @@ class _Run:
     progress: bool
     history: list[dict] = field(default_factory=list)
     start: int = 1  # the first epoch still to train
+    extras: StepExtras | None = None  # schedule, clipping, EMA, logging (modern options)
+    ema_model: VisionTransformer | None = None  # holds the EMA weights for evaluation
+    logger: TensorBoardLog | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train_x) / self.cfg.batch_size)
 
     @property
     def title(self) -> str:
@@ -142,6 +163,8 @@ def fit(
     """
     out = Path(out)
     cfg.validate()
+    if cfg.log == "tensorboard":
+        check_tensorboard()  # before the run directory is touched
     dist = _start_session(cfg, out, resume, overwrite)
     progress = progress and dist.is_main
     if data is None:
@@ -152,13 +175,18 @@ def fit(
         _restore(run)
     if dist.is_main:
         write_run_config(out, cfg, _run_record(run))
+        _open_logger(run)
     runner = accelerate(dist.wrap(run.model), cfg, dist.device)  # DDP under torchrun
     guard = StepGuard(cfg.on_nonfinite, cfg.lr, out)
-    for epoch in range(run.start, cfg.epochs + 1):
-        row = _train_and_validate(run, runner, guard, epoch)
-        _save_epoch(run, row)
-        guard.epoch_saved()  # a Ctrl-C during validation or saving stops here
-    metrics = _test(run)
+    try:
+        for epoch in range(run.start, cfg.epochs + 1):
+            row = _train_and_validate(run, runner, guard, epoch)
+            _save_epoch(run, row)
+            guard.epoch_saved()  # a Ctrl-C during validation or saving stops here
+        metrics = _test(run)
+    finally:
+        if run.logger is not None:
+            run.logger.close()
     dist.close()
     return metrics
 
@@ -195,7 +223,40 @@ def _build_run(
         finetune.freeze_backbone(model)
     optimizer = make_optimizer(model, cfg)
     tensors = (t.to(device) for t in train_val_split(data, cfg.val_fraction))
-    return _Run(cfg, out, dist, data, model, optimizer, *tensors, progress=progress)
+    run = _Run(cfg, out, dist, data, model, optimizer, *tensors, progress=progress)
+    _add_extras(run)
+    return run
+
+
+def _add_extras(run: _Run) -> None:
+    """The step extras the options ask for (none for the reference recipe) and the EMA model."""
+    cfg = run.cfg
+    if cfg.lr_schedule == "constant" and not (cfg.grad_clip or cfg.ema_decay) and cfg.log == "none":
+        return
+    schedule = None
+    if cfg.lr_schedule != "constant":
+        total = cfg.epochs * run.steps_per_epoch  # a new --epochs on resume: the new length
+        schedule = LRSchedule(
+            cfg.lr_schedule, scaled_lr(cfg), total, cfg.warmup_fraction, cfg.warmup_lr, cfg.min_lr
+        )
+    ema = EMA(run.model, cfg.ema_decay) if cfg.ema_decay else None
+    if ema is not None:
+        run.ema_model = copy.deepcopy(run.model).eval()
+    run.extras = StepExtras(schedule, cfg.grad_clip, ema, run.model)
+
+
+def _open_logger(run: _Run) -> None:
+    """--log tensorboard: the writer, and once a grid of augmented training images."""
+    if run.cfg.log != "tensorboard":
+        return
+    run.logger = TensorBoardLog(run.out)
+    run.extras.logger = run.logger
+    if run.start == 1 and run.cfg.augment != "reference-bug":
+        device = run.dist.device
+        # A forked RNG: the grid's draws do not shift the training run's random numbers.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            images = augment_pixels(run.train_x[:32], run.cfg, AugmentConfig())
+        run.logger.log_images(images)
 
 
 def _restore(run: _Run) -> None:
@@ -207,8 +268,18 @@ def _restore(run: _Run) -> None:
             f"{run.data.name}; resume it with its own data set"
         )
     checkpoint.restore_training(run.model, run.optimizer, ckpt, run.out)
+    if run.extras is not None and run.extras.ema is not None:
+        try:
+            run.extras.ema.load(ckpt.extra)
+        except (KeyError, RuntimeError) as exc:
+            raise checkpoint.CheckpointError(
+                f"{run.out}: the checkpoint holds no moving average of the weights to resume "
+                "--ema-decay with; it is damaged or from another recipe"
+            ) from exc
     run.history = ckpt.meta.history
     run.start = ckpt.meta.epoch + 1
+    if run.dist.is_main and _best_epoch(run.history) == ckpt.meta.epoch:
+        _keep_best(run)  # in case the kill came between the checkpoint and its copy
     log.info("resuming %s after epoch %d of %d", run.out, run.start - 1, run.cfg.epochs)
     if run.dist.is_main:
         write_history(run.out, run.history, run.title)  # in case the kill beat it
@@ -236,6 +307,8 @@ def _train_and_validate(run: _Run, runner: torch.nn.Module, guard: StepGuard, ep
     """One epoch of training and validation; its history row (figures over all ranks)."""
     cfg, dist = run.cfg, run.dist
     t0 = time.perf_counter()
+    if run.extras is not None:
+        run.extras.epoch_offset = (epoch - 1) * run.steps_per_epoch
     with dist.epoch_rng(cfg.seed, epoch):
         tr = train_epoch(
             runner,
@@ -247,6 +320,7 @@ def _train_and_validate(run: _Run, runner: torch.nn.Module, guard: StepGuard, ep
             progress=run.progress,
             dist=dist if dist.enabled else None,
             guard=guard,
+            extras=run.extras,
         )
     tr = dist.all_reduce(tr)  # every rank logs the figures over all ranks' images
     train_s = time.perf_counter() - t0
@@ -261,6 +335,7 @@ def _train_and_validate(run: _Run, runner: torch.nn.Module, guard: StepGuard, ep
     row = _history_row(epoch, tr, va, train_s, time.perf_counter() - t0)
     if cfg.on_nonfinite == "skip":
         row["skipped_batches"] = guard.skipped  # batches with a NaN/inf loss, not stepped
+    _extra_figures(run, row)
     log.info(
         "epoch %d/%d  %s | %s | %.1fs %.0f img/s",
         epoch,
@@ -271,6 +346,31 @@ def _train_and_validate(run: _Run, runner: torch.nn.Module, guard: StepGuard, ep
         row["train_images_per_s"],
     )
     return row
+
+
+def _evaluate(run: _Run, model: VisionTransformer, x: torch.Tensor, y: torch.Tensor, **kw):
+    """`model`'s figures on (x, y), sharded over the ranks and summed."""
+    cfg, dist = run.cfg, run.dist
+    m = evaluate_tensors(
+        model,
+        *dist.eval_shard(x, y),
+        cfg.eval_batch_size,
+        cfg.label_smoothing,
+        precision=cfg.precision,
+        **kw,
+    )
+    return dist.all_reduce(m)
+
+
+def _extra_figures(run: _Run, row: dict) -> None:
+    """The row's learning rate (with a schedule) and the EMA weights' validation figures."""
+    if run.cfg.lr_schedule != "constant":
+        row["lr"] = run.optimizer.param_groups[0]["lr"]  # of the epoch's last step
+    if run.ema_model is not None and len(run.val_x):
+        va = _evaluate(run, run.extras.ema.copy_to(run.ema_model), run.val_x, run.val_y)
+        row.update(ema_val_loss=va.loss, ema_val_top1=va.top1, ema_val_top5=va.top5)
+    if run.logger is not None:
+        run.logger.log_epoch(row)
 
 
 def _history_row(epoch: int, tr: Metrics, va: Metrics, train_s: float, epoch_s: float) -> dict:
@@ -301,8 +401,30 @@ def _save_epoch(run: _Run, row: dict) -> None:
         epoch=row["epoch"],
         history=run.history,
     )
-    checkpoint.save(run.out / checkpoint.CHECKPOINT_NAME, run.model, meta, run.optimizer, rng=True)
+    ema = run.extras.ema if run.extras is not None else None
+    extra = ema.tensors() if ema is not None else None
+    path = run.out / checkpoint.CHECKPOINT_NAME
+    checkpoint.save(path, run.model, meta, run.optimizer, rng=True, extra=extra)
+    _keep_best(run)
     write_history(run.out, run.history, run.title)
+
+
+def _best_epoch(history: list[dict]) -> int | None:
+    """The first epoch with the highest validation top-1 (None without validation)."""
+    rows = [h for h in history if h.get("val_top1") is not None]
+    return max(rows, key=lambda h: h["val_top1"])["epoch"] if rows else None
+
+
+def _keep_best(run: _Run) -> None:
+    """best.safetensors = a copy of the checkpoint of the best validation epoch so far.
+
+    A copy of the file just saved, so it is the checkpoint of that epoch exactly (its
+    `epoch` is the best epoch); `_restore` re-copies it if a kill came between the two.
+    """
+    best = run.out / checkpoint.BEST_NAME
+    if _best_epoch(run.history) == run.history[-1]["epoch"]:
+        with atomic_path(best) as tmp:
+            shutil.copyfile(run.out / checkpoint.CHECKPOINT_NAME, tmp)
 
 
 def _test(run: _Run) -> dict:
@@ -331,7 +453,29 @@ def _test(run: _Run) -> dict:
     if vals:
         metrics["best_val_top1"] = max(vals)
         metrics["final_val_top1"] = vals[-1]
+    log.info("%s (%d images)", _fmt("test", test), test.count)
+    metrics.update(_test_other_weights(run, bool(vals)))
     if dist.is_main:
         write_json(run.out / "metrics.json", metrics)
-    log.info("%s (%d images)", _fmt("test", test), test.count)
     return metrics
+
+
+def _test_other_weights(run: _Run, has_best: bool) -> dict:
+    """Test figures of the best-validation weights (best.safetensors) and of the EMA."""
+    data, device, out = run.data, run.dist.device, {}
+    x, y = data.test_images.to(device), data.test_labels.to(device)
+    models = {}
+    if has_best:
+        ckpt = run.dist.from_main(checkpoint.load, run.out / checkpoint.BEST_NAME)
+        best = copy.deepcopy(run.model)
+        checkpoint.load_weights(best, ckpt, run.out / checkpoint.BEST_NAME)
+        out["best_epoch"] = ckpt.meta.epoch
+        models["best"] = best
+    if run.ema_model is not None:
+        models["ema"] = run.extras.ema.copy_to(run.ema_model)
+    for name, model in models.items():
+        m = _evaluate(run, model, x, y)
+        out.update({f"{name}_test_loss": m.loss, f"{name}_test_top1": m.top1})
+        out[f"{name}_test_top5"] = m.top5
+        log.info("%s (%s weights)", _fmt("test", m), name)
+    return out

@@ -21,6 +21,7 @@ RUN_FILES = (
     "curves.png",
     "metrics.json",
     checkpoint.CHECKPOINT_NAME,
+    checkpoint.BEST_NAME,
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -11,12 +12,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from eanet.data.augment import AugmentConfig, augment, augment_reference_bug
+from eanet.data.crop import random_resized_crop_flip
+from eanet.data.erasing import random_erase
+from eanet.data.mixing import MixConfig, mix_batch, mixed_targets
+from eanet.data.randaugment import rand_augment
 from eanet.metrics import Metrics, MetricSums
 from eanet.models.transformer import VisionTransformer
 from eanet.runtime import autocast, resolve_precision
 from eanet.train import distributed
 from eanet.train import guard as guard_mod
 from eanet.train.config import REFERENCE_BATCH, TrainConfig
+from eanet.train.ema import EMA
+from eanet.train.schedule import LRSchedule
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +35,79 @@ def forward_train(
     x = x.float()
     if mode == "fixed":
         return model(augment(x, aug))  # pixel space, then normalise inside the model
+    if mode == "crop-flip":
+        return model(random_resized_crop_flip(x))
     if mode == "reference-bug":
         # The reference's order: normalise first, then augment with contrast clipped to
         # 0..255, which zeroes every negative normalised value in training only.
         return model(augment_reference_bug(model.normalize(x), aug), normalized=True)
     return model(x)
+
+
+def augment_pixels(x: torch.Tensor, cfg: TrainConfig, aug: AugmentConfig) -> torch.Tensor:
+    """A uint8 batch augmented in pixel space by `cfg.augment`, RandAugment and erasing.
+
+    Not for --augment reference-bug (which normalises first; TrainConfig refuses the mix).
+    """
+    x = x.float()
+    if cfg.augment == "fixed":
+        x = augment(x, aug)
+    elif cfg.augment == "crop-flip":
+        x = random_resized_crop_flip(x)
+    if cfg.randaugment_ops:
+        x = rand_augment(
+            x, cfg.randaugment_ops, cfg.randaugment_magnitude, cfg.randaugment_magnitude_std
+        )
+    if cfg.erase_prob:
+        x = random_erase(x, cfg.erase_prob)
+    return x
+
+
+def _forward_with_extras(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, aug: AugmentConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets) with RandAugment/erasing/mixup/CutMix: soft targets when mixed."""
+    x = augment_pixels(x, cfg, aug)
+    mix = MixConfig(cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, cfg.mix_switch_prob)
+    if not mix.enabled:
+        return model(x), y
+    x, lam = mix_batch(x, mix)
+    logits = model(x)
+    return logits, mixed_targets(y, lam, logits.shape[-1])
+
+
+@dataclass
+class StepExtras:
+    """What a step does beyond the reference's: lr schedule, gradient clipping, EMA, logging.
+
+    `step` is the optimizer step of the batch being trained (0-based over the whole run);
+    `epoch_offset` the first step of the current epoch, set by the training loop.
+    """
+
+    schedule: LRSchedule | None = None
+    grad_clip: float = 0.0
+    ema: EMA | None = None
+    ema_source: nn.Module | None = None  # the (unwrapped) model the EMA averages
+    logger: object | None = None  # train.tblog.TensorBoardLog
+    epoch_offset: int = 0
+    step: int = 0
+
+    def before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Set this step's learning rate and clip the gradients."""
+        if self.schedule is not None:
+            lr = self.schedule(self.step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        if self.grad_clip > 0:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+
+    def after_step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, n: int) -> None:
+        """Fold the new weights into the EMA; log the step."""
+        if self.ema is not None:
+            self.ema.update(self.ema_source)
+        if self.logger is not None:
+            self.logger.log_step(self.step, loss, optimizer.param_groups[0]["lr"], n)
 
 
 def accelerate(model: VisionTransformer, cfg: TrainConfig, device: torch.device) -> nn.Module:
@@ -62,11 +137,14 @@ def scaled_lr(cfg: TrainConfig) -> float:
 def make_optimizer(model: VisionTransformer, cfg: TrainConfig) -> torch.optim.AdamW:
     """The reference's AdamW (decoupled decay on every trainable tensor, Keras's epsilon).
 
-    On CUDA torch's fused kernel (one launch for every tensor); elsewhere torch's default
+    --weight-decay-params matrices: two groups, decay on weight matrices only. On CUDA
+    torch's fused kernel (one launch for every tensor); elsewhere torch's default
     implementation, exactly as before.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     kernel = {"fused": True} if params and all(p.is_cuda for p in params) else {}
+    if cfg.weight_decay_params == "matrices":
+        params = decay_groups(model, cfg.weight_decay)
     if cfg.lr_scaling != "none":
         log.info("learning rate %g (%s scaling of --lr %g)", scaled_lr(cfg), cfg.lr_scaling, cfg.lr)
     optimizer = torch.optim.AdamW(
@@ -99,6 +177,20 @@ def _own_kernel(optimizer: torch.optim.Optimizer) -> None:
                 state["step"] = state["step"].to(p.device, torch.float32)
 
 
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight matrices decayed; biases, LayerNorm, position embedding not."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_matrix = p.ndim >= 2 and not name.endswith("pos_embed")
+        (decay if is_matrix else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
 def train_step(
     model: VisionTransformer,
     optimizer: torch.optim.Optimizer,
@@ -108,22 +200,31 @@ def train_step(
     aug: AugmentConfig,
     loss_scale: float = 1.0,
     guard: guard_mod.StepGuard | None = None,
+    extras: StepExtras | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Augment, forward, label-smoothed loss, backward, AdamW step; returns (logits, loss).
 
     `loss_scale` weights the gradient (not the returned loss): a rank's share of a short
     last batch under DDP (see `distributed.Distributed.shard`). `guard` may veto the
     optimizer step of a non-finite batch: then `guard_mod.BatchSkipped` is raised.
+    `extras`: the schedule, clipping, EMA and logging of the modern recipe's options.
     """
     with autocast(resolve_precision(cfg.precision, x.device), x.device):
-        logits = forward_train(model, x, cfg.augment, aug)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        if cfg.uses_pixel_extras:
+            logits, target = _forward_with_extras(model, x, y, cfg, aug)
+        else:
+            logits, target = forward_train(model, x, cfg.augment, aug), y
+        loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     (loss if loss_scale == 1.0 else loss * loss_scale).backward()
     if guard is not None and not guard.allow_step(loss, optimizer):
         optimizer.zero_grad(set_to_none=True)
         raise guard_mod.BatchSkipped
+    if extras is not None:
+        extras.before_step(optimizer)
     optimizer.step()
+    if extras is not None:
+        extras.after_step(optimizer, loss, len(x))
     return logits.detach(), loss.detach()
 
 
@@ -137,6 +238,7 @@ def train_epoch(
     progress: bool = True,
     dist: distributed.Distributed | None = None,
     guard: guard_mod.StepGuard | None = None,
+    extras: StepExtras | None = None,
 ) -> Metrics:
     """One pass over the training tensors in a fresh random order, last batch partial.
 
@@ -144,6 +246,7 @@ def train_epoch(
     this process trains on its share of each global batch; the metrics are its own.
     With `guard`, a signal stops training between steps and a non-finite loss stops it
     or skips the batch (`guard_mod.StepGuard`); skipped batches are not in the metrics.
+    With `extras`, its `step` follows the batches from its `epoch_offset`.
     """
     model.train()
     aug = AugmentConfig()
@@ -165,8 +268,10 @@ def train_epoch(
         if dist is not None:
             idx, scale = dist.shard(idx)
         x, y = images[idx], labels[idx]
+        if extras is not None:
+            extras.step = extras.epoch_offset + step
         try:
-            logits, loss = train_step(model, optimizer, x, y, cfg, aug, scale, guard)
+            logits, loss = train_step(model, optimizer, x, y, cfg, aug, scale, guard, extras)
         except guard_mod.BatchSkipped:
             continue
         if scale:  # weight 0: a stand-in image, only there to join the gradient average
