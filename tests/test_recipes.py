@@ -192,19 +192,19 @@ def test_modern_recipe_resumes_bit_exactly_with_everything_on(tmp_path, small_sa
     assert int(a.extra["ema_updates"]) == 3 * math.ceil(77 / 32)
     untimed = [
         {k: v for k, v in h.items() if "second" not in k and "per_s" not in k}
-        for h in a.meta["history"]
+        for h in a.meta.history
     ]
     assert untimed == [
         {k: v for k, v in h.items() if "second" not in k and "per_s" not in k}
-        for h in b.meta["history"]
+        for h in b.meta.history
     ]
-    assert "ema_val_top1" in a.meta["history"][0] and "lr" in a.meta["history"][0]
+    assert "ema_val_top1" in a.meta.history[0] and "lr" in a.meta.history[0]
     metrics = json.loads((tmp_path / "split" / "metrics.json").read_text())
     for key in ("best_epoch", "best_test_top1", "ema_test_top1", "test_top1"):
         assert key in metrics, key
     best = checkpoint.load(tmp_path / "split" / "best.safetensors")
-    assert best.meta["epoch"] == metrics["best_epoch"]
-    assert best.meta["history"][-1]["val_top1"] == max(h["val_top1"] for h in b.meta["history"])
+    assert best.meta.epoch == metrics["best_epoch"]
+    assert best.meta.history[-1]["val_top1"] == max(h["val_top1"] for h in b.meta.history)
 
 
 @pytest.mark.slow
@@ -214,7 +214,7 @@ def test_weights_choice_loads_last_best_and_ema(tmp_path, small_sample, capsys):
     last, _ = checkpoint.load_model(tmp_path / "run")
     best, ckpt = checkpoint.load_model(tmp_path / "run", weights="best")
     ema, _ = checkpoint.load_model(tmp_path / "run", weights="ema")
-    assert ckpt.meta["epoch"] in (1, 2)
+    assert ckpt.meta.epoch in (1, 2)
     w = "blocks.0.mlp.fc1.weight"
     assert not torch.equal(last.state_dict()[w], ema.state_dict()[w])
     plain = TrainConfig(model_args=TINY, epochs=1, batch_size=32, device="cpu")
