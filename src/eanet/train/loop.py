@@ -9,14 +9,11 @@ state, so `resume` continues bit-for-bit where an interrupted run stopped.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import copy
-import functools
 import logging
 import math
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,27 +121,7 @@ class _Run:
         return f"{self.cfg.model} on {self.data.name}"
 
 
-# What a running `fit` holds until it returns or fails (the run directory's lock).
-_HELD: contextvars.ContextVar[contextlib.ExitStack] = contextvars.ContextVar("_HELD")
-
-
-def _releasing(fn: Callable[..., dict]) -> Callable[..., dict]:
-    """Decorate `fit`: what `_start_session` takes into `_HELD` is released when fit ends."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs) -> dict:
-        with contextlib.ExitStack() as held:
-            token = _HELD.set(held)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                _HELD.reset(token)
-
-    return wrapper
-
-
 @graceful_interrupts  # Ctrl-C/SIGTERM: stop between steps, keep the last epoch
-@_releasing  # the run directory stays locked for the whole run
 def fit(
     cfg: TrainConfig,
     out: str | Path,
@@ -165,41 +142,38 @@ def fit(
     cfg.validate()
     if cfg.log == "tensorboard":
         check_tensorboard()  # before the run directory is touched
-    dist = _start_session(cfg, out, resume, overwrite)
-    progress = progress and dist.is_main
-    if data is None:
-        with dist.local_main_first():  # one download per node
-            data = load_data(cfg, progress)
-    run = _build_run(cfg, out, dist, data, resume, progress)
-    if resume:
-        _restore(run)
-    if dist.is_main:
-        write_run_config(out, cfg, _run_record(run))
-        _open_logger(run)
-    runner = accelerate(dist.wrap(run.model), cfg, dist.device)  # DDP under torchrun
-    guard = StepGuard(cfg.on_nonfinite, cfg.lr, out)
-    try:
+    with contextlib.ExitStack() as held:  # the run directory's lock, the logger
+        dist = _start_session(cfg, out, resume, overwrite, held)
+        progress = progress and dist.is_main
+        if data is None:
+            with dist.local_main_first():  # one download per node
+                data = load_data(cfg, progress)
+        run = _build_run(cfg, out, dist, data, resume, progress)
+        if resume:
+            _restore(run)
+        if dist.is_main:
+            write_run_config(out, cfg, _run_record(run))
+            _open_logger(run, held)
+        runner = accelerate(dist.wrap(run.model), cfg, dist.device)  # DDP under torchrun
+        guard = StepGuard(cfg.on_nonfinite, cfg.lr, out)
         for epoch in range(run.start, cfg.epochs + 1):
             row = _train_and_validate(run, runner, guard, epoch)
             _save_epoch(run, row)
             guard.epoch_saved()  # a Ctrl-C during validation or saving stops here
         metrics = _test(run)
-    finally:
-        if run.logger is not None:
-            run.logger.close()
     dist.close()
     return metrics
 
 
 def _start_session(
-    cfg: TrainConfig, out: Path, resume: bool, overwrite: bool
+    cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, held: contextlib.ExitStack
 ) -> distributed.Distributed:
     """Determinism, the process group (under torchrun), the run directory, threads, seed."""
     configure_determinism(cfg.deterministic)  # before CUDA starts
     dist = distributed.setup(cfg.device)  # a process group only under torchrun
     dist.check_batch(cfg.batch_size)
     # Only rank 0 touches `out`: it locks it for the run, then cleans and checks it.
-    dist.from_main(claim_run_dir, _HELD.get(), out, resume, overwrite)
+    dist.from_main(claim_run_dir, held, out, resume, overwrite)
     set_threads(cfg.threads)
     tune_cpu_allocator()
     torch.manual_seed(cfg.seed)
@@ -245,11 +219,12 @@ def _add_extras(run: _Run) -> None:
     run.extras = StepExtras(schedule, cfg.grad_clip, ema, run.model)
 
 
-def _open_logger(run: _Run) -> None:
-    """--log tensorboard: the writer, and once a grid of augmented training images."""
+def _open_logger(run: _Run, held: contextlib.ExitStack) -> None:
+    """--log tensorboard: the writer (closed when `held` is), once a grid of training images."""
     if run.cfg.log != "tensorboard":
         return
     run.logger = TensorBoardLog(run.out)
+    held.callback(run.logger.close)
     run.extras.logger = run.logger
     if run.start == 1 and run.cfg.augment != "reference-bug":
         device = run.dist.device
