@@ -1,1 +1,1 @@
-"""x"""
+"""`eanet compare`: `config` (CompareConfig), `run` (train, resume or skip), `report`, `plots`."""
