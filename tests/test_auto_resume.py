@@ -157,9 +157,13 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 
 @pytest.mark.slow
 def test_torchrun_restarts_a_group_whose_rank_died_and_ends_as_uninterrupted(tmp_path, single_run):
-    """Rank 1 is killed (SIGKILL) in epoch 2 of 2; torchrun --max-restarts 1 runs the same
+    """Rank 1 is killed (SIGKILL) in epoch 2 of 2; torchrun --max-restarts runs the same
     command again; --auto-resume continues from epoch 1's checkpoint (rank 0's stale lock
-    taken over) and the weights equal those of a run never interrupted."""
+    taken over) and the weights equal those of a run never interrupted.
+
+    Restarts to spare: on a loaded 2-core machine gloo can give up connecting a pair
+    ("Connection refused" after its 3 quick retries) before the peer listens; torchrun's
+    answer to that is a restart too, and the outcome must be the same."""
     run = tmp_path / "run"
     record = tmp_path / "record"
     record.mkdir()
@@ -167,7 +171,7 @@ def test_torchrun_restarts_a_group_whose_rank_died_and_ends_as_uninterrupted(tmp
     worker = [str(HERE / "ddp_restart_worker.py"), str(steps_per_epoch + 5), str(record)]
     proc = _launch(
         tmp_path,
-        ["--standalone", "--nproc_per_node", "2", "--max-restarts", "1"]
+        ["--standalone", "--nproc_per_node", "2", "--max-restarts", "3"]
         + ["--monitor-interval", "0.5"],
         [*worker, *DDP_ARGS, "--out", str(run)],
     )

@@ -142,12 +142,15 @@ def test_killed_anywhere_and_resumed_ends_bit_identical(tmp_path):
     time.sleep(rng.uniform(0.0, 0.5))
     assert _kill(proc) == -signal.SIGKILL
     assert _check_consistent(run) == first  # the half-done save never replaced the file
-    assert any(run.glob(".checkpoint.safetensors.*.tmp"))  # what a killed writer leaves
+    stale = list(run.glob(".checkpoint.safetensors.*.tmp"))
+    assert stale  # what a killed writer leaves
 
     # 3. Ctrl-C during a later epoch: stops after the step, keeps the last complete epoch
     proc = _spawn(resume, log)
     _wait_for(lambda: _saved_epoch(run) > first, proc, log)
-    assert temp_files(run) == []  # the stale temporary file was removed at the start
+    # The stale temporary file was removed at the start (other temporary files may be in
+    # flight: the history and curves are being written right after the checkpoint).
+    assert not any(p.exists() for p in stale)
     time.sleep(0.3)
     assert _kill(proc, signal.SIGINT) == 130, log.read_text()
     assert f"eanet: interrupted; resume with eanet train --resume {run}" in log.read_text()

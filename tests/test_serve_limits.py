@@ -223,7 +223,10 @@ def test_bf16_serves_and_info_reports_it(server, small_png):
 
 
 def _weights_that_do_not_fit(tiny_ckpt, folder):  # noqa: F811
-    """A checkpoint that `checkpoint.load` reads but no model loads: a tensor gone, no digest."""
+    """A checkpoint whose tensors do not fit its model config: a tensor gone, no digest.
+
+    `checkpoint.load` refuses it before building anything ("checkpoint metadata is damaged"),
+    in the parent, before a worker starts."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -243,7 +246,7 @@ def test_workers_that_cannot_load_the_model_exit_2_at_once(case, tiny_ckpt, tmp_
             pytest.skip("needs a machine without CUDA")
         ckpt, extra, word = tiny_ckpt, ["--device", "cuda"], "cuda"
     else:
-        ckpt, extra, word = _weights_that_do_not_fit(tiny_ckpt, tmp_path), [], "do not fit"
+        ckpt, extra, word = _weights_that_do_not_fit(tiny_ckpt, tmp_path), [], "damaged"
     cmd = [sys.executable, "-m", "eanet", "serve", str(ckpt), "--workers", "2", *extra]
     cmd += ["--port", str(free_port())]
     try:  # before the fix: workers die and are restarted for ever
