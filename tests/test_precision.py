@@ -102,3 +102,37 @@ def test_bf16_training_learns_as_fp32_does_on_real_digits(tmp_path, digits_data)
     spread = max(max(fp32) - min(fp32), 0.02)
     assert min(fp32) >= 0.9, results  # both learn: chance is 10%
     assert statistics.mean(bf16) >= statistics.mean(fp32) - spread, results
+
+
+@pytest.mark.parametrize("name", ["eanet-cifar", "vit-cifar"])
+def test_fast_paths_match_the_reference_ops_under_bf16(name):
+    """Outputs and gradients of the fast path vs the literal ops, both under bf16 autocast.
+
+    Documented tolerance: bfloat16 keeps 8 bits of mantissa, so two orders of the same sums
+    differ by about one unit in the last place (2^-8 relative); logits within 2% of the
+    largest one; the whole gradient within 5% of its norm, and each parameter's within 10%
+    of its own norm plus 1e-3 of the whole (some biases have a true gradient of exactly 0:
+    the softmax over tokens ignores them, so only float noise is left to compare).
+    """
+    import copy
+
+    from eanet.models import use_reference_ops
+
+    torch.manual_seed(0)
+    fast = create_model(name, depth=2).eval()  # eval: no dropout, the same function
+    ref = use_reference_ops(copy.deepcopy(fast))
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    outs = []
+    for model in (fast, ref):
+        with runtime.autocast("bf16", torch.device("cpu")):
+            out = model(x)
+        out.float().square().mean().backward()
+        outs.append(out.float())
+    assert (outs[0] - outs[1]).abs().max() <= 2e-2 * outs[1].abs().max()
+    pairs = list(zip(fast.named_parameters(), ref.parameters(), strict=True))
+    whole = torch.cat([b.grad.flatten() for _, b in pairs])
+    diff = torch.cat([(a.grad - b.grad).flatten() for (_, a), b in pairs])
+    assert diff.norm() < 0.05 * whole.norm()
+    for (name_, a), b in pairs:
+        err = (a.grad - b.grad).norm()
+        assert err <= 0.1 * b.grad.norm() + 1e-3 * whole.norm(), (name_, err.item())

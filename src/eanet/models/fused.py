@@ -53,29 +53,32 @@ class _DoubleNormalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, token_dim: int) -> torch.Tensor:
-        p = torch.softmax(z, dim=token_dim)
+        # At least fp32 whatever z's dtype (bfloat16 under autocast); the result in z's dtype.
+        p = torch.softmax(z, dim=token_dim, dtype=torch.promote_types(z.dtype, torch.float32))
         denom = p.sum(dim=-1, keepdim=True).add_(1e-9)
         ctx.save_for_backward(p, denom)
         ctx.token_dim = token_dim
-        return p / denom
+        ctx.in_dtype = z.dtype
+        return (p / denom).to(z.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         p, denom = ctx.saved_tensors
+        grad = grad.to(p.dtype)
         # through q = p / D with D = eps + sum_S p:  dL/dp = (g - sum_S(g * p) / D) / D
         inner = (grad * p).sum(dim=-1, keepdim=True).div_(denom)
         grad_p = (grad - inner).div_(denom)
         # through the softmax over tokens: p * (grad_p - sum_N(grad_p * p))
         grad_z = torch._softmax_backward_data(grad_p, p, ctx.token_dim, p.dtype)
-        return grad_z, None
+        return grad_z.to(ctx.in_dtype), None
 
 
 def double_normalize(z: torch.Tensor, token_dim: int = 1) -> torch.Tensor:
     """External attention's normalisation of logits `z` (..., tokens, ..., memory).
 
-    Under autocast it runs in fp32, as autocast runs torch's own softmax: a softmax over
-    256 tokens and a sum over the memory slots lose too much in bfloat16's 8-bit mantissa.
+    The softmax and the sums run in fp32 whatever the input's dtype (as autocast runs
+    torch's own softmax: 256 tokens and the memory sum lose too much in bfloat16's 8-bit
+    mantissa); the result and the gradient come back in the input's dtype, so under
+    bfloat16 autocast the dropout mask and the next matmul stream half the bytes.
     """
-    if torch.is_autocast_enabled(z.device.type) and z.dtype != torch.float32:
-        z = z.float()
     return _DoubleNormalize.apply(z, token_dim)
