@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from eanet import checkpoint
 from eanet.cli.commands import train_config_from_args
@@ -283,3 +284,21 @@ def test_tensorboard_missing_is_a_one_line_error_before_any_file(tmp_path, monke
     with pytest.raises(ConfigError, match=r"pip install 'eanet\[tensorboard\]'"):
         fit(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_modern_recipe_trains_a_folder_data_set_end_to_end(tmp_path, image_folder, capsys):
+    """`eanet train --recipe modern` on your own images: a folder of real PNGs, then predict."""
+    from eanet.cli.main import main
+
+    run = tmp_path / "run"
+    tiny = ["--model-arg", "depth=1", "--model-arg", "dim=32", "--model-arg", "mlp_dim=32"]
+    argv = ["train", "--recipe", "modern", "--dataset", "folder", "--data-path", str(image_folder)]
+    argv += [*tiny, "--epochs", "2", "--batch-size", "16", "--device", "cpu", "--no-progress"]
+    assert main([*argv, "--out", str(run)]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["recipe"] == "modern" and saved["lr_schedule"] == "cosine"
+    assert (run / "best.safetensors").is_file()
+    capsys.readouterr()
+    image = next((image_folder / "test").rglob("*.png"))
+    assert main(["predict", str(run), str(image), "--weights", "ema", "--top-k", "1"]) == 0
+    assert image.name in capsys.readouterr().out
