@@ -117,6 +117,10 @@ class Distributed:
     def close(self) -> None:
         """Destroy the process group if `setup` created it."""
         if self.owned and dist.is_initialized():
+            # No rank tears its connections down while another still talks to it: a rank
+            # that left early once aborted at exit ("terminate called without an active
+            # exception") while rank 0 was still writing the run's last files.
+            dist.barrier()
             dist.destroy_process_group()
         self.owned = False
 
