@@ -302,3 +302,14 @@ def test_modern_recipe_trains_a_folder_data_set_end_to_end(tmp_path, image_folde
     image = next((image_folder / "test").rglob("*.png"))
     assert main(["predict", str(run), str(image), "--weights", "ema", "--top-k", "1"]) == 0
     assert image.name in capsys.readouterr().out
+
+
+def test_init_from_keeps_the_checkpoints_architecture_under_a_recipe(tmp_path, capsys):
+    """A recipe's model options (drop_path) must not stop --init-from inheriting the model."""
+    model = create_model("eanet-cifar", depth=1, dim=32, mlp_dim=32, num_classes=3)
+    ckpt = tmp_path / "small.safetensors"
+    checkpoint.save(ckpt, model, {"class_names": ["a", "b", "c"], "model_name": "eanet-cifar"})
+    args = build_parser().parse_args(["train", "--recipe", "modern", "--init-from", str(ckpt)])
+    cfg, _, _ = train_config_from_args(args)
+    assert cfg.model_args["depth"] == 1 and cfg.model_args["dim"] == 32
+    assert cfg.model_args["drop_path"] == load_recipe("modern")["model_args"]["drop_path"]

@@ -41,8 +41,9 @@ def train_config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Path,
         requested = {**file, **flags}
     else:
         requested = recipe_values(flags.get("recipe", file.get("recipe")), file, flags)
+    named_model = bool({"model", "model_args"} & {*file, *flags})  # by the user, not a recipe
     if args.auto_resume:
-        return _auto_resume(args, requested)
+        return _auto_resume(args, requested, named_model)
     if args.resume is not None:
         if args.out is not None and Path(args.out) != Path(args.resume):
             raise ConfigError(
@@ -50,22 +51,29 @@ def train_config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Path,
             )
         saved = load_run_config(args.resume)
         return resume_merge(saved, requested, str(args.resume)), args.resume, True
-    cfg = _new_run_config(args, requested)
+    cfg = _new_run_config(args, requested, named_model)
     out = args.out or Path("runs") / f"{cfg.model}-{cfg.dataset}-{_stamp()}"
     return cfg, out, False
 
 
-def _new_run_config(args: argparse.Namespace, requested: dict) -> TrainConfig:
-    """The options of a new run: `requested` over the defaults (+ an --init-from model)."""
-    if args.init_from is not None and "model" not in requested and "model_args" not in requested:
+def _new_run_config(args: argparse.Namespace, requested: dict, named_model: bool) -> TrainConfig:
+    """The options of a new run: `requested` over the defaults (+ an --init-from model).
+
+    Without --model/--model-arg (from the command line or --config), --init-from builds the
+    checkpoint's architecture; a recipe's model options (e.g. drop_path) apply on top.
+    """
+    if args.init_from is not None and not named_model:
         # Fine-tune the checkpoint's own architecture; stored, so --resume rebuilds it.
-        requested["model"], requested["model_args"], size = inherited_model(args.init_from)
+        requested["model"], inherited, size = inherited_model(args.init_from)
+        requested["model_args"] = {**inherited, **requested.get("model_args", {})}
         if requested.get("dataset", "cifar100") == "folder" and "image_size" not in requested:
             requested["image_size"] = size
     return TrainConfig(**{**TrainConfig().to_dict(), **requested})
 
 
-def _auto_resume(args: argparse.Namespace, requested: dict) -> tuple[TrainConfig, Path, bool]:
+def _auto_resume(
+    args: argparse.Namespace, requested: dict, named_model: bool
+) -> tuple[TrainConfig, Path, bool]:
     """--auto-resume: resume --out when it holds a checkpoint, else start it afresh.
 
     The options asked for (flags over --config over the defaults, as for a new run) are
@@ -78,7 +86,7 @@ def _auto_resume(args: argparse.Namespace, requested: dict) -> tuple[TrainConfig
             "it resumes RUN_DIR when it holds a checkpoint and starts it otherwise"
         )
     out = Path(args.out)
-    wanted = _new_run_config(args, requested)
+    wanted = _new_run_config(args, requested, named_model)
     if not (out / "config.json").is_file():
         return wanted, out, False
     saved = load_run_config(out)
