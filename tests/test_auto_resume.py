@@ -156,11 +156,6 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("EANET_TEST_TORCHRUN_RESTART") != "1",
-    reason="flaky on a 2-core machine: after the kill, the restarted gloo group sometimes "
-    "fails to connect or waits for a peer; set EANET_TEST_TORCHRUN_RESTART=1 to run it",
-)
 def test_torchrun_restarts_a_group_whose_rank_died_and_ends_as_uninterrupted(tmp_path, single_run):
     """Rank 1 is killed (SIGKILL) in epoch 2 of 2; torchrun --max-restarts runs the same
     command again; --auto-resume continues from epoch 1's checkpoint (rank 0's stale lock

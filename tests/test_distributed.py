@@ -105,8 +105,10 @@ def test_rank_gradients_average_to_the_global_batch_gradient(sample_data, world,
         for r in range(world)
     ]
     averaged = [sum(g) / world for g in zip(*per_rank, strict=True)]
+    # fp32 sums in another order (the kernels block by batch size): on the AMX Xeon of
+    # 2026-12-02 up to 1e-5 apart on gradients of about 1; a wrong weight is off by >1e-2
     for got, want in zip(averaged, expected, strict=True):
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
 def test_ranks_share_the_permutation_and_not_the_augmentation_stream():

@@ -260,6 +260,20 @@ def _ddp_device(name: str, local_rank: int) -> torch.device:
     return device
 
 
+def _attempt_store() -> dist.Store:
+    """torchrun's store, seen under a prefix of this attempt (TORCHELASTIC_RESTART_COUNT).
+
+    torchrun's agent keeps one TCP store for every attempt of a group (its shared
+    rendezvous store, the default since torch 2.5) and `init_process_group` writes its keys
+    there unprefixed, so after a restart a rank can read the addresses of the dead group's
+    ranks: gloo then waits forever or is refused (pytorch/pytorch#135712; seen here as a
+    restarted 2-rank group stuck in `init_process_group`). Each attempt gets its own keys.
+    """
+    store, _, _ = next(dist.rendezvous("env://"))  # torch's choice of client or server
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"eanet/attempt-{attempt}", store)
+
+
 def setup(device: str = "auto") -> Distributed:
     """This process's place: the caller's process group, torchrun's, or a single process.
 
@@ -280,7 +294,8 @@ def setup(device: str = "auto") -> Distributed:
     dev = _ddp_device(device, local)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     try:
-        dist.init_process_group(backend=backend)
+        store = _attempt_store()
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
     except (ValueError, RuntimeError) as exc:
         raise EANetError(
             f"cannot join the process group as rank {rank} of {world} ({exc}); "
