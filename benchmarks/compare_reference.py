@@ -2,10 +2,11 @@
 
 For each model, `eanet bench` and `benchmarks/reference_keras.py` run one after the other
 (each in its own process, nothing else of ours running), `--rounds` times in alternation;
-eanet in each `--precisions` (Keras always fp32: the reference has no bf16 path); the medians
+eanet in each `--precisions` (Keras always fp32: the reference has no bf16 path), and with
+`--compiled` each of them under torch.compile too; the medians
 go into benchmarks/results/cpu/<machine class>/<stamp>-reference.json and a markdown table
 with the ratios, the targets and the CPU's flags (.../reference_comparison.md); the machine
-class is avx2, avx512 or avx512-bf16, from /proc/cpuinfo:
+class is avx2, avx512, avx512-bf16 or amx-bf16, from /proc/cpuinfo:
 
     python benchmarks/compare_reference.py --keras-python /path/to/keras-venv/bin/python
 
@@ -52,12 +53,16 @@ def measure(model: str, args: argparse.Namespace) -> list[dict]:
     ours_cmd = [sys.executable, "-m", "eanet", "bench", "--model", MODELS[model]]
     ours_cmd += ["--device", "cpu", *common]
     ref_cmd = [args.keras_python, "benchmarks/reference_keras.py", "--model", model, *common]
-    ours: dict[str, list[dict]] = {p: [] for p in args.precisions}
+    variants = [(p, False) for p in args.precisions]
+    variants += [(p, True) for p in args.precisions] if args.compiled else []
+    ours: dict[tuple[str, bool], list[dict]] = {v: [] for v in variants}
     ref: list[dict] = []
     for r in range(args.rounds):
-        for p in args.precisions:
-            print(f"[{model}] round {r + 1}/{args.rounds}: eanet {p} ...", file=sys.stderr)
-            ours[p].append(run_json([*ours_cmd, "--precision", p]))
+        for p, compiled in variants:
+            name = f"{p}{' compiled' if compiled else ''}"
+            print(f"[{model}] round {r + 1}/{args.rounds}: eanet {name} ...", file=sys.stderr)
+            extra = ["--compile"] if compiled else []
+            ours[(p, compiled)].append(run_json([*ours_cmd, "--precision", p, *extra]))
         print(f"[{model}] round {r + 1}/{args.rounds}: keras ...", file=sys.stderr, flush=True)
         ref.append(run_json(ref_cmd))
 
@@ -65,11 +70,12 @@ def measure(model: str, args: argparse.Namespace) -> list[dict]:
         return statistics.median(row[key] for row in rows)
 
     out = []
-    for p, rows in ours.items():
+    for (p, compiled), rows in ours.items():
         out.append(
             {
                 "model": model,
                 "precision": rows[0]["precision"],
+                "compile": compiled,
                 "eanet_train_img_s": med(rows, "train_img_s"),
                 "eanet_infer_img_s": med(rows, "infer_img_s"),
                 "keras_train_img_s": med(ref, "train_img_s"),
@@ -107,7 +113,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         f"path); batch {args.batch_size}, median of {args.steps} steps after {args.warmup} "
         f"warm-up, {args.rounds} alternating round(s); command: `python "
         f"benchmarks/compare_reference.py --rounds {args.rounds} --steps {args.steps} "
-        f"--precisions {' '.join(args.precisions)}`.",
+        f"--precisions {' '.join(args.precisions)}{' --compiled' if args.compiled else ''}`.",
         "",
         "| model | eanet precision | | eanet img/s | Keras fp32 img/s | ratio "
         "| eanet share of the matmul peak |",
@@ -119,7 +125,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         peak = peak or r["matmul_peak_gflops"]
         for i, (kind, label) in enumerate((("train", "training step"), ("infer", "inference"))):
             lines.append(
-                f"| {r['model']} | {r['precision']} | {label} | {r[f'eanet_{kind}_img_s']:.1f} | "
+                f"| {r['model']} | {r['precision']}{' + compile' if r.get('compile') else ''} "
+                f"| {label} | {r[f'eanet_{kind}_img_s']:.1f} | "
                 f"{r[f'keras_{kind}_img_s']:.1f} | {_verdict(r[f'{kind}_ratio'], targets[i])} | "
                 f"{r[f'eanet_{kind}_fraction_of_peak']:.0%} of {peak:.0f} GFLOP/s "
                 f"({r['precision']}) |"
@@ -128,9 +135,11 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
 
 
 def machine_class(env: dict) -> str:
-    """'avx512-bf16', 'avx512' or 'avx2': which results folder a run belongs to."""
+    """'amx-bf16', 'avx512-bf16', 'avx512' or 'avx2': which results folder a run belongs to."""
     flags = set(env.get("cpu_flags", []))
-    if flags & {"avx512_bf16", "amx_bf16"}:
+    if "amx_bf16" in flags:
+        return "amx-bf16"
+    if "avx512_bf16" in flags:
         return "avx512-bf16"
     return "avx512" if "avx512f" in flags else "avx2"
 
@@ -153,6 +162,12 @@ def main() -> None:
         choices=["fp32", "bf16", "auto"],
         default=["fp32", "bf16"],
         help="eanet's precisions to time against Keras fp32 (default: fp32 bf16)",
+    )
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also time each precision with `eanet bench --compile` (torch.compile of the "
+        "training step and of the forward pass)",
     )
     args = parser.parse_args()
     rows = [row for m in args.models for row in measure(m, args)]

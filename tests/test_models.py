@@ -202,14 +202,32 @@ def test_double_normalize_gradient():
 def test_keep_mask_rate_and_reproducibility():
     from eanet.models.fused import keep_mask, masked
 
+    like = torch.zeros(200, 1000)
     torch.manual_seed(1)
-    m = keep_mask((200, 1000), 0.2, torch.device("cpu"))
+    m = keep_mask(like, 0.2)
     assert m.dtype == torch.float32 and set(m.unique().tolist()) == {0.0, 1.0}
     assert abs(m.mean().item() - 0.8) < 0.005  # 200k draws: std 0.0009
     torch.manual_seed(1)
-    assert torch.equal(m, keep_mask((200, 1000), 0.2, torch.device("cpu")))
+    assert torch.equal(m, keep_mask(like, 0.2))
+    assert keep_mask(like.bfloat16(), 0.2).dtype == torch.bfloat16
     x = torch.randn(10)
     assert masked(x, 0.0) is x
+
+
+@pytest.mark.slow
+def test_compiled_masks_are_independent_draws_with_the_right_gradient():
+    """Under torch.compile every mask is its own draw (graphs merge calls with equal
+    arguments: two masks of one shape once came out identical), and the backward
+    multiplies by the very mask of the forward (not a fresh one)."""
+    from eanet.models.fused import masked
+
+    x = torch.randn(64, 512, requires_grad=True)
+    y = torch.randn(64, 512, requires_grad=True)
+    a, b = torch.compile(lambda x, y: (masked(x, 0.3), masked(y, 0.3)))(x, y)
+    assert not torch.equal(a != 0, b != 0)
+    assert abs((a != 0).float().mean().item() - 0.7) < 0.01
+    (a.sum() + 2 * b.sum()).backward()
+    assert torch.equal(x.grad, (a != 0).float()) and torch.equal(y.grad, 2 * (b != 0).float())
 
 
 def test_dropout_is_active_in_training_and_scaled_right():

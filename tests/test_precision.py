@@ -136,3 +136,48 @@ def test_fast_paths_match_the_reference_ops_under_bf16(name):
     for (name_, a), b in pairs:
         err = (a.grad - b.grad).norm()
         assert err <= 0.1 * b.grad.norm() + 1e-3 * whole.norm(), (name_, err.item())
+
+
+@pytest.mark.slow
+def test_compiled_forward_predicts_as_eager_in_evaluate_predict_api_and_serve(
+    tiny_run, small_sample, tmp_path, capsys
+):
+    """--compile (torch.compile of the forward pass) gives eager's logits in every inference
+    command; the served model compiles at load, for batches of any size."""
+    import json
+
+    from PIL import Image
+
+    from eanet import api, checkpoint
+    from eanet.cli.main import main
+    from eanet.evaluate import evaluate_checkpoint
+    from eanet.serve.model import ServedModel
+
+    model, _ = checkpoint.load_model(tiny_run, torch.device("cpu"))
+    x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    eager = predict_logits(model, x)
+    served = ServedModel(tiny_run, "cpu", compile=True)
+    assert served.compiled and not isinstance(served.runner, type(model))
+    for n in (5, 3):  # sizes it was not warmed up with
+        torch.testing.assert_close(served.forward(x[:n]), eager[:n], atol=1e-4, rtol=1e-4)
+    (got,) = api.load(tiny_run, device="cpu", compile=True).predict(x[0])
+    (want,) = api.load(tiny_run, device="cpu").predict(x[0])
+    assert got.indices == want.indices
+    assert max(abs(a - b) for a, b in zip(got.probabilities, want.probabilities)) < 1e-4
+    runs = [
+        evaluate_checkpoint(
+            tiny_run, data=small_sample, out_dir=tmp_path / str(c), progress=False, compile=c
+        )
+        for c in (False, True)
+    ]
+    assert abs(runs[0]["test_loss"] - runs[1]["test_loss"]) < 1e-4
+    assert runs[0]["test_top1"] == runs[1]["test_top1"]
+    png = tmp_path / "one.png"
+    Image.fromarray(x[0].permute(1, 2, 0).numpy()).save(png)
+    for extra in ([], ["--compile"]):
+        assert main(["predict", str(tiny_run), str(png), "--json", "--device", "cpu", *extra]) == 0
+    eager_line, compiled_line = capsys.readouterr().out.strip().splitlines()
+    def classes(line: str) -> list[int]:
+        return [p["index"] for p in json.loads(line)["predictions"]]
+
+    assert classes(eager_line) == classes(compiled_line)

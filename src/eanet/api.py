@@ -19,6 +19,7 @@ import torch
 from eanet import checkpoint
 from eanet.data.images import ImageLike
 from eanet.errors import DataError
+from eanet.inference import compiled_forward
 from eanet.models.config import ModelConfig
 from eanet.models.transformer import VisionTransformer
 from eanet.predict import Prediction, predict_batch
@@ -94,12 +95,17 @@ def _as_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
     return list(images)
 
 
-def load(path: str | Path, device: str = "auto", precision: str = "fp32") -> Classifier:
+def load(
+    path: str | Path, device: str = "auto", precision: str = "fp32", compile: bool = False
+) -> Classifier:
     """A Classifier from a checkpoint file or run directory (on cuda when available).
 
     `precision`: 'fp32' (default), 'bf16' or 'auto' (bf16 where the device runs it natively).
+    `compile`: predict through torch.compile (the first batches of a new size are slow).
     """
     dev = resolve_device(device)
     resolve_precision(precision, dev)  # an impossible precision fails here, not at predict
     model, ckpt = checkpoint.load_model(path, dev)
+    if compile:
+        model = compiled_forward(model)
     return Classifier(model, ckpt.class_names, ckpt.meta.to_dict(), precision)

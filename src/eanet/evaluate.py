@@ -11,7 +11,7 @@ from eanet.data.load import load_dataset
 from eanet.data.splits import train_val_split
 from eanet.errors import ConfigError
 from eanet.fileio import write_csv, write_json
-from eanet.inference import predict_logits
+from eanet.inference import compiled_forward, predict_logits
 from eanet.metrics import confusion_matrix, metrics_from_logits
 from eanet.plots import plot_confusion
 from eanet.runtime import resolve_device
@@ -34,12 +34,14 @@ def evaluate_checkpoint(
     data: ImageData | None = None,
     precision: str = "fp32",
     weights: str = "last",
+    compile: bool = False,
 ) -> dict:
     """Evaluate a checkpoint on a split of its data set; write per-class CSV and confusion PNG.
 
     The data set defaults to the one the checkpoint was trained on (from its train config);
     `data` skips loading when the caller already holds it. `weights`: a run's last, best or
     EMA weights (`checkpoint.load_model`); the files of best/EMA are named with a suffix.
+    `compile`: the forward pass under torch.compile (`inference.compiled_forward`).
     """
     dev = resolve_device(device)
     model, ckpt = checkpoint.load_model(path, dev, weights)
@@ -68,7 +70,8 @@ def evaluate_checkpoint(
         _, _, images, labels = train_val_split(data, frac)
     else:
         raise ConfigError(f"split {split!r} must be 'test' or 'val'")
-    logits = predict_logits(model, images, batch_size, progress, f"eval {split}", precision)
+    runner = compiled_forward(model) if compile else model
+    logits = predict_logits(runner, images, batch_size, progress, f"eval {split}", precision)
     m = metrics_from_logits(logits, labels, train_cfg.get("label_smoothing", 0.1))
     conf = confusion_matrix(logits.argmax(1), labels, data.num_classes)
     support = conf.sum(1)

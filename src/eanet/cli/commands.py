@@ -149,6 +149,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         progress=args.progress,
         precision=args.precision,
         weights=args.weights,
+        compile=args.compile,
     )
     if args.json:
         print(json.dumps(result, indent=2))
@@ -260,11 +261,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from eanet import checkpoint
+    from eanet.inference import compiled_forward
     from eanet.predict import Failure, check_top_k, expand_inputs, iter_predict_files
     from eanet.runtime import resolve_device
 
     check_top_k(args.top_k)
     model, ckpt = checkpoint.load_model(args.checkpoint, resolve_device(args.device), args.weights)
+    if args.compile:
+        model = compiled_forward(model)
     names = ckpt.class_names
     files, failures = expand_inputs(args.inputs)
     for f in failures:

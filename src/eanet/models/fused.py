@@ -21,31 +21,42 @@ import torch
 _WORD_BITS = 16  # resolution of the keep probability
 
 
-def keep_mask(
-    shape: torch.Size | tuple[int, ...],
-    p: float,
-    device: torch.device,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """A 0/1 mask of `dtype`, 1 with probability 1 - p (to 1/65536), from the global RNG."""
-    n = 1
-    for s in shape:
-        n *= s
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
+@torch.library.custom_op(
+    "eanet::random_halves", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
+)
+def random_halves(x: torch.Tensor) -> torch.Tensor:
+    """Random int16 values shaped as `x` (4 per 64-bit word of the global RNG).
+
+    An opaque op, so torch.compile calls it as one kernel instead of breaking its graph at
+    the in-place `random_` (and instead of its own, slower, per-element generator), and the
+    comparison and multiplication that follow fuse into the compiled code. It takes `x`
+    itself, not its shape: compiled graphs merge calls with equal arguments, and two masks
+    of one shape must still be two draws.
+    """
+    n = x.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
     words.random_(-(2**63), None)  # all 64 bits random (the default range leaves the top bit 0)
-    halves = words.view(torch.int16)[:n].view(shape)
+    return words.view(torch.int16)[:n].view(x.shape)
+
+
+@random_halves.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=torch.int16, device=x.device)
+
+
+def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A 0/1 mask shaped and typed as `x`, 1 with probability 1 - p (to 1/65536)."""
     threshold = -(2 ** (_WORD_BITS - 1)) + round(p * 2**_WORD_BITS)
-    mask = torch.empty(shape, dtype=dtype, device=device)
-    # comparing straight into a float tensor: one pass, and multiplying by a float mask
-    # is about 2x faster than torch.where or a bool mask on the CPU
-    return torch.ge(halves, threshold, out=mask)
+    # comparing straight into x's dtype: multiplying by a float mask is about 2x faster
+    # than torch.where or a bool mask on the CPU
+    return torch.ge(random_halves(x), threshold, out=torch.empty_like(x))
 
 
 def masked(x: torch.Tensor, p: float) -> torch.Tensor:
     """Zero each element with probability p, WITHOUT the 1/(1-p) rescale (the caller folds it)."""
     if p == 0.0:
         return x
-    return x * keep_mask(x.shape, p, x.device, x.dtype)
+    return x * keep_mask(x, p)
 
 
 class _DoubleNormalize(torch.autograd.Function):

@@ -46,7 +46,9 @@ class ServeState:
 
     def __init__(self, config: ServeConfig, served: ServedModel | None = None) -> None:
         self.config = config
-        self.served = served or ServedModel(config.checkpoint, config.device, config.precision)
+        self.served = served or ServedModel(
+            config.checkpoint, config.device, config.precision, config.compile
+        )
         self.batcher = Batcher(self.served.forward, config.max_batch, config.max_wait_ms)
         self.decoder = ImageDecoder(
             config.max_image_pixels, config.max_request_pixels, config.max_large_decodes
@@ -107,6 +109,7 @@ class ServeState:
             "class_names": s.class_names,
             "device": str(s.device),
             "precision": s.precision,
+            "compiled": s.compiled,
             "server": self.server_info(),
             "stats": self.stats(),
         }

@@ -34,6 +34,11 @@ class ServeConfig:
         "it natively)",
         choices=PRECISIONS,
     )
+    compile: bool = option(
+        False,
+        help="torch.compile the forward pass, compiled at start for every batch size (tens "
+        "of seconds before the server listens)",
+    )
     threads: int | None = option(
         None,
         help="torch threads per worker (default: cores / workers - 1, at least 1: a core is "

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from eanet import __version__, checkpoint
+from eanet.inference import compiled_forward
 from eanet.models.registry import count_parameters
 from eanet.runtime import autocast, resolve_device, resolve_precision
 
@@ -13,7 +14,9 @@ from eanet.runtime import autocast, resolve_device, resolve_precision
 class ServedModel:
     """A checkpoint loaded for serving: model, class names, name and version, forward pass."""
 
-    def __init__(self, path: str | Path, device: str = "auto", precision: str = "fp32") -> None:
+    def __init__(
+        self, path: str | Path, device: str = "auto", precision: str = "fp32", compile: bool = False
+    ) -> None:
         path = checkpoint.resolve(path)
         self.path = path
         self.model, ckpt = checkpoint.load_model(path, resolve_device(device))
@@ -26,6 +29,11 @@ class ServedModel:
         fallback = "eanet" if self.config.attention == "external" else "vit"
         self.name = str(self.meta.model_name or fallback)
         self.parameters = count_parameters(self.model)
+        self.compiled = compile
+        self.runner = compiled_forward(self.model) if compile else self.model
+        if compile:  # batches of 1 then 2: torch then compiles one graph for every size
+            for n in (1, 2):
+                self.forward(torch.zeros(n, 3, self.image_size, self.image_size, dtype=torch.uint8))
 
     @property
     def image_size(self) -> int:
@@ -44,4 +52,4 @@ class ServedModel:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 images [B, 3, S, S] -> float logits [B, classes] on the CPU."""
         with torch.inference_mode(), autocast(self.precision, self.device):
-            return self.model(x.to(self.device)).float().cpu()
+            return self.runner(x.to(self.device)).float().cpu()

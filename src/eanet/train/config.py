@@ -118,7 +118,9 @@ class TrainConfig:
     )
     compile: bool = option(
         False,
-        help="torch.compile the model for the training steps (on a CPU compiling costs minutes)",
+        help="torch.compile the model: the training step in `train`, the forward pass in "
+        "evaluate, predict and serve (compiling takes tens of seconds to minutes; on the CPU "
+        "it pays for inference, see docs/speed.md)",
         resume=CHANGE,
     )
     precision: str = option(
