@@ -163,7 +163,7 @@ def test_compiled_forward_predicts_as_eager_in_evaluate_predict_api_and_serve(
     (got,) = api.load(tiny_run, device="cpu", compile=True).predict(x[0])
     (want,) = api.load(tiny_run, device="cpu").predict(x[0])
     assert got.indices == want.indices
-    assert max(abs(a - b) for a, b in zip(got.probabilities, want.probabilities)) < 1e-4
+    torch.testing.assert_close(got.probabilities, want.probabilities, atol=1e-4, rtol=0)
     runs = [
         evaluate_checkpoint(
             tiny_run, data=small_sample, out_dir=tmp_path / str(c), progress=False, compile=c
@@ -177,6 +177,7 @@ def test_compiled_forward_predicts_as_eager_in_evaluate_predict_api_and_serve(
     for extra in ([], ["--compile"]):
         assert main(["predict", str(tiny_run), str(png), "--json", "--device", "cpu", *extra]) == 0
     eager_line, compiled_line = capsys.readouterr().out.strip().splitlines()
+
     def classes(line: str) -> list[int]:
         return [p["index"] for p in json.loads(line)["predictions"]]
 
