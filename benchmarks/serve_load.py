@@ -8,6 +8,10 @@ passes; writes benchmarks/results/serve_load.json and serve_load.md:
 
     python benchmarks/serve_load.py                       # the reference EANet, random weights
     python benchmarks/serve_load.py --checkpoint runs/demo --requests 600 --concurrency 32
+    python benchmarks/serve_load.py --precisions fp32 bf16 --compiled --out DIR
+
+`--precisions` repeats the pair for each server `--precision`; `--compiled` adds a dynamic
+batching run of each under `eanet serve --compile`.
 
 The images are real CIFAR-100 test images (the slice shipped in the package) as PNG files.
 The load generator runs on the same machine as the server and takes CPU from it.
@@ -56,6 +60,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--threads", type=int, help="server torch threads (default: one per core)")
+    p.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=["fp32", "bf16", "auto"],
+        default=["fp32"],
+        help="the server's --precision, one configuration pair each (default: fp32)",
+    )
+    p.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also each precision with `eanet serve --compile` (dynamic batching only)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     return p.parse_args()
 
@@ -119,17 +135,26 @@ async def load(url: str, pngs: list[bytes], args: argparse.Namespace, count: int
     }
 
 
-def measure(ckpt: Path, pngs: list[bytes], args: argparse.Namespace, max_batch: int) -> dict:
+def measure(
+    ckpt: Path,
+    pngs: list[bytes],
+    args: argparse.Namespace,
+    max_batch: int,
+    precision: str = "fp32",
+    compiled: bool = False,
+) -> dict:
     opts = ["--max-batch", str(max_batch), "--max-wait-ms", str(args.max_wait_ms)]
+    opts += ["--precision", precision] + (["--compile"] if compiled else [])
     opts += ["--device", "cpu", "--max-images", str(max(64, args.images_per_request))]
     if args.threads:
         opts += ["--threads", str(args.threads)]
-    with server_process(ckpt, *opts) as url:
+    with server_process(ckpt, *opts, timeout=600.0 if compiled else 120.0) as url:
         asyncio.run(load(url, pngs, args, args.warmup))
         before = httpx.get(f"{url}/health").json()
         r = asyncio.run(load(url, pngs, args, args.requests))
         after = httpx.get(f"{url}/health").json()
-        threads = httpx.get(f"{url}/info").json()["server"]["torch_threads"]
+        info = httpx.get(f"{url}/info").json()
+    threads = info["server"]["torch_threads"]
     lat = sorted(r["latencies"])
     q = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) > 1 else [0.0] * 99
     ok = len(lat)
@@ -137,6 +162,8 @@ def measure(ckpt: Path, pngs: list[bytes], args: argparse.Namespace, max_batch: 
     images = after["images_served"] - before["images_served"]
     return {
         "max_batch": max_batch,
+        "precision": info["precision"],
+        "compiled": info["compiled"],
         "max_wait_ms": args.max_wait_ms,
         "server_torch_threads": threads,
         "requests_ok": ok,
@@ -162,13 +189,14 @@ def table(rows: list[dict], args: argparse.Namespace, env: dict, model: str) -> 
         f"{env.get('cpu_model', env['processor'])}, {env['cpu_count']} cores, "
         f"torch {env['torch']} CPU, eanet {__version__}; client and server on the same machine.",
         "",
-        "| --max-batch | requests/s | images/s | p50 ms | p95 ms | p99 ms | errors "
+        "| --precision | --max-batch | requests/s | images/s | p50 ms | p95 ms | p99 ms | errors "
         "| forward passes | images/pass |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        compiled = " + compile" if r.get("compiled") else ""
         lines.append(
-            f"| {r['max_batch']} | {r['requests_per_s']} | {r['images_per_s']} | {r['p50_ms']} "
+            f"| {r.get('precision', 'fp32')}{compiled} | {r['max_batch']} | {r['requests_per_s']} | {r['images_per_s']} | {r['p50_ms']} "
             f"| {r['p95_ms']} | {r['p99_ms']} | {r['errors']} | {r['forward_passes']} "
             f"| {r['images_per_pass']} |"
         )
@@ -182,9 +210,12 @@ def main() -> int:
         ckpt = Path(args.checkpoint) if args.checkpoint else reference_checkpoint(Path(tmp))
         model = str(args.checkpoint or "eanet-cifar (reference, random weights)")
         rows = []
-        for max_batch in (args.max_batch, 1):
-            print(f"--max-batch {max_batch}: {args.requests} requests ...", file=sys.stderr)
-            rows.append(measure(ckpt, pngs, args, max_batch))
+        configs = [(p, b, False) for p in args.precisions for b in (args.max_batch, 1)]
+        configs += [(p, args.max_batch, True) for p in args.precisions] if args.compiled else []
+        for precision, max_batch, compiled in configs:
+            name = f"--precision {precision}{' --compile' if compiled else ''}"
+            print(f"{name} --max-batch {max_batch}: {args.requests} requests", file=sys.stderr)
+            rows.append(measure(ckpt, pngs, args, max_batch, precision, compiled))
             print(json.dumps(rows[-1]), file=sys.stderr)
     env = environment()
     md = table(rows, args, env, model)

@@ -199,6 +199,53 @@ def test_double_normalize_gradient():
     torch.testing.assert_close(q.sum(-1), torch.ones(2, 7, 3, dtype=torch.float64))
 
 
+def _normalize_with_grad(z: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from eanet.models.fused import double_normalize
+
+    z = z.detach().requires_grad_()
+    q = double_normalize(z, token_dim=1)
+    q.backward(g)
+    return q.float(), z.grad.float()
+
+
+@pytest.mark.slow
+def test_compiled_bf16_double_normalize_matches_eager(monkeypatch):
+    """bfloat16 on the CPU runs the double normalisation compiled; both compute in fp32, so
+    they agree to a unit or two of bfloat16's last place, forward and backward."""
+    from eanet.models import fused
+
+    torch.manual_seed(0)
+    z = torch.randn(4, 64, 16, 16).bfloat16()
+    g = torch.randn(4, 64, 16, 16).bfloat16()
+    compiled = _normalize_with_grad(z, g)
+    assert fused._compiled and fused.COMPILED_BF16_CPU["enabled"]  # the compiled path ran
+    monkeypatch.setitem(fused.COMPILED_BF16_CPU, "enabled", False)
+    eager = _normalize_with_grad(z, g)
+    for a, b in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=2**-7)  # atol: values near 0
+
+
+def test_without_a_working_compiler_the_bf16_normalisation_runs_eager(monkeypatch, caplog):
+    from eanet.models import fused
+
+    def broken(fn):
+        def call(*args):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+        return call
+
+    monkeypatch.setattr(fused, "_compiled", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setitem(fused.COMPILED_BF16_CPU, "enabled", True)
+    z, g = torch.randn(2, 8, 4, 4).bfloat16(), torch.randn(2, 8, 4, 4).bfloat16()
+    with caplog.at_level("WARNING", logger="eanet.models.fused"):
+        q, grad = _normalize_with_grad(z, g)
+    assert not fused.COMPILED_BF16_CPU["enabled"]
+    assert "unavailable (RuntimeError: InvalidCxxCompiler" in caplog.text
+    monkeypatch.setitem(fused.COMPILED_BF16_CPU, "enabled", False)
+    assert all(torch.equal(a, b) for a, b in zip((q, grad), _normalize_with_grad(z, g)))
+
+
 def test_keep_mask_rate_and_reproducibility():
     from eanet.models.fused import keep_mask, masked
 
