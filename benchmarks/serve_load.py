@@ -196,9 +196,9 @@ def table(rows: list[dict], args: argparse.Namespace, env: dict, model: str) -> 
     for r in rows:
         compiled = " + compile" if r.get("compiled") else ""
         lines.append(
-            f"| {r.get('precision', 'fp32')}{compiled} | {r['max_batch']} | {r['requests_per_s']} | {r['images_per_s']} | {r['p50_ms']} "
-            f"| {r['p95_ms']} | {r['p99_ms']} | {r['errors']} | {r['forward_passes']} "
-            f"| {r['images_per_pass']} |"
+            f"| {r.get('precision', 'fp32')}{compiled} | {r['max_batch']} "
+            f"| {r['requests_per_s']} | {r['images_per_s']} | {r['p50_ms']} | {r['p95_ms']} "
+            f"| {r['p99_ms']} | {r['errors']} | {r['forward_passes']} | {r['images_per_pass']} |"
         )
     return "\n".join(lines) + "\n"
 
