@@ -219,6 +219,7 @@ def test_compiled_bf16_double_normalize_matches_eager(monkeypatch):
     g = torch.randn(4, 64, 16, 16).bfloat16()
     compiled = _normalize_with_grad(z, g)
     assert fused._compiled and fused.COMPILED_BF16_CPU["enabled"]  # the compiled path ran
+    assert not fused._compiles(z)  # inference (no gradient): eager, no recompiles per size
     monkeypatch.setitem(fused.COMPILED_BF16_CPU, "enabled", False)
     eager = _normalize_with_grad(z, g)
     for a, b in zip(compiled, eager, strict=True):

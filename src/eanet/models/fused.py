@@ -85,19 +85,26 @@ def _normalize_backward(
     return torch._softmax_backward_data(grad_p, p, token_dim, p.dtype)
 
 
-# bfloat16 on the CPU: each pass of the double normalisation over (B, N, h, S) costs more
-# than the matmuls around it, so there it runs as torch.compile'd kernels (one fused pass
-# forward, one backward) where a C++ compiler works; measured on the AMX Xeon of
-# 2026-12-02, EANet's bf16 training step 161 -> 186 img/s, inference 511 -> 779 img/s
-# (docs/speed.md). In fp32 it did not pay (133 vs 132, inference 465 vs 422): eager there.
+# Training in bfloat16 on the CPU: each pass of the double normalisation over (B, N, h, S)
+# costs more than the matmuls around it, so there it runs as torch.compile'd kernels (one
+# fused pass forward, one backward) where a C++ compiler works; measured on the AMX Xeon of
+# 2026-12-02, EANet's bf16 training step 161 -> 185 img/s (docs/speed.md). In fp32 it did not
+# pay (133 vs 132 img/s). Not for inference: each new batch size recompiled it (a server's
+# p99 latency went to 940 ms); there `--compile` compiles the whole forward, warmed up.
 COMPILED_BF16_CPU = {"enabled": True}
 _compiled: dict = {}
 
 
-def _math(fn, z: torch.Tensor):
-    """`fn`, or its compiled twin for bfloat16 on the CPU (outside a compiled model)."""
-    use = z.dtype == torch.bfloat16 and z.device.type == "cpu" and COMPILED_BF16_CPU["enabled"]
-    if not use or torch.compiler.is_compiling():
+def _compiles(z: torch.Tensor) -> bool:
+    """Whether `z`'s normalisation runs compiled: training in bfloat16 on the CPU."""
+    cpu_bf16 = z.dtype == torch.bfloat16 and z.device.type == "cpu"
+    training = z.requires_grad and torch.is_grad_enabled()
+    return cpu_bf16 and training and COMPILED_BF16_CPU["enabled"]
+
+
+def _math(fn, compiles: bool):
+    """`fn`, or its compiled twin (not inside a model that is being compiled as a whole)."""
+    if not compiles or torch.compiler.is_compiling():
         return fn
     if fn not in _compiled:
         _compiled[fn] = torch.compile(fn)
@@ -121,18 +128,20 @@ class _DoubleNormalize(torch.autograd.Function):
     """q = softmax(z, token_dim) / (1e-9 + sum over the last (memory) axis)."""
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, token_dim: int) -> torch.Tensor:
-        p, denom, q = _math(_normalize_forward, z)(z, token_dim)
+    def forward(ctx, z: torch.Tensor, token_dim: int, compiles: bool) -> torch.Tensor:
+        p, denom, q = _math(_normalize_forward, compiles)(z, token_dim)
         ctx.save_for_backward(p, denom)
         ctx.token_dim = token_dim
+        ctx.compiles = compiles
         ctx.in_dtype = z.dtype
         return q
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         p, denom = ctx.saved_tensors
-        grad_z = _math(_normalize_backward, grad)(grad, p, denom, ctx.token_dim)
-        return grad_z.to(ctx.in_dtype), None
+        compiles = ctx.compiles and COMPILED_BF16_CPU["enabled"]
+        grad_z = _math(_normalize_backward, compiles)(grad, p, denom, ctx.token_dim)
+        return grad_z.to(ctx.in_dtype), None, None
 
 
 def double_normalize(z: torch.Tensor, token_dim: int = 1) -> torch.Tensor:
@@ -141,7 +150,7 @@ def double_normalize(z: torch.Tensor, token_dim: int = 1) -> torch.Tensor:
     The softmax and the sums run in fp32 whatever the input's dtype (as autocast runs
     torch's own softmax: 256 tokens and the memory sum lose too much in bfloat16's 8-bit
     mantissa); the result and the gradient come back in the input's dtype, so under
-    bfloat16 autocast the dropout mask and the next matmul stream half the bytes. In
-    bfloat16 on the CPU it runs compiled (`COMPILED_BF16_CPU`).
+    bfloat16 autocast the dropout mask and the next matmul stream half the bytes. Training
+    in bfloat16 on the CPU runs it compiled (`COMPILED_BF16_CPU`).
     """
-    return _DoubleNormalize.apply(z, token_dim)
+    return _DoubleNormalize.apply(z, token_dim, _compiles(z))
