@@ -62,7 +62,7 @@ def masked(x: torch.Tensor, p: float) -> torch.Tensor:
     """Zero each element with probability p, WITHOUT the 1/(1-p) rescale (the caller folds it)."""
     if p == 0.0:
         return x
-    return x * keep_mask(x, p)
+    return x * keep_mask(x.detach(), p)  # the mask is no function of x: no autograd node
 
 
 def _normalize_forward(z: torch.Tensor, token_dim: int) -> tuple[torch.Tensor, ...]:
