@@ -107,10 +107,16 @@ def _math(fn, compiles: bool):
     if not compiles or torch.compiler.is_compiling():
         return fn
     if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn)
-    compiled = _compiled[fn]
+        _compiled[fn] = _eager_on_failure(fn, torch.compile(fn))
+    return _compiled[fn]
+
+
+def _eager_on_failure(fn, compiled):
+    """`compiled`, falling back to `fn` for good (one warning) when compiling fails."""
 
     def call(*args):
+        if not COMPILED_BF16_CPU["enabled"]:
+            return fn(*args)
         try:
             return compiled(*args)
         except Exception as exc:  # no working C++ compiler, an inductor failure: eager
