@@ -20,7 +20,13 @@ from torch.profiler import ProfilerActivity, profile
 
 from eanet.data.augment import AugmentConfig
 from eanet.models.registry import create_model
-from eanet.runtime import autocast, environment, resolve_precision, set_threads
+from eanet.runtime import (
+    autocast,
+    environment,
+    resolve_precision,
+    set_threads,
+    tune_cpu_allocator,
+)
 from eanet.train.config import TrainConfig
 from eanet.train.step import make_optimizer, train_step
 
@@ -28,6 +34,7 @@ from eanet.train.step import make_optimizer, train_step
 def profile_step(cfg: TrainConfig, phase: str, steps: int, warmup: int) -> list[dict]:
     """Operator table (name, calls, self CPU ms per step, share) of `steps` profiled steps."""
     set_threads(cfg.threads)
+    tune_cpu_allocator()  # as `eanet train` and `eanet bench` do
     torch.manual_seed(0)
     dev = torch.device("cpu")
     model = create_model(cfg.model, **cfg.model_args)

@@ -208,44 +208,58 @@ def _normalize_with_grad(z: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor
     return q.float(), z.grad.float()
 
 
-@pytest.mark.slow
-def test_compiled_bf16_double_normalize_matches_eager(monkeypatch):
-    """bfloat16 on the CPU runs the double normalisation compiled; both compute in fp32, so
-    they agree to a unit or two of bfloat16's last place, forward and backward."""
-    from eanet.models import fused
+def _normalize_both_ways(monkeypatch, z, g):
+    """(q, dL/dz) by the native kernel and by torch's ops (the kernel switched off)."""
+    from eanet.models import native
 
+    assert native.available("double_normalize")  # this machine has a C compiler
+    fast = _normalize_with_grad(z, g)
+    monkeypatch.setitem(native.ENABLED, "native", False)
+    return fast, _normalize_with_grad(z, g)
+
+
+@pytest.mark.parametrize("shape", [(3, 256, 16, 16), (1, 7, 3, 5), (5, 64, 4, 16)])
+def test_native_double_normalize_matches_torch_in_fp32(monkeypatch, shape):
+    """The kernel (S = 16 unrolled, any other S generic; batches split over threads) gives
+    torch's values and gradients to fp32 rounding, also for a non-contiguous gradient."""
     torch.manual_seed(0)
-    z = torch.randn(4, 64, 16, 16).bfloat16()
+    z = torch.randn(shape) * 4
+    g = torch.randn(shape[:2] + (shape[3], shape[2])).transpose(-1, -2)  # strided
+    (q, grad), (q_ref, grad_ref) = _normalize_both_ways(monkeypatch, z, g)
+    torch.testing.assert_close(q, q_ref, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(grad, grad_ref, atol=1e-6, rtol=1e-4)
+
+
+def test_native_double_normalize_matches_torch_in_bf16(monkeypatch):
+    """bfloat16 in and out, fp32 inside either way: a unit or two of bf16's last place."""
+    torch.manual_seed(0)
+    z = (torch.randn(4, 64, 16, 16) * 4).bfloat16()
     g = torch.randn(4, 64, 16, 16).bfloat16()
-    compiled = _normalize_with_grad(z, g)
-    assert fused._compiled and fused.COMPILED_BF16_CPU["enabled"]  # the compiled path ran
-    assert not fused._compiles(z)  # inference (no gradient): eager, no recompiles per size
-    monkeypatch.setitem(fused.COMPILED_BF16_CPU, "enabled", False)
-    eager = _normalize_with_grad(z, g)
-    for a, b in zip(compiled, eager, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=2**-7)  # atol: values near 0
+    (q, grad), (q_ref, grad_ref) = _normalize_both_ways(monkeypatch, z, g)
+    torch.testing.assert_close(q, q_ref, atol=1e-6, rtol=2**-7)  # atol: values near 0
+    torch.testing.assert_close(grad, grad_ref, atol=1e-6, rtol=2**-7)
 
 
-def test_without_a_working_compiler_the_bf16_normalisation_runs_eager(monkeypatch, caplog):
-    from eanet.models import fused
+def test_native_double_normalize_keeps_extremes_finite(monkeypatch):
+    """Logits far apart (exp underflows to 0 for all but the largest) still sum to 1."""
+    z = torch.zeros(2, 8, 2, 4)
+    z[:, 0] = 200.0  # token 0 takes all the weight of every column
+    z[1, 3, 1, 2] = -1e30
+    (q, grad), (q_ref, grad_ref) = _normalize_both_ways(monkeypatch, z, torch.ones_like(z))
+    assert torch.isfinite(q).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(q, q_ref)
+    torch.testing.assert_close(grad, grad_ref)
 
-    def broken(fn):
-        def call(*args):
-            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
 
-        return call
+def test_model_runs_the_native_kernel_on_the_cpu():
+    from torch.profiler import profile
 
-    monkeypatch.setattr(fused, "_compiled", {})
-    monkeypatch.setattr(torch, "compile", broken)
-    monkeypatch.setitem(fused.COMPILED_BF16_CPU, "enabled", True)
-    z, g = torch.randn(2, 8, 4, 4).bfloat16(), torch.randn(2, 8, 4, 4).bfloat16()
-    with caplog.at_level("WARNING", logger="eanet.models.fused"):
-        q, grad = _normalize_with_grad(z, g)
-    assert not fused.COMPILED_BF16_CPU["enabled"]
-    assert "unavailable (RuntimeError: InvalidCxxCompiler" in caplog.text
-    monkeypatch.setitem(fused.COMPILED_BF16_CPU, "enabled", False)
-    q_eager, grad_eager = _normalize_with_grad(z, g)
-    assert torch.equal(q, q_eager) and torch.equal(grad, grad_eager)
+    model = create_model("eanet-cifar", depth=1).train()
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with profile() as prof:
+        model(x).sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    assert {"eanet::double_normalize_cpu", "eanet::double_normalize_cpu_backward"} <= names
 
 
 def test_keep_mask_rate_and_reproducibility():

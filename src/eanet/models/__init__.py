@@ -1,6 +1,7 @@
 """EANet and its ViT baseline, built exactly as the Keras example builds them.
 
-`config` (ModelConfig) -> `fused` (fast elementwise ops) -> `layers` -> `transformer`
+`config` (ModelConfig), `native` (hand-written CPU kernels, compiled at first use) ->
+`fused` (fast elementwise ops) -> `layers` -> `transformer`
 (EANet, ViT) -> `registry` (named variants). The public names are re-exported here.
 """
 

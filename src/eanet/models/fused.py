@@ -11,18 +11,19 @@ with its autograd backward. These functions compute the same values in fewer pas
   1/(1-p) rescale of dropout is folded by the caller into the next linear layer's
   weights, which costs nothing.
 - `double_normalize` is softmax over the tokens and division by the sum over the memory
-  slots, with a hand-written backward of three passes that reuses torch's softmax backward.
+  slots. On the CPU (fp32 or bf16) it runs the hand-written kernel of
+  kernels/double_normalize.c (`native`): one pass per batch element inside the cache,
+  forward and backward; measured on the AMX Xeon of 2026-12-02, EANet's bf16 inference
+  621 -> 1,206 img/s, bf16 training 175 -> 241, fp32 533 -> 774 and 148 -> 172
+  (docs/speed.md). Elsewhere (CUDA, float64, no C compiler) the torch ops below, with a
+  hand-written backward of three passes that reuses torch's softmax backward.
 """
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from eanet.errors import one_line
-
-log = logging.getLogger(__name__)
+import eanet.models.native as native
 
 _WORD_BITS = 16  # resolution of the keep probability
 
@@ -85,68 +86,78 @@ def _normalize_backward(
     return torch._softmax_backward_data(grad_p, p, token_dim, p.dtype)
 
 
-# Training in bfloat16 on the CPU: each pass of the double normalisation over (B, N, h, S)
-# costs more than the matmuls around it, so there it runs as torch.compile'd kernels (one
-# fused pass forward, one backward) where a C++ compiler works; measured on the AMX Xeon of
-# 2026-12-02, EANet's bf16 training step 161 -> 185 img/s (docs/speed.md). In fp32 it did not
-# pay (133 vs 132 img/s). Not for inference: each new batch size recompiled it (a server's
-# p99 latency went to 940 ms); there `--compile` compiles the whole forward, warmed up.
-COMPILED_BF16_CPU = {"enabled": True}
-_compiled: dict = {}
+@torch.library.custom_op("eanet::double_normalize_cpu", mutates_args=())
+def _native_forward(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, column max, column 1/sum) of z (B, N, h, S): kernels/double_normalize.c."""
+    B, N, h, S = z.shape
+    z = z.contiguous()
+    q = torch.empty_like(z)
+    colmax = z.new_empty((B, h * S), dtype=torch.float32)
+    colinv = torch.empty_like(colmax)
+    lib = native.library("double_normalize")
+    bf16 = int(z.dtype == torch.bfloat16)
+    ptrs = (z.data_ptr(), q.data_ptr(), colmax.data_ptr(), colinv.data_ptr())
+    native.split_batch(lib, lib.dn_forward, B, *ptrs, bf16, N, h * S, S)
+    return q, colmax, colinv
 
 
-def _compiles(z: torch.Tensor) -> bool:
-    """Whether `z`'s normalisation runs compiled: training in bfloat16 on the CPU."""
-    cpu_bf16 = z.dtype == torch.bfloat16 and z.device.type == "cpu"
-    training = z.requires_grad and torch.is_grad_enabled()
-    return cpu_bf16 and training and COMPILED_BF16_CPU["enabled"]
+@_native_forward.register_fake
+def _(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, _, h, S = z.shape
+    stats = z.new_empty((B, h * S), dtype=torch.float32)
+    return torch.empty_like(z), stats, torch.empty_like(stats)
 
 
-def _math(fn, compiles: bool):
-    """`fn`, or its compiled twin (not inside a model that is being compiled as a whole)."""
-    if not compiles or torch.compiler.is_compiling():
-        return fn
-    if fn not in _compiled:
-        _compiled[fn] = _eager_on_failure(fn, torch.compile(fn))
-    return _compiled[fn]
+@torch.library.custom_op("eanet::double_normalize_cpu_backward", mutates_args=())
+def _native_backward(
+    grad: torch.Tensor, z: torch.Tensor, colmax: torch.Tensor, colinv: torch.Tensor
+) -> torch.Tensor:
+    """dL/dz from dL/dq, recomputing the softmax from z and the forward's column statistics."""
+    B, N, h, S = z.shape
+    grad, z = grad.to(z.dtype).contiguous(), z.contiguous()
+    grad_z = torch.empty_like(z)
+    lib = native.library("double_normalize")
+    ptrs = (grad.data_ptr(), z.data_ptr(), colmax.data_ptr(), colinv.data_ptr())
+    bf16 = int(z.dtype == torch.bfloat16)
+    native.split_batch(lib, lib.dn_backward, B, *ptrs, grad_z.data_ptr(), bf16, N, h * S, S)
+    return grad_z
 
 
-def _eager_on_failure(fn, compiled):
-    """`compiled`, falling back to `fn` for good (one warning) when compiling fails."""
+@_native_backward.register_fake
+def _(grad, z, colmax, colinv) -> torch.Tensor:
+    return torch.empty_like(z)
 
-    def call(*args):
-        if not COMPILED_BF16_CPU["enabled"]:
-            return fn(*args)
-        try:
-            return compiled(*args)
-        except Exception as exc:  # no working C++ compiler, an inductor failure: eager
-            COMPILED_BF16_CPU["enabled"] = False
-            log.warning(
-                "the compiled bf16 double normalisation is unavailable (%s); running eager",
-                one_line(exc, with_type=True),
-            )
-            return fn(*args)
 
-    return call
+def _runs_native(z: torch.Tensor, token_dim: int) -> bool:
+    """Whether the native kernel computes z's normalisation: (B, N, h, S) on the CPU."""
+    layout = z.dim() == 4 and token_dim == 1 and z.device.type == "cpu"
+    return (
+        layout
+        and z.dtype in (torch.float32, torch.bfloat16)
+        and native.available("double_normalize")
+    )
 
 
 class _DoubleNormalize(torch.autograd.Function):
     """q = softmax(z, token_dim) / (1e-9 + sum over the last (memory) axis)."""
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, token_dim: int, compiles: bool) -> torch.Tensor:
-        p, denom, q = _math(_normalize_forward, compiles)(z, token_dim)
+    def forward(ctx, z: torch.Tensor, token_dim: int, native: bool) -> torch.Tensor:
+        ctx.token_dim, ctx.native, ctx.in_dtype = token_dim, native, z.dtype
+        if native:
+            q, colmax, colinv = _native_forward(z)
+            ctx.save_for_backward(z, colmax, colinv)
+            return q
+        p, denom, q = _normalize_forward(z, token_dim)
         ctx.save_for_backward(p, denom)
-        ctx.token_dim = token_dim
-        ctx.compiles = compiles
-        ctx.in_dtype = z.dtype
         return q
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        if ctx.native:
+            return _native_backward(grad, *ctx.saved_tensors), None, None
         p, denom = ctx.saved_tensors
-        compiles = ctx.compiles and COMPILED_BF16_CPU["enabled"]
-        grad_z = _math(_normalize_backward, compiles)(grad, p, denom, ctx.token_dim)
+        grad_z = _normalize_backward(grad, p, denom, ctx.token_dim)
         return grad_z.to(ctx.in_dtype), None, None
 
 
@@ -156,7 +167,7 @@ def double_normalize(z: torch.Tensor, token_dim: int = 1) -> torch.Tensor:
     The softmax and the sums run in fp32 whatever the input's dtype (as autocast runs
     torch's own softmax: 256 tokens and the memory sum lose too much in bfloat16's 8-bit
     mantissa); the result and the gradient come back in the input's dtype, so under
-    bfloat16 autocast the dropout mask and the next matmul stream half the bytes. Training
-    in bfloat16 on the CPU runs it compiled (`COMPILED_BF16_CPU`).
+    bfloat16 autocast the dropout mask and the next matmul stream half the bytes. On the
+    CPU, for (B, N, h, S) logits with the tokens on axis 1, it runs the native kernel.
     """
-    return _DoubleNormalize.apply(z, token_dim, _compiles(z))
+    return _DoubleNormalize.apply(z, token_dim, _runs_native(z, token_dim))

@@ -1,0 +1,214 @@
+/* External attention's double normalisation on the CPU, one batch element at a time.
+ *
+ * z is (B, N, C) contiguous, C = heads * S with the S memory slots of a head adjacent.
+ *   forward:  p = softmax of z over the N tokens (per column c, in fp32),
+ *             q = p / (1e-9 + sum of p over the S slots of its head), q in z's type.
+ *   backward: from g = dL/dq, dL/dz = p * (gp - sum_N(gp * p)) with
+ *             gp = (g - sum_S(g * p) / D) / D,  D = 1e-9 + sum_S p.
+ * One batch element's (N, C) slice of fp32 work (256 x 256 x 4 B = 256 KiB for EANet)
+ * stays in the core's cache, so z is read once and q written once, where torch's (and
+ * inductor's) kernels make four or five passes over the whole batch through memory.
+ * The backward recomputes p from z and the per-column max and 1/sum that the forward
+ * keeps (B x C floats), instead of saving p itself (B x N x C floats).
+ *
+ * Plain C, compiled at first use with -O3 -march=native by eanet.models.native; exp is a
+ * polynomial (Cephes' expf, about 1 ulp) that the compiler vectorises. Threads: built with
+ * -fopenmp (against the OpenMP runtime torch itself runs on, so that the two share one
+ * pool of threads), dn_forward and dn_backward split their range [b0, b1) of the batch
+ * over OpenMP's threads; built without, the caller splits the batch over its threads. `bf16`
+ * says whether the tensors (z, q, g, dL/dz) are bfloat16 (else float32); the statistics
+ * are always float32. They return 0, or 1 where the scratch memory could not be had.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define R restrict
+
+static void from_bf16(const uint16_t *R src, float *R dst, long n) {
+    uint32_t *R d = (uint32_t *)dst;
+    for (long i = 0; i < n; i++) d[i] = (uint32_t)src[i] << 16;
+}
+
+static void to_bf16(const float *R src, uint16_t *R dst, long n) {
+    const uint32_t *R s = (const uint32_t *)src;
+    for (long i = 0; i < n; i++) { /* round to nearest even; NaN stays NaN */
+        uint32_t u = s[i];
+        uint32_t r = u + 0x7FFFu + ((u >> 16) & 1u);
+        int nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+        dst[i] = (uint16_t)((nan ? 0x7FC00000u : r) >> 16);
+    }
+}
+
+static inline float exp_nonpositive(float x) { /* e^x for x <= 0; 0 below -87 */
+    float xc = x < -87.0f ? -87.0f : x;
+    /* n = round(x / ln 2) by the 1.5 * 2^23 trick (floorf would stop vectorisation) */
+    float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
+    return x < -87.0f ? 0.0f : p * scale.f;
+}
+
+/* mx[c] = max_n z[n, c]; inv[c] = 1 / sum_n e^(z - mx); e = e^(z - mx). */
+static inline __attribute__((always_inline)) void column_stats(
+    const float *R z, float *R mx, float *R inv, float *R e, long N, long C) {
+    for (long c = 0; c < C; c++) mx[c] = -3.0e38f, inv[c] = 0.0f;
+    for (long n = 0; n < N; n++)
+        for (long c = 0; c < C; c++) mx[c] = z[n * C + c] > mx[c] ? z[n * C + c] : mx[c];
+    for (long n = 0; n < N; n++)
+        for (long c = 0; c < C; c++) {
+            float v = exp_nonpositive(z[n * C + c] - mx[c]);
+            e[n * C + c] = v;
+            inv[c] += v;
+        }
+    for (long c = 0; c < C; c++) inv[c] = 1.0f / inv[c];
+}
+
+/* q = p / (1e-9 + sum_S p) row by row, p = e * inv (in place in e). */
+static inline __attribute__((always_inline)) void memory_normalize(
+    float *R e, const float *R inv, float *R q, long N, long C, long S) {
+    for (long n = 0; n < N; n++) {
+        float *R row = e + n * C;
+        for (long c = 0; c < C; c++) row[c] *= inv[c];
+        for (long h = 0; h < C; h += S) {
+            float d = 1e-9f;
+            for (long s = 0; s < S; s++) d += row[h + s];
+            for (long s = 0; s < S; s++) q[n * C + h + s] = row[h + s] / d;
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void forward_slice(
+    const float *R z, float *R q, float *R mx, float *R inv, float *R e, long N, long C,
+    long S) {
+    column_stats(z, mx, inv, e, N, C);
+    memory_normalize(e, inv, q, N, C, S);
+}
+
+/* dL/dz of one slice from g = dL/dq; p and gp are scratch (N x C), colsum (C). */
+static inline __attribute__((always_inline)) void backward_slice(
+    const float *R g, const float *R z, const float *R mx, const float *R inv,
+    float *R gz, float *R p, float *R gp, float *R colsum, long N, long C, long S) {
+    for (long c = 0; c < C; c++) colsum[c] = 0.0f;
+    for (long n = 0; n < N; n++) {
+        const float *R zr = z + n * C, *R gr = g + n * C;
+        float *R pr = p + n * C, *R gpr = gp + n * C;
+        for (long c = 0; c < C; c++) pr[c] = exp_nonpositive(zr[c] - mx[c]) * inv[c];
+        for (long h = 0; h < C; h += S) {
+            float d = 1e-9f, inner = 0.0f;
+            for (long s = 0; s < S; s++) d += pr[h + s], inner += gr[h + s] * pr[h + s];
+            inner /= d;
+            for (long s = 0; s < S; s++) gpr[h + s] = (gr[h + s] - inner) / d;
+        }
+        for (long c = 0; c < C; c++) colsum[c] += gpr[c] * pr[c];
+    }
+    for (long n = 0; n < N; n++)
+        for (long c = 0; c < C; c++) gz[n * C + c] = p[n * C + c] * (gp[n * C + c] - colsum[c]);
+}
+
+/* S = 16 (EANet's memory) gets its own copy with the slot loops unrolled. */
+#define BY_S(CALL16, CALL) \
+    if (S == 16) {         \
+        CALL16;            \
+    } else {               \
+        CALL;              \
+    }
+
+static int forward_range(const void *z, void *q, float *colmax, float *colinv, int bf16,
+                         long N, long C, long S, long b0, long b1) {
+    long M = N * C;
+    float *e = malloc(sizeof(float) * 3 * M), *zs = e + M, *qs = zs + M;
+    if (!e) return 1;
+    for (long b = b0; b < b1; b++) {
+        const float *zb = bf16 ? zs : (const float *)z + b * M;
+        float *qb = bf16 ? qs : (float *)q + b * M;
+        float *mx = colmax + b * C, *inv = colinv + b * C;
+        if (bf16) from_bf16((const uint16_t *)z + b * M, zs, M);
+        BY_S(forward_slice(zb, qb, mx, inv, e, N, C, 16),
+             forward_slice(zb, qb, mx, inv, e, N, C, S));
+        if (bf16) to_bf16(qs, (uint16_t *)q + b * M, M);
+    }
+    free(e);
+    return 0;
+}
+
+static int backward_range(const void *g, const void *z, const float *colmax,
+                          const float *colinv, void *gz, int bf16, long N, long C, long S,
+                          long b0, long b1) {
+    long M = N * C;
+    float *p = malloc(sizeof(float) * (5 * M + C)), *gp = p + M, *zs = gp + M;
+    float *gs = zs + M, *gzs = gs + M, *colsum = gzs + M;
+    if (!p) return 1;
+    for (long b = b0; b < b1; b++) {
+        const float *zb = bf16 ? zs : (const float *)z + b * M;
+        const float *gb = bf16 ? gs : (const float *)g + b * M;
+        float *gzb = bf16 ? gzs : (float *)gz + b * M;
+        const float *mx = colmax + b * C, *inv = colinv + b * C;
+        if (bf16) {
+            from_bf16((const uint16_t *)z + b * M, zs, M);
+            from_bf16((const uint16_t *)g + b * M, gs, M);
+        }
+        BY_S(backward_slice(gb, zb, mx, inv, gzb, p, gp, colsum, N, C, 16),
+             backward_slice(gb, zb, mx, inv, gzb, p, gp, colsum, N, C, S));
+        if (bf16) to_bf16(gzs, (uint16_t *)gz + b * M, M);
+    }
+    free(p);
+    return 0;
+}
+
+/* This thread's share [lo, hi) of [b0, b1) (the whole range without OpenMP). */
+static void share(long b0, long b1, long *lo, long *hi) {
+#ifdef _OPENMP
+    long t = omp_get_thread_num(), k = omp_get_num_threads();
+#else
+    long t = 0, k = 1;
+#endif
+    *lo = b0 + (b1 - b0) * t / k;
+    *hi = b0 + (b1 - b0) * (t + 1) / k;
+}
+
+int dn_forward(const void *z, void *q, float *colmax, float *colinv, int bf16, long N,
+               long C, long S, long b0, long b1) {
+    int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel reduction(| : failed)
+#endif
+    {
+        long lo, hi;
+        share(b0, b1, &lo, &hi);
+        if (lo < hi) failed |= forward_range(z, q, colmax, colinv, bf16, N, C, S, lo, hi);
+    }
+    return failed;
+}
+
+int dn_backward(const void *g, const void *z, const float *colmax, const float *colinv,
+                void *gz, int bf16, long N, long C, long S, long b0, long b1) {
+    int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel reduction(| : failed)
+#endif
+    {
+        long lo, hi;
+        share(b0, b1, &lo, &hi);
+        if (lo < hi) failed |= backward_range(g, z, colmax, colinv, gz, bf16, N, C, S, lo, hi);
+    }
+    return failed;
+}
+
+/* Whether this build runs its own threads (OpenMP: the runtime torch runs on). */
+int kernels_threaded(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}

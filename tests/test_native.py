@@ -1,0 +1,91 @@
+"""The native kernels: compiled once per source, compiler and CPU; torch's ops without them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eanet.models import native
+from eanet.models.fused import double_normalize
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """An empty kernel cache and no loaded library (restored afterwards)."""
+    monkeypatch.setenv("EANET_KERNELS", str(tmp_path / "kernels"))
+    native.library.cache_clear()
+    yield tmp_path / "kernels"
+    native.library.cache_clear()
+
+
+def test_built_once_into_the_cache(fresh):
+    assert native.library("double_normalize") is not None
+    (built,) = fresh.glob("double_normalize-*.so")
+    assert not list(fresh.glob(".*.tmp"))  # no stray temporary file
+    stamp = built.stat().st_mtime_ns
+    native.library.cache_clear()
+    assert native.library("double_normalize") is not None
+    assert built.stat().st_mtime_ns == stamp  # loaded from the cache, not rebuilt
+
+
+def test_shares_torchs_openmp_threads(fresh):
+    """Built against the OpenMP runtime torch runs on: one pool of threads, not two."""
+    runtime = native.openmp_runtime()
+    lib = native.library("double_normalize")
+    assert bool(lib.kernels_threaded()) == (runtime is not None)
+    with open("/proc/self/maps", encoding="utf-8") as f:
+        gomps = {line.split()[-1] for line in f if "libgomp" in line}
+    assert len(gomps) <= 1, gomps
+
+
+def _normalize(z):
+    z = z.detach().requires_grad_()
+    q = double_normalize(z, token_dim=1)
+    q.sum().backward()
+    return q, z.grad
+
+
+@pytest.mark.parametrize(
+    "cc, message", [("/nonexistent/cc", "no C compiler"), ("false", "kernels are off")]
+)
+def test_without_a_working_compiler_torchs_ops_run(fresh, monkeypatch, caplog, cc, message):
+    z = torch.randn(2, 8, 4, 4)
+    monkeypatch.setenv("CC", cc)
+    with caplog.at_level("WARNING", logger="eanet.models.native"):
+        q, grad = _normalize(z)
+        assert not native.available("double_normalize")
+    assert message in caplog.text and caplog.text.count("WARNING") == 1
+    assert not list(fresh.glob("*"))  # nothing half-built left behind
+    monkeypatch.setitem(native.ENABLED, "native", False)
+    q_ref, grad_ref = _normalize(z)
+    assert torch.equal(q, q_ref) and torch.equal(grad, grad_ref)
+
+
+def test_an_unwritable_cache_turns_the_kernels_off(fresh, monkeypatch, caplog):
+    blocker = fresh.parent / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("EANET_KERNELS", str(blocker / "kernels"))
+    with caplog.at_level("WARNING", logger="eanet.models.native"):
+        assert native.library("double_normalize") is None
+    assert "kernels are off" in caplog.text and str(blocker) in caplog.text
+
+
+def test_other_devices_and_dtypes_use_torchs_ops(monkeypatch):
+    from eanet.models import fused
+
+    assert fused._runs_native(torch.zeros(1, 4, 2, 2), 1)
+    assert not fused._runs_native(torch.zeros(1, 4, 2, 2, dtype=torch.float64), 1)
+    assert not fused._runs_native(torch.zeros(1, 4, 2, 2), 2)  # tokens not on axis 1
+    assert not fused._runs_native(torch.zeros(4, 2, 2), 1)
+
+
+def test_without_openmp_the_batch_is_split_over_python_threads(fresh, monkeypatch):
+    monkeypatch.setattr(native, "openmp_runtime", lambda: None)
+    assert not native.library("double_normalize").kernels_threaded()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    z = torch.randn(5, 16, 2, 8)
+    q, grad = _normalize(z)
+    monkeypatch.setitem(native.ENABLED, "native", False)
+    q_ref, grad_ref = _normalize(z)
+    torch.testing.assert_close(q, q_ref)
+    torch.testing.assert_close(grad, grad_ref)
