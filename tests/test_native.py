@@ -89,3 +89,45 @@ def test_without_openmp_the_batch_is_split_over_python_threads(fresh, monkeypatc
     q_ref, grad_ref = _normalize(z)
     torch.testing.assert_close(q, q_ref)
     torch.testing.assert_close(grad, grad_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_native_dropout_keeps_each_element_with_probability_1_minus_p(dtype, p):
+    from eanet.models.fused import masked
+
+    torch.manual_seed(0)
+    n = 1 << 20
+    x = (torch.rand(n) + 0.5).to(dtype).requires_grad_()  # no zeros of its own
+    y = masked(x, p)
+    keep = y != 0
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
+    assert torch.equal(y[keep], x[keep])  # kept values untouched (no rescale)
+    # no structure along the tensor: every residue mod 64 and both neighbours agree with p
+    by_residue = keep.view(-1, 64).float().mean(0)
+    assert (by_residue - (1 - p)).abs().max() < 6 * (p * (1 - p) / (n / 64)) ** 0.5
+    both = (keep[1:] & keep[:-1]).float().mean().item()
+    assert abs(both - (1 - p) ** 2) < 0.005
+    g = torch.randn(n).to(dtype)
+    y.backward(g)
+    assert torch.equal(x.grad, torch.where(keep, g, torch.zeros_like(g)))
+
+
+def test_native_dropout_draws_anew_each_call_and_follows_torchs_seed():
+    from eanet.models.fused import masked
+
+    x = torch.ones(4096)
+    torch.manual_seed(1)
+    a, b = masked(x, 0.5), masked(x, 0.5)
+    agree = (a == b).float().mean().item()
+    assert 0.45 < agree < 0.55  # independent masks agree half the time
+    torch.manual_seed(1)
+    assert torch.equal(masked(x, 0.5), a)
+
+
+def test_native_dropout_zeroes_dropped_nans():
+    from eanet.models.fused import masked
+
+    torch.manual_seed(0)
+    y = masked(torch.full((1000,), float("nan")), 0.5)
+    assert (y == 0).any() and y.isnan().any() and ((y == 0) | y.isnan()).all()

@@ -9,7 +9,9 @@ with its autograd backward. These functions compute the same values in fewer pas
   `bernoulli_` call per element: about 5x faster on the development CPU.
 - `masked` multiplies by a 0/1 float mask written directly by the comparison; the
   1/(1-p) rescale of dropout is folded by the caller into the next linear layer's
-  weights, which costs nothing.
+  weights, which costs nothing. On the CPU it runs kernels/dropout.c instead: draws from
+  a counter-based generator seeded from torch's, the mask applied in the same pass and
+  recomputed from the two seeds in the backward (no mask tensor at all).
 - `double_normalize` is softmax over the tokens and division by the sum over the memory
   slots. On the CPU (fp32 or bf16) it runs the hand-written kernel of
   kernels/double_normalize.c (`native`): one pass per batch element inside the cache,
@@ -63,7 +65,65 @@ def masked(x: torch.Tensor, p: float) -> torch.Tensor:
     """Zero each element with probability p, WITHOUT the 1/(1-p) rescale (the caller folds it)."""
     if p == 0.0:
         return x
+    if _native_masks(x):
+        return _native_dropout(x, p)[0]
     return x * keep_mask(x.detach(), p)  # the mask is no function of x: no autograd node
+
+
+def _native_masks(x: torch.Tensor) -> bool:
+    """Whether kernels/dropout.c masks `x`: float32 or bfloat16 on the CPU, < 2^31 elements."""
+    cpu = x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    return cpu and x.numel() < 2**31 and native.available("dropout")
+
+
+def _keep(x: torch.Tensor, seeds: torch.Tensor, p: float) -> torch.Tensor:
+    """x where the counter-based draws of `seeds` keep it (probability 1 - p), else 0."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    lib = native.library("dropout")
+    fn = lib.keep_32bit if x.element_size() == 4 else lib.keep_16bit
+    s1, s2 = (int(s) for s in seeds.tolist())
+    threshold = min(round(p * 2**32), 2**32 - 1)
+    native.split_batch(lib, fn, x.numel(), x.data_ptr(), y.data_ptr(), s1, s2, threshold)
+    return y
+
+
+@torch.library.custom_op(
+    "eanet::dropout_cpu", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
+)
+def _native_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x masked, the two 32-bit seeds of its mask), seeds drawn from torch's generator."""
+    seeds = torch.randint(0, 2**32, (2,), dtype=torch.int64)
+    return _keep(x, seeds, p), seeds
+
+
+@_native_dropout.register_fake
+def _(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty(2, dtype=torch.int64)
+
+
+@torch.library.custom_op("eanet::dropout_cpu_backward", mutates_args=())
+def _native_dropout_backward(grad: torch.Tensor, seeds: torch.Tensor, p: float) -> torch.Tensor:
+    """dL/dx: dL/dy under the same mask, recomputed from the seeds."""
+    return _keep(grad, seeds, p)
+
+
+@_native_dropout_backward.register_fake
+def _(grad: torch.Tensor, seeds: torch.Tensor, p: float) -> torch.Tensor:
+    return torch.empty_like(grad)
+
+
+def _dropout_setup(ctx, inputs, output) -> None:
+    ctx.p = inputs[1]
+    ctx.save_for_backward(output[1])
+
+
+def _dropout_grad(ctx, grad: torch.Tensor, _grad_seeds) -> tuple[torch.Tensor, None]:
+    (seeds,) = ctx.saved_tensors
+    return _native_dropout_backward(grad, seeds, ctx.p), None
+
+
+_native_dropout.register_autograd(_dropout_grad, setup_context=_dropout_setup)
 
 
 def _normalize_forward(z: torch.Tensor, token_dim: int) -> tuple[torch.Tensor, ...]:

@@ -37,11 +37,16 @@ SOURCES = Path(__file__).resolve().parent / "kernels"
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-shared", "-fPIC")
 OPENMP_RUNTIMES = ("libgomp",)  # what gcc's -fopenmp code calls (GOMP_parallel, ...)
 ENABLED = {"native": True}  # one switch (tests turn the kernels off to run torch's ops)
-_P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+_P, _L, _I, _U = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_uint32
 SIGNATURES = {
     "double_normalize": {
         "dn_forward": [_P, _P, _P, _P, _I, _L, _L, _L, _L, _L],
         "dn_backward": [_P, _P, _P, _P, _P, _I, _L, _L, _L, _L, _L],
+        "kernels_threaded": [],
+    },
+    "dropout": {
+        "keep_32bit": [_P, _P, _U, _U, _U, _L, _L],
+        "keep_16bit": [_P, _P, _U, _U, _U, _L, _L],
         "kernels_threaded": [],
     },
 }
@@ -76,7 +81,7 @@ def openmp_runtime() -> str | None:
 
 def _build(name: str, cc: str) -> Path:
     """The shared library of kernels/<name>.c for this compiler and CPU, compiled if missing."""
-    source = (SOURCES / f"{name}.c").read_bytes()
+    source = b"".join(p.read_bytes() for p in [SOURCES / f"{name}.c", *sorted(SOURCES.glob("*.h"))])
     model, cpu_flags = cpu_info()
     runtime = openmp_runtime()
     flags = [*FLAGS]
@@ -118,6 +123,7 @@ def library(name: str) -> ctypes.CDLL | None:
     return lib
 
 
+@torch.compiler.assume_constant_result  # torch.compile asks once, at tracing, not per call
 def available(name: str) -> bool:
     return ENABLED["native"] and library(name) is not None
 
@@ -128,8 +134,8 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 
 def split_batch(lib: ctypes.CDLL, fn, batch: int, *args) -> None:
-    """fn(*args, b0, b1) over the batch: one call where `lib` runs OpenMP threads itself,
-    else contiguous ranges on torch's number of Python threads."""
+    """fn(*args, b0, b1) over [0, batch) (batch elements, or tensor elements): one call where
+    `lib` runs OpenMP threads itself, else contiguous ranges on torch's number of threads."""
     workers = max(1, min(torch.get_num_threads(), batch))
     if workers == 1 or lib.kernels_threaded():
         failed = fn(*args, 0, batch)

@@ -19,28 +19,7 @@
  * says whether the tensors (z, q, g, dL/dz) are bfloat16 (else float32); the statistics
  * are always float32. They return 0, or 1 where the scratch memory could not be had.
  */
-#include <stdint.h>
-#include <stdlib.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
-#define R restrict
-
-static void from_bf16(const uint16_t *R src, float *R dst, long n) {
-    uint32_t *R d = (uint32_t *)dst;
-    for (long i = 0; i < n; i++) d[i] = (uint32_t)src[i] << 16;
-}
-
-static void to_bf16(const float *R src, uint16_t *R dst, long n) {
-    const uint32_t *R s = (const uint32_t *)src;
-    for (long i = 0; i < n; i++) { /* round to nearest even; NaN stays NaN */
-        uint32_t u = s[i];
-        uint32_t r = u + 0x7FFFu + ((u >> 16) & 1u);
-        int nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
-        dst[i] = (uint16_t)((nan ? 0x7FC00000u : r) >> 16);
-    }
-}
+#include "common.h"
 
 static inline float exp_nonpositive(float x) { /* e^x for x <= 0; 0 below -87 */
     float xc = x < -87.0f ? -87.0f : x;
@@ -82,7 +61,8 @@ static inline __attribute__((always_inline)) void memory_normalize(
         for (long h = 0; h < C; h += S) {
             float d = 1e-9f;
             for (long s = 0; s < S; s++) d += row[h + s];
-            for (long s = 0; s < S; s++) q[n * C + h + s] = row[h + s] / d;
+            float r = 1.0f / d;
+            for (long s = 0; s < S; s++) q[n * C + h + s] = row[h + s] * r;
         }
     }
 }
@@ -106,8 +86,9 @@ static inline __attribute__((always_inline)) void backward_slice(
         for (long h = 0; h < C; h += S) {
             float d = 1e-9f, inner = 0.0f;
             for (long s = 0; s < S; s++) d += pr[h + s], inner += gr[h + s] * pr[h + s];
-            inner /= d;
-            for (long s = 0; s < S; s++) gpr[h + s] = (gr[h + s] - inner) / d;
+            float r = 1.0f / d;
+            inner *= r;
+            for (long s = 0; s < S; s++) gpr[h + s] = (gr[h + s] - inner) * r;
         }
         for (long c = 0; c < C; c++) colsum[c] += gpr[c] * pr[c];
     }
@@ -165,17 +146,6 @@ static int backward_range(const void *g, const void *z, const float *colmax,
     return 0;
 }
 
-/* This thread's share [lo, hi) of [b0, b1) (the whole range without OpenMP). */
-static void share(long b0, long b1, long *lo, long *hi) {
-#ifdef _OPENMP
-    long t = omp_get_thread_num(), k = omp_get_num_threads();
-#else
-    long t = 0, k = 1;
-#endif
-    *lo = b0 + (b1 - b0) * t / k;
-    *hi = b0 + (b1 - b0) * (t + 1) / k;
-}
-
 int dn_forward(const void *z, void *q, float *colmax, float *colinv, int bf16, long N,
                long C, long S, long b0, long b1) {
     int failed = 0;
@@ -202,13 +172,4 @@ int dn_backward(const void *g, const void *z, const float *colmax, const float *
         if (lo < hi) failed |= backward_range(g, z, colmax, colinv, gz, bf16, N, C, S, lo, hi);
     }
     return failed;
-}
-
-/* Whether this build runs its own threads (OpenMP: the runtime torch runs on). */
-int kernels_threaded(void) {
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
 }
