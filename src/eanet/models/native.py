@@ -62,21 +62,32 @@ def _compiler_id(cc: str) -> str:
     return out.stdout.splitlines()[0] if out.stdout else cc
 
 
+def _mapped_libraries() -> set[str]:
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            return {line.split()[-1] for line in f if ".so" in line}
+    except OSError:
+        return set()
+
+
 def openmp_runtime() -> str | None:
     """The path of the OpenMP runtime torch runs on, where it is gcc's (libgomp), else None.
 
     Kernels built with -fopenmp against it share torch's threads; against a second runtime
-    they would spin beside torch's threads (measured: the kernel took 2x as long).
+    they would spin beside torch's threads (measured: the kernel took 2x as long). Other
+    packages bring their own libgomp (scikit-learn's wheels do): torch's is the one in its
+    own lib directory, or else the only one loaded.
     """
     if "OpenMP" not in torch.__config__.parallel_info():
         return None
-    try:
-        with open("/proc/self/maps", encoding="utf-8") as f:
-            paths = {line.split()[-1] for line in f if ".so" in line}
-    except OSError:
-        return None
-    found = sorted(p for p in paths if os.path.basename(p).startswith(OPENMP_RUNTIMES))
-    return found[0] if found else None
+    found = sorted(
+        p for p in _mapped_libraries() if os.path.basename(p).startswith(OPENMP_RUNTIMES)
+    )
+    torch_lib = str(Path(torch.__file__).resolve().parent / "lib")
+    own = [p for p in found if str(Path(p).resolve().parent) == torch_lib]
+    if own or len(found) == 1:
+        return (own or found)[0]
+    return None
 
 
 def _build(name: str, cc: str) -> Path:
