@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from eanet.data.augment import AugmentConfig
 from eanet.errors import ConfigError
+from eanet.models import native
 from eanet.models.layers import use_reference_ops
 from eanet.models.registry import count_parameters, create_model
 from eanet.models.transformer import VisionTransformer
@@ -144,6 +145,7 @@ class BenchResult:
     infer_fraction_of_peak: float
     peak_memory_mb: float
     peak_memory_kind: str
+    native_kernels: dict = field(default_factory=dict)  # models.native.status() on the CPU
     environment: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -230,6 +232,7 @@ def bench_model(
         train_fraction_of_peak=train_gflops / ceiling,
         infer_fraction_of_peak=infer_gflops / ceiling,
         **train_mem,
+        native_kernels=native.status() if dev.type == "cpu" else {},
         environment=environment(),
     )
 

@@ -362,6 +362,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         f"  matmul peak fp32 {r.matmul_peak_gflops:.1f}{bf16} GFLOP/s; {r.peak_memory_kind} "
         f"{r.peak_memory_mb:.0f} MB; forward {r.forward_macs_per_image / 1e9:.3f} GMACs/image"
     )
+    if r.native_kernels:
+        on, threads = r.native_kernels["on"], "OpenMP" if r.native_kernels["openmp"] else "threads"
+        kernels = f"{', '.join(on)} ({threads})" if on else "off (torch's ops)"
+        print(f"  native CPU kernels: {kernels}")
     return 0
 
 

@@ -139,6 +139,13 @@ def available(name: str) -> bool:
     return ENABLED["native"] and library(name) is not None
 
 
+def status() -> dict:
+    """Which kernels run here, and whether on OpenMP threads (for `eanet bench` and reports)."""
+    libs = {name: library(name) if ENABLED["native"] else None for name in SIGNATURES}
+    on = [name for name, lib in libs.items() if lib is not None]
+    return {"on": on, "openmp": bool(on) and bool(libs[on[0]].kernels_threaded())}
+
+
 @functools.cache
 def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="eanet-kernel")
