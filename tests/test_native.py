@@ -132,3 +132,23 @@ def test_native_dropout_zeroes_dropped_nans():
     torch.manual_seed(0)
     y = masked(torch.full((1000,), float("nan")), 0.5)
     assert (y == 0).any() and y.isnan().any() and ((y == 0) | y.isnan()).all()
+
+
+@pytest.mark.parametrize("n", [1, 1001, 4096])
+def test_native_dropout_draws_the_same_mask_for_fp32_and_bf16(n, fresh, monkeypatch):
+    """Element i's draw depends on i and the seeds only (bf16 goes two elements per word):
+    odd lengths, either thread split, either dtype give one mask."""
+    from eanet.models.fused import masked
+
+    x = torch.rand(n) + 0.5
+    torch.manual_seed(3)
+    a = masked(x, 0.3) != 0
+    torch.manual_seed(3)
+    b = masked(x.bfloat16(), 0.3) != 0
+    monkeypatch.setattr(native, "openmp_runtime", lambda: None)  # Python threads, 3 of them
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    native.library.cache_clear()
+    torch.manual_seed(3)
+    c = masked(x.bfloat16(), 0.3) != 0
+    assert not native.library("dropout").kernels_threaded()
+    assert torch.equal(a, b) and torch.equal(a, c)

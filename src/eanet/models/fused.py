@@ -83,8 +83,8 @@ def _keep(x: torch.Tensor, seeds: torch.Tensor, p: float) -> torch.Tensor:
     lib = native.library("dropout")
     fn = lib.keep_32bit if x.element_size() == 4 else lib.keep_16bit
     s1, s2 = (int(s) for s in seeds.tolist())
-    threshold = min(round(p * 2**32), 2**32 - 1)
-    native.split_batch(lib, fn, x.numel(), x.data_ptr(), y.data_ptr(), s1, s2, threshold)
+    threshold, n = min(round(p * 2**32), 2**32 - 1), x.numel()
+    native.split_batch(lib, fn, (n + 1) // 2, x.data_ptr(), y.data_ptr(), s1, s2, threshold, n)
     return y
 
 

@@ -45,8 +45,8 @@ SIGNATURES = {
         "kernels_threaded": [],
     },
     "dropout": {
-        "keep_32bit": [_P, _P, _U, _U, _U, _L, _L],
-        "keep_16bit": [_P, _P, _U, _U, _U, _L, _L],
+        "keep_32bit": [_P, _P, _U, _U, _U, _L, _L, _L],
+        "keep_16bit": [_P, _P, _U, _U, _U, _L, _L, _L],
         "kernels_threaded": [],
     },
 }
