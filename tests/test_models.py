@@ -260,6 +260,27 @@ def test_model_runs_the_native_kernel_on_the_cpu():
         model(x).sum().backward()
     names = {e.key for e in prof.key_averages()}
     assert {"eanet::double_normalize_cpu", "eanet::double_normalize_cpu_backward"} <= names
+    assert {"eanet::gelu_tanh_cpu", "eanet::gelu_tanh_cpu_backward"} <= names
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_tanh_gelu_matches_torch(dtype):
+    """The GELU kernel against F.gelu(approximate="tanh"): values and gradients, for a
+    non-contiguous input of odd length and the tails of tanh (|x| up to 30)."""
+    from eanet.models.fused import _native_gelu_applies, gelu_tanh
+
+    torch.manual_seed(0)
+    base = torch.cat([torch.randn(2, 1001) * 3, torch.linspace(-30, 30, 2002).view(2, -1)], 1)
+    x = base.to(dtype).t()  # strided
+    assert _native_gelu_applies(x)
+    g = torch.randn(x.shape).to(dtype)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    gelu_tanh(a).backward(g)
+    y_ref = F.gelu(b, approximate="tanh")
+    y_ref.backward(g)
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-6, "rtol": 2**-7}
+    torch.testing.assert_close(gelu_tanh(x).float(), y_ref.float(), **tol)
+    torch.testing.assert_close(a.grad.float(), b.grad.float(), **tol)
 
 
 def test_keep_mask_rate_and_reproducibility():

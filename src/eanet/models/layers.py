@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eanet.models.config import ModelConfig
-from eanet.models.fused import double_normalize, masked
+from eanet.models.fused import double_normalize, gelu_tanh, masked
 
 
 def native_dropout(x: torch.Tensor) -> bool:
@@ -198,7 +198,8 @@ class Mlp(nn.Module):
             return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
         p = self.drop.p if self.training else 0.0
         s = 1.0 / (1.0 - p)  # both dropout rescales folded into fc2
-        h = masked(self.act(self.fc1(x)), p)
+        act = gelu_tanh if self.act.approximate == "tanh" else self.act
+        h = masked(act(self.fc1(x)), p)
         return masked(F.linear(h, self.fc2.weight * (s * s), self.fc2.bias * s), p)
 
 

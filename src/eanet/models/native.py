@@ -44,6 +44,11 @@ SIGNATURES = {
         "dn_backward": [_P, _P, _P, _P, _P, _I, _L, _L, _L, _L, _L],
         "kernels_threaded": [],
     },
+    "gelu": {
+        "gelu_forward": [_P, _P, _I, _L, _L, _L],
+        "gelu_backward": [_P, _P, _P, _I, _L, _L, _L],
+        "kernels_threaded": [],
+    },
     "dropout": {
         "keep_32bit": [_P, _P, _U, _U, _U, _L, _L, _L],
         "keep_16bit": [_P, _P, _U, _U, _U, _L, _L, _L],

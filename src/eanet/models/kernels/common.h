@@ -1,4 +1,4 @@
-/* What the kernels share: bfloat16 conversion, and the split of work over OpenMP threads.
+/* What the kernels share: bfloat16 conversion, e^x, and the split of work over OpenMP threads.
  * Each kernel file includes it once and is compiled into its own library.
  */
 #ifndef EANET_KERNELS_COMMON_H
@@ -30,6 +30,22 @@ static inline void to_bf16(const float *R src, uint16_t *R dst, long n) {
         int nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
         dst[i] = (uint16_t)((nan ? 0x7FC00000u : r) >> 16);
     }
+}
+
+static inline float exp_nonpositive(float x) { /* e^x for x <= 0; 0 below -87 */
+    float xc = x < -87.0f ? -87.0f : x;
+    /* n = round(x / ln 2) by the 1.5 * 2^23 trick (floorf would stop vectorisation) */
+    float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
+    return x < -87.0f ? 0.0f : p * scale.f;
 }
 
 /* This thread's share [lo, hi) of [b0, b1) (the whole range without OpenMP). */
