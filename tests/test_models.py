@@ -283,6 +283,108 @@ def test_native_tanh_gelu_matches_torch(dtype):
     torch.testing.assert_close(a.grad.float(), b.grad.float(), **tol)
 
 
+def _layer_norm_both_ways(dim, rows, grad_dtype):
+    """(fused.layer_norm, torch's LayerNorm cast to bf16) under CPU bf16 autocast: outputs
+    and the gradients of x, weight and bias for the same upstream gradient."""
+    from eanet.models.fused import _native_norm_applies, layer_norm
+
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(dim, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(rows, 3, dim) * 3 + 1  # a mean far from 0: no cancellation allowed
+    g = torch.randn(rows, 3, dim).to(grad_dtype)
+    results = []
+    for fn in (layer_norm, lambda module, t: module(t).bfloat16()):
+        a = x.clone().requires_grad_()
+        norm.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert _native_norm_applies(norm, a)
+            y = fn(norm, a)
+        y.backward(g)
+        results.append((y, a.grad, norm.weight.grad.clone(), norm.bias.grad.clone()))
+    return results
+
+
+@pytest.mark.parametrize(
+    ("dim", "rows", "grad_dtype"),
+    [(64, 700, torch.bfloat16), (48, 5, torch.bfloat16), (64, 9, torch.float32)],
+)
+def test_native_layer_norm_matches_torch(dim, rows, grad_dtype):
+    """The LayerNorm kernel against torch's LayerNorm + cast: the result in bf16 (the same
+    rounding of the same fp32 values, to a unit of bf16's last place), the gradients in fp32
+    (the weight's summed over 3 x 700 rows: more than one block of the kernel)."""
+    (y, gx, gw, gb), (y_ref, gx_ref, gw_ref, gb_ref) = _layer_norm_both_ways(dim, rows, grad_dtype)
+    assert y.dtype == torch.bfloat16 and gx.dtype == torch.float32
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=1e-6, rtol=2**-7)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gw, gw_ref, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(gb, gb_ref, atol=1e-3, rtol=1e-4)
+
+
+def test_native_add_layer_norm_matches_torch():
+    """The residual add fused into the norm: s = x + h (fp32 stream, bf16 branch) and
+    LayerNorm(s) in bf16, against torch's add, LayerNorm and cast; gradients of x, h, the
+    weights, with gradients arriving both through the norm and along the stream."""
+    from eanet.models.fused import add_layer_norm
+
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x, h = torch.randn(300, 64) * 2 + 1, torch.randn(300, 64).bfloat16()
+    g_s, g_y = torch.randn(300, 64), torch.randn(300, 64).bfloat16()
+
+    def run(fused):
+        a, b = x.clone().requires_grad_(), h.clone().requires_grad_()
+        norm.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fused:
+                s, y = add_layer_norm(norm, a, b)
+            else:
+                s = a + b
+                y = norm(s).bfloat16()
+        torch.autograd.backward([s, y], [g_s, g_y])
+        return s, y, a.grad, b.grad, norm.weight.grad.clone(), norm.bias.grad.clone()
+
+    (s, y, gx, gh, gw, gb), ref = run(True), run(False)
+    assert torch.equal(s, ref[0]) and y.dtype == torch.bfloat16 and gh.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref[1].float(), atol=1e-6, rtol=2**-7)
+    torch.testing.assert_close(gx, ref[2], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gh.float(), ref[3].float(), atol=1e-6, rtol=2**-7)
+    torch.testing.assert_close(gw, ref[4], atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(gb, ref[5], atol=1e-3, rtol=1e-4)
+
+
+def test_native_layer_norm_only_where_its_result_goes_to_bf16():
+    """Outside bf16 autocast (fp32 training, the reference's numerics), for a bf16 input or
+    a norm without affine weights, and with the reference's ops, torch's LayerNorm runs."""
+    from torch.profiler import profile
+
+    from eanet.models import use_reference_ops
+    from eanet.models.fused import _native_norm_applies
+
+    norm, x = torch.nn.LayerNorm(64), torch.randn(2, 64)
+    assert not _native_norm_applies(norm, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _native_norm_applies(norm, x)
+        assert not _native_norm_applies(norm, x.bfloat16())
+        assert not _native_norm_applies(torch.nn.LayerNorm(64, elementwise_affine=False), x)
+    model = create_model("eanet-cifar", depth=1).train()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+
+    def ops(m):
+        with profile() as prof, torch.autocast("cpu", dtype=torch.bfloat16):
+            m(images).float().sum().backward()
+        return {e.key for e in prof.key_averages()}
+
+    fused = {"eanet::layer_norm_cpu", "eanet::add_layer_norm_cpu", "eanet::layer_norm_cpu_backward"}
+    assert fused <= ops(model)
+    assert not fused & ops(use_reference_ops(model))
+
+
 def test_keep_mask_rate_and_reproducibility():
     from eanet.models.fused import keep_mask, masked
 

@@ -287,3 +287,159 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     if _native_gelu_applies(x):
         return _native_gelu(x)
     return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+def _norm_to_bf16(x: torch.Tensor) -> bool:
+    """Whether LayerNorm's result goes straight into bfloat16 matmuls: CPU bf16 autocast."""
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def _native_norm_applies(norm: torch.nn.LayerNorm, x: torch.Tensor) -> bool:
+    """Whether kernels/layer_norm.c computes `norm(x)`: an affine LayerNorm over the last
+    axis of fp32 `x` on the CPU, outside torch.compile (whose own code fuses the norm with
+    its neighbours), where the result is wanted in bfloat16."""
+    affine = norm.weight is not None and norm.bias is not None and len(norm.normalized_shape) == 1
+    cpu = x.device.type == "cpu" and x.dtype == torch.float32
+    return (
+        affine
+        and cpu
+        and norm.weight.dtype == torch.float32
+        and x.numel() < 2**31
+        and _norm_to_bf16(x)
+        and not torch.compiler.is_compiling()
+        and native.available("layer_norm")
+    )
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _norm_forward(x, residual, weight, bias, eps: float, bf16_out: bool):
+    """(x + residual or None, y, mean, 1/std) by kernels/layer_norm.c."""
+    x, D = x.contiguous(), x.shape[-1]
+    rows = x.numel() // D
+    stream = None if residual is None else torch.empty_like(x)
+    residual = None if residual is None else residual.contiguous()
+    y = torch.empty(x.shape, dtype=torch.bfloat16 if bf16_out else x.dtype)
+    mean = torch.empty(rows, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    tensors = (x, residual, weight.contiguous(), bias.contiguous(), stream, y, mean, rstd)
+    lib = native.library("layer_norm")
+    native.split_batch(lib, lib.ln_forward, rows, *map(_ptr, tensors), int(bf16_out), D, eps)
+    return stream, y, mean, rstd
+
+
+def _norm_fake(x, bf16_out: bool):
+    rows = x.numel() // x.shape[-1]
+    y = torch.empty(x.shape, dtype=torch.bfloat16 if bf16_out else x.dtype)
+    return y, x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("eanet::layer_norm_cpu", mutates_args=())
+def _native_layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, bf16_out: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, 1/std) of LayerNorm over fp32 x's last axis: kernels/layer_norm.c."""
+    return _norm_forward(x, None, weight, bias, eps, bf16_out)[1:]
+
+
+@_native_layer_norm.register_fake
+def _(x, weight, bias, eps, bf16_out):
+    return _norm_fake(x, bf16_out)
+
+
+@torch.library.custom_op("eanet::add_layer_norm_cpu", mutates_args=())
+def _native_add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(s = x + residual in fp32, LayerNorm(s) in bf16, mean, 1/std), in one pass."""
+    return _norm_forward(x, residual, weight, bias, eps, True)
+
+
+@_native_add_layer_norm.register_fake
+def _(x, residual, weight, bias, eps):
+    return (torch.empty_like(x), *_norm_fake(x, True))
+
+
+@torch.library.custom_op("eanet::layer_norm_cpu_backward", mutates_args=())
+def _native_layer_norm_backward(
+    grad: torch.Tensor,
+    grad_stream: torch.Tensor | None,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    residual_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dL/dx, dL/dresidual in bf16 (empty without one), dL/dweight, dL/dbias) from
+    dL/dy (fp32 or bf16) and, for the add, the residual stream's own gradient (fp32)."""
+    if grad.dtype != torch.bfloat16:
+        grad = grad.float()
+    grad, x, D = grad.contiguous(), x.contiguous(), x.shape[-1]
+    grad_stream = None if grad_stream is None else grad_stream.float().contiguous()
+    rows = x.numel() // D
+    lib = native.library("layer_norm")
+    blocks = -(-rows // lib.ln_block_rows())
+    grad_x, part = torch.empty_like(x), torch.empty((blocks, 2, D), dtype=torch.float32)
+    grad_h = torch.empty(x.shape if residual_grad else 0, dtype=torch.bfloat16)
+    tensors = (grad, grad_stream, x, weight.contiguous(), mean, rstd, grad_x)
+    ptrs = [*map(_ptr, tensors), grad_h.data_ptr() if residual_grad else None, part.data_ptr()]
+    g_bf16 = int(grad.dtype == torch.bfloat16)
+    native.split_batch(lib, lib.ln_backward, blocks, *ptrs, g_bf16, D, rows)
+    return grad_x, grad_h, part[:, 0].sum(0), part[:, 1].sum(0)
+
+
+@_native_layer_norm_backward.register_fake
+def _(grad, grad_stream, x, weight, mean, rstd, residual_grad):
+    grad_h = torch.empty(x.shape if residual_grad else 0, dtype=torch.bfloat16)
+    return torch.empty_like(x), grad_h, torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _norm_setup(ctx, inputs, output) -> None:
+    x, weight = inputs[0], inputs[1]
+    ctx.save_for_backward(x, weight, output[1], output[2])
+
+
+def _norm_grad(ctx, grad, _grad_mean, _grad_rstd):
+    grad_x, _, grad_w, grad_b = _native_layer_norm_backward(grad, None, *ctx.saved_tensors, False)
+    return grad_x, grad_w, grad_b, None, None
+
+
+_native_layer_norm.register_autograd(_norm_grad, setup_context=_norm_setup)
+
+
+def _add_norm_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[0], inputs[2], output[2], output[3])  # s, weight, mean, rstd
+
+
+def _add_norm_grad(ctx, grad_stream, grad, _grad_mean, _grad_rstd):
+    s, weight, mean, rstd = ctx.saved_tensors
+    grad_x, grad_h, grad_w, grad_b = _native_layer_norm_backward(
+        grad, grad_stream, s, weight, mean, rstd, True
+    )
+    return grad_x, grad_h, grad_w, grad_b, None
+
+
+_native_add_layer_norm.register_autograd(_add_norm_grad, setup_context=_add_norm_setup)
+
+
+def layer_norm(norm: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """norm(x); under CPU bf16 autocast by kernels/layer_norm.c with the result in bfloat16
+    (what the next linear layer would cast it to), in one pass each way."""
+    if _native_norm_applies(norm, x):
+        return _native_layer_norm(x, norm.weight, norm.bias, norm.eps, True)[0]
+    return norm(x)
+
+
+def add_layer_norm(
+    norm: torch.nn.LayerNorm, x: torch.Tensor, residual: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, norm(s)) with s = x + residual: a block's residual add and the next pre-norm.
+    Under CPU bf16 autocast (fp32 stream x, bf16 branch output) in one kernel pass each way."""
+    fused = residual.dtype == torch.bfloat16 and residual.shape == x.shape
+    if fused and residual.device == x.device and _native_norm_applies(norm, x):
+        s, y, _, _ = _native_add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
+        return s, y
+    s = x + residual
+    return s, layer_norm(norm, s)

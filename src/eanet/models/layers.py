@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eanet.models.config import ModelConfig
-from eanet.models.fused import double_normalize, gelu_tanh, masked
+from eanet.models.fused import add_layer_norm, double_normalize, gelu_tanh, layer_norm, masked
 
 
 def native_dropout(x: torch.Tensor) -> bool:
@@ -228,11 +228,33 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
         self.mlp = Mlp(cfg)
         self.drop_path = drop_path
+        self.fast_norm = True  # `fused.layer_norm` and `fused.add_layer_norm` (CPU, bf16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, branch = self.forward_parts(x)
+        return x + branch
+
+    def forward_parts(
+        self, x: torch.Tensor, pending: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stream, branch): this block's output is stream + branch, for the input x + pending
+        (the previous block's last branch, not yet added). The adds are left to the next
+        LayerNorm, so that each runs in that norm's kernel pass (`fused.add_layer_norm`)."""
         p, training = self.drop_path, self.training
-        x = x + drop_path(self.attn(self.norm1(x)), p, training)
-        return x + drop_path(self.mlp(self.norm2(x)), p, training)
+        x, h = self._add_norm(self.norm1, x, pending)
+        x, h = self._add_norm(self.norm2, x, drop_path(self.attn(h), p, training))
+        return x, drop_path(self.mlp(h), p, training)
+
+    def _add_norm(
+        self, norm: nn.LayerNorm, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, norm(x + residual)), residual None meaning 0."""
+        if not self.fast_norm:
+            x = x if residual is None else x + residual
+            return x, norm(x)
+        if residual is None:
+            return x, layer_norm(norm, x)
+        return add_layer_norm(norm, x, residual)
 
 
 # The switches between each layer's fast equivalent and the reference's literal ops.
@@ -240,6 +262,7 @@ FAST_PATH_SWITCHES = {
     ExternalAttention: "fold_memories",
     SelfAttention: "explicit_attention",
     Mlp: "cheap_dropout",
+    Block: "fast_norm",
 }
 
 

@@ -34,10 +34,18 @@ from eanet.runtime import cpu_info
 log = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).resolve().parent / "kernels"
-FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-shared", "-fPIC")
+FLAGS = (
+    "-O3",
+    "-march=native",
+    "-mprefer-vector-width=512",
+    "-shared",
+    "-fPIC",
+    "-fopenmp-simd",
+    "-lm",
+)
 OPENMP_RUNTIMES = ("libgomp",)  # what gcc's -fopenmp code calls (GOMP_parallel, ...)
 ENABLED = {"native": True}  # one switch (tests turn the kernels off to run torch's ops)
-_P, _L, _I, _U = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_uint32
+_P, _L, _I, _U, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_uint32, ctypes.c_float
 SIGNATURES = {
     "double_normalize": {
         "dn_forward": [_P, _P, _P, _P, _I, _L, _L, _L, _L, _L],
@@ -47,6 +55,12 @@ SIGNATURES = {
     "gelu": {
         "gelu_forward": [_P, _P, _I, _L, _L, _L],
         "gelu_backward": [_P, _P, _P, _I, _L, _L, _L],
+        "kernels_threaded": [],
+    },
+    "layer_norm": {
+        "ln_forward": [_P] * 8 + [_I, _L, _F, _L, _L],
+        "ln_backward": [_P] * 9 + [_I, _L, _L, _L, _L],
+        "ln_block_rows": [],
         "kernels_threaded": [],
     },
     "dropout": {

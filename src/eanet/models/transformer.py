@@ -37,9 +37,10 @@ class VisionTransformer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images (B, C, H, W) -> tokens (B, N, dim)."""
         x = self.patch_embed(x)
+        pending = None  # each block's last residual add is left to the next block's norm
         for block in self.blocks:
-            x = block(x)
-        return x
+            x, pending = block.forward_parts(x, pending)
+        return x if pending is None else x + pending
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens (B, N, dim) -> logits (B, num_classes)."""

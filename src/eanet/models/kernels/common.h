@@ -6,6 +6,7 @@
 
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -30,6 +31,15 @@ static inline void to_bf16(const float *R src, uint16_t *R dst, long n) {
         int nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
         dst[i] = (uint16_t)((nan ? 0x7FC00000u : r) >> 16);
     }
+}
+
+/* Element i of a float32 (bf16 = 0) or bfloat16 (1) array, as float32; vectorises. */
+static inline float load_f32(const void *p, int bf16, long i) {
+    if (!bf16) return ((const float *)p)[i];
+    uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
 }
 
 static inline float exp_nonpositive(float x) { /* e^x for x <= 0; 0 below -87 */

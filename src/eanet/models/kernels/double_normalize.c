@@ -6,13 +6,15 @@
  *   backward: from g = dL/dq, dL/dz = p * (gp - sum_N(gp * p)) with
  *             gp = (g - sum_S(g * p) / D) / D,  D = 1e-9 + sum_S p.
  * One batch element's (N, C) slice of fp32 work (256 x 256 x 4 B = 256 KiB for EANet)
- * stays in the core's cache, so z is read once and q written once, where torch's (and
- * inductor's) kernels make four or five passes over the whole batch through memory.
+ * stays in the core's cache: z is read twice (max, then exp) in its own type and q written
+ * once, where torch's (and inductor's) kernels make four or five passes over the whole
+ * batch through memory.
  * The backward recomputes p from z and the per-column max and 1/sum that the forward
  * keeps (B x C floats), instead of saving p itself (B x N x C floats).
  *
- * Plain C, compiled at first use with -O3 -march=native by eanet.models.native; exp is a
- * polynomial (Cephes' expf, about 1 ulp) that the compiler vectorises. Threads: built with
+ * C, compiled at first use with -O3 -march=native by eanet.models.native; exp is a
+ * polynomial (Cephes' expf, about 1 ulp) that the compiler vectorises; on AVX-512 the sums
+ * over the memory slots use intrinsics (below). Threads: built with
  * -fopenmp (against the OpenMP runtime torch itself runs on, so that the two share one
  * pool of threads), dn_forward and dn_backward split their range [b0, b1) of the batch
  * over OpenMP's threads; built without, the caller splits the batch over its threads. `bf16`
@@ -21,86 +23,174 @@
  */
 #include "common.h"
 
-/* mx[c] = max_n z[n, c]; inv[c] = 1 / sum_n e^(z - mx); e = e^(z - mx). */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* AVX-512, S = 16: a row's 16 heads of 16 slots are 16 vectors, and their 16 sums over the
+ * slots come out as one vector from a tree of shuffles and adds (45 instructions for all
+ * 16, where the compiler's code sums each head on its own, in order), with one division
+ * for the row. Elsewhere (AVX2, other S) the plain loops below. */
+#define TREE 1
+/* per 128 bits: a0+a2, b0+b2, a1+a3, b1+b3 (two heads, half summed) */
+static inline __m512 pair_sums(__m512 a, __m512 b) {
+    return _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+}
+static inline __m512 quad_sums(__m512 a, __m512 b) {
+    __m512d x = _mm512_castps_pd(a), y = _mm512_castps_pd(b);
+    return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+}
+static inline __m512 block_sums(__m512 a, __m512 b) { /* across the 128-bit blocks */
+    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+/* lane h of the result = the sum of v[h]'s 16 lanes */
+static inline __m512 sums16(const __m512 *v) {
+    __m512 w[8], x[4];
+    for (int i = 0; i < 8; i++) w[i] = pair_sums(v[2 * i], v[2 * i + 1]);
+    for (int i = 0; i < 4; i++) x[i] = quad_sums(w[2 * i], w[2 * i + 1]);
+    return block_sums(block_sums(x[0], x[1]), block_sums(x[2], x[3]));
+}
+static inline __m512 lane(__m512 v, int h) { return _mm512_permutexvar_ps(_mm512_set1_epi32(h), v); }
+
+/* 16 heads of one row: q = p / (1e-9 + sum_S p), p = e * inv. */
+static inline void normalize_heads16(const float *R e, const float *R inv, float *R q) {
+    __m512 v[16];
+    for (int h = 0; h < 16; h++)
+        v[h] = _mm512_mul_ps(_mm512_loadu_ps(e + 16 * h), _mm512_loadu_ps(inv + 16 * h));
+    __m512 d = _mm512_add_ps(sums16(v), _mm512_set1_ps(1e-9f));
+    __m512 r = _mm512_div_ps(_mm512_set1_ps(1.0f), d);
+    for (int h = 0; h < 16; h++) _mm512_storeu_ps(q + 16 * h, _mm512_mul_ps(v[h], lane(r, h)));
+}
+
+/* 16 heads of one row of the backward: gp = (g - sum_S(g * p) / D) / D, D = 1e-9 + sum_S p. */
+static inline void grad_heads16(const float *R g, const float *R p, float *R gp) {
+    __m512 vp[16], vg[16];
+    for (int h = 0; h < 16; h++) {
+        vp[h] = _mm512_loadu_ps(p + 16 * h);
+        vg[h] = _mm512_mul_ps(_mm512_loadu_ps(g + 16 * h), vp[h]);
+    }
+    __m512 r = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(sums16(vp), _mm512_set1_ps(1e-9f)));
+    __m512 inner = _mm512_mul_ps(sums16(vg), r);
+    for (int h = 0; h < 16; h++) {
+        __m512 gh = _mm512_sub_ps(_mm512_loadu_ps(g + 16 * h), lane(inner, h));
+        _mm512_storeu_ps(gp + 16 * h, _mm512_mul_ps(gh, lane(r, h)));
+    }
+}
+#else
+#define TREE 0
+static inline void normalize_heads16(const float *R e, const float *R inv, float *R q) {
+    (void)e, (void)inv, (void)q;
+}
+static inline void grad_heads16(const float *R g, const float *R p, float *R gp) {
+    (void)g, (void)p, (void)gp;
+}
+#endif
+
+/* mx[c] = max_n z[n, c]; inv[c] = 1 / sum_n e^(z - mx); e = e^(z - mx) (fp32). */
 static inline __attribute__((always_inline)) void column_stats(
-    const float *R z, float *R mx, float *R inv, float *R e, long N, long C) {
+    const void *z, int bf16, float *R mx, float *R inv, float *R e, long N, long C) {
     for (long c = 0; c < C; c++) mx[c] = -3.0e38f, inv[c] = 0.0f;
     for (long n = 0; n < N; n++)
-        for (long c = 0; c < C; c++) mx[c] = z[n * C + c] > mx[c] ? z[n * C + c] : mx[c];
+        for (long c = 0; c < C; c++) {
+            float v = load_f32(z, bf16, n * C + c);
+            mx[c] = v > mx[c] ? v : mx[c];
+        }
     for (long n = 0; n < N; n++)
         for (long c = 0; c < C; c++) {
-            float v = exp_nonpositive(z[n * C + c] - mx[c]);
+            float v = exp_nonpositive(load_f32(z, bf16, n * C + c) - mx[c]);
             e[n * C + c] = v;
             inv[c] += v;
         }
     for (long c = 0; c < C; c++) inv[c] = 1.0f / inv[c];
 }
 
-/* q = p / (1e-9 + sum_S p) row by row, p = e * inv (in place in e). */
-static inline __attribute__((always_inline)) void memory_normalize(
-    float *R e, const float *R inv, float *R q, long N, long C, long S) {
-    for (long n = 0; n < N; n++) {
-        float *R row = e + n * C;
-        for (long c = 0; c < C; c++) row[c] *= inv[c];
-        for (long h = 0; h < C; h += S) {
-            float d = 1e-9f;
-            for (long s = 0; s < S; s++) d += row[h + s];
-            float r = 1.0f / d;
-            for (long s = 0; s < S; s++) q[n * C + h + s] = row[h + s] * r;
-        }
+/* One row: out = p / (1e-9 + sum_S p), p = e * inv. */
+static inline __attribute__((always_inline)) void normalize_row(
+    const float *R e, const float *R inv, float *R out, long C, long S) {
+    if (TREE && S == 16 && C % 256 == 0) {
+        for (long c = 0; c < C; c += 256) normalize_heads16(e + c, inv + c, out + c);
+        return;
+    }
+    for (long h = 0; h < C; h += S) {
+        float d = 1e-9f;
+        for (long s = 0; s < S; s++) d += e[h + s] * inv[h + s];
+        float r = 1.0f / d;
+        for (long s = 0; s < S; s++) out[h + s] = e[h + s] * inv[h + s] * r;
     }
 }
 
+/* One slice: q (z's type) from z; `row` is C floats of scratch, e N x C. */
 static inline __attribute__((always_inline)) void forward_slice(
-    const float *R z, float *R q, float *R mx, float *R inv, float *R e, long N, long C,
-    long S) {
-    column_stats(z, mx, inv, e, N, C);
-    memory_normalize(e, inv, q, N, C, S);
+    const void *z, void *q, int bf16, float *R mx, float *R inv, float *R e, float *R row,
+    long N, long C, long S) {
+    column_stats(z, bf16, mx, inv, e, N, C);
+    for (long n = 0; n < N; n++) {
+        float *R out = bf16 ? row : (float *)q + n * C;
+        normalize_row(e + n * C, inv, out, C, S);
+        if (bf16) to_bf16(row, (uint16_t *)q + n * C, C);
+    }
 }
 
-/* dL/dz of one slice from g = dL/dq; p and gp are scratch (N x C), colsum (C). */
+/* One row of dL/dp (before the softmax): gp = (g - sum_S(g * p) / D) / D, D = 1e-9 + sum_S p. */
+static inline __attribute__((always_inline)) void grad_row(
+    const float *R g, const float *R p, float *R gp, long C, long S) {
+    if (TREE && S == 16 && C % 256 == 0) {
+        for (long c = 0; c < C; c += 256) grad_heads16(g + c, p + c, gp + c);
+        return;
+    }
+    for (long h = 0; h < C; h += S) {
+        float d = 1e-9f, inner = 0.0f;
+        for (long s = 0; s < S; s++) d += p[h + s], inner += g[h + s] * p[h + s];
+        float r = 1.0f / d;
+        inner *= r;
+        for (long s = 0; s < S; s++) gp[h + s] = (g[h + s] - inner) * r;
+    }
+}
+
+/* dL/dz of one slice (z's type) from g = dL/dq; p and gp are scratch (N x C), colsum and
+ * row (C). */
 static inline __attribute__((always_inline)) void backward_slice(
-    const float *R g, const float *R z, const float *R mx, const float *R inv,
-    float *R gz, float *R p, float *R gp, float *R colsum, long N, long C, long S) {
+    const void *g, const void *z, int bf16, const float *R mx, const float *R inv, void *gz,
+    float *R p, float *R gp, float *R colsum, float *R row, long N, long C, long S) {
     for (long c = 0; c < C; c++) colsum[c] = 0.0f;
     for (long n = 0; n < N; n++) {
-        const float *R zr = z + n * C, *R gr = g + n * C;
         float *R pr = p + n * C, *R gpr = gp + n * C;
-        for (long c = 0; c < C; c++) pr[c] = exp_nonpositive(zr[c] - mx[c]) * inv[c];
-        for (long h = 0; h < C; h += S) {
-            float d = 1e-9f, inner = 0.0f;
-            for (long s = 0; s < S; s++) d += pr[h + s], inner += gr[h + s] * pr[h + s];
-            float r = 1.0f / d;
-            inner *= r;
-            for (long s = 0; s < S; s++) gpr[h + s] = (gr[h + s] - inner) * r;
+        for (long c = 0; c < C; c++) {
+            pr[c] = exp_nonpositive(load_f32(z, bf16, n * C + c) - mx[c]) * inv[c];
+            row[c] = load_f32(g, bf16, n * C + c);
         }
+        grad_row(row, pr, gpr, C, S);
         for (long c = 0; c < C; c++) colsum[c] += gpr[c] * pr[c];
     }
-    for (long n = 0; n < N; n++)
-        for (long c = 0; c < C; c++) gz[n * C + c] = p[n * C + c] * (gp[n * C + c] - colsum[c]);
+    for (long n = 0; n < N; n++) {
+        float *R out = bf16 ? row : (float *)gz + n * C;
+        for (long c = 0; c < C; c++) out[c] = p[n * C + c] * (gp[n * C + c] - colsum[c]);
+        if (bf16) to_bf16(row, (uint16_t *)gz + n * C, C);
+    }
 }
 
-/* S = 16 (EANet's memory) gets its own copy with the slot loops unrolled. */
-#define BY_S(CALL16, CALL) \
-    if (S == 16) {         \
-        CALL16;            \
-    } else {               \
-        CALL;              \
+/* The slices' types and S = 16 (EANet's memory) get their own copies, loops unrolled. */
+#define BY_TYPE_AND_S(CALL)                  \
+    if (bf16 && S == 16) {                   \
+        CALL(1, 16);                         \
+    } else if (S == 16) {                    \
+        CALL(0, 16);                         \
+    } else {                                 \
+        CALL(bf16, S);                       \
     }
 
 static int forward_range(const void *z, void *q, float *colmax, float *colinv, int bf16,
                          long N, long C, long S, long b0, long b1) {
-    long M = N * C;
-    float *e = malloc(sizeof(float) * 3 * M), *zs = e + M, *qs = zs + M;
+    long M = N * C, size = bf16 ? 2 : 4;
+    float *e = malloc(sizeof(float) * (M + C));
     if (!e) return 1;
     for (long b = b0; b < b1; b++) {
-        const float *zb = bf16 ? zs : (const float *)z + b * M;
-        float *qb = bf16 ? qs : (float *)q + b * M;
+        const char *zb = (const char *)z + b * M * size;
+        char *qb = (char *)q + b * M * size;
         float *mx = colmax + b * C, *inv = colinv + b * C;
-        if (bf16) from_bf16((const uint16_t *)z + b * M, zs, M);
-        BY_S(forward_slice(zb, qb, mx, inv, e, N, C, 16),
-             forward_slice(zb, qb, mx, inv, e, N, C, S));
-        if (bf16) to_bf16(qs, (uint16_t *)q + b * M, M);
+#define FORWARD(T, S_) forward_slice(zb, qb, T, mx, inv, e, e + M, N, C, S_)
+        BY_TYPE_AND_S(FORWARD)
+#undef FORWARD
     }
     free(e);
     return 0;
@@ -109,22 +199,18 @@ static int forward_range(const void *z, void *q, float *colmax, float *colinv, i
 static int backward_range(const void *g, const void *z, const float *colmax,
                           const float *colinv, void *gz, int bf16, long N, long C, long S,
                           long b0, long b1) {
-    long M = N * C;
-    float *p = malloc(sizeof(float) * (5 * M + C)), *gp = p + M, *zs = gp + M;
-    float *gs = zs + M, *gzs = gs + M, *colsum = gzs + M;
+    long M = N * C, size = bf16 ? 2 : 4;
+    float *p = malloc(sizeof(float) * (2 * M + 2 * C)), *gp = p + M, *colsum = gp + M;
     if (!p) return 1;
     for (long b = b0; b < b1; b++) {
-        const float *zb = bf16 ? zs : (const float *)z + b * M;
-        const float *gb = bf16 ? gs : (const float *)g + b * M;
-        float *gzb = bf16 ? gzs : (float *)gz + b * M;
+        long at = b * M * size;
+        const char *gb = (const char *)g + at, *zb = (const char *)z + at;
+        char *gzb = (char *)gz + at;
         const float *mx = colmax + b * C, *inv = colinv + b * C;
-        if (bf16) {
-            from_bf16((const uint16_t *)z + b * M, zs, M);
-            from_bf16((const uint16_t *)g + b * M, gs, M);
-        }
-        BY_S(backward_slice(gb, zb, mx, inv, gzb, p, gp, colsum, N, C, 16),
-             backward_slice(gb, zb, mx, inv, gzb, p, gp, colsum, N, C, S));
-        if (bf16) to_bf16(gzs, (uint16_t *)gz + b * M, M);
+#define BACKWARD(T, S_) \
+    backward_slice(gb, zb, T, mx, inv, gzb, p, gp, colsum, colsum + C, N, C, S_)
+        BY_TYPE_AND_S(BACKWARD)
+#undef BACKWARD
     }
     free(p);
     return 0;
