@@ -3,11 +3,13 @@
     python benchmarks/fast_paths.py
     ATEN_CPU_CAPABILITY=avx2 python benchmarks/fast_paths.py --kernel-march haswell
 
-Times the training step (batch 128, median of 5 after 2 warm-up) of EANet with the native
-CPU kernels (`models.native`: double normalisation and dropout), with torch's ops and the
-cheap dropout masks (`models.fused.keep_mask`), and with torch's dropout; of ViT with the
-explicit attention + native masks, + cheap masks, and torch's fused attention (SDPA) with
-its own dropout; in fp32 and bf16. Prints one line per variant and writes
+Times the training step (batch 128, median of 5 after 2 warm-up) and inference (median of 10
+after 2) of EANet with the native CPU kernels (`models.native`: double normalisation, GELU,
+LayerNorm with the residual add, dropout), with them but torch's LayerNorm and adds, with
+torch's ops and the cheap dropout masks (`models.fused.keep_mask`), and with torch's
+dropout; of ViT with the explicit attention + native masks (with and without the LayerNorm
+kernel), + cheap masks, and torch's fused attention (SDPA) with its own dropout; in fp32
+and bf16 (the LayerNorm kernel runs in bf16 only). Prints one line per variant and writes
 benchmarks/results/cpu/<machine class>/fast_paths[-<march>].json with the CPU's model and
 flags. `--kernel-march` builds the kernels for another CPU than this one (-march=...), and
 torch's ATEN_CPU_CAPABILITY=avx2 makes torch run its AVX2 kernels: together, an AVX2
@@ -29,24 +31,39 @@ from eanet.data.augment import AugmentConfig
 from eanet.models import layers, native
 from eanet.models.layers import SelfAttention
 from eanet.models.registry import create_model
-from eanet.runtime import environment, tune_cpu_allocator
+from eanet.runtime import autocast, environment, tune_cpu_allocator
 from eanet.train.config import TrainConfig
 from eanet.train.step import make_optimizer, train_step
 
 sys.path.insert(0, str(Path(__file__).parent))
 from compare_reference import RESULTS, machine_class  # noqa: E402
 
-VARIANTS = [  # (model, label, torch's dropout?, explicit attention?, native kernels?)
-    ("eanet-cifar", "native kernels", False, True, True),
-    ("eanet-cifar", "torch ops + cheap masks", False, True, False),
-    ("eanet-cifar", "torch ops + torch dropout", True, True, False),
-    ("vit-cifar", "explicit attention + native masks", False, True, True),
-    ("vit-cifar", "explicit attention + cheap masks", False, True, False),
-    ("vit-cifar", "SDPA + torch dropout", True, False, False),
+# (model, label, torch's dropout?, explicit attention?, native kernels?, LayerNorm kernel?)
+VARIANTS = [
+    ("eanet-cifar", "native kernels", False, True, True, True),
+    ("eanet-cifar", "native kernels, torch's LayerNorm", False, True, True, False),
+    ("eanet-cifar", "torch ops + cheap masks", False, True, False, False),
+    ("eanet-cifar", "torch ops + torch dropout", True, True, False, False),
+    ("vit-cifar", "explicit attention + native kernels", False, True, True, True),
+    ("vit-cifar", "explicit attn + native, torch's LN", False, True, True, False),
+    ("vit-cifar", "explicit attention + cheap masks", False, True, False, False),
+    ("vit-cifar", "SDPA + torch dropout", True, False, False, False),
 ]
 
 
-def images_per_s(name: str, precision: str, torch_dropout: bool, explicit: bool) -> float:
+def median_s(fn, runs: int, warmup: int = 2) -> float:
+    times = []
+    for _ in range(warmup + runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[warmup:])
+
+
+def images_per_s(
+    name: str, precision: str, torch_dropout: bool, explicit: bool, fused_norm: bool
+) -> tuple[float, float]:
+    """(training step, inference) images/s of one variant."""
     real = layers.native_dropout
     layers.native_dropout = (lambda x: True) if torch_dropout else real
     try:
@@ -55,16 +72,21 @@ def images_per_s(name: str, precision: str, torch_dropout: bool, explicit: bool)
         for module in model.modules():
             if isinstance(module, SelfAttention):
                 module.explicit_attention = explicit
+            if isinstance(module, layers.Block):
+                module.fast_norm = fused_norm
         cfg = TrainConfig(model=name, precision=precision, device="cpu")
         optimizer, aug = make_optimizer(model, cfg), AugmentConfig()
         x = torch.randint(0, 256, (128, 3, 32, 32), dtype=torch.uint8)
         y = torch.randint(0, 100, (128,))
-        times = []
-        for _ in range(7):
-            t0 = time.perf_counter()
-            train_step(model, optimizer, x, y, cfg, aug)
-            times.append(time.perf_counter() - t0)
-        return 128 / statistics.median(times[2:])
+        train = median_s(lambda: train_step(model, optimizer, x, y, cfg, aug), 5)
+
+        @torch.inference_mode()
+        def infer() -> None:
+            with autocast(precision, x.device):
+                model(x)
+
+        model.eval()
+        return 128 / train, 128 / median_s(infer, 10)
     finally:
         layers.native_dropout = real
 
@@ -81,11 +103,15 @@ def main() -> int:
     env = {**environment(), "kernel_flags": list(native.FLAGS)}
     rows = []
     for precision in ("fp32", "bf16"):
-        for name, label, torch_dropout, explicit, kernels in VARIANTS:
+        for name, label, torch_dropout, explicit, kernels, fused_norm in VARIANTS:
             native.ENABLED["native"] = kernels
-            rate = images_per_s(name, precision, torch_dropout, explicit)
-            rows.append({"model": name, "precision": precision, "variant": label, "img_s": rate})
-            print(f"{name:<12} {precision}  {label:<34} {rate:7.1f} img/s", flush=True)
+            rate, infer = images_per_s(name, precision, torch_dropout, explicit, fused_norm)
+            row = {"model": name, "precision": precision, "variant": label, "img_s": rate}
+            rows.append({**row, "infer_img_s": infer})
+            print(
+                f"{name:<12} {precision}  {label:<36} train {rate:7.1f}  infer {infer:7.1f} img/s",
+                flush=True,
+            )
     native.ENABLED["native"] = True
     suffix = f"-{args.kernel_march}" if args.kernel_march else ""
     out = RESULTS / "cpu" / machine_class(env) / f"fast_paths{suffix}.json"
