@@ -27,7 +27,10 @@ def test_bench_model_reports_throughput_and_machine():
     assert len(r.train_step_s) == 2 and r.matmul_peak_gflops == 100.0
     assert r.environment["torch"] == torch.__version__
     assert 0 < r.train_fraction_of_peak < 1
-    assert r.native_kernels == {"on": ["double_normalize", "gelu", "layer_norm", "dropout"], "openmp": True}
+    assert r.native_kernels == {
+        "on": ["double_normalize", "gelu", "layer_norm", "dropout"],
+        "openmp": True,
+    }
 
 
 def test_bench_cli_names_the_native_kernels(capsys, monkeypatch):
@@ -35,7 +38,10 @@ def test_bench_cli_names_the_native_kernels(capsys, monkeypatch):
 
     args = ["bench", "--model-arg", "depth=1", "--batch-size", "2", "--steps", "1"]
     assert main([*args, "--device", "cpu"]) == 0
-    assert "native CPU kernels: double_normalize, gelu, layer_norm, dropout (OpenMP)" in capsys.readouterr().out
+    assert (
+        "native CPU kernels: double_normalize, gelu, layer_norm, dropout (OpenMP)"
+        in capsys.readouterr().out
+    )
     monkeypatch.setitem(native.ENABLED, "native", False)
     assert main([*args, "--device", "cpu"]) == 0
     assert "native CPU kernels: off (torch's ops)" in capsys.readouterr().out

@@ -443,3 +443,20 @@ def test_fast_self_attention_in_training_mode_equals_sdpa():
     ref = use_reference_ops(copy.deepcopy(fast))
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     torch.testing.assert_close(fast.train()(x), ref.train()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_folded_memories_are_cached_for_inference_until_the_weights_change():
+    """Without gradients the folded weights are reused; an optimizer step, an in-place
+    change or load_state_dict makes them be folded afresh (outputs equal the uncached ones)."""
+    model = create_model("eanet-cifar", depth=1).eval()
+    attn, x = model.blocks[0].attn, torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        model(x)
+        first = attn.folded_weights_cached()
+        assert all(a is b for a, b in zip(first, attn.folded_weights_cached(), strict=True))
+        attn.mk.weight.mul_(1.5)
+        assert not torch.equal(first[0], attn.folded_weights_cached()[0])
+    model.load_state_dict(create_model("eanet-cifar", depth=1).state_dict())
+    with torch.inference_mode():
+        cached = model(x)
+    torch.testing.assert_close(cached, model(x), rtol=0, atol=0)

@@ -89,6 +89,7 @@ class ExternalAttention(nn.Module):
         self.proj = nn.Linear(self.inner, cfg.dim)
         self.proj_drop = nn.Dropout(cfg.proj_drop)
         self.fold_memories = True  # False: the literal Keras ops (`forward_reference`)
+        self._folded: tuple | None = None  # (parameters, their pointers and versions, fold)
 
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, dim) -> doubly normalised attention (B, N, heads, S), before dropout."""
@@ -122,13 +123,31 @@ class ExternalAttention(nn.Module):
             b_out = b_out + self.proj.weight.view(-1, h, d).sum(1) @ self.mv.bias
         return w_in.reshape(h * S, -1), b_in.reshape(-1), w_out.reshape(-1, h * S), b_out
 
+    def folded_weights_cached(self) -> tuple[torch.Tensor, ...]:
+        """`folded_weights()`, computed once while the weights stay as they are, where no
+        gradient is wanted (inference); with gradients, afresh (they flow through the fold)."""
+        if torch.is_grad_enabled():
+            return self.folded_weights()
+        params = tuple(self.parameters())
+        state = [(p.data_ptr(), p._version) for p in params]
+        cached = self._folded
+        if (
+            cached is None
+            or len(cached[0]) != len(params)
+            or cached[1] != state
+            or any(a is not b for a, b in zip(cached[0], params, strict=True))
+        ):
+            folded = tuple(w.clone() for w in self.folded_weights())
+            self._folded = cached = (params, state, folded)
+        return cached[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fold_memories:
             return self.forward_reference(x)
         B, N, _ = x.shape
         p1 = self.attn_drop.p if self.training else 0.0
         p2 = self.proj_drop.p if self.training else 0.0
-        w_in, b_in, w_out, b_out = self.folded_weights()
+        w_in, b_in, w_out, b_out = self.folded_weights_cached()
         z = F.linear(x, w_in, b_in).view(B, N, self.heads, self.memory)  # (B, N, h, S)
         if native_dropout(x):  # torch's dropout, which rescales by itself
             attn = self.attn_drop(double_normalize(z, token_dim=1).view(B, N, -1))
