@@ -460,3 +460,18 @@ def test_folded_memories_are_cached_for_inference_until_the_weights_change():
     with torch.inference_mode():
         cached = model(x)
     torch.testing.assert_close(cached, model(x), rtol=0, atol=0)
+
+
+def test_compiled_inference_compiles_once():
+    """Repeated no-grad calls of a compiled model reuse one graph (the folded-weights cache
+    and the LayerNorm kernel stay out of compiled code, whose guards would recompile)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    model = torch.compile(create_model("eanet-cifar", depth=2).eval(), backend=counter)
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(3):
+            model(x)
+    assert counter.frame_count == 1

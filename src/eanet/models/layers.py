@@ -125,8 +125,9 @@ class ExternalAttention(nn.Module):
 
     def folded_weights_cached(self) -> tuple[torch.Tensor, ...]:
         """`folded_weights()`, computed once while the weights stay as they are, where no
-        gradient is wanted (inference); with gradients, afresh (they flow through the fold)."""
-        if torch.is_grad_enabled():
+        gradient is wanted (inference); with gradients, afresh (they flow through the fold),
+        and under torch.compile (whose guards on the cache would recompile the graph)."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.folded_weights()
         params = tuple(self.parameters())
         state = [(p.data_ptr(), p._version) for p in params]
