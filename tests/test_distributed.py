@@ -132,10 +132,9 @@ def test_ranks_share_the_permutation_and_not_the_augmentation_stream():
         Distributed(rank=0, world_size=2, enabled=True).permutation(n, torch.device("cpu"))
 
 
-def test_a_process_group_of_the_callers_own_is_used_and_left_alone(tmp_path, no_torchrun):
-    tdist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
-    )
+def test_a_process_group_of_the_callers_own_is_used_and_left_alone(no_torchrun):
+    # An in-process store: a group of one needs no file or socket to meet in.
+    tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
     try:
         d = setup("cpu")
         assert (d.enabled, d.owned, d.world_size, d.describe()["backend"]) == (
@@ -155,6 +154,7 @@ def test_a_process_group_of_the_callers_own_is_used_and_left_alone(tmp_path, no_
         m = d.all_reduce(Metrics(2.0, 0.25, 0.75, 4))
         assert (m.loss, m.top1, m.top5, m.count) == pytest.approx((2.0, 0.25, 0.75, 4))
         assert d.from_main(lambda: "rank 0's answer") == "rank 0's answer"
+        del net  # before the group goes (a DDP freed after it can deadlock: Distributed.close)
         d.close()
         assert tdist.is_initialized()  # not ours to destroy
     finally:

@@ -115,7 +115,8 @@ class Distributed:
         return _DDP(model, device_ids=ids, **{no_sync: False})
 
     def close(self) -> None:
-        """Destroy the process group if `setup` created it."""
+        """Destroy the process group if `setup` created it. Release the model from `wrap`
+        first: a DDP wrapper freed after the group is destroyed can deadlock (see `fit`)."""
         if self.owned and dist.is_initialized():
             # No rank tears its connections down while another still talks to it: a rank
             # that left early once aborted at exit ("terminate called without an active

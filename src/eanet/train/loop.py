@@ -161,6 +161,10 @@ def fit(
             _save_epoch(run, row)
             guard.epoch_saved()  # a Ctrl-C during validation or saving stops here
         metrics = _test(run)
+        # DDP's reducer must not hold the group's last reference: freed after the group is
+        # destroyed, it joins gloo's threads holding the GIL while one of them waits for the
+        # GIL to free a finished collective's tensors (a hang seen here; pytorch#56297).
+        del runner
     dist.close()
     return metrics
 
