@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from eanet.data.augment import AugmentConfig
+from eanet.errors import one_line
 from eanet.models import layers, native
 from eanet.models.layers import SelfAttention
 from eanet.models.registry import create_model
@@ -105,9 +106,14 @@ def main() -> int:
     for precision in ("fp32", "bf16"):
         for name, label, torch_dropout, explicit, kernels, fused_norm in VARIANTS:
             native.ENABLED["native"] = kernels
-            rate, infer = images_per_s(name, precision, torch_dropout, explicit, fused_norm)
-            row = {"model": name, "precision": precision, "variant": label, "img_s": rate}
-            rows.append({**row, "infer_img_s": infer})
+            row = {"model": name, "precision": precision, "variant": label}
+            try:
+                rate, infer = images_per_s(name, precision, torch_dropout, explicit, fused_norm)
+            except RuntimeError as exc:  # e.g. torch's bf16 SDPA under ATEN_CPU_CAPABILITY=avx2
+                rows.append({**row, "error": one_line(exc)})
+                print(f"{name:<12} {precision}  {label:<36} failed: {one_line(exc)}", flush=True)
+                continue
+            rows.append({**row, "img_s": rate, "infer_img_s": infer})
             print(
                 f"{name:<12} {precision}  {label:<36} train {rate:7.1f}  infer {infer:7.1f} img/s",
                 flush=True,

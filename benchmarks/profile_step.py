@@ -1,22 +1,30 @@
 """Where a training or inference step spends its time: torch.profiler, by operator.
 
     python benchmarks/profile_step.py --model eanet-cifar --precision bf16 --batch-size 128
+    python benchmarks/profile_step.py --precision bf16 --timer dispatch   # by op and shapes
 
 Runs the step `eanet train` / `eanet bench` run with the same options (train.step.train_step,
 inference under inference mode and `runtime.autocast`), warm-up excluded, and prints the
 operators by self CPU time; `--out FILE.json` also saves the table with the machine's
-description (CPU model and flags). Take profiles on a quiet machine.
+description (CPU model and flags). `--timer dispatch` instead times each operator call's
+wall time from Python (a TorchDispatchMode), grouped by operator and its inputs' shapes and
+dtypes: on the 2-core machines the profiler's self times of a training step added up to
+about 1.6x the step's own wall time, these to about the step's time. Take profiles on a
+quiet machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from eanet.data.augment import AugmentConfig
 from eanet.models.registry import create_model
@@ -31,8 +39,8 @@ from eanet.train.config import TrainConfig
 from eanet.train.step import make_optimizer, train_step
 
 
-def profile_step(cfg: TrainConfig, phase: str, steps: int, warmup: int) -> list[dict]:
-    """Operator table (name, calls, self CPU ms per step, share) of `steps` profiled steps."""
+def make_step(cfg: TrainConfig, phase: str):
+    """The training step or the inference pass of `eanet train` / `eanet bench`, on one batch."""
     set_threads(cfg.threads)
     tune_cpu_allocator()  # as `eanet train` and `eanet bench` do
     torch.manual_seed(0)
@@ -50,8 +58,11 @@ def profile_step(cfg: TrainConfig, phase: str, steps: int, warmup: int) -> list[
             with torch.inference_mode(), autocast(precision, dev):
                 model.eval()(x)
 
-    for _ in range(warmup):
-        step()
+    return step
+
+
+def profile_step(step, steps: int) -> list[dict]:
+    """Operator table (name, calls, self CPU ms per step, share) of `steps` profiled steps."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
@@ -69,6 +80,48 @@ def profile_step(cfg: TrainConfig, phase: str, steps: int, warmup: int) -> list[
     return sorted(rows, key=lambda r: -r["share"])
 
 
+def _describe(args) -> str:
+    """The tensor arguments' shapes and dtypes, "nc" marking a non-contiguous one."""
+    return " ".join(
+        f"{tuple(a.shape)}{str(a.dtype).removeprefix('torch.')}{'' if a.is_contiguous() else ' nc'}"
+        for a in args
+        if isinstance(a, torch.Tensor)
+    )
+
+
+class _OpTimer(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.totals = collections.defaultdict(lambda: [0, 0.0])
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        t0 = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        entry = self.totals[(str(func), _describe(args))]
+        entry[0] += 1
+        entry[1] += time.perf_counter() - t0
+        return out
+
+
+def time_ops(step, steps: int) -> list[dict]:
+    """Operator table by operator and input shapes: calls and wall ms per step, share."""
+    timer = _OpTimer()
+    with timer:
+        for _ in range(steps):
+            step()
+    total = sum(t for _, t in timer.totals.values()) or 1.0
+    rows = [
+        {
+            "op": f"{op} {shapes}",
+            "calls_per_step": calls / steps,
+            "self_ms_per_step": t * 1e3 / steps,
+            "share": t / total,
+        }
+        for (op, shapes), (calls, t) in timer.totals.items()
+    ]
+    return sorted(rows, key=lambda r: -r["share"])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="eanet-cifar")
@@ -79,6 +132,12 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int)
     p.add_argument("--top", type=int, default=25, help="operators to print")
+    p.add_argument(
+        "--timer",
+        choices=["profiler", "dispatch"],
+        default="profiler",
+        help="torch.profiler's self times, or each call's wall time by operator and shapes",
+    )
     p.add_argument("--out", type=Path, help="also write the table as JSON")
     args = p.parse_args()
     cfg = TrainConfig(
@@ -88,17 +147,21 @@ def main() -> int:
         threads=args.threads,
         device="cpu",
     )
-    rows = profile_step(cfg, args.phase, args.steps, args.warmup)
+    step = make_step(cfg, args.phase)
+    for _ in range(args.warmup):
+        step()
+    rows = (time_ops if args.timer == "dispatch" else profile_step)(step, args.steps)
     env = environment()
     print(
         f"{args.model} {args.phase} step, batch {args.batch_size}, {args.precision}, on "
         f"{env.get('cpu_model')} (flags: {' '.join(env['cpu_flags'])})"
     )
-    print(f"{'operator':<48} {'calls':>6} {'ms/step':>9} {'share':>6}")
+    width = 110 if args.timer == "dispatch" else 48
+    print(f"{'operator':<{width}} {'calls':>6} {'ms/step':>9} {'share':>6}")
     for r in rows[: args.top]:
         print(
-            f"{r['op'][:48]:<48} {r['calls_per_step']:>6.0f} {r['self_ms_per_step']:>9.2f} "
-            f"{r['share']:>6.1%}"
+            f"{r['op'][:width]:<{width}} {r['calls_per_step']:>6.0f} "
+            f"{r['self_ms_per_step']:>9.2f} {r['share']:>6.1%}"
         )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
