@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,33 @@ def test_a_process_group_of_the_callers_own_is_used_and_left_alone(no_torchrun):
         del net  # before the group goes (a DDP freed after it can deadlock: Distributed.close)
         d.close()
         assert tdist.is_initialized()  # not ours to destroy
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_fit_frees_its_ddp_wrapper_before_closing_the_group(tmp_path, small_sample, no_torchrun):
+    """A DDP reducer freed after its group was destroyed joined gloo's threads holding the
+    GIL while one of them waited for it: a hang. `fit` frees the wrapper first."""
+    wrappers, alive_at_close = [], []
+    wrap, close = Distributed.wrap, Distributed.close
+
+    def recording_wrap(self, model):
+        net = wrap(self, model)
+        wrappers.append(weakref.ref(net))
+        return net
+
+    def recording_close(self):
+        alive_at_close.append([ref() is not None for ref in wrappers])
+        close(self)
+
+    tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(Distributed, "wrap", recording_wrap)
+            mp.setattr(Distributed, "close", recording_close)
+            cfg = TrainConfig(model_args=DETERMINISTIC, epochs=1, batch_size=32, device="cpu")
+            fit(cfg, tmp_path / "run", data=small_sample, progress=False)
+        assert alive_at_close == [[False]]  # one wrapper, already gone when the group closes
     finally:
         tdist.destroy_process_group()
 
