@@ -109,7 +109,7 @@ def main() -> int:
             row = {"model": name, "precision": precision, "variant": label}
             try:
                 rate, infer = images_per_s(name, precision, torch_dropout, explicit, fused_norm)
-            except RuntimeError as exc:  # e.g. torch's bf16 SDPA under ATEN_CPU_CAPABILITY=avx2
+            except RuntimeError as exc:  # e.g. torch's bf16 ViT under ATEN_CPU_CAPABILITY=avx2
                 rows.append({**row, "error": one_line(exc)})
                 print(f"{name:<12} {precision}  {label:<36} failed: {one_line(exc)}", flush=True)
                 continue

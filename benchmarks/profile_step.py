@@ -66,16 +66,22 @@ def profile_step(step, steps: int) -> list[dict]:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return _table(
+        [(e.key, e.count, e.self_cpu_time_total / 1e6) for e in prof.key_averages()], steps
+    )
+
+
+def _table(entries: list[tuple[str, int, float]], steps: int) -> list[dict]:
+    """Rows of (operator, calls, seconds) over `steps` steps, per step, largest share first."""
+    total = sum(seconds for _, _, seconds in entries) or 1.0
     rows = [
         {
-            "op": e.key,
-            "calls_per_step": e.count / steps,
-            "self_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
-            "share": e.self_cpu_time_total / total,
+            "op": op,
+            "calls_per_step": calls / steps,
+            "self_ms_per_step": seconds * 1e3 / steps,
+            "share": seconds / total,
         }
-        for e in events
+        for op, calls, seconds in entries
     ]
     return sorted(rows, key=lambda r: -r["share"])
 
@@ -109,17 +115,8 @@ def time_ops(step, steps: int) -> list[dict]:
     with timer:
         for _ in range(steps):
             step()
-    total = sum(t for _, t in timer.totals.values()) or 1.0
-    rows = [
-        {
-            "op": f"{op} {shapes}",
-            "calls_per_step": calls / steps,
-            "self_ms_per_step": t * 1e3 / steps,
-            "share": t / total,
-        }
-        for (op, shapes), (calls, t) in timer.totals.items()
-    ]
-    return sorted(rows, key=lambda r: -r["share"])
+    entries = [(f"{op} {shapes}", calls, t) for (op, shapes), (calls, t) in timer.totals.items()]
+    return _table(entries, steps)
 
 
 def main() -> int:
