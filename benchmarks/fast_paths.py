@@ -4,12 +4,12 @@
     ATEN_CPU_CAPABILITY=avx2 python benchmarks/fast_paths.py --kernel-march haswell
 
 Times the training step (batch 128, median of 5 after 2 warm-up) and inference (median of 10
-after 2) of EANet with the native CPU kernels (`models.native`: double normalisation, GELU,
-LayerNorm with the residual add, dropout), with them but torch's LayerNorm and adds, with
-torch's ops and the cheap dropout masks (`models.fused.keep_mask`), and with torch's
-dropout; of ViT with the explicit attention + native masks (with and without the LayerNorm
-kernel), + cheap masks, and torch's fused attention (SDPA) with its own dropout; in fp32
-and bf16 (the LayerNorm kernel runs in bf16 only). Prints one line per variant and writes
+after 2) of EANet and ViT: the plain model (`--no-accel`), and with `eanet.accel` applied:
+with the native CPU kernels (`accel.native`: double normalisation, GELU, LayerNorm with
+the residual add, dropout), with them but torch's LayerNorm and adds, with torch's ops and
+the cheap dropout masks (`accel.fused.keep_mask`), and with torch's dropout (for ViT:
+torch's fused attention, SDPA, with its own dropout); in fp32 and bf16 (the LayerNorm
+kernel runs in bf16 only). Prints one line per variant and writes
 benchmarks/results/cpu/<machine class>/fast_paths[-<march>].json with the CPU's model and
 flags. `--kernel-march` builds the kernels for another CPU than this one (-march=...), and
 torch's ATEN_CPU_CAPABILITY=avx2 makes torch run its AVX2 kernels: together, an AVX2
@@ -26,11 +26,12 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from eanet import accel
+from eanet.accel import modules, native
 from eanet.data.augment import AugmentConfig
 from eanet.errors import one_line
-from eanet.models import layers, native
-from eanet.models.layers import SelfAttention
 from eanet.models.registry import create_model
 from eanet.runtime import autocast, environment, tune_cpu_allocator
 from eanet.train.config import TrainConfig
@@ -39,16 +40,18 @@ from eanet.train.step import make_optimizer, train_step
 sys.path.insert(0, str(Path(__file__).parent))
 from compare_reference import RESULTS, machine_class  # noqa: E402
 
-# (model, label, torch's dropout?, explicit attention?, native kernels?, LayerNorm kernel?)
+# (model, label, accel applied?, torch's dropout?, native kernels?, LayerNorm kernel?)
 VARIANTS = [
-    ("eanet-cifar", "native kernels", False, True, True, True),
-    ("eanet-cifar", "native kernels, torch's LayerNorm", False, True, True, False),
-    ("eanet-cifar", "torch ops + cheap masks", False, True, False, False),
-    ("eanet-cifar", "torch ops + torch dropout", True, True, False, False),
-    ("vit-cifar", "explicit attention + native kernels", False, True, True, True),
-    ("vit-cifar", "explicit attn + native, torch's LN", False, True, True, False),
-    ("vit-cifar", "explicit attention + cheap masks", False, True, False, False),
-    ("vit-cifar", "SDPA + torch dropout", True, False, False, False),
+    ("eanet-cifar", "accel: native kernels", True, False, True, True),
+    ("eanet-cifar", "accel: native, torch's LayerNorm", True, False, True, False),
+    ("eanet-cifar", "accel: torch ops + cheap masks", True, False, False, False),
+    ("eanet-cifar", "accel: torch ops + torch dropout", True, True, False, False),
+    ("eanet-cifar", "plain model (--no-accel)", False, False, False, False),
+    ("vit-cifar", "accel: explicit attn + native kernels", True, False, True, True),
+    ("vit-cifar", "accel: explicit attn + native, torch LN", True, False, True, False),
+    ("vit-cifar", "accel: explicit attn + cheap masks", True, False, False, False),
+    ("vit-cifar", "accel: SDPA + torch dropout", True, True, False, False),
+    ("vit-cifar", "plain model (--no-accel)", False, False, False, False),
 ]
 
 
@@ -62,20 +65,19 @@ def median_s(fn, runs: int, warmup: int = 2) -> float:
 
 
 def images_per_s(
-    name: str, precision: str, torch_dropout: bool, explicit: bool, fused_norm: bool
+    name: str, precision: str, applied: bool, torch_dropout: bool, fused_norm: bool
 ) -> tuple[float, float]:
     """(training step, inference) images/s of one variant."""
-    real = layers.native_dropout
-    layers.native_dropout = (lambda x: True) if torch_dropout else real
+    real = modules.torch_dropout
+    modules.torch_dropout = (lambda x: True) if torch_dropout else real
     try:
         torch.manual_seed(0)
         model = create_model(name)
-        for module in model.modules():
-            if isinstance(module, SelfAttention):
-                module.explicit_attention = explicit
-            if isinstance(module, layers.Block):
-                module.fast_norm = fused_norm
-        cfg = TrainConfig(model=name, precision=precision, device="cpu")
+        if applied:
+            accel.apply(model, "cpu", precision)
+        if not fused_norm and isinstance(model.blocks, modules.FusedBlocks):
+            model.blocks.__class__ = nn.Sequential  # each add and LayerNorm by torch
+        cfg = TrainConfig(model=name, precision=precision, device="cpu", accel=applied)
         optimizer, aug = make_optimizer(model, cfg), AugmentConfig()
         x = torch.randint(0, 256, (128, 3, 32, 32), dtype=torch.uint8)
         y = torch.randint(0, 100, (128,))
@@ -89,7 +91,7 @@ def images_per_s(
         model.eval()
         return 128 / train, 128 / median_s(infer, 10)
     finally:
-        layers.native_dropout = real
+        modules.torch_dropout = real
 
 
 def main() -> int:
@@ -104,11 +106,11 @@ def main() -> int:
     env = {**environment(), "kernel_flags": list(native.FLAGS)}
     rows = []
     for precision in ("fp32", "bf16"):
-        for name, label, torch_dropout, explicit, kernels, fused_norm in VARIANTS:
+        for name, label, applied, torch_dropout, kernels, fused_norm in VARIANTS:
             native.ENABLED["native"] = kernels
             row = {"model": name, "precision": precision, "variant": label}
             try:
-                rate, infer = images_per_s(name, precision, torch_dropout, explicit, fused_norm)
+                rate, infer = images_per_s(name, precision, applied, torch_dropout, fused_norm)
             except RuntimeError as exc:  # e.g. torch's bf16 ViT under ATEN_CPU_CAPABILITY=avx2
                 rows.append({**row, "error": one_line(exc)})
                 print(f"{name:<12} {precision}  {label:<36} failed: {one_line(exc)}", flush=True)

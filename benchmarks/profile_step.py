@@ -26,6 +26,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from eanet import accel
 from eanet.data.augment import AugmentConfig
 from eanet.models.registry import create_model
 from eanet.runtime import (
@@ -46,6 +47,8 @@ def make_step(cfg: TrainConfig, phase: str):
     torch.manual_seed(0)
     dev = torch.device("cpu")
     model = create_model(cfg.model, **cfg.model_args)
+    if cfg.accel:  # as `eanet train` and `eanet bench` do (--no-accel: the plain model)
+        accel.apply(model, dev, cfg.precision)
     x = torch.randint(0, 256, (cfg.batch_size, *model.input_shape), dtype=torch.uint8)
     y = torch.randint(0, model.config.num_classes, (cfg.batch_size,))
     optimizer, aug = make_optimizer(model, cfg), AugmentConfig()

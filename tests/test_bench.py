@@ -34,7 +34,7 @@ def test_bench_model_reports_throughput_and_machine():
 
 
 def test_bench_cli_names_the_native_kernels(capsys, monkeypatch):
-    from eanet.models import native
+    from eanet.accel import native
 
     args = ["bench", "--model-arg", "depth=1", "--batch-size", "2", "--steps", "1"]
     assert main([*args, "--device", "cpu"]) == 0

@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from eanet import accel
+from eanet.accel import fused, modules
 from eanet.cli.main import main
 from eanet.data.augment import AugmentConfig
 from eanet.data.dataset import synthetic_cifar
 from eanet.metrics import MetricSums
-from eanet.models import fused
-from eanet.models.layers import Mlp, use_reference_ops
+from eanet.models.layers import Mlp
 from eanet.models.registry import create_model
 from eanet.train import step as step_mod
 from eanet.train.config import TrainConfig
@@ -48,11 +49,15 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
-def _model(name: str, **kw) -> torch.nn.Module:
+def _model(name: str, plain: bool = False, **kw) -> torch.nn.Module:
+    """A tiny model on the GPU, with what `eanet.accel` swaps in there (as `train` runs it)."""
     torch.manual_seed(0)
     model = create_model(name, **{**TINY, **kw})
     model.normalize.set_stats(*STATS)
-    return model.to(CUDA)
+    model = model.to(CUDA)
+    if not plain:
+        accel.apply(model, CUDA)
+    return model
 
 
 def _batch(n: int = 64, classes: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,9 +103,7 @@ def test_cuda_uses_native_dropout_not_the_cpu_masks(monkeypatch):
     def no_masks(*args, **kwargs):
         raise AssertionError("fused.masked called on CUDA")
 
-    import eanet.models.layers as layers
-
-    monkeypatch.setattr(layers, "masked", no_masks)
+    monkeypatch.setattr(modules, "masked", no_masks)
     monkeypatch.setattr(fused, "masked", no_masks)
     for name in MODELS:
         model = _model(name).train()
@@ -115,6 +118,7 @@ def test_native_dropout_keeps_the_mean_on_the_gpu():
 
     torch.manual_seed(0)
     mlp = Mlp(ModelConfig()).to(CUDA)
+    accel.apply(mlp, CUDA)
     x = torch.randn(1, 64, device=CUDA)
     with torch.no_grad():
         expected = mlp.eval()(x)
@@ -130,7 +134,7 @@ def test_native_dropout_keeps_the_mean_on_the_gpu():
 def test_fast_path_computes_the_reference_function_on_the_gpu(name):
     """As tests/test_models.py on the CPU: same outputs and gradients as the literal ops."""
     fast = _model(name, depth=2, dim=64, mlp_dim=64).eval()
-    ref = use_reference_ops(copy.deepcopy(fast))
+    ref = accel.restore(copy.deepcopy(fast))
     x, _ = _batch(3)
     a, b = fast(x), ref(x)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -145,7 +149,7 @@ def test_fast_path_computes_the_reference_function_on_the_gpu(name):
 def test_fast_path_in_training_mode_without_dropout_on_the_gpu(name):
     """Train mode takes the CUDA branches (native dropout, fused attention): same function."""
     fast = _model(name, attn_drop=0.0, proj_drop=0.0, mlp_drop=0.0).train()
-    ref = use_reference_ops(copy.deepcopy(fast))
+    ref = accel.restore(copy.deepcopy(fast))
     x, _ = _batch(4)
     torch.testing.assert_close(fast(x), ref(x), atol=1e-4, rtol=1e-4)
 

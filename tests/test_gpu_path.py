@@ -14,10 +14,11 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from eanet import accel
+from eanet.accel import modules
 from eanet.data.augment import AugmentConfig
 from eanet.data.load import load_dataset
 from eanet.errors import ConfigError
-from eanet.models import layers
 from eanet.models.registry import create_model
 from eanet.train import step as step_mod
 from eanet.train.config import TrainConfig
@@ -197,10 +198,12 @@ def test_the_cpu_progress_bar_shows_the_running_metrics(monkeypatch):
 
 def test_the_cpu_keeps_the_cheap_masks(monkeypatch):
     calls = []
-    real = layers.masked
-    monkeypatch.setattr(layers, "masked", lambda x, p: calls.append(p) or real(x, p))
+    real = modules.masked
+    monkeypatch.setattr(modules, "masked", lambda x, p: calls.append(p) or real(x, p))
     for name in ("eanet-cifar", "vit-cifar"):
-        _model(name).train()(_batch(2)[0])
+        model = _model(name)
+        accel.apply(model, "cpu")
+        model.train()(_batch(2)[0])
     assert calls and all(p == 0.2 for p in calls)
 
 
@@ -209,18 +212,18 @@ def test_the_cuda_dropout_branch_computes_the_same_function(monkeypatch, name):
     """The branch CUDA takes, run on the CPU: without dropout, the reference's outputs."""
     ref = _model(name, **NO_DROPOUT).train()
     fast = copy.deepcopy(ref)
-    layers.use_reference_ops(ref)
-    monkeypatch.setattr(layers, "native_dropout", lambda x: True)
-    monkeypatch.setattr(layers, "masked", lambda x, p: pytest.fail("mask trick on CUDA"))
+    accel.apply(fast, "cuda")  # what CUDA swaps in, run here on the CPU
+    monkeypatch.setattr(modules, "torch_dropout", lambda x: True)
+    monkeypatch.setattr(modules, "masked", lambda x, p: pytest.fail("mask trick on CUDA"))
     x, _ = _batch(2)
     torch.testing.assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5)
 
 
 def test_the_cuda_dropout_branch_keeps_the_mean(monkeypatch):
     """With dropout: the average over many draws is the eval-mode output (rescale right)."""
-    monkeypatch.setattr(layers, "native_dropout", lambda x: True)
+    monkeypatch.setattr(modules, "torch_dropout", lambda x: True)
     torch.manual_seed(0)
-    attn = layers.ExternalAttention(create_model("eanet-cifar").config)
+    attn = modules.FoldedExternalAttention(create_model("eanet-cifar").config)
     x = torch.randn(1, 16, 64)  # 16 tokens: any count works
     with torch.no_grad():
         expected = attn.eval()(x)

@@ -7,7 +7,6 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from eanet import models
 from eanet.cli.main import main
 from eanet.info import describe, model_info
 from eanet.models.registry import create_model
@@ -29,9 +28,6 @@ def test_counts_match_the_reference(name, trainable, total):
 def _measured_macs(model) -> int:
     """FLOPs / 2 of one forward pass on one image, as torch counts them."""
     model.eval()
-    # The count is the architecture's (the Keras ops); a faster equivalent path, where the
-    # models have one, folds matmuls together, so measure the literal ops.
-    models.use_reference_ops(model)
     # The CPU's fused attention kernel has no FLOP formula; the math path runs plain bmm.
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
         model(torch.zeros(1, *model.input_shape))

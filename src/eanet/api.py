@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import eanet.accel
 from eanet import checkpoint
 from eanet.data.images import ImageLike
 from eanet.errors import DataError
@@ -96,16 +97,24 @@ def _as_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
 
 
 def load(
-    path: str | Path, device: str = "auto", precision: str = "fp32", compile: bool = False
+    path: str | Path,
+    device: str = "auto",
+    precision: str = "fp32",
+    compile: bool = False,
+    accel: bool = True,
 ) -> Classifier:
     """A Classifier from a checkpoint file or run directory (on cuda when available).
 
     `precision`: 'fp32' (default), 'bf16' or 'auto' (bf16 where the device runs it natively).
     `compile`: predict through torch.compile (the first batches of a new size are slow).
+    `accel`: the faster equivalents of the model's layers (`eanet.accel.apply`); False: the
+    plain model's torch ops.
     """
     dev = resolve_device(device)
     resolve_precision(precision, dev)  # an impossible precision fails here, not at predict
     model, ckpt = checkpoint.load_model(path, dev)
+    if accel:
+        eanet.accel.apply(model, dev, precision)
     if compile:
         model = compiled_forward(model)
     return Classifier(model, ckpt.class_names, ckpt.meta.to_dict(), precision)

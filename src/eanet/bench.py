@@ -8,6 +8,7 @@ AdamW), on random CIFAR-shaped uint8 data held on the device.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import resource
@@ -19,10 +20,10 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from eanet import accel
+from eanet.accel import native
 from eanet.data.augment import AugmentConfig
 from eanet.errors import ConfigError
-from eanet.models import native
-from eanet.models.layers import use_reference_ops
 from eanet.models.registry import count_parameters, create_model
 from eanet.models.transformer import VisionTransformer
 from eanet.runtime import (
@@ -95,14 +96,9 @@ def macs_per_image(model: VisionTransformer, device: torch.device) -> float:
     """
     batch = 2
     x = torch.randint(0, 256, (batch, *model.input_shape), dtype=torch.uint8, device=device)
-    was_training = model.training
-    # train mode: torch's fused CPU attention kernel of eval mode escapes the counter
-    use_reference_ops(model).train()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x)
-    finally:
-        use_reference_ops(model, False).train(was_training)
+    plain = accel.restore(copy.deepcopy(model)).train()  # train mode: dropout is no matmul
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        plain(x)
     return counter.get_total_flops() / 2 / batch
 
 
@@ -145,7 +141,8 @@ class BenchResult:
     infer_fraction_of_peak: float
     peak_memory_mb: float
     peak_memory_kind: str
-    native_kernels: dict = field(default_factory=dict)  # models.native.status() on the CPU
+    native_kernels: dict = field(default_factory=dict)  # accel.native.status() on the CPU
+    accel: dict | None = None  # eanet.accel.apply's report; None: the plain model (--no-accel)
     environment: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -183,6 +180,7 @@ def bench_model(
     model.normalize.set_stats(
         torch.tensor([129.3, 124.1, 112.4]), torch.tensor([4597.0, 4231.0, 5013.0]), 1
     )
+    report = accel.apply(model, dev, precision) if cfg.accel else None
     optimizer = make_optimizer(model, cfg)
     runner = accelerate(model, cfg, dev)
     x, y = _bench_data(model, cfg.batch_size, dev)
@@ -232,7 +230,8 @@ def bench_model(
         train_fraction_of_peak=train_gflops / ceiling,
         infer_fraction_of_peak=infer_gflops / ceiling,
         **train_mem,
-        native_kernels=native.status() if dev.type == "cpu" else {},
+        native_kernels=native.status() if dev.type == "cpu" and cfg.accel else {},
+        accel=None if report is None else report.to_dict(),
         environment=environment(),
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import eanet.accel
 from eanet import checkpoint
 from eanet.data.dataset import ImageData
 from eanet.data.load import load_dataset
@@ -35,6 +36,7 @@ def evaluate_checkpoint(
     precision: str = "fp32",
     weights: str = "last",
     compile: bool = False,
+    accel: bool = True,
 ) -> dict:
     """Evaluate a checkpoint on a split of its data set; write per-class CSV and confusion PNG.
 
@@ -42,6 +44,7 @@ def evaluate_checkpoint(
     `data` skips loading when the caller already holds it. `weights`: a run's last, best or
     EMA weights (`checkpoint.load_model`); the files of best/EMA are named with a suffix.
     `compile`: the forward pass under torch.compile (`inference.compiled_forward`).
+    `accel`: the faster equivalents of the model's layers (`eanet.accel.apply`).
     """
     dev = resolve_device(device)
     model, ckpt = checkpoint.load_model(path, dev, weights)
@@ -70,6 +73,8 @@ def evaluate_checkpoint(
         _, _, images, labels = train_val_split(data, frac)
     else:
         raise ConfigError(f"split {split!r} must be 'test' or 'val'")
+    if accel:
+        eanet.accel.apply(model, dev, precision)
     runner = compiled_forward(model) if compile else model
     logits = predict_logits(runner, images, batch_size, progress, f"eval {split}", precision)
     m = metrics_from_logits(logits, labels, train_cfg.get("label_smoothing", 0.1))

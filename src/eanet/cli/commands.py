@@ -150,6 +150,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         precision=args.precision,
         weights=args.weights,
         compile=args.compile,
+        accel=args.accel,
     )
     if args.json:
         print(json.dumps(result, indent=2))
@@ -260,13 +261,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from eanet import checkpoint
+    from eanet import accel, checkpoint
     from eanet.inference import compiled_forward
     from eanet.predict import Failure, check_top_k, expand_inputs, iter_predict_files
     from eanet.runtime import resolve_device
 
     check_top_k(args.top_k)
     model, ckpt = checkpoint.load_model(args.checkpoint, resolve_device(args.device), args.weights)
+    if args.accel:
+        accel.apply(model, precision=args.precision)
     if args.compile:
         model = compiled_forward(model)
     names = ckpt.class_names

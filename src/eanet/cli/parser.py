@@ -18,7 +18,7 @@ from eanet.serve.config import ServeConfig
 from eanet.train.config import TrainConfig
 
 DATA = ("dataset", "data_path", "md5", "verify")  # where a data set comes from
-RUNTIME = ("device", "precision", "compile")  # where and how the model computes
+RUNTIME = ("device", "precision", "accel", "compile")  # where and how the model computes
 BENCHED = (
     "model",
     "model_args",
@@ -28,6 +28,7 @@ BENCHED = (
     "compile",
     "compile_mode",
     "precision",
+    "accel",
 )
 
 

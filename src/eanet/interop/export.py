@@ -27,10 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from eanet import __version__, checkpoint
+from eanet import __version__, accel, checkpoint
 from eanet.errors import ConfigError, EANetError
 from eanet.fileio import atomic_path
-from eanet.models.layers import use_reference_ops
 from eanet.models.transformer import VisionTransformer
 
 log = logging.getLogger(__name__)
@@ -95,10 +94,10 @@ def _quiet() -> Iterator[None]:
 
 
 def _plain_ops(model: VisionTransformer) -> VisionTransformer:
-    """A copy of `model` that runs the reference's plain torch ops."""
-    # Fast paths may use Python autograd Functions, which TorchScript cannot save; the
-    # parity check still compares with `model` itself.
-    return use_reference_ops(copy.deepcopy(model).eval())
+    """A copy of `model` that runs the plain model's torch ops (`eanet.accel` undone)."""
+    # The accel layer's ops are Python autograd Functions and custom ops, which TorchScript
+    # and ONNX cannot save; the parity check still compares with `model` itself.
+    return accel.restore(copy.deepcopy(model).eval())
 
 
 def _pixel_batches(shape: tuple[int, int, int], seed: int = 0) -> list[torch.Tensor]:

@@ -1,12 +1,11 @@
 """EANet and its ViT baseline, built exactly as the Keras example builds them.
 
-`config` (ModelConfig), `native` (hand-written CPU kernels, compiled at first use) ->
-`fused` (fast elementwise ops) -> `layers` -> `transformer`
-(EANet, ViT) -> `registry` (named variants). The public names are re-exported here.
+`config` (ModelConfig) -> `layers` -> `transformer` (EANet, ViT) -> `registry` (named
+variants), in plain torch ops; the public names are re-exported here. What makes them
+fast lives in `eanet.accel`, which swaps faster equivalents in from outside.
 """
 
 from eanet.models.config import ModelConfig
-from eanet.models.layers import use_reference_ops
 from eanet.models.registry import (
     MODELS,
     ModelSpec,
@@ -28,5 +27,4 @@ __all__ = [
     "count_parameters",
     "create_model",
     "model_config",
-    "use_reference_ops",
 ]

@@ -25,7 +25,7 @@ class VisionTransformer(nn.Module):
         self.normalize = Normalize(cfg.in_chans)
         self.patch_embed = PatchEmbed(cfg)
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
+        self.blocks = nn.Sequential(*(Block(cfg, rate) for rate in rates))
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
         init_weights(self, cfg.init)
 
@@ -36,11 +36,7 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images (B, C, H, W) -> tokens (B, N, dim)."""
-        x = self.patch_embed(x)
-        pending = None  # each block's last residual add is left to the next block's norm
-        for block in self.blocks:
-            x, pending = block.forward_parts(x, pending)
-        return x if pending is None else x + pending
+        return self.blocks(self.patch_embed(x))  # (B, N, dim)
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens (B, N, dim) -> logits (B, num_classes)."""

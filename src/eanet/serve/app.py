@@ -47,7 +47,7 @@ class ServeState:
     def __init__(self, config: ServeConfig, served: ServedModel | None = None) -> None:
         self.config = config
         self.served = served or ServedModel(
-            config.checkpoint, config.device, config.precision, config.compile
+            config.checkpoint, config.device, config.precision, config.compile, config.accel
         )
         self.batcher = Batcher(self.served.forward, config.max_batch, config.max_wait_ms)
         self.decoder = ImageDecoder(

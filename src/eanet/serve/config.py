@@ -34,6 +34,11 @@ class ServeConfig:
         "it natively)",
         choices=PRECISIONS,
     )
+    accel: bool = option(
+        True,
+        help="the faster equivalents of the model's layers (eanet.accel; --no-accel: the "
+        "plain model's torch ops)",
+    )
     compile: bool = option(
         False,
         help="torch.compile the forward pass, compiled at start for every batch size (tens "

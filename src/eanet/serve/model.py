@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+import eanet.accel
 from eanet import __version__, checkpoint
 from eanet.inference import compiled_forward
 from eanet.models.registry import count_parameters
@@ -15,7 +16,12 @@ class ServedModel:
     """A checkpoint loaded for serving: model, class names, name and version, forward pass."""
 
     def __init__(
-        self, path: str | Path, device: str = "auto", precision: str = "fp32", compile: bool = False
+        self,
+        path: str | Path,
+        device: str = "auto",
+        precision: str = "fp32",
+        compile: bool = False,
+        accel: bool = True,
     ) -> None:
         path = checkpoint.resolve(path)
         self.path = path
@@ -25,6 +31,7 @@ class ServedModel:
         self.config = self.model.config
         self.device = next(self.model.parameters()).device
         self.precision = resolve_precision(precision, self.device)  # the forward pass's
+        self.accel = eanet.accel.apply(self.model, self.device, self.precision) if accel else None
         self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
         fallback = "eanet" if self.config.attention == "external" else "vit"
         self.name = str(self.meta.model_name or fallback)

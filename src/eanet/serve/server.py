@@ -69,7 +69,7 @@ def serve(config: ServeConfig) -> None:
     # Every worker loads the model itself, and uvicorn restarts a worker that dies, for ever:
     # a device or checkpoint no worker can load would be a crash loop. Load it here once
     # first, so that those are one line and exit 2 before any worker starts.
-    served = ServedModel(config.checkpoint, config.device, config.precision)
+    served = ServedModel(config.checkpoint, config.device, config.precision, accel=config.accel)
     del served
     os.environ[CONFIG_ENV] = json.dumps(config.to_dict())
     uvicorn.run("eanet.serve.server:app_from_env", factory=True, workers=config.workers, **options)

@@ -130,6 +130,13 @@ class TrainConfig:
         "avx512_bf16 or AMX), else fp32",
         choices=PRECISIONS,
     )
+    accel: bool = option(
+        True,
+        help="run the model with eanet.accel's faster equivalents of its layers (folded "
+        "memories, fused attention, native CPU kernels; same function, see docs/internals.md); "
+        "--no-accel: the plain model's torch ops",
+        resume=CHANGE,
+    )
     on_nonfinite: str = option(
         "stop",
         help="a NaN or infinite training loss: 'stop' training, keeping the last complete "

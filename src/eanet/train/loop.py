@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from eanet import __version__, checkpoint
+from eanet import __version__, accel, checkpoint
 from eanet.data.augment import AugmentConfig
 from eanet.data.dataset import ImageData
 from eanet.data.load import load_dataset
@@ -30,7 +30,7 @@ from eanet.inference import evaluate_tensors
 from eanet.metrics import Metrics
 from eanet.models.registry import build_model, model_config
 from eanet.models.transformer import VisionTransformer
-from eanet.runtime import environment, set_threads, tune_cpu_allocator
+from eanet.runtime import environment, resolve_precision, set_threads, tune_cpu_allocator
 from eanet.train import distributed, finetune
 from eanet.train.config import TrainConfig
 from eanet.train.ema import EMA
@@ -109,6 +109,7 @@ class _Run:
     history: list[dict] = field(default_factory=list)
     start: int = 1  # the first epoch still to train
     extras: StepExtras | None = None  # schedule, clipping, EMA, logging (modern options)
+    accel: accel.AccelReport | None = None  # what eanet.accel swapped in (None: --no-accel)
     ema_model: VisionTransformer | None = None  # holds the EMA weights for evaluation
     logger: TensorBoardLog | None = None
 
@@ -199,9 +200,13 @@ def _build_run(
         finetune.load_compatible(model, cfg.init_from, data.class_names)
     if cfg.freeze_backbone:
         finetune.freeze_backbone(model)
+    report = accel.apply(model, device, cfg.precision) if cfg.accel else None
+    if report is not None:
+        log.info("accel: %s", report.summary())
     optimizer = make_optimizer(model, cfg)
     tensors = (t.to(device) for t in train_val_split(data, cfg.val_fraction))
     run = _Run(cfg, out, dist, data, model, optimizer, *tensors, progress=progress)
+    run.accel = report
     _add_extras(run)
     return run
 
@@ -276,6 +281,8 @@ def _run_record(run: _Run) -> dict:
             "test_images": len(run.data.test_images),
         },
         "eanet_version": __version__,
+        "precision": resolve_precision(run.cfg.precision, run.dist.device),  # 'auto' resolved
+        "accel": None if run.accel is None else run.accel.to_dict(),
         "environment": environment(),
         "distributed": run.dist.describe(),
         "reproducibility": provenance(run.cfg, run.dist.device),

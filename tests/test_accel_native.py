@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eanet.models import native
-from eanet.models.fused import double_normalize
+from eanet.accel import native
+from eanet.accel.fused import double_normalize
+from eanet.accel.upstream import mapped_libraries
 
 
 @pytest.fixture
@@ -30,12 +31,12 @@ def test_built_once_into_the_cache(fresh):
 
 def test_shares_torchs_openmp_threads(fresh):
     """Built against the OpenMP runtime torch runs on: one pool of threads, not two."""
-    before = native._mapped_libraries()
+    before = mapped_libraries()
     runtime = native.openmp_runtime()
     assert runtime is None or "torch" in runtime  # not another package's libgomp
     lib = native.library("double_normalize")
     assert bool(lib.kernels_threaded()) == (runtime is not None)
-    added = {p for p in native._mapped_libraries() - before if "gomp" in p}
+    added = {p for p in mapped_libraries() - before if "gomp" in p}
     assert not added  # no second OpenMP runtime came with the kernels
 
 
@@ -52,7 +53,7 @@ def _normalize(z):
 def test_without_a_working_compiler_torchs_ops_run(fresh, monkeypatch, caplog, cc, message):
     z = torch.randn(2, 8, 4, 4)
     monkeypatch.setenv("CC", cc)
-    with caplog.at_level("WARNING", logger="eanet.models.native"):
+    with caplog.at_level("WARNING", logger="eanet.accel.native"):
         q, grad = _normalize(z)
         assert not native.available("double_normalize")
     assert message in caplog.text and caplog.text.count("WARNING") == 1
@@ -66,13 +67,13 @@ def test_an_unwritable_cache_turns_the_kernels_off(fresh, monkeypatch, caplog):
     blocker = fresh.parent / "file"
     blocker.write_text("not a directory")
     monkeypatch.setenv("EANET_KERNELS", str(blocker / "kernels"))
-    with caplog.at_level("WARNING", logger="eanet.models.native"):
+    with caplog.at_level("WARNING", logger="eanet.accel.native"):
         assert native.library("double_normalize") is None
     assert "kernels are off" in caplog.text and str(blocker) in caplog.text
 
 
 def test_other_devices_and_dtypes_use_torchs_ops(monkeypatch):
-    from eanet.models import fused
+    from eanet.accel import fused
 
     assert fused._runs_native(torch.zeros(1, 4, 2, 2), 1)
     assert not fused._runs_native(torch.zeros(1, 4, 2, 2, dtype=torch.float64), 1)
@@ -95,7 +96,7 @@ def test_without_openmp_the_batch_is_split_over_python_threads(fresh, monkeypatc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("p", [0.2, 0.5])
 def test_native_dropout_keeps_each_element_with_probability_1_minus_p(dtype, p):
-    from eanet.models.fused import masked
+    from eanet.accel.fused import masked
 
     torch.manual_seed(0)
     n = 1 << 20
@@ -115,7 +116,7 @@ def test_native_dropout_keeps_each_element_with_probability_1_minus_p(dtype, p):
 
 
 def test_native_dropout_draws_anew_each_call_and_follows_torchs_seed():
-    from eanet.models.fused import masked
+    from eanet.accel.fused import masked
 
     x = torch.ones(4096)
     torch.manual_seed(1)
@@ -127,7 +128,7 @@ def test_native_dropout_draws_anew_each_call_and_follows_torchs_seed():
 
 
 def test_native_dropout_zeroes_dropped_nans():
-    from eanet.models.fused import masked
+    from eanet.accel.fused import masked
 
     torch.manual_seed(0)
     y = masked(torch.full((1000,), float("nan")), 0.5)
@@ -138,7 +139,7 @@ def test_native_dropout_zeroes_dropped_nans():
 def test_native_dropout_draws_the_same_mask_for_fp32_and_bf16(n, fresh, monkeypatch):
     """Element i's draw depends on i and the seeds only (bf16 goes two elements per word):
     odd lengths, either thread split, either dtype give one mask."""
-    from eanet.models.fused import masked
+    from eanet.accel.fused import masked
 
     x = torch.rand(n) + 0.5
     torch.manual_seed(3)

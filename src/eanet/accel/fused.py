@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import torch
 
-import eanet.models.native as native
+import eanet.accel.native as native
+from eanet.accel.upstream import softmax_backward
 
 _WORD_BITS = 16  # resolution of the keep probability
 
@@ -149,7 +150,7 @@ def _normalize_backward(
     inner = (grad * p).sum(dim=-1, keepdim=True).div_(denom)
     grad_p = (grad - inner).div_(denom)
     # through the softmax over tokens: p * (grad_p - sum_N(grad_p * p))
-    return torch._softmax_backward_data(grad_p, p, token_dim, p.dtype)
+    return softmax_backward(grad_p, p, token_dim, p.dtype)
 
 
 @torch.library.custom_op("eanet::double_normalize_cpu", mutates_args=())

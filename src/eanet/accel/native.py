@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from eanet.accel.upstream import mapped_libraries
 from eanet.errors import one_line
 from eanet.fileio import atomic_path
 from eanet.runtime import cpu_info
@@ -82,14 +83,6 @@ def _compiler_id(cc: str) -> str:
     return out.stdout.splitlines()[0] if out.stdout else cc
 
 
-def _mapped_libraries() -> set[str]:
-    try:
-        with open("/proc/self/maps", encoding="utf-8") as f:
-            return {line.split()[-1] for line in f if ".so" in line}
-    except OSError:
-        return set()
-
-
 def openmp_runtime() -> str | None:
     """The path of the OpenMP runtime torch runs on, where it is gcc's (libgomp), else None.
 
@@ -100,9 +93,7 @@ def openmp_runtime() -> str | None:
     """
     if "OpenMP" not in torch.__config__.parallel_info():
         return None
-    found = sorted(
-        p for p in _mapped_libraries() if os.path.basename(p).startswith(OPENMP_RUNTIMES)
-    )
+    found = sorted(p for p in mapped_libraries() if os.path.basename(p).startswith(OPENMP_RUNTIMES))
     torch_lib = str(Path(torch.__file__).resolve().parent / "lib")
     own = [p for p in found if str(Path(p).resolve().parent) == torch_lib]
     if own or len(found) == 1:

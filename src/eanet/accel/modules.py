@@ -1,0 +1,168 @@
+"""Faster equivalents of the model's layers, swapped in by `eanet.accel.apply`.
+
+Each class here subclasses the plain layer of `eanet.models.layers` and adds no parameter
+or buffer: `apply` changes a module's class in place (as torch's own `parametrize` does),
+so parameter names, state dicts, checkpoints and `isinstance` checks stay the plain
+model's, and `restore` changes the class back. Each computes the plain layer's function;
+`tests/test_accel.py` compares the two models, outputs and gradients.
+
+- `FoldedExternalAttention`: M_k follows the input projection and M_v precedes the output
+  projection with nothing non-linear in between, and both are shared by every head, so
+  each pair folds into one (dim x heads*S) matrix: two matmuls instead of four, no
+  transposes; the double normalisation by one kernel (`fused.double_normalize`).
+- `FastSelfAttention`: torch's fused attention (SDPA) where no dropout is drawn or on
+  CUDA; CPU training writes softmax(q k^T) out with the cheap dropout masks instead (SDPA
+  draws its dropout with `bernoulli_` over (B, h, N, N)).
+- `FastMlp`: the tanh GELU kernel and the cheap dropout masks, rescales folded into fc2.
+- `FusedBlocks`: the block sequence with each block's last residual add left to the next
+  block's LayerNorm, so that under CPU bf16 autocast the add and the norm run in one
+  kernel pass (`fused.add_layer_norm`).
+
+On the CPU the dropout masks are drawn differently from `nn.Dropout` (a counter-based
+generator, `fused.masked`): each run is deterministic under its seed, but the plain and
+the applied model draw different masks from the same seed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eanet.accel.fused import add_layer_norm, double_normalize, gelu_tanh, layer_norm, masked
+from eanet.accel.upstream import has_forward_hooks, tensor_version
+from eanet.models.layers import Block, ExternalAttention, Mlp, SelfAttention, drop_path
+
+
+def torch_dropout(x: torch.Tensor) -> bool:
+    """Whether `x` takes torch's own dropout: on CUDA, not on the CPU.
+
+    The cheap masks of `fused.masked` exist because `bernoulli_` dominated the CPU step; on
+    a GPU `F.dropout` draws and applies its mask in one fused kernel, where the mask trick
+    takes three (random words, comparison, multiplication), and torch's fused attention
+    kernels draw their own dropout.
+    """
+    return x.is_cuda
+
+
+class FoldedExternalAttention(ExternalAttention):
+    """External attention with M_k and M_v folded into the projections (same function)."""
+
+    def folded_weights(self) -> tuple[torch.Tensor, ...]:
+        """(w_in, b_in, w_out, b_out): proj_in then M_k, and M_v then proj, as single linears."""
+        h, d, S = self.heads, self.head_dim, self.memory
+        wk, wv = self.mk.weight, self.mv.weight  # (S, d), (d, S)
+        w_in = torch.einsum("hdi,sd->hsi", self.proj_in.weight.view(h, d, -1), wk)
+        b_in = self.proj_in.bias.view(h, d) @ wk.t()  # (h, S)
+        w_out = torch.einsum("ohd,ds->ohs", self.proj.weight.view(-1, h, d), wv)
+        b_out = self.proj.bias
+        if self.mk.bias is not None:
+            b_in = b_in + self.mk.bias
+        if self.mv.bias is not None:
+            b_out = b_out + self.proj.weight.view(-1, h, d).sum(1) @ self.mv.bias
+        return w_in.reshape(h * S, -1), b_in.reshape(-1), w_out.reshape(-1, h * S), b_out
+
+    def folded_weights_cached(self) -> tuple[torch.Tensor, ...]:
+        """`folded_weights()`, computed once while the weights stay as they are, where no
+        gradient is wanted (inference); with gradients, afresh (they flow through the fold),
+        and under torch.compile (whose guards on the cache would recompile the graph)."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.folded_weights()
+        params = tuple(self.parameters())
+        state = [(p.data_ptr(), tensor_version(p)) for p in params]
+        cached = self.__dict__.get("_folded")  # (parameters, their pointers and versions, fold)
+        if (
+            cached is None
+            or len(cached[0]) != len(params)
+            or cached[1] != state
+            or any(a is not b for a, b in zip(cached[0], params, strict=True))
+        ):
+            folded = tuple(w.clone() for w in self.folded_weights())
+            self.__dict__["_folded"] = cached = (params, state, folded)
+        return cached[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        w_in, b_in, w_out, b_out = self.folded_weights_cached()
+        z = F.linear(x, w_in, b_in).view(B, N, self.heads, self.memory)  # (B, N, h, S)
+        attn = double_normalize(z, token_dim=1).view(B, N, -1)  # (B, N, h*S)
+        if torch_dropout(x):  # torch's dropout, which rescales by itself
+            return self.proj_drop(F.linear(self.attn_drop(attn), w_out, b_out))
+        p1 = self.attn_drop.p if self.training else 0.0
+        p2 = self.proj_drop.p if self.training else 0.0
+        s1, s2 = 1.0 / (1.0 - p1), 1.0 / (1.0 - p2)  # dropout rescales, folded into w_out
+        return masked(F.linear(masked(attn, p1), w_out * (s1 * s2), b_out * s2), p2)
+
+
+class FastSelfAttention(SelfAttention):
+    """Self-attention by torch's fused kernel, or with cheap dropout masks in CPU training."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        q, k, v = (self.split_heads(lin(x)) for lin in (self.q, self.k, self.v))
+        p = self.attn_drop.p if self.training else 0.0
+        weight = self.proj.weight
+        if p > 0.0 and not torch_dropout(x):
+            w = torch.softmax((q * self.key_dim**-0.5) @ k.transpose(-2, -1), dim=-1)
+            out = masked(w, p) @ v  # (B, h, N, kd); the rescale folded into proj
+            weight = weight * (1.0 / (1.0 - p))
+        else:  # (B, h, N, kd), scaled by 1/sqrt(kd) as Keras
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        out = out.transpose(1, 2).reshape(B, N, self.heads * self.key_dim)
+        return F.linear(out, weight, self.proj.bias)
+
+
+class FastMlp(Mlp):
+    """The MLP with the GELU kernel and cheap dropout masks (CPU); torch's ops on CUDA."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch_dropout(x):
+            return super().forward(x)
+        p = self.drop.p if self.training else 0.0
+        s = 1.0 / (1.0 - p)  # both dropout rescales folded into fc2
+        act = gelu_tanh if self.act.approximate == "tanh" else self.act
+        h = masked(act(self.fc1(x)), p)
+        return masked(F.linear(h, self.fc2.weight * (s * s), self.fc2.bias * s), p)
+
+
+class FusedBlocks(nn.Sequential):
+    """The blocks in sequence, each block's last residual add run inside the next LayerNorm.
+
+    Where a block carries hooks (a user watching its input or output), the blocks run one
+    by one as plain modules, so the hooks see what they would see in the plain model.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(has_forward_hooks(block) for block in self):
+            return super().forward(x)
+        pending = None  # the previous block's last branch, not yet added
+        for block in self:
+            x, pending = _block_parts(block, x, pending)
+        return x if pending is None else x + pending
+
+
+def _block_parts(
+    block: Block, x: torch.Tensor, pending: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stream, branch): `block` applied to x + pending is stream + branch."""
+    p, training = block.drop_path, block.training
+    x, h = _add_norm(block.norm1, x, pending)
+    x, h = _add_norm(block.norm2, x, drop_path(block.attn(h), p, training))
+    return x, drop_path(block.mlp(h), p, training)
+
+
+def _add_norm(
+    norm: nn.LayerNorm, x: torch.Tensor, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + residual, norm(x + residual)), residual None meaning 0."""
+    if residual is None:
+        return x, layer_norm(norm, x)
+    return add_layer_norm(norm, x, residual)
+
+
+# plain layer -> its faster equivalent, and which devices it pays on
+SWAPS: dict[type[nn.Module], tuple[type[nn.Module], tuple[str, ...]]] = {
+    ExternalAttention: (FoldedExternalAttention, ("cpu", "cuda")),
+    SelfAttention: (FastSelfAttention, ("cpu", "cuda")),
+    Mlp: (FastMlp, ("cpu",)),
+}

@@ -1,0 +1,215 @@
+"""`eanet.accel.apply`: the applied model computes the plain model's function, faster.
+
+Parity compares two models (the plain one and a copy with accel applied): outputs and
+gradients, fp32 tightly, over odd shapes of both models; bf16 parity is in
+test_precision.py. Also what `apply` reports, `restore`, hooks, and what runs record.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.profiler import profile
+
+from eanet import accel
+from eanet.accel.modules import FastMlp, FoldedExternalAttention, FusedBlocks
+from eanet.models.config import ModelConfig
+from eanet.models.layers import Block, ExternalAttention, Mlp, SelfAttention
+from eanet.models.registry import create_model
+
+STATS = (torch.tensor([129.0, 124, 112]), torch.tensor([4500.0, 4200, 5000]), 1)
+
+# Odd shapes: batch 1/3/127, dim 40/48, 1-6 heads, patch 1/4/32, memory size 7/64, both
+# models (each value at least once; every pair of dim and heads divides).
+SHAPES = [
+    ("eanet-cifar", 3, {"dim": 40, "num_heads": 1, "patch_size": 4, "memory_size": 7}),
+    ("eanet-cifar", 1, {"dim": 48, "num_heads": 6, "patch_size": 1, "image_size": 16}),
+    ("eanet-cifar", 127, {"dim": 40, "num_heads": 5, "patch_size": 32, "mlp_dim": 24}),
+    ("eanet-cifar", 3, {"dim": 48, "num_heads": 3, "patch_size": 4, "memory_size": 64}),
+    ("eanet-cifar-s64", 3, {"dim": 40, "num_heads": 2, "patch_size": 4}),
+    ("vit-cifar", 3, {"dim": 40, "num_heads": 4, "patch_size": 4}),
+    ("vit-cifar", 1, {"dim": 48, "num_heads": 6, "patch_size": 1, "image_size": 16}),
+    ("vit-cifar", 127, {"dim": 48, "num_heads": 1, "patch_size": 32}),
+    ("vit-cifar", 3, {"dim": 40, "num_heads": 5, "patch_size": 4, "mlp_dim": 24}),
+]
+
+
+def _pair(name: str, precision: str = "fp32", **overrides):
+    """(plain, applied) copies of one freshly initialised model, depth 2."""
+    torch.manual_seed(0)
+    plain = create_model(name, depth=2, **overrides)
+    plain.normalize.set_stats(*STATS)
+    fast = copy.deepcopy(plain)
+    accel.apply(fast, "cpu", precision)
+    return plain, fast
+
+
+def _images(model, batch: int) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, *model.input_shape), dtype=torch.uint8)
+
+
+def _assert_same_function(plain, fast, x) -> None:
+    a, b = fast(x), plain(x)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    a.logsumexp(1).sum().backward()
+    b.logsumexp(1).sum().backward()
+    scale = max(p.grad.abs().max() for p in plain.parameters())
+    for (pname, p), q in zip(fast.named_parameters(), plain.parameters(), strict=True):
+        assert (p.grad - q.grad).abs().max() <= 1e-4 * scale, pname
+
+
+@pytest.mark.parametrize(("name", "batch", "shape"), SHAPES)
+def test_applied_model_computes_the_plain_function_in_eval(name, batch, shape):
+    """Outputs and gradients of every parameter, without dropout (eval mode)."""
+    plain, fast = _pair(name, **shape)
+    _assert_same_function(plain.eval(), fast.eval(), _images(plain, batch))
+
+
+@pytest.mark.parametrize(("name", "batch", "shape"), SHAPES[::2])
+def test_applied_model_computes_the_plain_function_in_training(name, batch, shape):
+    """Training mode takes other branches (the explicit attention, the mask dropout): with
+    the dropout rates at 0 they must still be the plain function."""
+    no_dropout = {"attn_drop": 0.0, "proj_drop": 0.0, "mlp_drop": 0.0}
+    plain, fast = _pair(name, **shape, **no_dropout)
+    _assert_same_function(plain.train(), fast.train(), _images(plain, batch))
+
+
+def test_dropout_in_training_takes_the_plain_rates():
+    """With dropout, the applied model's train-mode outputs average to its eval output:
+    the rescales folded into the next weights are right."""
+    torch.manual_seed(0)
+    mlp = Mlp(ModelConfig())
+    accel.apply(mlp, "cpu")
+    assert isinstance(mlp, FastMlp)
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        expected = mlp.eval()(x)
+        outs = torch.stack([mlp.train()(x) for _ in range(4000)])
+    assert outs.std(0).min() > 0
+    torch.testing.assert_close(outs.mean(0), expected, atol=0.05, rtol=0.05)
+
+
+def test_apply_reports_what_it_swapped_and_keeps_the_state_dict():
+    plain, fast = _pair("eanet-cifar", "bf16")
+    report = accel.apply(fast, "cpu", "bf16")  # a second time: nothing more to swap
+    assert report.modules == {"FastMlp": 2, "FoldedExternalAttention": 2, "FusedBlocks": 1}
+    assert report.precision == "bf16" and report.device == "cpu"
+    assert set(report.kernels) == {"double_normalize", "gelu", "layer_norm", "dropout"}
+    assert "2 FoldedExternalAttention" in report.summary()
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    assert isinstance(fast.blocks[0].attn, ExternalAttention)  # subclasses: checks still hold
+    fast.load_state_dict(plain.state_dict())  # checkpoints load either way
+
+
+def test_fp32_and_cuda_swap_only_what_pays_there():
+    model = create_model("vit-cifar", depth=1)
+    report = accel.apply(model, "cpu", "fp32")
+    assert "FusedBlocks" not in report.modules  # the fused add + norm is a bf16 kernel
+    cuda = create_model("eanet-cifar", depth=1)
+    report = accel.apply(cuda, "cuda", "bf16")  # only decides: nothing runs on the GPU
+    assert report.modules == {"FoldedExternalAttention": 1} and report.kernels == []
+    assert type(cuda.blocks[0].mlp) is Mlp
+
+
+def test_restore_gives_back_the_plain_model():
+    plain, fast = _pair("eanet-cifar", "bf16")
+    with torch.no_grad():
+        fast.eval()(_images(fast, 2))  # fills the folded-weights cache
+    accel.restore(fast)
+    for a, b in zip(fast.modules(), plain.modules(), strict=True):
+        assert type(a) is type(b)
+    assert "_folded" not in fast.blocks[0].attn.__dict__
+
+
+def test_hooks_on_a_block_see_what_they_see_in_the_plain_model():
+    """FusedBlocks defers each block's last add; with a hook on a block it runs the blocks
+    one by one, so the hook gets the block's true output (a tensor, not a pair)."""
+    plain, fast = _pair("eanet-cifar", "bf16")
+    assert isinstance(fast.blocks, FusedBlocks)
+    seen, x = {}, _images(plain, 2)
+    for label, model in (("plain", plain), ("fast", fast)):
+        model.blocks[0].register_forward_hook(lambda m, i, o, k=label: seen.setdefault(k, o))
+        with torch.no_grad():
+            model.eval()(x)
+    torch.testing.assert_close(seen["fast"], seen["plain"], atol=1e-5, rtol=1e-5)
+
+
+def test_the_plain_model_runs_torchs_ops_and_the_applied_one_the_kernels():
+    plain, fast = _pair("eanet-cifar", "bf16")
+    x = _images(plain, 2)
+
+    def ops(model):
+        with profile() as prof, torch.autocast("cpu", dtype=torch.bfloat16):
+            model.train()(x).float().sum().backward()
+        return {e.key for e in prof.key_averages()}
+
+    kernels = {
+        "eanet::double_normalize_cpu",
+        "eanet::double_normalize_cpu_backward",
+        "eanet::gelu_tanh_cpu",
+        "eanet::layer_norm_cpu",
+        "eanet::add_layer_norm_cpu",
+        "eanet::layer_norm_cpu_backward",
+        "eanet::dropout_cpu",
+    }
+    assert kernels <= ops(fast)
+    assert not {k for k in ops(plain) if k.startswith("eanet::")}
+
+
+def test_the_plain_model_reads_as_two_residual_lines():
+    """Block.forward is the reference's two residual lines and returns a tensor."""
+    import inspect
+
+    body = inspect.getsource(Block.forward).splitlines()[1:]
+    assert [line.strip() for line in body] == [
+        "x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)",
+        "x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)",
+        "return x",
+    ]
+
+
+def test_folded_memories_are_cached_for_inference_until_the_weights_change():
+    """Without gradients the folded weights are reused; an optimizer step, an in-place
+    change or load_state_dict makes them be folded afresh (outputs equal the uncached ones)."""
+    model = create_model("eanet-cifar", depth=1).eval()
+    accel.apply(model, "cpu")
+    attn, x = model.blocks[0].attn, _images(model, 2)
+    assert isinstance(attn, FoldedExternalAttention)
+    with torch.no_grad():
+        model(x)
+        first = attn.folded_weights_cached()
+        assert all(a is b for a, b in zip(first, attn.folded_weights_cached(), strict=True))
+        attn.mk.weight.mul_(1.5)
+        assert not torch.equal(first[0], attn.folded_weights_cached()[0])
+    model.load_state_dict(create_model("eanet-cifar", depth=1).state_dict())
+    with torch.inference_mode():
+        cached = model(x)
+    torch.testing.assert_close(cached, model(x), rtol=0, atol=0)
+
+
+def test_compiled_inference_compiles_once():
+    """Repeated no-grad calls of a compiled model reuse one graph (the folded-weights cache
+    and the LayerNorm kernel stay out of compiled code, whose guards would recompile)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    model = create_model("eanet-cifar", depth=2).eval()
+    accel.apply(model, "cpu", "bf16")
+    model = torch.compile(model, backend=counter)
+    x = _images(model, 4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(3):
+            model(x)
+    assert counter.frame_count == 1
+
+
+def test_self_attention_is_swapped_on_any_device_and_keeps_plain_names():
+    model = create_model("vit-cifar", depth=1)
+    names = [n for n, _ in model.named_parameters()]
+    accel.apply(model, "cpu")
+    assert isinstance(model.blocks[0].attn, SelfAttention)
+    assert type(model.blocks[0].attn).__name__ == "FastSelfAttention"
+    assert [n for n, _ in model.named_parameters()] == names

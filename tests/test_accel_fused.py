@@ -1,0 +1,193 @@
+"""The fused ops of `eanet.accel.fused` against torch's: double normalisation, GELU,
+LayerNorm (with the residual add), the dropout masks; each by its kernel and by torch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+def test_double_normalize_gradient():
+    from eanet.accel.fused import double_normalize
+
+    z = torch.randn(2, 7, 3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: double_normalize(t, token_dim=1), (z,))
+    q = double_normalize(z.detach(), token_dim=1)
+    torch.testing.assert_close(q.sum(-1), torch.ones(2, 7, 3, dtype=torch.float64))
+
+
+def _normalize_with_grad(z: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from eanet.accel.fused import double_normalize
+
+    z = z.detach().requires_grad_()
+    q = double_normalize(z, token_dim=1)
+    q.backward(g)
+    return q.float(), z.grad.float()
+
+
+def _normalize_both_ways(monkeypatch, z, g):
+    """(q, dL/dz) by the native kernel and by torch's ops (the kernel switched off)."""
+    from eanet.accel import native
+
+    assert native.available("double_normalize")  # this machine has a C compiler
+    fast = _normalize_with_grad(z, g)
+    monkeypatch.setitem(native.ENABLED, "native", False)
+    return fast, _normalize_with_grad(z, g)
+
+
+@pytest.mark.parametrize("shape", [(3, 256, 16, 16), (1, 7, 3, 5), (5, 64, 4, 16)])
+def test_native_double_normalize_matches_torch_in_fp32(monkeypatch, shape):
+    """The kernel (S = 16 unrolled, any other S generic; batches split over threads) gives
+    torch's values and gradients to fp32 rounding, also for a non-contiguous gradient."""
+    torch.manual_seed(0)
+    z = torch.randn(shape) * 4
+    g = torch.randn(shape[:2] + (shape[3], shape[2])).transpose(-1, -2)  # strided
+    (q, grad), (q_ref, grad_ref) = _normalize_both_ways(monkeypatch, z, g)
+    torch.testing.assert_close(q, q_ref, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(grad, grad_ref, atol=1e-6, rtol=1e-4)
+
+
+def test_native_double_normalize_matches_torch_in_bf16(monkeypatch):
+    """bfloat16 in and out, fp32 inside either way: a unit or two of bf16's last place."""
+    torch.manual_seed(0)
+    z = (torch.randn(4, 64, 16, 16) * 4).bfloat16()
+    g = torch.randn(4, 64, 16, 16).bfloat16()
+    (q, grad), (q_ref, grad_ref) = _normalize_both_ways(monkeypatch, z, g)
+    torch.testing.assert_close(q, q_ref, atol=1e-6, rtol=2**-7)  # atol: values near 0
+    torch.testing.assert_close(grad, grad_ref, atol=1e-6, rtol=2**-7)
+
+
+def test_native_double_normalize_keeps_extremes_finite(monkeypatch):
+    """Logits far apart (exp underflows to 0 for all but the largest) still sum to 1."""
+    z = torch.zeros(2, 8, 2, 4)
+    z[:, 0] = 200.0  # token 0 takes all the weight of every column
+    z[1, 3, 1, 2] = -1e30
+    (q, grad), (q_ref, grad_ref) = _normalize_both_ways(monkeypatch, z, torch.ones_like(z))
+    assert torch.isfinite(q).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(q, q_ref)
+    torch.testing.assert_close(grad, grad_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_tanh_gelu_matches_torch(dtype):
+    """The GELU kernel against F.gelu(approximate="tanh"): values and gradients, for a
+    non-contiguous input of odd length and the tails of tanh (|x| up to 30)."""
+    from eanet.accel.fused import _native_gelu_applies, gelu_tanh
+
+    torch.manual_seed(0)
+    base = torch.cat([torch.randn(2, 1001) * 3, torch.linspace(-30, 30, 2002).view(2, -1)], 1)
+    x = base.to(dtype).t()  # strided
+    assert _native_gelu_applies(x)
+    g = torch.randn(x.shape).to(dtype)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    gelu_tanh(a).backward(g)
+    y_ref = F.gelu(b, approximate="tanh")
+    y_ref.backward(g)
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-6, "rtol": 2**-7}
+    torch.testing.assert_close(gelu_tanh(x).float(), y_ref.float(), **tol)
+    torch.testing.assert_close(a.grad.float(), b.grad.float(), **tol)
+
+
+def _layer_norm_both_ways(dim, rows, grad_dtype):
+    """(fused.layer_norm, torch's LayerNorm cast to bf16) under CPU bf16 autocast: outputs
+    and the gradients of x, weight and bias for the same upstream gradient."""
+    from eanet.accel.fused import _native_norm_applies, layer_norm
+
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(dim, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(rows, 3, dim) * 3 + 1  # a mean far from 0: no cancellation allowed
+    g = torch.randn(rows, 3, dim).to(grad_dtype)
+    results = []
+    for fn in (layer_norm, lambda module, t: module(t).bfloat16()):
+        a = x.clone().requires_grad_()
+        norm.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert _native_norm_applies(norm, a)
+            y = fn(norm, a)
+        y.backward(g)
+        results.append((y, a.grad, norm.weight.grad.clone(), norm.bias.grad.clone()))
+    return results
+
+
+@pytest.mark.parametrize(
+    ("dim", "rows", "grad_dtype"),
+    [(64, 700, torch.bfloat16), (48, 5, torch.bfloat16), (64, 9, torch.float32)],
+)
+def test_native_layer_norm_matches_torch(dim, rows, grad_dtype):
+    """The LayerNorm kernel against torch's LayerNorm + cast: the result in bf16 (the same
+    rounding of the same fp32 values, to a unit of bf16's last place), the gradients in fp32
+    (the weight's summed over 3 x 700 rows: more than one block of the kernel)."""
+    (y, gx, gw, gb), (y_ref, gx_ref, gw_ref, gb_ref) = _layer_norm_both_ways(dim, rows, grad_dtype)
+    assert y.dtype == torch.bfloat16 and gx.dtype == torch.float32
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=1e-6, rtol=2**-7)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gw, gw_ref, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(gb, gb_ref, atol=1e-3, rtol=1e-4)
+
+
+def test_native_add_layer_norm_matches_torch():
+    """The residual add fused into the norm: s = x + h (fp32 stream, bf16 branch) and
+    LayerNorm(s) in bf16, against torch's add, LayerNorm and cast; gradients of x, h, the
+    weights, with gradients arriving both through the norm and along the stream."""
+    from eanet.accel.fused import add_layer_norm
+
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x, h = torch.randn(300, 64) * 2 + 1, torch.randn(300, 64).bfloat16()
+    g_s, g_y = torch.randn(300, 64), torch.randn(300, 64).bfloat16()
+
+    def run(fused):
+        a, b = x.clone().requires_grad_(), h.clone().requires_grad_()
+        norm.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fused:
+                s, y = add_layer_norm(norm, a, b)
+            else:
+                s = a + b
+                y = norm(s).bfloat16()
+        torch.autograd.backward([s, y], [g_s, g_y])
+        return s, y, a.grad, b.grad, norm.weight.grad.clone(), norm.bias.grad.clone()
+
+    (s, y, gx, gh, gw, gb), ref = run(True), run(False)
+    assert torch.equal(s, ref[0]) and y.dtype == torch.bfloat16 and gh.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref[1].float(), atol=1e-6, rtol=2**-7)
+    torch.testing.assert_close(gx, ref[2], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gh.float(), ref[3].float(), atol=1e-6, rtol=2**-7)
+    torch.testing.assert_close(gw, ref[4], atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(gb, ref[5], atol=1e-3, rtol=1e-4)
+
+
+def test_keep_mask_rate_and_reproducibility():
+    from eanet.accel.fused import keep_mask, masked
+
+    like = torch.zeros(200, 1000)
+    torch.manual_seed(1)
+    m = keep_mask(like, 0.2)
+    assert m.dtype == torch.float32 and set(m.unique().tolist()) == {0.0, 1.0}
+    assert abs(m.mean().item() - 0.8) < 0.005  # 200k draws: std 0.0009
+    torch.manual_seed(1)
+    assert torch.equal(m, keep_mask(like, 0.2))
+    assert keep_mask(like.bfloat16(), 0.2).dtype == torch.bfloat16
+    x = torch.randn(10)
+    assert masked(x, 0.0) is x
+
+
+@pytest.mark.slow
+def test_compiled_masks_are_independent_draws_with_the_right_gradient():
+    """Under torch.compile every mask is its own draw (graphs merge calls with equal
+    arguments: two masks of one shape once came out identical), and the backward
+    multiplies by the very mask of the forward (not a fresh one)."""
+    from eanet.accel.fused import masked
+
+    x = torch.randn(64, 512, requires_grad=True)
+    y = torch.randn(64, 512, requires_grad=True)
+    a, b = torch.compile(lambda x, y: (masked(x, 0.3), masked(y, 0.3)))(x, y)
+    assert not torch.equal(a != 0, b != 0)
+    assert abs((a != 0).float().mean().item() - 0.7) < 0.01
+    (a.sum() + 2 * b.sum()).backward()
+    assert torch.equal(x.grad, (a != 0).float()) and torch.equal(y.grad, 2 * (b != 0).float())
