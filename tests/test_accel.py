@@ -213,3 +213,81 @@ def test_self_attention_is_swapped_on_any_device_and_keeps_plain_names():
     assert isinstance(model.blocks[0].attn, SelfAttention)
     assert type(model.blocks[0].attn).__name__ == "FastSelfAttention"
     assert [n for n, _ in model.named_parameters()] == names
+
+
+@pytest.mark.parametrize(("use_accel", "precision"), [(True, "auto"), (False, "bf16")])
+def test_a_run_records_the_resolved_precision_and_what_accel_did(
+    tmp_path, small_sample, use_accel, precision
+):
+    """config.json says which precision ran ('auto' resolved) and what accel swapped in
+    (None with --no-accel, where the plain model trains)."""
+    import json
+
+    from eanet.runtime import resolve_precision
+    from eanet.train.config import TrainConfig
+    from eanet.train.loop import fit
+
+    cfg = TrainConfig(
+        model_args={"depth": 1, "dim": 32, "mlp_dim": 32},
+        epochs=1,
+        batch_size=32,
+        device="cpu",
+        precision=precision,
+        accel=use_accel,
+    )
+    fit(cfg, tmp_path, data=small_sample, progress=False)
+    record = json.loads((tmp_path / "config.json").read_text())
+    resolved = resolve_precision(precision, torch.device("cpu"))
+    assert record["precision"] == resolved and record["train"]["precision"] == precision
+    if use_accel:
+        assert record["accel"]["precision"] == resolved
+        assert record["accel"]["modules"]["FoldedExternalAttention"] == 1
+        assert "double_normalize" in record["accel"]["kernels"]
+    else:
+        assert record["accel"] is None and record["train"]["accel"] is False
+
+
+def test_bench_json_records_accel(monkeypatch):
+    from eanet.bench import bench_model
+    from eanet.train.config import TrainConfig
+
+    base = {"model_args": {"depth": 1}, "batch_size": 2, "device": "cpu"}
+    on = bench_model(TrainConfig(**base), warmup=0, steps=1)
+    off = bench_model(TrainConfig(**base, accel=False), warmup=0, steps=1)
+    assert on.to_dict()["accel"]["modules"] == {"FastMlp": 1, "FoldedExternalAttention": 1}
+    assert off.accel is None and off.native_kernels == {}
+    assert on.forward_macs_per_image == off.forward_macs_per_image  # counted on the plain ops
+
+
+def test_predict_evaluate_and_the_api_give_the_same_answer_with_and_without_accel(
+    tiny_run, small_sample, tmp_path, capsys
+):
+    """--no-accel / accel=False run the plain model: the same predictions."""
+    import json
+
+    from PIL import Image
+
+    from eanet import api
+    from eanet.cli.main import main
+    from eanet.evaluate import evaluate_checkpoint
+
+    x = small_sample.test_images[:3]
+    a = api.load(tiny_run, device="cpu").predict(x)
+    b = api.load(tiny_run, device="cpu", accel=False).predict(x)
+    assert [p.indices for p in a] == [p.indices for p in b]
+    assert type(api.load(tiny_run, device="cpu", accel=False).model.blocks[0].attn) is (
+        ExternalAttention
+    )
+    runs = [
+        evaluate_checkpoint(
+            tiny_run, data=small_sample, out_dir=tmp_path / str(flag), progress=False, accel=flag
+        )
+        for flag in (True, False)
+    ]
+    assert abs(runs[0]["test_loss"] - runs[1]["test_loss"]) < 1e-4
+    png = tmp_path / "one.png"
+    Image.fromarray(x[0].permute(1, 2, 0).numpy()).save(png)
+    for extra in ([], ["--no-accel"]):
+        assert main(["predict", str(tiny_run), str(png), "--json", "--device", "cpu", *extra]) == 0
+    with_accel, plain = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert with_accel["predictions"][0]["index"] == plain["predictions"][0]["index"]
