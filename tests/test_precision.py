@@ -14,18 +14,108 @@ from eanet.train.config import TrainConfig
 from eanet.train.loop import fit
 
 
-def test_auto_is_bf16_only_where_the_device_computes_it_natively(monkeypatch):
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(runtime, "cpu_info", lambda: ("x", ("avx2", "avx512f")))
-    assert runtime.resolve_precision("auto", cpu) == "fp32"
+@pytest.fixture
+def fresh_probe(monkeypatch, tmp_path):
+    """A home without a bf16 probe cache, torch's AVX-512 kernels, a CPU with avx512_bf16,
+    and a probe that counts its calls and answers `speedup` (set by the test)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     monkeypatch.setattr(runtime, "cpu_info", lambda: ("x", ("avx512f", "avx512_bf16")))
-    assert runtime.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    probe = {"speedup": 2.6, "calls": 0}
+
+    def fake_probe() -> float:
+        probe["calls"] += 1
+        return probe["speedup"]
+
+    monkeypatch.setattr(runtime, "probe_bf16_speedup", fake_probe)
+    monkeypatch.setattr(runtime, "_warned", set())
+    runtime.cpu_bf16_pays.cache_clear()
+    yield probe
+    runtime.cpu_bf16_pays.cache_clear()
+
+
+def test_auto_is_bf16_only_where_the_device_computes_it_natively_and_faster(
+    monkeypatch, fresh_probe
+):
+    cpu = torch.device("cpu")
+    assert runtime.resolve_precision("auto", cpu) == "bf16"  # native, 2.6x by the probe
     monkeypatch.setattr(runtime, "cpu_info", lambda: ("x", ("amx_bf16",)))
+    runtime.cpu_bf16_pays.cache_clear()
     assert runtime.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(runtime, "cpu_info", lambda: ("y", ("avx2", "avx512f")))
+    runtime.cpu_bf16_pays.cache_clear()
+    assert runtime.resolve_precision("auto", cpu) == "fp32"
+    assert fresh_probe["calls"] == 2  # not probed where bf16 is not native at all
     assert runtime.resolve_precision("fp32", cpu) == "fp32"
     assert runtime.resolve_precision("bf16", cpu) == "bf16"  # asked for: honoured everywhere
     with pytest.raises(ConfigError, match="--precision 'fp16' must be one of fp32, bf16, auto"):
         runtime.resolve_precision("fp16", cpu)
+
+
+def test_auto_takes_fp32_where_the_probe_finds_bf16_slower(fresh_probe):
+    fresh_probe["speedup"] = 0.9
+    assert runtime.resolve_precision("auto", torch.device("cpu")) == "fp32"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"), [("capability", "AVX2"), ("ONEDNN_MAX_CPU_ISA", "AVX2")]
+)
+def test_the_emulation_variables_make_auto_fp32_and_bf16_warn_once(
+    monkeypatch, caplog, fresh_probe, variable, value
+):
+    """ATEN_CPU_CAPABILITY (as torch reports it) and ONEDNN_MAX_CPU_ISA are honoured: bf16
+    would be emulated, so `auto` is fp32 and an explicit bf16 warns once, naming why."""
+    if variable == "capability":
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: value)
+    else:
+        monkeypatch.setenv(variable, value)
+    cpu = torch.device("cpu")
+    assert runtime.resolve_precision("auto", cpu) == "fp32"
+    with caplog.at_level("WARNING", logger="eanet.runtime"):
+        assert runtime.resolve_precision("bf16", cpu) == "bf16"
+        runtime.resolve_precision("bf16", cpu)
+    assert caplog.text.count("runs emulated") == 1 and value in caplog.text
+    assert fresh_probe["calls"] == 0
+
+
+def test_the_probe_runs_once_per_machine_and_ignores_a_cache_others_may_write(fresh_probe):
+    import os
+
+    cpu = torch.device("cpu")
+    assert runtime.resolve_precision("auto", cpu) == "bf16"
+    cache = runtime._probe_cache()
+    assert cache.exists() and fresh_probe["calls"] == 1
+    runtime.cpu_bf16_pays.cache_clear()
+    runtime.resolve_precision("auto", cpu)
+    assert fresh_probe["calls"] == 1  # read from the cache, not measured again
+    os.chmod(cache, 0o666)  # another user could have written it: not trusted
+    runtime.cpu_bf16_pays.cache_clear()
+    fresh_probe["speedup"] = 0.5
+    assert runtime.resolve_precision("auto", cpu) == "fp32" and fresh_probe["calls"] == 2
+
+
+@pytest.mark.slow
+def test_auto_under_the_real_emulation_variables_is_fp32():
+    """In a fresh process with ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2 (an AVX2
+    machine's code on this one), `auto` never picks bf16; the real probe is fast."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import time, torch; from eanet import runtime; t = time.perf_counter(); "
+        "print(runtime.resolve_precision('auto', torch.device('cpu')), "
+        "runtime.probe_bf16_speedup() if runtime.cpu_bf16_missing() is None else 0, "
+        "time.perf_counter() - t)"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.split()[0] == "fp32", out.stderr
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    precision, speedup, seconds = out.stdout.split()
+    assert precision == ("bf16" if float(speedup) >= runtime.BF16_PAYS else "fp32")
+    assert float(seconds) < 5  # the probe and its cache: well under a second when idle
 
 
 def test_cpu_info_names_the_model_and_its_flags():
