@@ -67,6 +67,18 @@ def test_native_double_normalize_keeps_extremes_finite(monkeypatch):
     torch.testing.assert_close(grad, grad_ref)
 
 
+def test_native_double_normalize_max_starts_at_minus_infinity(monkeypatch):
+    """A column whose every logit is below -3e38 (finite, near fp32's limit) is a uniform
+    softmax, as torch computes it: the column max starts at -inf, not at a finite floor."""
+    z = torch.randn(2, 8, 2, 4)
+    z[0, :, 1, 3] = -3.3e38
+    z[1, :, 0, 0] = torch.finfo(torch.float32).min
+    (q, grad), (q_ref, grad_ref) = _normalize_both_ways(monkeypatch, z, torch.ones_like(z))
+    assert torch.isfinite(q).all() and torch.isfinite(q_ref).all()
+    torch.testing.assert_close(q, q_ref)
+    torch.testing.assert_close(grad, grad_ref)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_tanh_gelu_matches_torch(dtype):
     """The GELU kernel against F.gelu(approximate="tanh"): values and gradients, for a

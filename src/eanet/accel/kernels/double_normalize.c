@@ -21,6 +21,8 @@
  * says whether the tensors (z, q, g, dL/dz) are bfloat16 (else float32); the statistics
  * are always float32. They return 0, or 1 where the scratch memory could not be had.
  */
+#include <math.h>
+
 #include "common.h"
 
 #if defined(__AVX512F__)
@@ -89,7 +91,7 @@ static inline void grad_heads16(const float *R g, const float *R p, float *R gp)
 /* mx[c] = max_n z[n, c]; inv[c] = 1 / sum_n e^(z - mx); e = e^(z - mx) (fp32). */
 static inline __attribute__((always_inline)) void column_stats(
     const void *z, int bf16, float *R mx, float *R inv, float *R e, long N, long C) {
-    for (long c = 0; c < C; c++) mx[c] = -3.0e38f, inv[c] = 0.0f;
+    for (long c = 0; c < C; c++) mx[c] = -INFINITY, inv[c] = 0.0f;  /* the true max, always */
     for (long n = 0; n < N; n++)
         for (long c = 0; c < C; c++) {
             float v = load_f32(z, bf16, n * C + c);
