@@ -291,3 +291,23 @@ def test_predict_evaluate_and_the_api_give_the_same_answer_with_and_without_acce
         assert main(["predict", str(tiny_run), str(png), "--json", "--device", "cpu", *extra]) == 0
     with_accel, plain = (json.loads(line) for line in capsys.readouterr().out.splitlines())
     assert with_accel["predictions"][0]["index"] == plain["predictions"][0]["index"]
+
+
+def test_bf16_inference_attention_in_chunks_is_the_plain_models(monkeypatch):
+    """CPU bf16 inference runs self-attention a few images at a time (`attention_in_chunks`);
+    with chunks that do not divide the batch, the logits are the plain model's under
+    autocast (the same bf16 ops: equal to a unit of bf16's last place)."""
+    from eanet.accel import modules
+
+    calls = []
+    real = modules.attention_in_chunks
+    monkeypatch.setattr(
+        modules, "attention_in_chunks", lambda *a: calls.append(a[0].shape) or real(*a)
+    )
+    monkeypatch.setattr(modules, "CHUNK_BYTES", 3 * 4 * 64 * 64 * 2)  # 3 images per chunk
+    plain, fast = _pair("vit-cifar", "bf16", patch_size=4)
+    x = _images(plain, 7)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = fast.eval()(x).float(), plain.eval()(x).float()
+    assert calls and calls[0] == (7, 4, 64, 64)
+    assert (a - b).abs().max() <= 2**-7 * b.abs().max()

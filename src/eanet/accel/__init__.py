@@ -7,7 +7,9 @@ residual add on hand-written kernels), and says what it did. The layers run thei
 through `fused` (custom autograd ops), whose CPU kernels `native` compiles at first use
 from `kernels/*.c` into a cache it owns. The private upstream names it relies on are in
 `upstream`, each with its reason. `train`, `evaluate`, `predict`, `serve`, `bench` and
-`eanet.load` call `apply` once; `--no-accel` runs the plain model.
+`eanet.load` call `apply` once; `--no-accel` runs the plain model. On the CPU `apply` also
+raises glibc's mmap threshold (`runtime.tune_cpu_allocator`), so that the big activations
+of every forward pass reuse memory instead of being page-faulted in anew.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import nn
 import eanet.accel.native as native
 from eanet.accel.modules import SWAPS, FusedBlocks
 from eanet.models.layers import Block
-from eanet.runtime import resolve_precision
+from eanet.runtime import resolve_precision, tune_cpu_allocator
 
 __all__ = ["AccelReport", "apply", "restore"]
 
@@ -34,6 +36,7 @@ class AccelReport:
     precision: str
     modules: dict[str, int] = field(default_factory=dict)  # faster class -> how many
     kernels: list[str] = field(default_factory=list)  # native CPU kernels loaded
+    allocator_tuned: bool = False  # glibc keeps big blocks for reuse (`runtime.tune_cpu_allocator`)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,8 +77,11 @@ def apply(
             module.__class__ = FusedBlocks
     fast_classes = {fast for fast, _ in SWAPS.values()} | {FusedBlocks}
     counts = Counter(type(m).__name__ for m in model.modules() if type(m) in fast_classes)
-    kernels = native.status()["on"] if device.type == "cpu" else []
-    return AccelReport(str(device), precision, dict(sorted(counts.items())), kernels)
+    cpu = device.type == "cpu"
+    kernels = native.status()["on"] if cpu else []
+    # a step's big activations reuse freed memory instead of fresh page-faulted mmap pages
+    tuned = cpu and tune_cpu_allocator()
+    return AccelReport(str(device), precision, dict(sorted(counts.items())), kernels, tuned)
 
 
 def restore(model: nn.Module) -> nn.Module:

@@ -12,7 +12,8 @@ model's, and `restore` changes the class back. Each computes the plain layer's f
   transposes; the double normalisation by one kernel (`fused.double_normalize`).
 - `FastSelfAttention`: torch's fused attention (SDPA) where no dropout is drawn or on
   CUDA; CPU training writes softmax(q k^T) out with the cheap dropout masks instead (SDPA
-  draws its dropout with `bernoulli_` over (B, h, N, N)).
+  draws its dropout with `bernoulli_` over (B, h, N, N)), and CPU bf16 inference a few
+  images at a time (`attention_in_chunks`).
 - `FastMlp`: the tanh GELU kernel and the cheap dropout masks, rescales folded into fc2.
 - `FusedBlocks`: the block sequence with each block's last residual add left to the next
   block's LayerNorm, so that under CPU bf16 autocast the add and the norm run in one
@@ -106,10 +107,34 @@ class FastSelfAttention(SelfAttention):
             w = torch.softmax((q * self.key_dim**-0.5) @ k.transpose(-2, -1), dim=-1)
             out = masked(w, p) @ v  # (B, h, N, kd); the rescale folded into proj
             weight = weight * (1.0 / (1.0 - p))
+        elif p == 0.0 and q.dtype == torch.bfloat16 and q.is_cpu and not q.requires_grad:
+            out = attention_in_chunks(q, k, v, self.key_dim**-0.5)
         else:  # (B, h, N, kd), scaled by 1/sqrt(kd) as Keras
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         out = out.transpose(1, 2).reshape(B, N, self.heads * self.key_dim)
         return F.linear(out, weight, self.proj.bias)
+
+
+CHUNK_BYTES = 1 << 21  # attention weights of one chunk of images: about 2 MB
+
+
+def attention_in_chunks(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v for bf16 (B, h, N, d) on the CPU, without gradients, a few
+    images at a time so that each chunk's (h, N, N) weights stay in the cache.
+
+    The plain model's ops under CPU bf16 autocast (bf16 logits, softmax in fp32 inside and
+    bf16 out), where torch's fused attention (SDPA) was slower in bf16 than in fp32 on an
+    AVX-512-bf16 CPU without AMX (docs/speed.md).
+    """
+    B, h, N, _ = q.shape
+    step = max(1, CHUNK_BYTES // (h * N * N * q.element_size()))
+    out = torch.empty_like(q)
+    for i in range(0, B, step):
+        w = torch.matmul(q[i : i + step] * scale, k[i : i + step].transpose(-2, -1))
+        torch.matmul(torch.softmax(w, dim=-1), v[i : i + step], out=out[i : i + step])
+    return out
 
 
 class FastMlp(Mlp):
