@@ -110,9 +110,10 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "eanet" / "kernels"
 
 
-def _run(argv: list[str], timeout: float) -> str:
-    """The output of a compiler command; RuntimeError where it fails or outlives `timeout`
-    seconds (then it is killed with everything it started: cc1, as, ld, ccache's gcc)."""
+def _run(argv: list[str], timeout: float, what: str) -> str:
+    """The output of a compiler command; RuntimeError naming `what` where it fails or outlives
+    `timeout` seconds (then it is killed with everything it started: cc1, as, ld, ccache's
+    gcc; its own session, so that the pipes close, is why Ctrl-C is passed on by hand)."""
     proc = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
@@ -123,10 +124,10 @@ def _run(argv: list[str], timeout: float) -> str:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         if isinstance(exc, subprocess.TimeoutExpired):
-            raise RuntimeError(f"{shlex.join(argv)} did not finish within {timeout:g} s") from None
+            raise RuntimeError(f"{what} did not finish within {timeout:g} s") from None
         raise
     if proc.returncode != 0:
-        raise RuntimeError(f"{argv[0]} failed (exit {proc.returncode}): {one_line(out)[:500]}")
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}): {one_line(out)[:500]}")
     return out
 
 
@@ -187,7 +188,9 @@ def _setup(cc: str, directory: Path) -> _Cache | None:
         )
         return None
     try:
-        compiler_id = _run([*argv, "--version"], VERSION_TIMEOUT).partition("\n")[0] or cc
+        compiler_id = (
+            _run([*argv, "--version"], VERSION_TIMEOUT, f"{cc} --version").partition("\n")[0] or cc
+        )
     except (OSError, RuntimeError) as exc:
         log.warning("the native kernels are off, running torch's ops: %s", one_line(exc))
         return None
@@ -306,10 +309,11 @@ def _compile(name: str, cache: _Cache, flags: list[str], target: Path) -> None:
         log.info("compiling native kernels (first use) into %s", cache.directory)
         cache.announced = True
     with _new_file(target, 0o755) as tmp:
-        _run([*cache.cc, str(SOURCES / f"{name}.c"), *flags, "-o", str(tmp)], COMPILE_TIMEOUT)
+        what = f"{shlex.join(cache.cc)} {name}.c"
+        _run([*cache.cc, str(SOURCES / f"{name}.c"), *flags, "-o", str(tmp)], COMPILE_TIMEOUT, what)
         data = tmp.read_bytes()
         if not data.startswith(b"\x7fELF"):
-            raise RuntimeError(f"{cache.cc[0]} exited 0 but wrote no shared library")
+            raise RuntimeError(f"{what} exited 0 but wrote no shared library")
         with _new_file(_sha256_path(target), 0o644) as digest:
             digest.write_text(hashlib.sha256(data).hexdigest() + "\n", encoding="ascii")
     log.debug("compiled the %s kernels into %s", name, target)
