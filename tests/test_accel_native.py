@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import stat
+import subprocess
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
-from eanet.accel import native
+from eanet.accel import fused, native
 from eanet.accel.fused import double_normalize
 from eanet.accel.upstream import mapped_libraries
 
 
+def _clear() -> None:
+    for cached in (native.library, native._setup, native.signatures):
+        cached.cache_clear()
+
+
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
-    """An empty kernel cache and no loaded library (restored afterwards)."""
+    """An empty kernel cache and no loaded library, as in a new process (restored afterwards)."""
     monkeypatch.setenv("EANET_KERNELS", str(tmp_path / "kernels"))
-    native.library.cache_clear()
+    _clear()
     yield tmp_path / "kernels"
-    native.library.cache_clear()
+    _clear()
 
 
 def test_built_once_into_the_cache(fresh):
@@ -56,7 +71,8 @@ def test_without_a_working_compiler_torchs_ops_run(fresh, monkeypatch, caplog, c
     with caplog.at_level("WARNING", logger="eanet.accel.native"):
         q, grad = _normalize(z)
         assert not native.available("double_normalize")
-    assert message in caplog.text and caplog.text.count("WARNING") == 1
+        assert native.status()["on"] == []
+    assert message in caplog.text and caplog.text.count("WARNING") == 1  # one for all four
     assert not list(fresh.glob("*"))  # nothing half-built left behind
     monkeypatch.setitem(native.ENABLED, "native", False)
     q_ref, grad_ref = _normalize(z)
@@ -153,3 +169,308 @@ def test_native_dropout_draws_the_same_mask_for_fp32_and_bf16(n, fresh, monkeypa
     c = masked(x.bfloat16(), 0.3) != 0
     assert not native.library("dropout").kernels_threaded()
     assert torch.equal(a, b) and torch.equal(a, c)
+
+
+# The cache: what is loaded runs as the user, so only the user's own checked files are.
+
+
+def _built(name: str = "gelu") -> Path:
+    """kernels/<name>.c compiled into the cache but not loaded: a library loaded into this
+    process stays mapped, and damaging it in place would kill the tests."""
+    return native._build(name, native._setup(os.environ.get("CC") or "cc", native.cache_dir()))
+
+
+def _record(library: Path) -> None:
+    """Write the sha256 of `library` beside it, as an attacker who can write there would."""
+    digest = hashlib.sha256(library.read_bytes()).hexdigest()
+    library.with_name(library.name + ".sha256").write_text(digest + "\n")
+
+
+@pytest.fixture
+def planted(tmp_path):
+    """(a library whose loading creates `marker`, marker): what an attacker would plant."""
+    marker, source = tmp_path / "planted-ran", tmp_path / "planted.c"
+    source.write_text(
+        "#include <stdio.h>\n"
+        "__attribute__((constructor)) static void run(void) {\n"
+        f'    FILE *f = fopen("{marker}", "w");\n'
+        "    if (f) fclose(f);\n"
+        "}\n"
+    )
+    library = tmp_path / "planted.so"
+    subprocess.run(["cc", "-shared", "-fPIC", str(source), "-o", str(library)], check=True)
+    return library, marker
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_the_cache_is_private_and_libraries_0755_whatever_the_umask(fresh, monkeypatch):
+    kernels = fresh.parent / "new" / "kernels"
+    monkeypatch.setenv("EANET_KERNELS", str(kernels))
+    umask = os.umask(0)
+    try:
+        assert native.library("gelu") is not None
+    finally:
+        os.umask(umask)
+    assert _mode(kernels) == 0o700 and _mode(kernels.parent) == 0o755
+    (library,) = kernels.glob("gelu-*.so")
+    assert _mode(library) == 0o755
+    assert _mode(library.with_name(library.name + ".sha256")) == 0o644
+
+
+@pytest.mark.parametrize("change", ["writable by others", "another user's"])
+def test_a_cache_directory_that_is_not_the_users_alone_is_not_used(fresh, planted, caplog, change):
+    target = _built()
+    os.replace(planted[0], target)
+    _record(target)
+    if change == "writable by others":
+        fresh.chmod(0o777)
+    else:  # the directory and all in it
+        for path in [fresh, *fresh.iterdir()]:
+            os.chown(path, 12345, 12345)
+    native._setup.cache_clear()  # a new process
+    with caplog.at_level("WARNING", logger="eanet.accel.native"):
+        assert native.library("gelu") is None
+        assert native.status()["on"] == []
+    assert not planted[1].exists()  # the planted library never ran
+    assert caplog.text.count("WARNING") == 1
+    assert f"{fresh} {'is ' if change[0] == 'w' else 'belongs to '}" in caplog.text
+    assert "chmod 700" in caplog.text and "EANET_KERNELS" in caplog.text
+
+
+def _damage(target: Path, planted: Path, how: str) -> None:
+    if how == "truncated":  # a full disk, a crash mid-write: loading it was a 'Bus error'
+        os.truncate(target, target.stat().st_size // 2)
+    elif how == "replaced":  # the digest beside it no longer matches
+        os.replace(planted, target)
+    elif how == "without its digest":
+        os.replace(planted, target)
+        target.with_name(target.name + ".sha256").unlink()
+    elif how == "another user's":
+        os.replace(planted, target)
+        _record(target)
+        os.chown(target, 12345, 12345)
+    elif how == "writable by others":
+        os.replace(planted, target)
+        _record(target)
+        target.chmod(0o777)
+    elif how == "a symlink":
+        _record(planted)
+        target.unlink()
+        target.symlink_to(planted)
+        target.with_name(target.name + ".sha256").write_bytes(
+            planted.with_name(planted.name + ".sha256").read_bytes()
+        )
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "truncated",
+        "replaced",
+        "without its digest",
+        "another user's",
+        "writable by others",
+        "a symlink",
+    ],
+)
+def test_a_damaged_or_foreign_library_is_rebuilt_never_loaded(fresh, planted, caplog, how):
+    target = _built()
+    _damage(target, planted[0], how)
+    native._setup.cache_clear()  # a new process
+    with caplog.at_level("WARNING", logger="eanet.accel.native"):
+        assert native.library("gelu") is not None
+    assert not planted[1].exists()
+    assert caplog.text.count("WARNING") == 1 and "rebuilding them" in caplog.text
+    assert str(target) in caplog.text
+    assert not target.is_symlink() and target.stat().st_uid == os.geteuid()
+    recorded = target.with_name(target.name + ".sha256").read_text().strip()
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == recorded
+    x = torch.randn(1000)
+    torch.testing.assert_close(fused.gelu_tanh(x), torch.nn.functional.gelu(x, approximate="tanh"))
+
+
+def test_a_compiler_that_writes_nothing_leaves_nothing_cached(fresh, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "true")  # exits 0 whatever it is asked
+    with caplog.at_level("WARNING", logger="eanet.accel.native"):
+        assert native.library("gelu") is None
+    assert "exited 0 but wrote no shared library" in caplog.text
+    assert [p.name for p in fresh.iterdir()] == [".lock"]
+
+
+def test_temporary_files_of_killed_compiles_are_removed(fresh):
+    fresh.mkdir(mode=0o700)
+    stale = fresh / ".gelu-0123456789abcdef.so.k1ll3d.tmp"  # a compile killed by SIGKILL
+    stale.write_bytes(b"half a library")
+    assert native.library("gelu") is not None
+    assert not stale.exists()
+
+
+def _script(path: Path, body: str) -> Path:
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+def _dead(pid: int) -> bool:
+    """Whether process `pid` has exited (a zombie counts: nothing reaps it in a container)."""
+    for _ in range(100):
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, IndexError):
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_hanging_compiler_is_killed_and_nothing_more_is_compiled(
+    fresh, tmp_path, monkeypatch, caplog
+):
+    assert native.COMPILE_TIMEOUT <= 60 and native.VERSION_TIMEOUT <= 10
+    calls, pids = tmp_path / "calls", tmp_path / "pids"
+    hang = f'[ "$1" = --version ] && {{ echo hangcc 1; exit 0; }}\necho "$1" >> {calls}\n'
+    hang += f"sleep 60 &\necho $! > {pids}\nwait\n"  # the hang in a child, as in cc1
+    monkeypatch.setenv("CC", str(_script(tmp_path / "hangcc", hang)))
+    monkeypatch.setattr(native, "COMPILE_TIMEOUT", 1)
+    start = time.monotonic()
+    with caplog.at_level("INFO", logger="eanet.accel.native"):
+        assert native.library("gelu") is None
+        assert native.library("dropout") is None  # no second compile, no second warning
+    assert time.monotonic() - start < 10
+    assert calls.read_text().splitlines() == [str(native.SOURCES / "gelu.c")]
+    assert _dead(int(pids.read_text()))  # the compiler's own children are killed too
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records]
+    (warning,) = [m for level, m in messages if level == "WARNING"]
+    assert f"{os.environ['CC']} gelu.c did not finish within 1 s" in warning
+    assert [m for _, m in messages if m.startswith("compiling")] == [
+        f"compiling native kernels (first use) into {fresh}"
+    ]
+    assert not list(fresh.glob(".*.tmp"))
+
+
+def test_cc_may_carry_arguments(fresh, tmp_path, monkeypatch, caplog):
+    """CC="ccache gcc": a launcher and the compiler it runs, split as the shell would."""
+    calls = tmp_path / "calls"
+    launcher = _script(tmp_path / "launch", f'echo "$@" >> {calls}\nexec "$@"\n')
+    monkeypatch.setenv("CC", f"'{launcher}' cc")
+    with caplog.at_level("INFO", logger="eanet.accel.native"):
+        assert native.library("gelu") is not None
+        assert native.library("dropout") is not None
+    lines = calls.read_text().splitlines()
+    assert lines[0] == "cc --version" and len(lines) == 3
+    assert lines[1].startswith(f"cc {native.SOURCES / 'gelu.c'} -O3")
+    assert caplog.text.count("compiling native kernels (first use)") == 1
+
+
+# The C interface: declared once, in the C prototypes; checked shapes before every call.
+
+_P, _L, _I, _U, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_uint32, ctypes.c_float
+
+
+def test_the_ctypes_signatures_are_read_from_the_c_prototypes():
+    threaded = {"kernels_threaded": ([], _I)}  # common.h's, in every library
+    assert native.signatures("double_normalize") == threaded | {
+        "dn_forward": ([_P, _P, _P, _P, _I, _L, _L, _L, _L, _L], _I),
+        "dn_backward": ([_P, _P, _P, _P, _P, _I, _L, _L, _L, _L, _L], _I),
+    }
+    assert native.signatures("gelu") == threaded | {
+        "gelu_forward": ([_P, _P, _I, _L, _L, _L], _I),
+        "gelu_backward": ([_P, _P, _P, _I, _L, _L, _L], _I),
+    }
+    assert native.signatures("layer_norm") == threaded | {
+        "ln_block_rows": ([], _I),
+        "ln_forward": ([_P] * 8 + [_I, _L, _F, _L, _L], _I),
+        "ln_backward": ([_P] * 9 + [_I, _L, _L, _L, _L], _I),
+    }
+    assert native.signatures("dropout") == threaded | {
+        "keep_32bit": ([_P, _P, _U, _U, _U, _L, _L, _L], _I),
+        "keep_16bit": ([_P, _P, _U, _U, _U, _L, _L, _L], _I),
+    }
+    text = Path(fused.__file__).read_text()
+    called = set(re.findall(r"lib\.(\w+)", text)) | set(re.findall(r'_gelu_call\("(\w+)"', text))
+    declared = set().union(*(native.signatures(name) for name in native.KERNELS))
+    assert called and called <= declared
+
+
+def test_a_prototype_without_a_ctypes_type_turns_its_kernel_off(
+    fresh, tmp_path, monkeypatch, caplog
+):
+    sources = tmp_path / "kernels-src"
+    sources.mkdir()
+    shutil.copy(native.SOURCES / "common.h", sources)
+    (sources / "odd.c").write_text(
+        '#include "common.h"\nint odd(double x, long i0, long i1) { return 0; }\n'
+    )
+    monkeypatch.setattr(native, "SOURCES", sources)
+    with caplog.at_level("WARNING", logger="eanet.accel.native"):
+        assert native.library("odd") is None
+    assert "odd.c: odd: no ctypes type for 'double x'" in caplog.text
+    assert caplog.text.count("WARNING") == 1
+
+
+@pytest.mark.parametrize("width", [4096, 2**24])
+def test_layer_norm_of_another_width_raises_torchs_error(width):
+    """The kernel read the (8,) weight 4096 wide: NaNs, and at 2^24 a segfault."""
+    norm, x = torch.nn.LayerNorm(8), torch.randn(2, width)
+    residual = torch.randn(2, width).bfloat16()
+    with torch.autocast("cpu", torch.bfloat16):
+        with pytest.raises(RuntimeError) as torchs:
+            norm(x)
+        with pytest.raises(RuntimeError) as ours:
+            fused.layer_norm(norm, x)
+        with pytest.raises(RuntimeError) as added:
+            fused.add_layer_norm(norm, x, residual)
+    assert str(ours.value) == str(added.value) == str(torchs.value)
+
+
+_bf16, _i64 = torch.bfloat16, torch.int64
+_REFUSED = {
+    "layer_norm: weight (4,) for rows of 8": lambda o: o.layer_norm_cpu(
+        torch.randn(3, 8), torch.ones(4), torch.zeros(4), 1e-5, True
+    ),
+    "layer_norm: fp64 x": lambda o: o.layer_norm_cpu(
+        torch.randn(3, 8).double(), torch.ones(8), torch.zeros(8), 1e-5, True
+    ),
+    "add_layer_norm: residual of another shape": lambda o: o.add_layer_norm_cpu(
+        torch.randn(3, 8), torch.zeros(3, 4, dtype=_bf16), torch.ones(8), torch.zeros(8), 1e-5
+    ),
+    "add_layer_norm: fp32 residual": lambda o: o.add_layer_norm_cpu(
+        torch.randn(3, 8), torch.zeros(3, 8), torch.ones(8), torch.zeros(8), 1e-5
+    ),
+    "layer_norm backward: gradient of another shape": lambda o: o.layer_norm_cpu_backward(
+        torch.randn(3, 4), None, torch.randn(3, 8), torch.ones(8), torch.zeros(3), torch.ones(3), 0
+    ),
+    "layer_norm backward: statistics of 2 rows": lambda o: o.layer_norm_cpu_backward(
+        torch.randn(3, 8), None, torch.randn(3, 8), torch.ones(8), torch.zeros(2), torch.ones(2), 0
+    ),
+    "double_normalize: 3-d logits": lambda o: o.double_normalize_cpu(torch.randn(2, 4, 4)),
+    "double_normalize: fp64 logits": lambda o: o.double_normalize_cpu(
+        torch.randn(2, 4, 2, 2).double()
+    ),
+    "double_normalize backward: gradient of another shape": lambda o: (
+        o.double_normalize_cpu_backward(
+            torch.randn(2, 4, 2, 3), torch.randn(2, 4, 2, 2), torch.zeros(2, 4), torch.ones(2, 4)
+        )
+    ),
+    "double_normalize backward: statistics (2, 3)": lambda o: o.double_normalize_cpu_backward(
+        torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2), torch.zeros(2, 3), torch.ones(2, 3)
+    ),
+    "gelu backward: gradient of another shape": lambda o: o.gelu_tanh_cpu_backward(
+        torch.randn(5), torch.randn(6)
+    ),
+    "gelu: fp64": lambda o: o.gelu_tanh_cpu(torch.randn(4).double()),
+    "dropout backward: 3 seeds": lambda o: o.dropout_cpu_backward(
+        torch.randn(4), torch.zeros(3, dtype=_i64), 0.5
+    ),
+    "dropout: int32": lambda o: o.dropout_cpu(torch.zeros(4, dtype=torch.int32), 0.5),
+}
+
+
+@pytest.mark.parametrize("case", list(_REFUSED))
+def test_every_kernel_call_checks_its_tensors_first(case):
+    with pytest.raises(ValueError, match=r"the native \w+ kernel needs .*; got "):
+        _REFUSED[case](torch.ops.eanet)

@@ -35,6 +35,21 @@ import eanet.accel.native as native
 from eanet.accel.upstream import softmax_backward
 
 _WORD_BITS = 16  # resolution of the keep probability
+_DTYPES = (torch.float32, torch.bfloat16)  # what the native kernels read and write
+
+
+def _check(kernel: str, ok: bool, need: str, *given: torch.Tensor | None) -> None:
+    """Refuse a native kernel call whose tensors do not fit: the C code trusts the sizes it
+    is given (a LayerNorm weight shorter than its rows would be read past its end)."""
+    if not ok:
+        got = ", ".join(
+            "None" if t is None else f"{t.dtype} {tuple(t.shape)} {t.device}" for t in given
+        )
+        raise ValueError(f"the native {kernel} kernel needs {need}; got {got}")
+
+
+def _cpu(*tensors: torch.Tensor | None) -> bool:
+    return all(t is None or t.device.type == "cpu" for t in tensors)
 
 
 @torch.library.custom_op(
@@ -85,6 +100,8 @@ def _native_masks(x: torch.Tensor) -> bool:
 
 def _keep(x: torch.Tensor, seeds: torch.Tensor, p: float) -> torch.Tensor:
     """x where the counter-based draws of `seeds` keep it (probability 1 - p), else 0."""
+    fits = _cpu(x) and x.dtype in _DTYPES and x.numel() < 2**31 and seeds.numel() == 2
+    _check("dropout", fits, "a CPU fp32 or bf16 tensor of < 2^31 elements, 2 seeds", x, seeds)
     x = x.contiguous()
     y = torch.empty_like(x)
     lib = native.library("dropout")
@@ -156,6 +173,8 @@ def _normalize_backward(
 @torch.library.custom_op("eanet::double_normalize_cpu", mutates_args=())
 def _native_forward(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q, column max, column 1/sum) of z (B, N, h, S): kernels/double_normalize.c."""
+    fits = _cpu(z) and z.dtype in _DTYPES and z.dim() == 4
+    _check("double_normalize", fits, "CPU fp32 or bf16 logits (B, N, h, S)", z)
     B, N, h, S = z.shape
     z = z.contiguous()
     q = torch.empty_like(z)
@@ -180,8 +199,14 @@ def _native_backward(
     grad: torch.Tensor, z: torch.Tensor, colmax: torch.Tensor, colinv: torch.Tensor
 ) -> torch.Tensor:
     """dL/dz from dL/dq, recomputing the softmax from z and the forward's column statistics."""
-    B, N, h, S = z.shape
+    B, N, h, S = z.shape if z.dim() == 4 else (-1,) * 4  # -1: no shape fits
+    stats = all(t.shape == (B, h * S) and t.dtype == torch.float32 for t in (colmax, colinv))
+    fits = grad.shape == z.shape == (B, N, h, S) and stats
+    fits = fits and _cpu(grad, z, colmax, colinv) and z.dtype in _DTYPES
+    need = "CPU logits (B, N, h, S), their gradient, fp32 statistics (B, h * S)"
+    _check("double_normalize", fits, need, grad, z, colmax, colinv)
     grad, z = grad.to(z.dtype).contiguous(), z.contiguous()
+    colmax, colinv = colmax.contiguous(), colinv.contiguous()
     grad_z = torch.empty_like(z)
     lib = native.library("double_normalize")
     ptrs = (grad.data_ptr(), z.data_ptr(), colmax.data_ptr(), colinv.data_ptr())
@@ -247,6 +272,9 @@ def _native_gelu_applies(x: torch.Tensor) -> bool:
 
 
 def _gelu_call(name: str, out: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+    alike = all(t.shape == out.shape and t.dtype == out.dtype for t in tensors)
+    fits = _cpu(out, *tensors) and out.dtype in _DTYPES and alike
+    _check("gelu", fits, "CPU fp32 or bf16 tensors of one shape and dtype", *tensors, out)
     lib = native.library("gelu")
     ptrs = [t.data_ptr() for t in (*tensors, out)]
     bf16, n = int(out.dtype == torch.bfloat16), out.numel()
@@ -304,6 +332,9 @@ def _native_norm_applies(norm: torch.nn.LayerNorm, x: torch.Tensor) -> bool:
     axis of fp32 `x` on the CPU, outside torch.compile (whose own code fuses the norm with
     its neighbours), where the result is wanted in bfloat16."""
     affine = norm.weight is not None and norm.bias is not None and len(norm.normalized_shape) == 1
+    # x's last axis must be the normalised one: otherwise torch's own error, not the kernel's
+    affine = affine and x.dim() >= 1 and x.shape[-1] == norm.normalized_shape[0] > 0
+    affine = affine and norm.weight.shape == norm.bias.shape == norm.normalized_shape
     cpu = x.device.type == "cpu" and x.dtype == torch.float32
     return (
         affine
@@ -322,6 +353,9 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def _norm_forward(x, residual, weight, bias, eps: float, bf16_out: bool):
     """(x + residual or None, y, mean, 1/std) by kernels/layer_norm.c."""
+    _check_norm(x, weight, bias)
+    fits = residual is None or (residual.shape == x.shape and residual.dtype == torch.bfloat16)
+    _check("layer_norm", fits, "a bf16 residual shaped as x", x, residual)
     x, D = x.contiguous(), x.shape[-1]
     rows = x.numel() // D
     stream = None if residual is None else torch.empty_like(x)
@@ -333,6 +367,15 @@ def _norm_forward(x, residual, weight, bias, eps: float, bf16_out: bool):
     lib = native.library("layer_norm")
     native.split_batch(lib, lib.ln_forward, rows, *map(_ptr, tensors), int(bf16_out), D, eps)
     return stream, y, mean, rstd
+
+
+def _check_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """fp32 x (..., D), D > 0, and fp32 weight and bias of shape (D,), all on the CPU."""
+    D = x.shape[-1] if x.dim() else 0
+    params = [p for p in (weight, bias) if p is not None]
+    fits = all(p.shape == (D,) and p.dtype == torch.float32 for p in params)
+    fits = fits and _cpu(x, *params) and x.dtype == torch.float32 and D > 0
+    _check("layer_norm", fits, "CPU fp32 x (..., D) and fp32 weight and bias (D,)", x, *params)
 
 
 def _norm_fake(x, bf16_out: bool):
@@ -379,11 +422,18 @@ def _native_layer_norm_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dL/dx, dL/dresidual in bf16 (empty without one), dL/dweight, dL/dbias) from
     dL/dy (fp32 or bf16) and, for the add, the residual stream's own gradient (fp32)."""
+    _check_norm(x, weight)
+    rows = x.numel() // x.shape[-1]
+    stats = all(t.shape == (rows,) and t.dtype == torch.float32 for t in (mean, rstd))
+    grads = grad.shape == x.shape and (grad_stream is None or grad_stream.shape == x.shape)
+    fits = _cpu(grad, grad_stream, mean, rstd) and grads and stats
+    need = "CPU gradients shaped as x and fp32 statistics (rows,)"
+    _check("layer_norm", fits, need, grad, grad_stream, x, mean, rstd)
     if grad.dtype != torch.bfloat16:
         grad = grad.float()
     grad, x, D = grad.contiguous(), x.contiguous(), x.shape[-1]
     grad_stream = None if grad_stream is None else grad_stream.float().contiguous()
-    rows = x.numel() // D
+    mean, rstd = mean.contiguous(), rstd.contiguous()
     lib = native.library("layer_norm")
     blocks = -(-rows // lib.ln_block_rows())
     grad_x, part = torch.empty_like(x), torch.empty((blocks, 2, D), dtype=torch.float32)
