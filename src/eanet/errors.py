@@ -4,6 +4,7 @@ Text read from a file (a checkpoint's model name, a class name, a config value) 
 terminal control sequences or be huge: `printable` escapes the one, `preview` bounds both.
 """
 
+import logging
 import reprlib
 from collections.abc import Callable
 
@@ -53,6 +54,22 @@ def printable(text: str, escape: Callable[[str], str] = _python_escape) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else escape(c) for c in text)
+
+
+class PrintableFormatter(logging.Formatter):
+    """Log records made safe for a terminal line by line (`printable`): a name read from a
+    file or a request cannot clear the screen; a traceback keeps its lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\n".join(map(printable, super().format(record).split("\n")))
+
+
+def log_to_terminal(stream: object = None) -> None:
+    """Log INFO and above as bare messages through `PrintableFormatter` (to stderr by
+    default), unless the root logger already has a handler (`logging.basicConfig`)."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(PrintableFormatter("%(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
 _REPR = reprlib.Repr()

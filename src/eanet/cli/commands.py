@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from eanet.checkpoint import CHECKPOINT_NAME
 from eanet.cli.flags import given
-from eanet.errors import ConfigError
+from eanet.errors import ConfigError, printable
 from eanet.options import declared, from_mapping, read_config_file, resume_merge
 from eanet.train.config import TrainConfig
 from eanet.train.finetune import inherited_model
@@ -156,7 +156,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         s = args.split
         print(
-            f"{result['dataset']} {s}: loss {result[f'{s}_loss']:.4f}  top-1 "
+            f"{printable(result['dataset'])} {s}: loss {result[f'{s}_loss']:.4f}  top-1 "
             f"{result[f'{s}_top1']:.2%}  top-5 {result[f'{s}_top5']:.2%}  "
             f"({result['images']} images)"
         )
@@ -274,8 +274,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for f in failures:
         print(f"eanet: error: {f.source}: {f.reason}", file=sys.stderr)
     k = min(args.top_k, len(names))
-    shown = {n: _printable(n) for n in names}  # a newline in a name would break the table
-    file_w = max((len(_printable(str(f))) for f in files), default=4) + 2
+    shown = {n: printable(n) for n in names}  # an escape sequence, a newline: as escapes
+    file_w = max((len(printable(str(f))) for f in files), default=4) + 2
     cell_w = max(len(n) for n in shown.values()) + 9
     if files and not args.json:
         header = "".join(f"{f'top-{j + 1}':<{cell_w}}" for j in range(k))
@@ -290,18 +290,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
             done += 1
         else:
             cells = (f"{shown[c]} {p:.1%}" for c, p in zip(r.classes, r.probabilities, strict=True))
-            source = _printable(r.source)
+            source = printable(r.source)
             print(f"{source:<{file_w}}" + "".join(f"{c:<{cell_w}}" for c in cells).rstrip())
             done += 1
     if failures:
         print(f"eanet: {done} image(s) predicted, {len(failures)} failed", file=sys.stderr)
         return 1
     return 0
-
-
-def _printable(text: str) -> str:
-    """`text` for one table cell: control characters (newline, tab, ...) as escapes."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
