@@ -252,7 +252,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from eanet.interop.export import export
 
     parity = export(
-        args.checkpoint, args.format, args.out, tolerance=args.tolerance, weights=args.weights
+        args.checkpoint,
+        args.format,
+        args.out,
+        tolerance=args.tolerance,
+        weights=args.weights,
+        overwrite=args.overwrite,
     )
     print(parity.message(args.format))
     print(f"wrote {args.out}")
@@ -312,12 +317,14 @@ def cmd_sample_images(args: argparse.Namespace) -> int:
     from eanet.data.folders import write_image_folder
     from eanet.data.load import load_dataset
     from eanet.errors import EANetError
+    from eanet.fileio import atomic_directory
 
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise EANetError(f"{args.out} exists and is not an empty directory; choose a new OUT")
     data = load_dataset("cifar100", SAMPLE_ARCHIVE, md5=SAMPLE_MD5, progress=False)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
-    counts = write_image_folder(data, args.out, classes=classes, fmt=args.format)
+    with atomic_directory(args.out) as tmp:  # all the images or none
+        counts = write_image_folder(data, tmp, classes=classes, fmt=args.format)
     n = len(classes) if classes else data.num_classes
     print(
         f"wrote {counts['train']} train and {counts['test']} test images of {n} classes "

@@ -66,6 +66,17 @@ def _remove_unstarted(out: Path, exc: BaseException | None) -> bool:
     return False
 
 
+def refuse_run_file(path: str | Path) -> None:
+    """Refuse to write anything else over a file of a training run (its checkpoint, config,
+    history, ...), even with --overwrite: evaluate, --resume and compare read them."""
+    path = Path(path)
+    if path.name in RUN_FILES and (path.parent / "config.json").is_file():
+        raise EANetError(
+            f"{path} is the {path.name} of the run in {path.parent}; replacing it would break "
+            "the run (evaluate, --resume): choose a file outside the run's own names"
+        )
+
+
 def _check_resumable(out: Path) -> None:
     if not (out / checkpoint.CHECKPOINT_NAME).is_file():
         raise EANetError(
