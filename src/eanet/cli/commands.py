@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 from eanet.checkpoint import CHECKPOINT_NAME
 from eanet.cli.flags import given
-from eanet.errors import ConfigError, printable
-from eanet.options import declared, from_mapping, read_config_file, resume_merge
+from eanet.errors import ConfigError, preview, printable
+from eanet.options import CHANGE, declared, flag, from_mapping, read_config_file, resume_merge
 from eanet.train.config import TrainConfig
 from eanet.train.finetune import inherited_model
 from eanet.train.loop import fit
@@ -41,9 +41,10 @@ def train_config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Path,
         requested = {**file, **flags}
     else:
         requested = recipe_values(flags.get("recipe", file.get("recipe")), file, flags)
-    named_model = bool({"model", "model_args"} & {*file, *flags})  # by the user, not a recipe
+    named = {*file, *flags}  # by the user, not a recipe or a default
+    named_model = bool({"model", "model_args"} & named)
     if args.auto_resume:
-        return _auto_resume(args, requested, named_model)
+        return _auto_resume(args, requested, named)
     if args.resume is not None:
         if args.out is not None and Path(args.out) != Path(args.resume):
             raise ConfigError(
@@ -72,7 +73,7 @@ def _new_run_config(args: argparse.Namespace, requested: dict, named_model: bool
 
 
 def _auto_resume(
-    args: argparse.Namespace, requested: dict, named_model: bool
+    args: argparse.Namespace, requested: dict, named: set[str]
 ) -> tuple[TrainConfig, Path, bool]:
     """--auto-resume: resume --out when it holds a checkpoint, else start it afresh.
 
@@ -86,16 +87,34 @@ def _auto_resume(
             "it resumes RUN_DIR when it holds a checkpoint and starts it otherwise"
         )
     out = Path(args.out)
-    wanted = _new_run_config(args, requested, named_model)
+    wanted = _new_run_config(args, requested, bool({"model", "model_args"} & named))
     if not (out / "config.json").is_file():
         return wanted, out, False
     saved = load_run_config(out)
-    wanted = wanted.to_dict()
-    differs = {k: v for k, v in wanted.items() if v != saved.to_dict()[k]}
+    old = saved.to_dict()
+    # The recipe first: the options it sets differ with it, and it is what to repeat.
+    order = sorted(old, key=lambda name: name != "recipe")
+    differs = {k: wanted.to_dict()[k] for k in order if wanted.to_dict()[k] != old[k]}
+    _refuse_unrepeated(out, saved, differs, named)
     cfg = resume_merge(saved, differs, str(out))
     # A run killed before its first epoch was saved has a config but no checkpoint:
     # it starts again (its partial files are replaced, see cmd_train).
     return cfg, out, (out / CHECKPOINT_NAME).is_file()
+
+
+def _refuse_unrepeated(out: Path, saved: TrainConfig, differs: dict, named: set[str]) -> None:
+    """Another recipe, or an option of the run that this command leaves at another value (a
+    default, or its recipe's) without naming it: say which value to repeat, not "drop the
+    flag" (`resume_merge` words the options given)."""
+    fields = declared(TrainConfig)
+    for name, value in differs.items():
+        if name != "recipe" and (name in named or fields[name].metadata["resume"] == CHANGE):
+            continue
+        raise ConfigError(
+            f"{out} was trained with {flag(name)} {preview(getattr(saved, name))}, not "
+            f"{preview(value)}: repeat the run's {flag(name)} to continue it with "
+            "--auto-resume, or choose another --out"
+        )
 
 
 def recipe_values(name: str | None, *layers: dict) -> dict:
