@@ -237,14 +237,14 @@ def _read_folder(folder: Path, spec: CifarSpec) -> dict[str, Any]:
 
 def _not_a_cifar_folder(folder: Path, member: str, spec: CifarSpec) -> str:
     """Why `folder` is not an extracted CIFAR folder (it names the members it lacks)."""
-    if (folder / member).is_dir():
-        what = f"{member} is a folder, not the {spec.name} file {member}"
+    path = folder / member
+    if path.is_dir():
+        what = f"{path} is a folder, not the {spec.name} file {member}"
     else:
-        what = f"no file {member}"
+        what = f"{path}: missing"
     files = ", ".join(spec.members)
-    return (
-        f"{folder}: {what}; an extracted {spec.name} folder holds the files {files}"
-        + _image_folder_hint(folder)
+    return f"{what}; an extracted {spec.name} folder holds the files {files}" + _image_folder_hint(
+        folder
     )
 
 
