@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from eanet.checkpoint import CHECKPOINT_NAME
 from eanet.cli.flags import given
-from eanet.errors import ConfigError, preview, printable
+from eanet.errors import ConfigError, one_line, preview, printable
 from eanet.options import CHANGE, declared, flag, from_mapping, read_config_file, resume_merge
 from eanet.train.config import TrainConfig
 from eanet.train.finetune import inherited_model
@@ -91,10 +91,10 @@ def _auto_resume(
     if not (out / "config.json").is_file():
         return wanted, out, False
     saved = load_run_config(out)
-    old = saved.to_dict()
+    old, new = saved.to_dict(), wanted.to_dict()
     # The recipe first: the options it sets differ with it, and it is what to repeat.
     order = sorted(old, key=lambda name: name != "recipe")
-    differs = {k: wanted.to_dict()[k] for k in order if wanted.to_dict()[k] != old[k]}
+    differs = {k: new[k] for k in order if new[k] != old[k]}
     _refuse_unrepeated(out, saved, differs, named)
     cfg = resume_merge(saved, differs, str(out))
     # A run killed before its first epoch was saved has a config but no checkpoint:
@@ -296,7 +296,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     names = ckpt.class_names
     files, failures = expand_inputs(args.inputs)
     for f in failures:
-        print(f"eanet: error: {f.source}: {f.reason}", file=sys.stderr)
+        print(f"eanet: error: {one_line(f'{f.source}: {f.reason}')}", file=sys.stderr)
     k = min(args.top_k, len(names))
     shown = {n: printable(n) for n in names}  # an escape sequence, a newline: as escapes
     file_w = max((len(printable(str(f))) for f in files), default=4) + 2
@@ -308,7 +308,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for r in iter_predict_files(model, names, files, args.top_k, args.batch_size, args.precision):
         if isinstance(r, Failure):
             failures.append(r)
-            print(f"eanet: error: {r.source}: {r.reason}", file=sys.stderr)
+            print(f"eanet: error: {one_line(f'{r.source}: {r.reason}')}", file=sys.stderr)
         elif args.json:
             print(json.dumps(r.to_dict()), flush=True)
             done += 1

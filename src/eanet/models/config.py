@@ -90,8 +90,8 @@ class ModelConfig:
         if self.attention == "external" and self.memory_slots < 1:
             raise ConfigError(
                 f"model options dim={self.dim} and dim_coefficient={self.dim_coefficient} give "
-                f"an external-attention memory of dim // dim_coefficient = 0 slots; set "
-                f"memory_size=N, or a dim of at least dim_coefficient"
+                "an external-attention memory of dim // dim_coefficient = 0 slots; set "
+                "memory_size=N, or a dim of at least dim_coefficient"
             )
 
     @property
