@@ -66,6 +66,25 @@ def test_other_options_than_the_runs_are_refused(tmp_path, capsys, extra, messag
     assert _epochs(run) == [1]  # untouched
 
 
+def test_a_run_of_another_recipe_names_the_recipe_to_repeat(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(run, "--epochs", "1", "--recipe", "modern", "--randaugment-ops", "0") == 0
+    capsys.readouterr()
+    for extra in ([], ["--recipe", "reference"]):  # left out, or another one given
+        assert _train(run, "--epochs", "2", "--randaugment-ops", "0", *extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (
+            f"eanet: error: {run} was trained with --recipe 'modern', not 'reference': repeat "
+            "the run's --recipe to continue it with --auto-resume, or choose another --out"
+        )
+    assert _train(run, "--epochs", "2", "--recipe", "modern") == 2  # an option left out
+    assert capsys.readouterr().err.strip() == (
+        f"eanet: error: {run} was trained with --randaugment-ops 0, not 2: repeat the run's "
+        "--randaugment-ops to continue it with --auto-resume, or choose another --out"
+    )
+    assert _epochs(run) == [1]
+
+
 def test_auto_resume_needs_out_and_excludes_resume_and_overwrite(tmp_path, capsys):
     args = ["train", *COMMON, "--auto-resume"]
     for extra in ([], ["--out", str(tmp_path), "--overwrite"], ["--resume", str(tmp_path)]):

@@ -11,7 +11,7 @@ import torch
 
 from eanet.cli.main import build_parser, main
 from eanet.compare.config import CompareConfig
-from eanet.compare.run import run_compare
+from eanet.compare.run import earlier_calls, run_compare
 from eanet.data.cifar import SAMPLE_ARCHIVE, SAMPLE_MD5
 from eanet.data.load import load_dataset
 from eanet.errors import ConfigError, DataError, EANetError
@@ -232,3 +232,20 @@ def test_digits_are_shipped_and_need_no_scikit_learn(monkeypatch, tmp_path):
     bad.write_bytes(b"not an npz")
     with pytest.raises(DataError, match=r"digits file .* is missing or damaged"):
         raw_digits(bad)
+
+
+def test_a_damaged_history_of_calls_is_checked_and_escaped(tmp_path, caplog):
+    good = {"created": "2026-12-04 10:00", "seconds": 12.5, "trained": 4, "resumed": 0}
+    calls = [
+        {**good, "skipped": 0},
+        {**good, "skipped": 0, "created": "\x1b[2J\x1b]0;TITLE\x07now"},
+        {**good, "skipped": 0, "seconds": "fast"},  # formatted with :.0f in the report
+        {**good},  # no count of skipped runs
+        ["not", "a", "call"],
+    ]
+    (tmp_path / "report.json").write_text(json.dumps({"calls": calls}))
+    kept = earlier_calls(tmp_path)
+    assert [c["created"] for c in kept] == ["2026-12-04 10:00", r"\x1b[2J\x1b]0;TITLE\x07now"]
+    assert "dropped damaged entries" in caplog.text
+    (tmp_path / "report.json").write_text(json.dumps({"runs": ["x"], "created": "then"}))
+    assert earlier_calls(tmp_path) == []

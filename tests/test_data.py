@@ -170,6 +170,17 @@ def test_extracted_folder_missing_member(extracted: Path, tmp_path: Path) -> Non
         load_cifar("cifar100", folder)
 
 
+@pytest.mark.parametrize("layout", ["train/apple", "apple"])
+def test_a_folder_of_class_folders_points_to_dataset_folder(tmp_path: Path, layout: str) -> None:
+    (tmp_path / layout).mkdir(parents=True)  # as `eanet sample-images` writes, or one level
+    with pytest.raises(DataError) as info:
+        load_cifar("cifar100", tmp_path)
+    message = str(info.value)
+    assert message.endswith("add --dataset folder") and "\n" not in message
+    if layout == "train/apple":
+        assert message.startswith(f"{tmp_path / 'train'} is a folder, not the cifar100 file")
+
+
 def test_directory_holding_the_archive_is_verified(tmp_path: Path) -> None:
     shutil.copy(SAMPLE_ARCHIVE, tmp_path / "cifar-100-python.tar.gz")
     with pytest.raises(DataError, match="--md5"):

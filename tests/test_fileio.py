@@ -96,3 +96,34 @@ def test_checkpoint_bytes_are_what_safetensors_reads(tmp_path):
     loaded, _ = checkpoint.load_model(tmp_path / "m.safetensors")
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
+
+
+def test_check_output_refuses_the_input_a_directory_and_an_existing_file(tmp_path):
+    source = tmp_path / "model.safetensors"
+    source.write_bytes(b"weights")
+    (tmp_path / "link.safetensors").symlink_to(source)
+    for out in (source, tmp_path / "link.safetensors", tmp_path / "sub" / ".." / source.name):
+        with pytest.raises(EANetError, match="is the input"):
+            fileio.check_output(out, overwrite=True, inputs=[source])
+    with pytest.raises(EANetError, match="is a directory"):
+        fileio.check_output(tmp_path, overwrite=True)
+    other = tmp_path / "model.onnx"
+    other.write_bytes(b"old")
+    with pytest.raises(EANetError, match="exists; pass --overwrite"):
+        fileio.check_output(other, inputs=[source])
+    assert fileio.check_output(other, overwrite=True, inputs=[source]) == other
+    assert fileio.check_output(tmp_path / "new.onnx", inputs=[source]) == tmp_path / "new.onnx"
+    assert source.read_bytes() == b"weights" and other.read_bytes() == b"old"
+
+
+def test_an_atomic_directory_appears_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "images"
+    with pytest.raises(RuntimeError), fileio.atomic_directory(out) as tmp:
+        (tmp / "a.png").write_bytes(b"1")
+        raise RuntimeError("killed halfway")
+    assert list(tmp_path.iterdir()) == []  # neither OUT nor a temporary folder
+    out.mkdir()  # an empty directory is replaced
+    with fileio.atomic_directory(out) as tmp:
+        (tmp / "a.png").write_bytes(b"1")
+    assert [p.name for p in tmp_path.iterdir()] == ["images"]
+    assert (out / "a.png").read_bytes() == b"1"

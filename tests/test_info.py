@@ -7,9 +7,12 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from eanet import checkpoint
 from eanet.cli.main import main
 from eanet.info import describe, model_info
 from eanet.models.registry import create_model
+
+HOSTILE = "\x1b[2J\x1b[H\x1b]0;TITLE\x07FAKE: all good\r"  # issue 25's model_name
 
 
 @pytest.mark.parametrize(
@@ -84,3 +87,16 @@ def test_cli_on_a_checkpoint(tiny_run, capsys):
 def test_cli_bad_input(args, message, capsys):
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_checkpoints_text_cannot_drive_the_terminal(tiny_run, tmp_path, capsys):
+    model, ckpt = checkpoint.load_model(tiny_run)
+    ckpt.meta.model_name = HOSTILE
+    path = tmp_path / "hostile.safetensors"
+    checkpoint.save(path, model, ckpt.meta)
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert not any(c in out for c in "\x1b\x07\r")
+    assert out.startswith(r"\x1b[2J\x1b[H\x1b]0;TITLE\x07FAKE: all good\r: external attention")
+    assert main(["info", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == HOSTILE  # JSON keeps it, escaped

@@ -4,6 +4,7 @@ raw-pixel input, class names in the metadata, and no file when parity fails."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -125,3 +126,35 @@ def test_bad_checkpoint_is_a_one_line_error(tmp_path, capsys):
     assert cli.main(["export", str(bad), "--format", "torchscript", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("eanet: error: ") and err.count("\n") == 1 and not out.exists()
+
+
+def _export(source: Path, out: Path, *extra: str) -> int:
+    return cli.main(["export", str(source), "--format", "torchscript", "--out", str(out), *extra])
+
+
+def test_export_never_writes_over_its_input_or_a_run(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    files = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    for name in ("checkpoint.safetensors", "best.safetensors", "config.json"):
+        for extra in ([], ["--overwrite"]):
+            assert _export(run, run / name, *extra) == 2
+            err = capsys.readouterr().err
+            assert f"is the {name} of the run in {run}" in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files
+    assert checkpoint.load(run).meta.epoch == 1  # still a run that evaluate and resume read
+    ckpt = tiny_checkpoint(tmp_path, "eanet-cifar")  # a lone checkpoint, not a run
+    assert _export(ckpt, ckpt, "--overwrite") == 2
+    assert "is the input" in capsys.readouterr().err
+    assert checkpoint.load(ckpt).meta.class_names == NAMES
+
+
+def test_export_replaces_an_existing_file_only_with_overwrite(tmp_path, capsys):
+    ckpt, out = tiny_checkpoint(tmp_path, "eanet-cifar"), tmp_path / "m.pt"
+    out.write_bytes(b"someone's file")
+    assert _export(ckpt, out) == 2
+    assert f"{out} exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"someone's file"
+    assert _export(ckpt, out, "--overwrite") == 0
+    assert torch.jit.load(str(out))(pixels(2)).shape == (2, len(NAMES))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eanet-cifar.safetensors", "m.pt"]

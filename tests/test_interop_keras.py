@@ -160,6 +160,21 @@ def test_cli_import_writes_a_checkpoint_with_cifar100_names(tmp_path, capsys, ex
     assert "--overwrite" in capsys.readouterr().err
 
 
+def test_import_never_replaces_a_training_runs_checkpoint_or_its_source(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = (run / checkpoint.CHECKPOINT_NAME).read_bytes()
+    h5 = FIXTURE / "vit.weights.h5"
+    assert cli.main(["import-keras", str(h5), str(run), "--overwrite"]) == 2
+    assert "is the checkpoint.safetensors of the run" in capsys.readouterr().err
+    assert (run / checkpoint.CHECKPOINT_NAME).read_bytes() == before
+    source = tmp_path / "vit.safetensors"  # a Keras file under a checkpoint's name
+    shutil.copy(h5, source)
+    assert cli.main(["import-keras", str(source), str(source), "--overwrite"]) == 2
+    assert "is the input" in capsys.readouterr().err
+    assert source.read_bytes() == h5.read_bytes()
+
+
 @pytest.fixture
 def ten_class_file(tmp_path) -> Path:
     """The EANet fixture with its head cut to 10 classes."""

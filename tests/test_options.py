@@ -1,6 +1,7 @@
 """One source of truth for options: flags, --help, config files and --resume from the fields."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -61,6 +62,61 @@ def test_config_file_errors_name_the_key_and_the_file(tmp_path, capsys):
     with pytest.raises(ConfigError, match="cannot read the config file"):
         read_config_file(tmp_path / "missing.json")
     assert not (tmp_path / "r").exists()
+
+
+def _alias_bomb(levels: int = 10) -> str:
+    """issue 25's YAML: `[&l0 [nine strings], &l1 [*l0 nine times], ...]`, 9**levels strings."""
+    items = ["&l0 [" + ", ".join(["lol"] * 9) + "]"]
+    items += [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "[" + ", ".join(items) + "]"
+
+
+@pytest.mark.parametrize("where", ["epochs: {}", "model: {}", "model_args: {{depth: {}}}"])
+def test_a_yaml_alias_bomb_is_one_line_at_once(tmp_path, capsys, where):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(where.format(_alias_bomb()) + "\n")
+    assert bomb.stat().st_size < 600
+    with pytest.raises(ConfigError, match="expands to more than 10,000 values"):
+        read_config_file(bomb)
+    t0 = time.perf_counter()
+    assert main(["train", "--config", str(bomb), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert time.perf_counter() - t0 < 5 and err.count("\n") == 0 and str(bomb) in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_self_referencing_or_huge_config_file_is_refused(tmp_path):
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("model_args: &a {x: *a}\n")
+    with pytest.raises(ConfigError, match=f"{loop}: expands to more than"):
+        read_config_file(loop)
+    big = tmp_path / "big.json"
+    big.write_text('{"seed": 0, "pad": "' + "x" * (1 << 20) + '"}')
+    with pytest.raises(ConfigError, match=f"{big}: larger than 1 MiB"):
+        read_config_file(big)
+
+
+def test_a_wrongly_typed_value_is_shown_bounded():
+    bomb = ["lol"] * 9
+    for _ in range(7):  # 9**8 strings when expanded
+        bomb = [bomb] * 9
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(epochs=bomb)
+    assert str(info.value).startswith("--epochs [[[[") and len(str(info.value)) < 150
+    assert str(info.value).endswith("must be an integer, not list")
+
+
+def test_yaml_numbers_with_an_exponent_are_numbers(tmp_path, capsys):
+    cfg = tmp_path / "lr.yaml"
+    cfg.write_text("lr: 1e-3\nweight_decay: 5E-5\nmin_lr: 1.0e-6\nwarmup_lr: -0\nmd5: e5\n")
+    values = read_config_file(cfg)
+    assert values == {"lr": 1e-3, "weight_decay": 5e-5, "min_lr": 1e-6, "warmup_lr": 0, "md5": "e5"}
+    assert TrainConfig(lr=values["lr"]).lr == 0.001
+    cfg.write_text('lr: "1e-3"\n')  # quoted: a string, and the message says so
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "r")]) == 2
+    assert "must be a number, not str; write it as a number, without quotes" in (
+        capsys.readouterr().err
+    )
 
 
 def test_resume_merge_applies_changes_and_refuses_the_rest():

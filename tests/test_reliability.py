@@ -435,6 +435,11 @@ def test_broken_config_json_is_a_one_line_error_on_resume(tiny_run, tmp_path, ca
         (["--model-arg", "patch_size=3"], "patch_size=3 does not divide image_size=32"),
         (["--model-arg", "attn_drop=lots"], "attn_drop='lots' must be a number"),
         (["--model-arg", "depth=0"], "depth=0 must be a positive integer"),
+        (
+            ["--model-arg", "dim=3", "--model-arg", "num_heads=1"],
+            "dim=3 and dim_coefficient=4 give an external-attention memory of "
+            "dim // dim_coefficient = 0 slots; set memory_size=N",
+        ),
         (["--model-arg", "wings=2"], "unknown model option"),
         (["--lr", "-1"], "--lr -1.0 must be a positive number"),
         (["--lr", "nan"], "--lr nan must be a positive number"),
@@ -452,7 +457,30 @@ def test_impossible_options_are_one_line_errors(tmp_path, capsys, args, message)
     errors = [line for line in err if line.startswith("eanet: error:")]
     assert len(errors) == 1 and message in errors[0], err
     assert "Traceback" not in "\n".join(err)
-    assert not (out / checkpoint.CHECKPOINT_NAME).exists()
+    assert not out.exists()  # the run directory it created is removed
+
+
+def test_a_failed_start_keeps_a_directory_that_existed(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's")
+    assert main(["train", *TINY_CLI, "--model-arg", "depth=0", "--out", str(mine)]) == 2
+    assert main(["train", *TINY_CLI, "--data-path", "/nowhere", "--out", str(mine)]) == 2
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]  # no config, no lock
+
+
+def test_overwrite_clears_everything_the_previous_run_wrote(tmp_path, small_sample, capsys):
+    run = tmp_path / "run"
+    fit(tiny_config(epochs=1, log="tensorboard"), run, data=small_sample, progress=False)
+    (run / "evaluation_test.json").write_text("{}")  # as `eanet evaluate RUN` writes
+    (run / "notes.txt").write_text("the user's")
+    old_events = sorted((run / "tensorboard").iterdir())
+    assert old_events
+    assert main(["train", *TINY_CLI, "--out", str(run)]) == 2
+    assert "tensorboard" in capsys.readouterr().err
+    fit(tiny_config(epochs=1, seed=1), run, data=small_sample, overwrite=True, progress=False)
+    assert not (run / "tensorboard").exists() and not (run / "evaluation_test.json").exists()
+    assert (run / "notes.txt").exists() and checkpoint.load(run).meta.epoch == 1
 
 
 def test_debug_shows_the_traceback():

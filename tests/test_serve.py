@@ -121,6 +121,23 @@ def test_page_is_self_contained(client):
     assert "http://" not in r.text and "https://" not in r.text  # no CDN: works offline
 
 
+def test_names_from_the_checkpoint_reach_a_terminal_escaped(tiny_ckpt, tmp_path, pngs):
+    hostile = "\x1b[2J\x1b[H\x1b]0;TITLE\x07FAKE: all good\r"  # issue 25's model_name
+    model, ckpt = checkpoint.load_model(tiny_ckpt)
+    names = [f"\x9b2J{hostile}\u202e{i}" for i in range(len(ckpt.class_names))]  # C1, bidi
+    path = tmp_path / "hostile.safetensors"
+    checkpoint.save(path, model, {"class_names": names, "model_name": hostile})
+    with TestClient(create_app(make_config(path))) as c:
+        responses = [c.get("/info"), c.post("/predict", files=files(pngs[0])), c.get("/")]
+    for r in responses:
+        assert r.status_code == 200
+        assert not any(ch in r.text for ch in "\x1b\x07\r\x9b\u202e"), r.text[:200]
+    info, predicted = responses[0].json(), responses[1].json()
+    assert info["model"]["name"] == hostile and info["class_names"] == names  # exact values
+    assert predicted["predictions"][0]["predictions"][0]["class"] in names
+    assert "textContent" in responses[2].text and "innerHTML" not in responses[2].text
+
+
 def _bad_requests(pngs):
     ok = pngs[0]
     return {

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -84,6 +85,56 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         _fsync(path.parent)  # the rename itself reaches the disk
     except OSError as exc:
         log.warning("cannot flush the directory %s: %s", path.parent, exc.strerror or exc)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `path`; on success rename it to `path` (absent or
+    an empty directory), else delete it: a reader never sees half of the files."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+    except OSError as exc:
+        raise EANetError(
+            f"cannot write {path}: {exc.strerror or exc}; check the directory"
+        ) from exc
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise EANetError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise
+
+
+def check_output(
+    path: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path] = ()
+) -> Path:
+    """Refuse to write `path` over one of `inputs` (even with `overwrite`), over a directory,
+    or over an existing file unless `overwrite`; one line naming it and what to do."""
+    path = Path(path)
+    for source in inputs:
+        if _same_file(path, Path(source)):
+            raise EANetError(
+                f"{path} is the input {source}; writing it would destroy what is being read: "
+                "choose another output"
+            )
+    if path.is_dir():
+        raise EANetError(f"{path} is a directory; name a file to write")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise EANetError(f"{path} exists; pass --overwrite to replace it, or choose another")
+    return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (links and `..` resolved; a hard link too)."""
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from eanet import checkpoint
-from eanet.errors import ConfigError
+from eanet.errors import ConfigError, printable
 from eanet.models.config import ModelConfig
 from eanet.models.layers import SelfAttention
 from eanet.models.registry import MODELS, count_parameters, create_model
@@ -115,7 +115,7 @@ def format_info(info: dict) -> str:
     """The info dict as a text table."""
     cfg = info["config"]
     lines = []
-    title = info["model"] or "model"
+    title = printable(info["model"] or "model")  # a checkpoint's name: text from a file
     if title in MODELS:  # name the fields that differ from the registered variant
         base = MODELS[title].config.to_dict()
         changed = [f"{k}={v}" for k, v in cfg.items() if base.get(k) != v]
@@ -129,7 +129,9 @@ def format_info(info: dict) -> str:
     )
     if "checkpoint" in info:
         c = info["checkpoint"]
-        lines.append(f"checkpoint {c['path']} (epoch {c['epoch']}, {c['classes']} classes)")
+        lines.append(
+            f"checkpoint {printable(c['path'])} (epoch {c['epoch']}, {c['classes']} classes)"
+        )
     width = max(len(r["layer"]) for r in info["layers"]) + 2
     lines.append("")
     lines.append(f"{'layer':<{width}}{'type':<20}{'shape':<28}{'parameters':>12}{'MACs':>14}")

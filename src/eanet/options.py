@@ -20,7 +20,7 @@ import types
 import typing
 from collections.abc import Callable
 
-from eanet.errors import ConfigError
+from eanet.errors import ConfigError, preview, printable
 
 _NAMES = {
     bool: "true or false",
@@ -62,8 +62,10 @@ def _matches(value: object, expected: object) -> bool:
 def check_field_types(obj: object, describe: Callable[[str, object], str]) -> None:
     """Raise ConfigError unless every field of dataclass `obj` has its annotated type.
 
-    `describe(name, value)` words the option for the message (e.g. "--lr 'x'"). Ints are
-    accepted for floats, bools are not ints; a path object in a str field becomes a str.
+    `describe(name, shown)` words the option for the message (e.g. "--lr 'x'"); `shown` is
+    the value's bounded preview, never the value itself, which may be a YAML alias bomb.
+    Ints are accepted for floats, bools are not ints; a path object in a str field becomes a
+    str.
     """
     hints = _hints(type(obj))
     for f in dataclasses.fields(obj):
@@ -75,7 +77,21 @@ def check_field_types(obj: object, describe: Callable[[str, object], str]) -> No
         if any(_matches(value, option) for option in options):
             continue
         wanted = " or ".join(_NAMES.get(typing.get_origin(o) or o, str(o)) for o in options)
-        raise ConfigError(f"{describe(f.name, value)} must be {wanted}, not {type(value).__name__}")
+        raise ConfigError(
+            f"{describe(f.name, preview(value))} must be {wanted}, not {type(value).__name__}"
+            + _quoted_number_hint(value, options)
+        )
+
+
+def _quoted_number_hint(value: object, options: tuple[object, ...]) -> str:
+    """A number written as a string ("1e-3" quoted in a config file): say how to write it."""
+    if not (isinstance(value, str) and {int, float} & set(options)):
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    return "; write it as a number, without quotes"
 
 
 # --------------------------------------------------------------------------- declared options
@@ -119,7 +135,7 @@ def check_choices(obj: object) -> None:
         choices = f.metadata["choices"]
         value = getattr(obj, name)
         if choices is not None and value not in choices:
-            raise ConfigError(f"{flag(name)} {value!r} must be one of {', '.join(choices)}")
+            raise ConfigError(f"{flag(name)} {preview(value)} must be one of {', '.join(choices)}")
 
 
 def flag(name: str) -> str:
@@ -152,7 +168,7 @@ def from_mapping(cls: type, data: object, where: str) -> typing.Any:
     unknown = sorted(str(k) for k in set(data) - known)
     if unknown:
         raise ConfigError(
-            f"{where}: unknown option {unknown[0]!r}; known: {', '.join(sorted(known))}"
+            f"{where}: unknown option {preview(unknown[0])}; known: {', '.join(sorted(known))}"
         )
     try:
         return cls(**data)
@@ -187,35 +203,89 @@ def resume_merge(saved: typing.Any, given: dict[str, object], run: str) -> typin
 
 
 def _show(value: object) -> str:
-    return json.dumps(value) if not isinstance(value, str) else repr(value)
+    """A value as the message shows it: numbers, booleans and null as JSON, the rest bounded."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return json.dumps(value)
+    return preview(value)
 
 
 # --------------------------------------------------------------------------- config files
 
 
+# A config file holds a few dozen options: far past these it is a mistake or an attack (a
+# 500-byte YAML alias bomb names a billion strings), refused before any value is used.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 10_000  # values of the document with every YAML alias expanded
+
+
 def read_config_file(path: str | os.PathLike) -> dict:
-    """The mapping in a YAML (.yaml/.yml) or JSON (.json) config file; one-line errors."""
+    """The mapping in a YAML (.yaml/.yml) or JSON (.json) config file; one-line errors.
+
+    Bounded: a file over MAX_CONFIG_BYTES, or whose values (aliases expanded) exceed
+    MAX_CONFIG_VALUES, is refused. YAML floats may omit the dot (`lr: 1e-3`), as in YAML 1.2.
+    """
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; a config file holds a few "
+            "options, check it is the right file"
+        )
     try:
-        if path.endswith(".json"):
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as exc:  # yaml.YAMLError, json.JSONDecodeError, RecursionError
+        text = raw.decode("utf-8")
+        data = json.loads(text) if path.endswith(".json") else _load_yaml(text)
+    except Exception as exc:  # yaml.YAMLError, json.JSONDecodeError, RecursionError, Unicode
         first = " ".join(str(exc).split())[:200]
-        raise ConfigError(f"{path}: not valid {_kind(path)} ({first})") from exc
+        raise ConfigError(f"{path}: not valid {_kind(path)} ({printable(first)})") from exc
+    if _count_values(data) > MAX_CONFIG_VALUES:
+        raise ConfigError(
+            f"{path}: expands to more than {MAX_CONFIG_VALUES:,} values (YAML anchors and "
+            "aliases repeat them); write the options out, without aliases"
+        )
     if data is None:
         return {}
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise ConfigError(f"{path}: expected a mapping of option names to values")
     return data
+
+
+def _count_values(data: object, limit: int = MAX_CONFIG_VALUES) -> int:
+    """How many values `data` holds, each alias counted again; stops just past `limit`
+    (so a self-referencing or exponential document costs at most `limit` steps)."""
+    count, stack = 0, [data]
+    while stack and count <= limit:
+        value = stack.pop()
+        count += 1
+        if isinstance(value, dict):
+            stack += [*value.keys(), *value.values()]
+        elif isinstance(value, list):
+            stack += value
+    return count
+
+
+@functools.cache
+def _yaml_loader() -> type:
+    """yaml.SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    exponent = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent, list("-+0123456789."))
+    return Loader
+
+
+def _load_yaml(text: str) -> object:
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())
 
 
 def _kind(path: str) -> str:

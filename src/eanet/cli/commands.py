@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 from eanet.checkpoint import CHECKPOINT_NAME
 from eanet.cli.flags import given
-from eanet.errors import ConfigError
-from eanet.options import declared, from_mapping, read_config_file, resume_merge
+from eanet.errors import ConfigError, one_line, preview, printable
+from eanet.options import CHANGE, declared, flag, from_mapping, read_config_file, resume_merge
 from eanet.train.config import TrainConfig
 from eanet.train.finetune import inherited_model
 from eanet.train.loop import fit
@@ -41,9 +41,10 @@ def train_config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Path,
         requested = {**file, **flags}
     else:
         requested = recipe_values(flags.get("recipe", file.get("recipe")), file, flags)
-    named_model = bool({"model", "model_args"} & {*file, *flags})  # by the user, not a recipe
+    named = {*file, *flags}  # by the user, not a recipe or a default
+    named_model = bool({"model", "model_args"} & named)
     if args.auto_resume:
-        return _auto_resume(args, requested, named_model)
+        return _auto_resume(args, requested, named)
     if args.resume is not None:
         if args.out is not None and Path(args.out) != Path(args.resume):
             raise ConfigError(
@@ -72,7 +73,7 @@ def _new_run_config(args: argparse.Namespace, requested: dict, named_model: bool
 
 
 def _auto_resume(
-    args: argparse.Namespace, requested: dict, named_model: bool
+    args: argparse.Namespace, requested: dict, named: set[str]
 ) -> tuple[TrainConfig, Path, bool]:
     """--auto-resume: resume --out when it holds a checkpoint, else start it afresh.
 
@@ -86,16 +87,34 @@ def _auto_resume(
             "it resumes RUN_DIR when it holds a checkpoint and starts it otherwise"
         )
     out = Path(args.out)
-    wanted = _new_run_config(args, requested, named_model)
+    wanted = _new_run_config(args, requested, bool({"model", "model_args"} & named))
     if not (out / "config.json").is_file():
         return wanted, out, False
     saved = load_run_config(out)
-    wanted = wanted.to_dict()
-    differs = {k: v for k, v in wanted.items() if v != saved.to_dict()[k]}
+    old, new = saved.to_dict(), wanted.to_dict()
+    # The recipe first: the options it sets differ with it, and it is what to repeat.
+    order = sorted(old, key=lambda name: name != "recipe")
+    differs = {k: new[k] for k in order if new[k] != old[k]}
+    _refuse_unrepeated(out, saved, differs, named)
     cfg = resume_merge(saved, differs, str(out))
     # A run killed before its first epoch was saved has a config but no checkpoint:
     # it starts again (its partial files are replaced, see cmd_train).
     return cfg, out, (out / CHECKPOINT_NAME).is_file()
+
+
+def _refuse_unrepeated(out: Path, saved: TrainConfig, differs: dict, named: set[str]) -> None:
+    """Another recipe, or an option of the run that this command leaves at another value (a
+    default, or its recipe's) without naming it: say which value to repeat, not "drop the
+    flag" (`resume_merge` words the options given)."""
+    fields = declared(TrainConfig)
+    for name, value in differs.items():
+        if name != "recipe" and (name in named or fields[name].metadata["resume"] == CHANGE):
+            continue
+        raise ConfigError(
+            f"{out} was trained with {flag(name)} {preview(getattr(saved, name))}, not "
+            f"{preview(value)}: repeat the run's {flag(name)} to continue it with "
+            "--auto-resume, or choose another --out"
+        )
 
 
 def recipe_values(name: str | None, *layers: dict) -> dict:
@@ -157,7 +176,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         s = args.split
         print(
-            f"{result['dataset']} {s}: loss {result[f'{s}_loss']:.4f}  top-1 "
+            f"{printable(result['dataset'])} {s}: loss {result[f'{s}_loss']:.4f}  top-1 "
             f"{result[f'{s}_top1']:.2%}  top-5 {result[f'{s}_top5']:.2%}  "
             f"({result['images']} images)"
         )
@@ -253,7 +272,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from eanet.interop.export import export
 
     parity = export(
-        args.checkpoint, args.format, args.out, tolerance=args.tolerance, weights=args.weights
+        args.checkpoint,
+        args.format,
+        args.out,
+        tolerance=args.tolerance,
+        weights=args.weights,
+        overwrite=args.overwrite,
     )
     print(parity.message(args.format))
     print(f"wrote {args.out}")
@@ -275,10 +299,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     names = ckpt.class_names
     files, failures = expand_inputs(args.inputs)
     for f in failures:
-        print(f"eanet: error: {f.source}: {f.reason}", file=sys.stderr)
+        print(f"eanet: error: {one_line(f'{f.source}: {f.reason}')}", file=sys.stderr)
     k = min(args.top_k, len(names))
-    shown = {n: _printable(n) for n in names}  # a newline in a name would break the table
-    file_w = max((len(_printable(str(f))) for f in files), default=4) + 2
+    shown = {n: printable(n) for n in names}  # an escape sequence, a newline: as escapes
+    file_w = max((len(printable(str(f))) for f in files), default=4) + 2
     cell_w = max(len(n) for n in shown.values()) + 9
     if files and not args.json:
         header = "".join(f"{f'top-{j + 1}':<{cell_w}}" for j in range(k))
@@ -287,24 +311,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for r in iter_predict_files(model, names, files, args.top_k, args.batch_size, args.precision):
         if isinstance(r, Failure):
             failures.append(r)
-            print(f"eanet: error: {r.source}: {r.reason}", file=sys.stderr)
+            print(f"eanet: error: {one_line(f'{r.source}: {r.reason}')}", file=sys.stderr)
         elif args.json:
             print(json.dumps(r.to_dict()), flush=True)
             done += 1
         else:
             cells = (f"{shown[c]} {p:.1%}" for c, p in zip(r.classes, r.probabilities, strict=True))
-            source = _printable(r.source)
+            source = printable(r.source)
             print(f"{source:<{file_w}}" + "".join(f"{c:<{cell_w}}" for c in cells).rstrip())
             done += 1
     if failures:
         print(f"eanet: {done} image(s) predicted, {len(failures)} failed", file=sys.stderr)
         return 1
     return 0
-
-
-def _printable(text: str) -> str:
-    """`text` for one table cell: control characters (newline, tab, ...) as escapes."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -320,12 +339,14 @@ def cmd_sample_images(args: argparse.Namespace) -> int:
     from eanet.data.folders import write_image_folder
     from eanet.data.load import load_dataset
     from eanet.errors import EANetError
+    from eanet.fileio import atomic_directory
 
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise EANetError(f"{args.out} exists and is not an empty directory; choose a new OUT")
     data = load_dataset("cifar100", SAMPLE_ARCHIVE, md5=SAMPLE_MD5, progress=False)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
-    counts = write_image_folder(data, args.out, classes=classes, fmt=args.format)
+    with atomic_directory(args.out) as tmp:  # all the images or none
+        counts = write_image_folder(data, tmp, classes=classes, fmt=args.format)
     n = len(classes) if classes else data.num_classes
     print(
         f"wrote {counts['train']} train and {counts['test']} test images of {n} classes "

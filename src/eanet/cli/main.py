@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
@@ -43,18 +42,18 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `eanet` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    from eanet.errors import EANetError
+    from eanet.errors import EANetError, log_to_terminal, one_line, printable
 
+    log_to_terminal(sys.stderr)
     try:
         return COMMANDS[args.command](args)
     except EANetError as exc:
         if args.debug:
             raise
-        print(f"eanet: error: {exc}", file=sys.stderr)
+        print(f"eanet: error: {one_line(exc)}", file=sys.stderr)  # may quote a file's text
         return 2
     except KeyboardInterrupt as exc:  # training's own says how to resume
-        print(f"eanet: {str(exc) or 'interrupted'}", file=sys.stderr)
+        print(f"eanet: {printable(str(exc)) or 'interrupted'}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader went away (`eanet predict DIR | head`): stop quietly, as Unix tools do;

@@ -316,6 +316,11 @@ def _add_interop_parsers(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--format", choices=["onnx", "torchscript"], required=True)
     x.add_argument("--out", type=Path, required=True, metavar="FILE", help="file to write")
     x.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing FILE (never the checkpoint read, nor a run's own files)",
+    )
+    x.add_argument(
         "--tolerance",
         type=float,
         default=1e-4,

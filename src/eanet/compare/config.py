@@ -64,7 +64,7 @@ class CompareConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first impossible option."""
-        check_field_types(self, lambda name, value: f"{flag(name)} {value!r}")
+        check_field_types(self, lambda name, shown: f"{flag(name)} {shown}")
         if not self.models:
             raise ConfigError("--models is empty; name at least one model, e.g. eanet-cifar")
         for name in self.models:

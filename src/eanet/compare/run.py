@@ -25,7 +25,7 @@ from eanet.compare.report import format_report, summarize_group, value_stats
 from eanet.data.augment import AugmentConfig
 from eanet.data.dataset import ImageData
 from eanet.data.splits import train_val_split
-from eanet.errors import ConfigError, EANetError
+from eanet.errors import ConfigError, EANetError, preview, printable
 from eanet.fileio import read_json, write_json, write_text
 from eanet.locks import COMPARE_LOCK, directory_lock
 from eanet.models.registry import count_parameters
@@ -63,7 +63,7 @@ def _check_same_recipe(run_dir: Path, cfg: TrainConfig) -> None:
         before = saved.get(key, defaults.get(key))
         if key not in may_differ and before != value:
             raise ConfigError(
-                f"{run_dir} was trained with {key}={before!r}, not {value!r}; "
+                f"{run_dir} was trained with {key}={preview(before)}, not {preview(value)}; "
                 "repeat the earlier options or choose another --out"
             )
 
@@ -303,7 +303,8 @@ def call_record(report: dict) -> dict:
 
 
 def earlier_calls(out: Path) -> list[dict]:
-    """The calls recorded in an earlier report.json of OUT (none if it is missing or unreadable)."""
+    """The calls recorded in an earlier report.json of OUT (none if it is missing or unreadable;
+    a damaged entry is dropped, and its text escaped for the report: it came from a file)."""
     path = out / "report.json"
     try:
         old = read_json(path) if path.is_file() else {}
@@ -311,5 +312,24 @@ def earlier_calls(out: Path) -> list[dict]:
         log.warning("%s is unreadable; the history of earlier calls starts afresh", path)
         return []
     if "calls" in old:
-        return list(old["calls"])
-    return [call_record(old)] if "runs" in old and "created" in old else []
+        calls = old["calls"] if isinstance(old["calls"], list) else []
+    else:
+        old_runs = isinstance(old.get("runs"), dict) and "created" in old
+        calls = [call_record(old)] if old_runs else []
+    kept = [_checked_call(c) for c in calls]
+    if None in kept:
+        log.warning("%s: dropped damaged entries of the history of earlier calls", path)
+    return [c for c in kept if c is not None]
+
+
+def _checked_call(call: object) -> dict | None:
+    """An earlier call's record with the types the report formats, or None."""
+    counts = ("trained", "resumed", "skipped")
+    if not (
+        isinstance(call, dict)
+        and isinstance(call.get("created"), str)
+        and isinstance(call.get("seconds"), (int, float))
+        and all(isinstance(call.get(k), int) for k in counts)
+    ):
+        return None
+    return {**call, "created": printable(call["created"])[:40]}

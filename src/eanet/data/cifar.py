@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import functools
 import importlib
 import logging
@@ -223,10 +224,7 @@ def _read_folder(folder: Path, spec: CifarSpec) -> dict[str, Any]:
     for member in spec.members:
         path = folder / member
         if not path.is_file():
-            raise DataError(
-                f"{path}: missing; an extracted {spec.name} folder must contain "
-                f"{', '.join(spec.members)}"
-            )
+            raise DataError(_not_a_cifar_folder(folder, member, spec))
         try:
             with open(path, "rb") as f:
                 found[member] = _unpickle(f, str(path))
@@ -235,6 +233,30 @@ def _read_folder(folder: Path, spec: CifarSpec) -> dict[str, Any]:
                 f"{path}: cannot read it ({one_line(exc, with_type=True)}); check it"
             ) from exc
     return found
+
+
+def _not_a_cifar_folder(folder: Path, member: str, spec: CifarSpec) -> str:
+    """Why `folder` is not an extracted CIFAR folder (it names the members it lacks)."""
+    path = folder / member
+    if path.is_dir():
+        what = f"{path} is a folder, not the {spec.name} file {member}"
+    else:
+        what = f"{path}: missing"
+    files = ", ".join(spec.members)
+    return f"{what}; an extracted {spec.name} folder holds the files {files}" + _image_folder_hint(
+        folder
+    )
+
+
+def _image_folder_hint(folder: Path) -> str:
+    """For a folder holding folders (class folders, or train/ and test/ of them): the flag
+    that reads one."""
+    with contextlib.suppress(OSError):
+        if any(p.is_dir() for p in folder.iterdir()):
+            return (
+                "; for a folder of your own images, one subfolder per class, add --dataset folder"
+            )
+    return ""
 
 
 def _str_keys(obj: Any, where: str, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -360,7 +382,7 @@ def _resolve(
         else:
             raise DataError(
                 f"{path}: holds neither {spec.filename} nor the extracted folder {spec.folder}/; "
-                "point --data-path at one of them"
+                "point --data-path at one of them" + _image_folder_hint(path)
             )
     if verify:
         _check_md5(path, md5 or spec.md5)

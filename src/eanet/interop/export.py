@@ -29,8 +29,9 @@ from torch import nn
 
 from eanet import __version__, accel, checkpoint
 from eanet.errors import ConfigError, EANetError
-from eanet.fileio import atomic_path
+from eanet.fileio import atomic_path, check_output
 from eanet.models.transformer import VisionTransformer
+from eanet.train.rundir import refuse_run_file
 
 log = logging.getLogger(__name__)
 
@@ -201,13 +202,17 @@ def export(
     out: str | Path,
     tolerance: float = TOLERANCE,
     weights: str = "last",
+    overwrite: bool = False,
 ) -> Parity:
     """Export the checkpoint at `source` (its last/best/ema weights) to `out` in `fmt`.
 
-    Raises ExportError on failed parity.
+    An existing `out` is replaced only with `overwrite`, and never when it is the checkpoint
+    read or a file of a training run. Raises ExportError on failed parity.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    refuse_run_file(out)
+    check_output(out, overwrite=overwrite, inputs=[checkpoint.resolve(source, weights)])
     if fmt == "onnx":
         _require_onnx()  # before any work
     model, ckpt = checkpoint.load_model(source, "cpu", weights)

@@ -30,9 +30,11 @@ import torch
 
 from eanet import checkpoint
 from eanet.errors import CheckpointError, ConfigError, DataError, one_line
+from eanet.fileio import check_output
 from eanet.models.config import ModelConfig
 from eanet.models.registry import build_model, count_parameters
 from eanet.models.transformer import VisionTransformer
+from eanet.train.rundir import refuse_run_file
 
 log = logging.getLogger(__name__)
 
@@ -446,13 +448,14 @@ def import_keras(
 ) -> dict:
     """Convert a Keras reference model file into an eanet checkpoint; return a summary.
 
-    `out` is a `.safetensors` file, or a directory that gets `checkpoint.safetensors`.
+    `out` is a `.safetensors` file, or a directory that gets `checkpoint.safetensors`; an
+    existing one is replaced only with `overwrite`, never the source nor a training run's.
     Class names default to CIFAR-100's when the model has 100 outputs.
     """
     out = Path(out)
     target = out if out.suffix == ".safetensors" else out / checkpoint.CHECKPOINT_NAME
-    if target.exists() and not overwrite:
-        raise ConfigError(f"{target} exists; choose another output or pass --overwrite")
+    refuse_run_file(target)
+    check_output(target, overwrite=overwrite, inputs=[source])
     keras_model = read_keras_model(source)
     cfg = keras_model.config
     if class_names is None:

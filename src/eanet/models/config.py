@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from eanet.errors import ConfigError
+from eanet.errors import ConfigError, preview
 from eanet.options import check_field_types
 
 ATTENTIONS = ("external", "self")
@@ -43,7 +43,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first impossible field."""
-        check_field_types(self, lambda name, value: f"model option {name}={value!r}")
+        check_field_types(self, lambda name, shown: f"model option {name}={shown}")
         _choice("attention", self.attention, ATTENTIONS)
         _choice("init", self.init, INITS)
         _choice("gelu", self.gelu, ("tanh", "erf"))
@@ -81,6 +81,23 @@ class ModelConfig:
                 raise ConfigError(f"model option {name}={value!r} must be in [0, 1)")
         if not self.ln_eps > 0:
             raise ConfigError(f"model option ln_eps={self.ln_eps!r} must be > 0")
+        self._check_memory()
+
+    def _check_memory(self) -> None:
+        """External attention's memory S (memory_size, or dim // dim_coefficient) must be > 0;
+        the other derived sizes (heads, inner width, head width, patches) are > 0 once the
+        checks above hold."""
+        if self.attention == "external" and self.memory_slots < 1:
+            raise ConfigError(
+                f"model options dim={self.dim} and dim_coefficient={self.dim_coefficient} give "
+                "an external-attention memory of dim // dim_coefficient = 0 slots; set "
+                "memory_size=N, or a dim of at least dim_coefficient"
+            )
+
+    @property
+    def memory_slots(self) -> int:
+        """S, the external attention's memory slots: memory_size, or dim // dim_coefficient."""
+        return self.memory_size or self.dim // self.dim_coefficient
 
     @property
     def num_patches(self) -> int:
@@ -107,4 +124,6 @@ class ModelConfig:
 
 def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"model option {name}={value!r} must be one of {', '.join(choices)}")
+        raise ConfigError(
+            f"model option {name}={preview(value)} must be one of {', '.join(choices)}"
+        )

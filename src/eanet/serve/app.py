@@ -14,6 +14,7 @@ serving. `ServeState` holds what the handlers share; `create_app` only wires it 
 """
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 
 from eanet import __version__
-from eanet.errors import DataError, one_line
+from eanet.errors import DataError, one_line, printable
 from eanet.predict import top_k_predictions
 from eanet.serve.batcher import Batcher
 from eanet.serve.config import ServeConfig, check_dependencies
@@ -187,6 +188,26 @@ class ServeState:
         return {"model": self.served.describe(), "predictions": [p.to_dict() for p in preds]}
 
 
+def _json_escape(char: str) -> str:
+    return json.dumps(char)[1:-1]  # \uXXXX (a surrogate pair beyond the BMP)
+
+
+def _printable_json_response() -> type:
+    """FastAPI's JSONResponse whose text is safe for a terminal (`curl /info`)."""
+    from fastapi.responses import JSONResponse
+
+    class PrintableJSONResponse(JSONResponse):
+        """Characters that are not printable (C1 controls, bidi overrides; json already
+        escapes C0) become \\u escapes: the client decodes the same strings, a terminal
+        showing the raw text sees no control sequence."""
+
+        def render(self, content: Any) -> bytes:
+            text = super().render(content).decode("utf-8")
+            return printable(text, _json_escape).encode("utf-8")
+
+    return PrintableJSONResponse
+
+
 def create_app(config: ServeConfig, served: ServedModel | None = None) -> Any:
     """The FastAPI application for `config` (loads the checkpoint unless `served` is given)."""
     check_dependencies()
@@ -198,7 +219,12 @@ def create_app(config: ServeConfig, served: ServedModel | None = None) -> Any:
     # No /docs or /redoc: FastAPI's pages load their scripts from a CDN, and the server may be
     # offline. The OpenAPI schema stays at /openapi.json.
     app = FastAPI(
-        title="eanet", version=__version__, lifespan=state.lifespan, docs_url=None, redoc_url=None
+        title="eanet",
+        version=__version__,
+        lifespan=state.lifespan,
+        docs_url=None,
+        redoc_url=None,
+        default_response_class=_printable_json_response(),
     )
     app.state.serve, app.state.batcher, app.state.served = state, state.batcher, state.served
     app.add_exception_handler(RequestValidationError, state.validation_error)

@@ -2,11 +2,10 @@
 
 import functools
 import json
-import logging
 import os
 from typing import Any
 
-from eanet.errors import ConfigError
+from eanet.errors import ConfigError, log_to_terminal
 from eanet.runtime import set_threads
 from eanet.serve.app import create_app
 from eanet.serve.config import CONFIG_ENV, ServeConfig, check_dependencies
@@ -29,8 +28,7 @@ def _set_threads(config: ServeConfig) -> None:
 
 def app_from_env() -> Any:
     """The app for one uvicorn worker process, configured from $EANET_SERVE_CONFIG."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log_to_terminal()
     config = ServeConfig.from_dict(json.loads(os.environ[CONFIG_ENV]))
     _set_threads(config)
     return create_app(config)

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 from eanet.data.dataset import DATASET_NAMES
-from eanet.errors import ConfigError
+from eanet.errors import ConfigError, preview
 from eanet.models.registry import MODELS
 from eanet.options import CHANGE, KEEP, check_choices, check_field_types, option
 from eanet.runtime import PRECISIONS
@@ -225,10 +225,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first impossible option."""
-        check_field_types(self, lambda name, value: f"--{name.replace('_', '-')} {value!r}")
+        check_field_types(self, lambda name, shown: f"--{name.replace('_', '-')} {shown}")
         if self.model not in MODELS:
             raise ConfigError(
-                f"--model {self.model!r} is unknown; choose one of {', '.join(MODELS)}"
+                f"--model {preview(self.model)} is unknown; choose one of {', '.join(MODELS)}"
             )
         check_choices(self)
         for name in ("epochs", "batch_size", "eval_batch_size"):

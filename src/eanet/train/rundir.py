@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import shutil
 from pathlib import Path
 
 from eanet import __version__, checkpoint
@@ -13,6 +15,8 @@ from eanet.options import to_yaml
 from eanet.plots import plot_curves
 from eanet.train.config import TrainConfig
 
+log = logging.getLogger(__name__)
+
 RUN_FILES = (
     "config.json",
     "config.yaml",
@@ -22,6 +26,15 @@ RUN_FILES = (
     "metrics.json",
     checkpoint.CHECKPOINT_NAME,
     checkpoint.BEST_NAME,
+)
+RUN_DIRS = ("tensorboard",)  # --log tensorboard's events
+# What `eanet evaluate` writes into a run (`evaluate_checkpoint`: STEM_SPLIT[_WEIGHTS].EXT):
+# they describe the old weights, so --overwrite removes them with the run.
+EVALUATION_FILES = tuple(
+    f"{stem}_{split}{weights}.{ext}"
+    for split in ("test", "val")
+    for weights in ("", "_best", "_ema")
+    for stem, ext in (("per_class", "csv"), ("confusion", "png"), ("evaluation", "json"))
 )
 
 
@@ -34,8 +47,34 @@ def claim_run_dir(held: contextlib.ExitStack, out: Path, resume: bool, overwrite
     """
     if resume:
         _check_resumable(out)  # before the lock creates the directory
+    if not out.exists():  # pushed first, so it runs after the lock is released
+        held.push(lambda kind, exc, tb: _remove_unstarted(out, exc))
     held.enter_context(directory_lock(out, RUN_LOCK))
     prepare_run_dir(out, resume, overwrite)
+
+
+def _remove_unstarted(out: Path, exc: BaseException | None) -> bool:
+    """After a run that failed before its first checkpoint: delete the directory it created
+    (only its own files are in it), so a bad option leaves nothing behind. False: the
+    exception goes on."""
+    if exc is None or (out / checkpoint.CHECKPOINT_NAME).exists():
+        return False
+    try:
+        shutil.rmtree(out)
+    except OSError as err:
+        log.warning("cannot remove the unfinished run directory %s: %s", out, err.strerror or err)
+    return False
+
+
+def refuse_run_file(path: str | Path) -> None:
+    """Refuse to write anything else over a file of a training run (its checkpoint, config,
+    history, ...), even with --overwrite: evaluate, --resume and compare read them."""
+    path = Path(path)
+    if path.name in RUN_FILES and (path.parent / "config.json").is_file():
+        raise EANetError(
+            f"{path} is the {path.name} of the run in {path.parent}; replacing it would break "
+            "the run (evaluate, --resume): choose a file outside the run's own names"
+        )
 
 
 def _check_resumable(out: Path) -> None:
@@ -55,14 +94,15 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if resume:
         _check_resumable(out)
     else:
-        existing = [name for name in RUN_FILES if (out / name).exists()]
+        names = (*RUN_FILES, *RUN_DIRS, *EVALUATION_FILES)
+        existing = [name for name in names if (out / name).exists()]
         if existing and not overwrite:
             raise EANetError(
                 f"{out} already holds a run ({', '.join(existing)}); pass --resume "
                 f"{out} to continue it, --overwrite to start over, or another --out"
             )
-        for name in existing:
-            (out / name).unlink()
+        for name in existing:  # everything the previous run wrote: no mixed runs
+            _remove(out / name)
     remove_stale_temp_files(out, RUN_FILES)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -71,6 +111,20 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
         probe.unlink()
     except OSError as exc:
         raise EANetError(f"cannot write to run directory {out}: {exc.strerror or exc}") from exc
+
+
+def _remove(path: Path) -> None:
+    """Delete a previous run's file or folder (a link itself, never what it points to)."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except OSError as exc:
+        raise EANetError(
+            f"cannot remove {path} of the previous run: {exc.strerror or exc}; "
+            "remove it yourself or choose another --out"
+        ) from exc
 
 
 def write_run_config(out: Path, cfg: TrainConfig, record: dict) -> None:
