@@ -41,8 +41,9 @@ def run_json(cmd: list[str]) -> dict:
 TARGETS = {
     ("eanet", "fp32"): (1.6, 1.6),
     ("vit", "fp32"): (1.1, 1.1),
-    ("eanet", "bf16"): (3.0, 4.0),  # only on a CPU with native bf16
-    ("vit", "bf16"): (2.0, 2.0),
+    # only on a CPU with native bf16 (the AVX-512-bf16 class's targets; AMX met 3.0/4.0, 2.0/2.0)
+    ("eanet", "bf16"): (3.5, 4.0),
+    ("vit", "bf16"): (2.5, 2.0),
 }
 
 
