@@ -135,11 +135,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     restart = args.auto_resume and not resume and (Path(out) / "config.json").is_file()
     overwrite = args.overwrite or restart
     metrics = fit(config, out, resume=resume, overwrite=overwrite, progress=args.progress)
-    print(test_summary(metrics, out))
+    print(score_lines(metrics, out))
     return 0
 
 
-def test_summary(metrics: dict, out: Path) -> str:
+def score_lines(metrics: dict, out: Path) -> str:
     """`train`'s last lines: the test scores of each weights the run kept, named plainly."""
     from eanet.checkpoint import BEST_NAME, CHECKPOINT_NAME
 

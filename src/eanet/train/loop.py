@@ -262,7 +262,9 @@ def _restore(run: _Run) -> None:
         _keep_best(run)  # in case the kill came between the checkpoint and its copy
     log.info("resuming %s after epoch %d of %d", run.out, run.start - 1, run.cfg.epochs)
     if run.dist.is_main:
-        write_history(run.out, run.history, run.title, run.data.num_classes)  # in case the kill beat it
+        write_history(
+            run.out, run.history, run.title, run.data.num_classes
+        )  # in case the kill beat it
 
 
 def _run_record(run: _Run) -> dict:
