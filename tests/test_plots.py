@@ -21,4 +21,4 @@ def test_the_curves_figure_has_one_panel_fewer_without_top5(tmp_path):
     plot_curves(HISTORY, tmp_path / "few.png", classes=3)
     plot_curves(HISTORY, tmp_path / "many.png", classes=100)
     few, many = (Image.open(tmp_path / f"{n}.png").size for n in ("few", "many"))
-    assert few[1] == many[1] and abs(few[0] / many[0] - 2 / 3) < 0.02
+    assert few[1] == many[1] and 0.6 < few[0] / many[0] < 0.75  # 2 panels of 3 (tight crop)

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if getattr(args, "progress", False) and not sys.stderr.isatty():
         args.progress = False  # into a file: the one log line per epoch, no bar refreshes
-    from eanet.cli import commands
+    import eanet.cli.commands as commands
     from eanet.errors import EANetError
 
     try:
