@@ -262,6 +262,7 @@ def _print_demo_cifar(part: DemoPart) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    print(f"{'model':<18} {'parameters':>16}  description", flush=True)  # before torch loads
     from eanet.models.registry import MODELS, count_parameters, create_model
 
     for name, spec in MODELS.items():
