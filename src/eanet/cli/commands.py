@@ -457,7 +457,8 @@ def _bench_scaling(args: argparse.Namespace) -> int:
     from eanet.plots import plot_scaling
     from eanet.runtime import environment
 
-    rows = scaling(tuple(args.sizes), batch_size=2, device=args.device or "auto")
+    bar = sys.stderr.isatty()  # into a file: no bar refreshes
+    rows = scaling(tuple(args.sizes), batch_size=2, device=args.device or "auto", progress=bar)
     lines = [
         "| tokens | image | model | inference ms/img | train ms/img | activations MB/img "
         "| forward GMACs/img |",
