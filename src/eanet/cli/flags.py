@@ -72,7 +72,8 @@ def add_config_flags(
     run's). `fill_defaults`: the parsed value of a flag not given is the field's default
     (for commands that take the options as they are, with nothing to merge).
     `show_resume`: mark each option's rule on `--resume` (train; see RESUME_LEGEND).
-    `groups`: the help's argument group of each field's `group`.
+    `groups`: the help's argument group of each field's `group` (tests/test_options.py
+    checks that every TrainConfig field names one).
     """
     fields = declared(cls)
     names = [n for n in (only if only is not None else fields) if n not in set(exclude)]
@@ -85,7 +86,7 @@ def add_config_flags(
             "help": _help(f, default, shown, show_resume),
             "dest": name,
         }
-        target = groups[f.metadata["group"]] if groups is not None else parser
+        target = (groups or {}).get(f.metadata["group"], parser)  # ungrouped: under "options"
         _add_flag(target, cls, name, kw)
 
 
