@@ -1,14 +1,18 @@
 """The `eanet` command end to end on the shipped real CIFAR-100 slice."""
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from eanet.cli import commands
+from eanet.cli.flags import RESUME_LEGEND
 from eanet.cli.main import build_parser, main
 from eanet.data.cifar import SAMPLE_ARCHIVE, SAMPLE_MD5
-from eanet.train.config import TrainConfig
+from eanet.train.config import GROUPS, TrainConfig
 
 SLICE = ["--dataset", "cifar100", "--data-path", str(SAMPLE_ARCHIVE), "--md5", SAMPLE_MD5]
 TINY = ["--model-arg", "depth=1", "--batch-size", "64", "--no-progress"]
@@ -54,6 +58,95 @@ def test_train_help_documents_every_option():
     assert "default: 50" in text and "default: 0.001" in text
 
 
+def test_train_help_groups_the_options_and_says_each_default_once():
+    text = _help("train")
+    starts = [text.index(f"\n{group}:\n") for group in GROUPS]
+    assert starts == sorted(starts), "the groups in their order"
+    after = {g: text[text.index(f"\n{g}:\n") :].splitlines()[2] for g in GROUPS[:2]}
+    assert after[GROUPS[0]].startswith("  --out ") and after[GROUPS[1]].startswith("  --dataset ")
+    entries = re.split(r"\n  (?=-)", text.split("\noptions:\n", 1)[1])
+    assert len(entries) > 50
+    for entry in entries:  # one option's flag and help
+        assert entry.count("(default:") <= 1, entry
+    flat = " ".join(text.split())
+    assert flat.count(" ".join(RESUME_LEGEND.split())) == 1 and "on --resume must" not in flat
+    assert "(default: 50) [changeable]" in flat and "(default: 0.001) " in flat
+    assert "(default: none) [new run only]" in flat  # --init-from
+    assert flat.startswith("usage: eanet train [--out DIR] [--dataset NAME]")
+
+
+# Every command's --help, the top-level help and version, and a bad flag.
+FAST = [["--help"], ["--version"], ["train", "--bogus"], ["predict"]]
+FAST += [[c, "--help"] for c in ("train", "evaluate", "demo", "predict", "serve", "compare")]
+FAST += [[c, "--help"] for c in ("bench", "export", "import-keras", "info", "sample-images")]
+
+
+def _modules_loaded_by(code: str) -> str:
+    """Run `code` in a fresh interpreter; the heavy modules (torch, numpy) it imported."""
+    heavy = "sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy'})"
+    check = f"{code}\nimport sys\nprint({heavy})"
+    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.strip().splitlines()[-1]
+
+
+def test_help_version_and_a_bad_flag_answer_without_loading_torch():
+    code = (
+        "from eanet.cli.main import main\n"
+        f"for argv in {FAST!r}:\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as exc:\n"
+        "        assert exc.code in (0, 2), (argv, exc.code)\n"
+        "    else:\n"
+        "        raise AssertionError(argv)\n"
+    )
+    assert _modules_loaded_by(code) == "[]"
+
+
+def test_a_new_run_is_named_before_torch_loads(tmp_path):
+    """`train` says its run directory first; torch loads after (about 2 s on 2 cores)."""
+    argv = ["train", "--dataset", "digits", "--recipe", "modern", "--lr", "0.002"]
+    code = (
+        "from eanet.cli.main import build_parser\n"
+        "from eanet.cli.commands import train_config_from_args\n"
+        f"cfg, out, resume = train_config_from_args(build_parser().parse_args({argv!r}))\n"
+        "assert cfg.lr == 0.002 and cfg.epochs == 300 and not resume, cfg\n"
+        "assert out.name.startswith('eanet-cifar-digits-'), out\n"
+    )
+    assert _modules_loaded_by(code) == "[]"
+
+
+def test_an_unknown_model_is_refused_before_the_run_directory_is_made(tmp_path, capsys):
+    assert main(["train", "--model", "resnet", "--out", str(tmp_path / "run")]) == 2
+    assert "--model 'resnet' is unknown; choose one of eanet-cifar" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bars_only_on_a_terminal(monkeypatch, terminal):
+    bars = []
+    monkeypatch.setattr(commands, "cmd_evaluate", lambda args: bars.append(args.progress) or 0)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal, raising=False)
+    assert main(["evaluate", "runs/x"]) == 0
+    assert main(["evaluate", "runs/x", "--no-progress"]) == 0
+    assert bars == [terminal, False]
+
+
+def test_the_summary_names_each_score_by_its_weights():
+    metrics = {"test_top1": 0.5, "test_top5": 0.9, "test_loss": 1.5, "test_images": 10}
+    metrics.update(epochs=3, best_epoch=2, best_test_top1=0.6, best_test_top5=0.95)
+    metrics.update(best_test_loss=1.2, ema_test_top1=0.7, ema_test_top5=0.96, ema_test_loss=1.1)
+    lines = commands.score_lines(metrics, Path("runs/r")).splitlines()
+    assert lines[0].startswith("test top-1 50.00%  top-5 90.00%  loss 1.5000  last weights: ")
+    assert "epoch 3, checkpoint.safetensors" in lines[0]
+    assert "60.00%" in lines[1] and "best weights: epoch 2 (best val top-1), best." in lines[1]
+    assert "70.00%" in lines[2] and "EMA weights" in lines[2]
+    assert lines[3] == "(10 test images) -> runs/r"
+    del metrics["best_epoch"], metrics["ema_test_top1"]
+    assert len(commands.score_lines(metrics, Path("r")).splitlines()) == 2
+
+
 def test_console_script_help_and_version():
     out = subprocess.run(
         [sys.executable, "-m", "eanet", "train", "--help"],
@@ -77,7 +170,9 @@ def test_models_lists_the_registry(capsys):
 def test_train_evaluate_resume_end_to_end(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *SLICE, *TINY, "--epochs", "1", "--out", str(run)]) == 0
-    assert "test top-1" in capsys.readouterr().out
+    summary = capsys.readouterr().out
+    assert "test top-1" in summary and "last weights: epoch 1" in summary
+    assert "best weights: epoch 1" in summary
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test_images"] == 916 and metrics["epochs"] == 1
 

@@ -11,7 +11,7 @@ import torch
 
 from eanet.cli.main import build_parser, main
 from eanet.compare.config import CompareConfig
-from eanet.compare.run import earlier_calls, run_compare
+from eanet.compare.run import earlier_calls, run_compare, steady_images_per_s
 from eanet.data.cifar import SAMPLE_ARCHIVE, SAMPLE_MD5
 from eanet.data.load import load_dataset
 from eanet.errors import ConfigError, DataError, EANetError
@@ -75,6 +75,8 @@ def test_report_has_every_model_order_figure_and_table(compared):
         assert s["best_val_top1"]["mean"] >= s["final_val_top1"]["mean"]
         assert g["speed"]["train_img_s"] > 0 and g["speed"]["infer_img_s"] > 0
         assert g["curves"]["epoch"] == [1] and len(g["curves"]["val_top1"]) == 1
+        (run,) = g["runs"]  # one epoch: its own speed is the steady one
+        assert s["steady_train_img_s"]["mean"] == run["steady_train_img_s"] > 0
     stats = saved["input_distribution"]["stats"]
     assert stats["reference-bug / training"]["min"] >= 0  # negatives clipped to 0
     assert stats["reference-bug / training"]["zero"] > 0.2
@@ -87,6 +89,15 @@ def test_report_has_every_model_order_figure_and_table(compared):
     assert md.count("| `eanet-cifar` | fixed | ") == 2  # results and gap tables
     assert "| `vit-cifar` | reference-bug | " in md and "eanet compare --models" in md
     assert "![" in md and "exactly 0 %" in md and "- machine: " in md
+    assert md.count("| training s / run | training img/s, epochs 2+ |") == 1
+
+
+def test_the_steady_speed_leaves_out_the_first_epoch():
+    speeds = [10.0, 100.0, 120.0, 110.0]  # epoch 1: kernels compiled, caches warmed
+    history = [{"epoch": i + 1, "train_images_per_s": s} for i, s in enumerate(speeds)]
+    assert steady_images_per_s(history) == 110.0
+    assert steady_images_per_s(history[:3]) == 110.0  # the median of 100 and 120
+    assert steady_images_per_s(history[:1]) == 10.0  # one epoch: all there is
 
 
 def test_second_call_skips_finished_runs(compared, small_sample):

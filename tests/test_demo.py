@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from eanet.cli import main
+from eanet.cli import build_parser, main
+from eanet.cli.commands import unused_dir
 
 
 @pytest.mark.slow
@@ -30,3 +31,18 @@ def test_demo_learns_digits_and_runs_the_cifar_pipeline_offline(tmp_path, capsys
         "checkpoint.safetensors",
     ):
         assert (out_dir / name).exists(), name
+
+
+def test_the_default_output_is_runs_demo_then_a_free_suffix(tmp_path):
+    base = tmp_path / "runs" / "demo"
+    assert unused_dir(base) == base
+    base.mkdir(parents=True)
+    assert unused_dir(base) == tmp_path / "runs" / "demo-2"
+    (tmp_path / "runs" / "demo-2").mkdir()
+    assert unused_dir(base) == tmp_path / "runs" / "demo-3"
+
+
+def test_the_help_says_where_the_demo_goes_and_how_long_it_takes():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    text = " ".join(sub.choices["demo"].format_help().split())
+    assert "(default: runs/demo, or runs/demo-2" in text and "145-275 s on a 2-core" in text

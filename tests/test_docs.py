@@ -15,11 +15,13 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from docs_helpers import python_block
 
 from eanet.cli.main import build_parser
 from eanet.models.registry import MODELS
@@ -124,3 +126,43 @@ def test_offline_documented_commands_run(where, argv, tmp_path):
     )
     assert run.returncode == 0, f"{where}\n{run.stderr}"
     assert run.stdout.strip() or any(tmp_path.iterdir()), where
+
+
+def test_no_page_or_module_cites_a_file_that_is_not_in_the_repository():
+    """SPEC.md is not shipped: docs/reference.md holds the reference's facts."""
+    texts = [*PAGES, *sorted((ROOT / "src").rglob("*.py")), *(ROOT / "src").rglob("*.yaml")]
+    citing = [str(p.relative_to(ROOT)) for p in texts if "SPEC.md" in p.read_text("utf-8")]
+    assert citing == [] and not (ROOT / "SPEC.md").exists()
+
+
+@pytest.mark.slow  # exports a tiny model to ONNX and TorchScript
+def test_the_onnx_example_runs_on_real_images_with_eanets_preprocessing(
+    tiny_run, image_folder, tmp_path, monkeypatch, capsys
+):
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    import eanet
+    from eanet.data.images import load_image
+    from eanet.interop.export import export
+
+    for fmt, name in (("onnx", "model.onnx"), ("torchscript", "model.pt")):
+        export(tiny_run, fmt, tmp_path / "runs" / "demo" / name)
+    shutil.copytree(image_folder, tmp_path / "images")  # what `eanet sample-images` writes
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    example = python_block("interop.md", "## Export to ONNX or TorchScript")
+    exec(compile(example, "docs/interop.md", "exec"), scope)
+    files, pixels, probs = scope["files"], scope["pixels"], scope["probs"]
+    assert len(files) == 4
+    # The page's preprocessing is eanet's own, and so are the answers.
+    torch.testing.assert_close(
+        torch.from_numpy(pixels), torch.stack([load_image(f, 32) for f in files]).float()
+    )
+    want = eanet.load(tiny_run, device="cpu").predict(files, top_k=1)
+    assert capsys.readouterr().out.strip() == str([p.label for p in want])
+    top = probs.max(dim=1)
+    assert [scope["names"][i] for i in top.indices] == [p.label for p in want]
+    torch.testing.assert_close(
+        top.values, torch.tensor([p.probability for p in want]), atol=1e-5, rtol=0
+    )

@@ -13,7 +13,7 @@ from eanet.cli.parser import build_parser
 from eanet.data.cifar import SAMPLE_ARCHIVE, SAMPLE_MD5
 from eanet.errors import ConfigError
 from eanet.options import CHANGE, KEEP, MATCH, declared, read_config_file, resume_merge, to_argv
-from eanet.train.config import TrainConfig
+from eanet.train.config import GROUPS, TrainConfig
 
 SLICE = ["--data-path", str(SAMPLE_ARCHIVE), "--md5", SAMPLE_MD5]
 TINY = ["--model-arg", "depth=1", "--model-arg", "dim=32", "--model-arg", "mlp_dim=32"]
@@ -26,6 +26,7 @@ def test_every_training_option_is_declared_with_help_and_a_resume_rule():
     for name, f in fields.items():
         assert f.metadata["help"].strip(), name
         assert f.metadata["resume"] in (CHANGE, MATCH, KEEP), name
+        assert f.metadata["group"] in GROUPS, f"{name}: its heading in `train --help`"
 
 
 def test_every_field_is_a_flag_of_train_and_its_help_shows_the_default():
@@ -34,8 +35,9 @@ def test_every_field_is_a_flag_of_train_and_its_help_shows_the_default():
     for name in declared(TrainConfig):
         flag = "--model-arg" if name == "model_args" else "--" + name.replace("_", "-")
         assert flag in text, flag
-    assert "(default: 0.001; on --resume must match the run)" in text
-    assert "(default: 50; may change on --resume)" in text
+    assert "--lr LR AdamW learning rate" in text and "(default: 0.001) --" in text
+    assert "(default: 50) [changeable]" in text
+    assert "(default: one per core) [changeable]" in text  # --threads: said once, in words
 
 
 def test_flags_round_trip_through_to_argv():

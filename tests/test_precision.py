@@ -252,8 +252,8 @@ def test_compiled_forward_predicts_as_eager_in_evaluate_predict_api_and_serve(
     assert served.compiled and not isinstance(served.runner, type(model))
     for n in (5, 3):  # sizes it was not warmed up with
         torch.testing.assert_close(served.forward(x[:n]), eager[:n], atol=1e-4, rtol=1e-4)
-    (got,) = api.load(tiny_run, device="cpu", compile=True).predict(x[0])
-    (want,) = api.load(tiny_run, device="cpu").predict(x[0])
+    got = api.load(tiny_run, device="cpu", compile=True).predict(x[0])
+    want = api.load(tiny_run, device="cpu").predict(x[0])
     assert got.indices == want.indices
     torch.testing.assert_close(got.probabilities, want.probabilities, atol=1e-4, rtol=0)
     runs = [

@@ -171,26 +171,19 @@ def test_api_accepts_every_input_kind_alike(tiny_run, image_folder, model_and_na
     hwc = np.array(pil)
     chw = torch.from_numpy(hwc).permute(2, 0, 1)
     expected = clf.predict(path, top_k=3)
-    assert len(expected) == 1 and expected[0].source == str(path)
-    variants = [
-        str(path),
-        path.read_bytes(),
-        pil,
-        hwc,
-        hwc.astype(np.float32),
-        chw,
-        chw.float(),
-        hwc[None],  # NHWC batch of one
-        chw[None],  # NCHW batch of one
-        [pil],
-    ]
-    for v in variants:
+    assert isinstance(expected, Prediction) and expected.source == str(path)
+    singles = [str(path), path.read_bytes(), pil, hwc, hwc.astype(np.float32), chw, chw.float()]
+    batches_of_one = [hwc[None], chw[None], [pil], (str(path),)]  # NHWC, NCHW, list, tuple
+    for v in singles + batches_of_one:
         got = clf.predict(v, top_k=3)
-        assert len(got) == 1
-        assert got[0].classes == expected[0].classes
-        assert got[0].probabilities == pytest.approx(expected[0].probabilities, abs=1e-6)
+        if any(v is b for b in batches_of_one):
+            assert isinstance(got, list) and len(got) == 1
+            got = got[0]
+        assert isinstance(got, Prediction), type(v)
+        assert got.classes == expected.classes
+        assert got.probabilities == pytest.approx(expected.probabilities, abs=1e-6)
     batch = clf.predict(torch.stack([chw, chw.flip(-1)]), top_k=2)
-    assert len(batch) == 2 and batch[0].label == expected[0].label
+    assert len(batch) == 2 and batch[0].label == expected.label
     assert 0 < batch[0].probability <= 1
 
 

@@ -95,7 +95,7 @@ def test_predict_raw_bytes_matches_the_python_api(client, pngs, tiny_ckpt):
     (got,) = r.json()["predictions"]
     assert got["file"] is None and len(got["predictions"]) == 5
     model, ckpt = checkpoint.load_model(tiny_ckpt)
-    (want,) = Classifier(model, ckpt.class_names).predict(pngs[0], top_k=5)
+    want = Classifier(model, ckpt.class_names).predict(pngs[0], top_k=5)
     assert [q["class"] for q in got["predictions"]] == want.classes
     assert [q["probability"] for q in got["predictions"]] == pytest.approx(
         want.probabilities, abs=1e-5

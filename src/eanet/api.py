@@ -2,7 +2,8 @@
 
     import eanet
     clf = eanet.load("runs/demo")
-    clf.predict("photo.jpg", top_k=3)[0].label
+    clf.predict("photo.jpg", top_k=3).label          # one image: one Prediction
+    [p.label for p in clf.predict(["a.png", "b.png"])]  # a list: a list
 
 Inputs go through `eanet.images`, the same preprocessing as `eanet predict` and folder
 training.
@@ -64,16 +65,16 @@ class Classifier:
 
     def predict(
         self, images: ImageLike | Sequence[ImageLike], top_k: int = 5, batch_size: int = 64
-    ) -> list[Prediction]:
-        """Top-k classes per image, best first; always a list (one Prediction per image).
+    ) -> Prediction | list[Prediction]:
+        """Top-k classes, best first: one image gives one Prediction, a list (or batch) a list.
 
-        `images`: one image or a list of them: file paths, encoded bytes, PIL images, numpy
-        arrays HWC (uint8 or float, pixel values 0..255), tensors CHW; a 4-d numpy array is
-        a batch NHWC, a 4-d tensor a batch NCHW. Any size: resized like everything else.
+        An image: a file path, encoded bytes, a PIL image, a numpy array HWC (uint8 or
+        float, pixel values 0..255) or a tensor CHW. Many: a list of those, a 4-d numpy
+        array (NHWC) or a 4-d tensor (NCHW). Any size: resized like everything else.
         """
-        return predict_batch(
-            self.model, self.class_names, _as_list(images), top_k, batch_size, self.precision
-        )
+        batch, many = _as_list(images)
+        got = predict_batch(self.model, self.class_names, batch, top_k, batch_size, self.precision)
+        return got if many else got[0]
 
     def __repr__(self) -> str:
         c = self.config
@@ -83,17 +84,15 @@ class Classifier:
         )
 
 
-def _as_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
-    """Split the accepted forms into a list of single images."""
-    if isinstance(images, torch.Tensor):
-        return list(images) if images.dim() == 4 else [images]
-    if isinstance(images, np.ndarray):
-        return list(images) if images.ndim == 4 else [images]
+def _as_list(images: ImageLike | Sequence[ImageLike]) -> tuple[list[ImageLike], bool]:
+    """(the single images, whether several were given: a list or a 4-d batch)."""
+    if isinstance(images, (torch.Tensor, np.ndarray)):
+        return (list(images), True) if images.ndim == 4 else ([images], False)
     if isinstance(images, (str, Path, bytes, bytearray)) or not isinstance(images, Sequence):
-        return [images]
+        return [images], False
     if not images:
         raise DataError("no images given to predict")
-    return list(images)
+    return list(images), True
 
 
 def load(

@@ -39,6 +39,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as serialize
 
+from eanet.choices import WEIGHTS
 from eanet.errors import CheckpointError, ConfigError, one_line
 from eanet.fileio import atomic_path
 from eanet.models.config import ModelConfig
@@ -49,7 +50,6 @@ FORMAT = "eanet-checkpoint"
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.safetensors"
 BEST_NAME = "best.safetensors"  # the weights of the best validation top-1, beside the last
-WEIGHTS = ("last", "best", "ema")  # which weights of a run `load_model` rebuilds
 EMA_PREFIX = "ema."  # extra tensors holding the moving average of the weights
 # Far above any model of this project (the reference has 0.36 M): a header claiming more is
 # refused before anything is built.

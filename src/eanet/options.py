@@ -112,18 +112,22 @@ def option(
     metavar: str | None = None,
     default_factory: Callable[[], object] | None = None,
     results: bool = True,
+    group: str | None = None,
+    shown_default: str | None = None,
 ) -> typing.Any:
     """A config dataclass field that carries its help text, choices and resume rule.
 
     Flags (`eanet.cli.flags`), `--help`, resume merging, compare, bench and config files
     are all derived from these fields; nothing re-declares them. `results=False` marks
     an option that never changes what a run computes (where the data lie, the device), so
-    `compare` may reuse a run made with another value.
+    `compare` may reuse a run made with another value. `group`: the heading the option is
+    listed under in `--help`. `shown_default`: what `--help` says the default is, where the
+    value alone would not say it (e.g. None meaning "one per core").
     """
     if resume not in RESUME_RULES:
         raise ValueError(f"resume={resume!r} must be one of {RESUME_RULES}")
     meta = {"help": help, "resume": resume, "choices": choices, "metavar": metavar}
-    meta["results"] = results
+    meta.update(results=results, group=group, shown_default=shown_default)
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

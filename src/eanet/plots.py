@@ -25,13 +25,20 @@ def save_figure(fig: plt.Figure, path: str | Path) -> None:
     _save(fig, path)
 
 
-def plot_curves(history: list[dict], path: str | Path, title: str = "") -> None:
-    """Loss, top-1 and top-5 per epoch, train vs validation."""
+def curve_panels(classes: int | None) -> tuple[tuple[str, str], ...]:
+    """(history key, label) of each panel: top-5 only above 5 classes (below, it is 100%)."""
+    panels = (("loss", "loss"), ("top1", "top-1"))
+    return panels if classes is not None and classes <= 5 else (*panels, ("top5", "top-5"))
+
+
+def plot_curves(
+    history: list[dict], path: str | Path, title: str = "", classes: int | None = None
+) -> None:
+    """Loss, top-1 and (with more than 5 `classes`) top-5 per epoch, train vs validation."""
     epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for ax, key, label in zip(
-        axes, ("loss", "top1", "top5"), ("loss", "top-1", "top-5"), strict=True
-    ):
+    panels = curve_panels(classes)
+    fig, axes = plt.subplots(1, len(panels), figsize=(14 * len(panels) / 3, 4))
+    for ax, (key, label) in zip(axes, panels, strict=True):
         ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label=f"train {label}")
         val = [h.get(f"val_{key}") for h in history]
         if any(v is not None for v in val):

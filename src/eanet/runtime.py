@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
+from eanet.choices import PRECISIONS
 from eanet.errors import ConfigError
 from eanet.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("fp32", "bf16", "auto")
 # /proc/cpuinfo flags that say what the CPU computes natively (and is worth naming).
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters

@@ -1,4 +1,8 @@
-"""The `eanet` commands: each turns parsed arguments into one library call and prints the result."""
+"""The `eanet` commands: each turns parsed arguments into one library call and prints the result.
+
+Each command imports what it runs (torch among it) only once it has said what it is doing:
+this module loads without torch.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +14,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from eanet.checkpoint import CHECKPOINT_NAME
 from eanet.cli.flags import given
 from eanet.errors import ConfigError, one_line, preview, printable
 from eanet.options import CHANGE, declared, flag, from_mapping, read_config_file, resume_merge
 from eanet.train.config import TrainConfig
-from eanet.train.finetune import inherited_model
-from eanet.train.loop import fit
 from eanet.train.recipes import DEFAULT_RECIPE, apply_recipe, load_recipe
-from eanet.train.rundir import load_run_config
 
 if TYPE_CHECKING:  # the demo's modules load only when `eanet demo` runs
     from eanet.demo import DemoPart
@@ -50,6 +50,8 @@ def train_config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Path,
             raise ConfigError(
                 f"--out {args.out} and --resume {args.resume} name two runs; give one"
             )
+        from eanet.train.rundir import load_run_config
+
         saved = load_run_config(args.resume)
         return resume_merge(saved, requested, str(args.resume)), args.resume, True
     cfg = _new_run_config(args, requested, named_model)
@@ -64,6 +66,8 @@ def _new_run_config(args: argparse.Namespace, requested: dict, named_model: bool
     checkpoint's architecture; a recipe's model options (e.g. drop_path) apply on top.
     """
     if args.init_from is not None and not named_model:
+        from eanet.train.finetune import inherited_model
+
         # Fine-tune the checkpoint's own architecture; stored, so --resume rebuilds it.
         requested["model"], inherited, size = inherited_model(args.init_from)
         requested["model_args"] = {**inherited, **requested.get("model_args", {})}
@@ -86,6 +90,9 @@ def _auto_resume(
             "--auto-resume needs --out RUN_DIR and neither --resume nor --overwrite: "
             "it resumes RUN_DIR when it holds a checkpoint and starts it otherwise"
         )
+    from eanet.checkpoint import CHECKPOINT_NAME
+    from eanet.train.rundir import load_run_config
+
     out = Path(args.out)
     wanted = _new_run_config(args, requested, bool({"model", "model_args"} & named))
     if not (out / "config.json").is_file():
@@ -140,19 +147,44 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     config, out, resume = train_config_from_args(args)
     log.info("run directory: %s", out)
+    from eanet.train.loop import fit
+
     # --auto-resume starting a run again replaces what a kill before epoch 1 left (its
     # config.json was found equal to the options asked for)
     restart = args.auto_resume and not resume and (Path(out) / "config.json").is_file()
     overwrite = args.overwrite or restart
     metrics = fit(config, out, resume=resume, overwrite=overwrite, progress=args.progress)
-    print(
-        f"test top-1 {metrics['test_top1']:.2%}  top-5 {metrics['test_top5']:.2%}  "
-        f"loss {metrics['test_loss']:.4f}  ({metrics['test_images']} images)  -> {out}"
-    )
+    print(score_lines(metrics, out))
     return 0
 
 
+def score_lines(metrics: dict, out: Path) -> str:
+    """`train`'s last lines: the test scores of each weights the run kept, named plainly."""
+    from eanet.checkpoint import BEST_NAME, CHECKPOINT_NAME
+
+    kept = [("test", f"last weights: epoch {metrics['epochs']}, {CHECKPOINT_NAME}")]
+    if "best_epoch" in metrics:
+        best = f"best weights: epoch {metrics['best_epoch']} (best val top-1), {BEST_NAME}"
+        kept.append(("best_test", best))
+    if "ema_test_top1" in metrics:
+        kept.append(("ema_test", f"EMA weights: their moving average, in {CHECKPOINT_NAME}"))
+    lines = [
+        f"test top-1 {metrics[f'{key}_top1']:.2%}  top-5 {metrics[f'{key}_top5']:.2%}  "
+        f"loss {metrics[f'{key}_loss']:.4f}  {name}"
+        for key, name in kept
+    ]
+    return "\n".join([*lines, f"({metrics['test_images']} test images) -> {out}"])
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    data = args.dataset or "its data set"
+    log.info(
+        "evaluating %s (%s weights) on %s, %s split",
+        args.checkpoint,
+        args.weights,
+        data,
+        args.split,
+    )
     from eanet.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(
@@ -186,10 +218,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    out = args.out or unused_dir(Path("runs") / "demo")
+    log.info("demo: part 1 (digits) in %s, part 2 (CIFAR-100) in %s", out / "digits", out)
+    t0 = time.perf_counter()
     from eanet.demo import DEMO_EPOCHS, run_demo
 
-    out = args.out or Path("runs") / f"demo-{_stamp()}"
-    t0 = time.perf_counter()
     r = run_demo(
         out,
         epochs=args.epochs or DEMO_EPOCHS,
@@ -249,6 +282,7 @@ def _print_demo_cifar(part: DemoPart) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    print(f"{'model':<18} {'parameters':>16}  description", flush=True)  # before torch loads
     from eanet.models.registry import MODELS, count_parameters, create_model
 
     for name, spec in MODELS.items():
@@ -257,6 +291,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_import_keras(args: argparse.Namespace) -> int:
+    log.info("importing %s -> %s", args.file, args.out)
     from eanet.interop.keras import import_keras, read_class_names
 
     names = read_class_names(args.class_names) if args.class_names else None
@@ -269,6 +304,9 @@ def cmd_import_keras(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    log.info(
+        "exporting %s (%s weights) to %s: %s", args.checkpoint, args.weights, args.format, args.out
+    )
     from eanet.interop.export import export
 
     parity = export(
@@ -285,6 +323,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    log.info("predicting with %s (%s weights)", args.checkpoint, args.weights)
     from eanet import accel, checkpoint
     from eanet.inference import compiled_forward
     from eanet.predict import Failure, check_top_k, expand_inputs, iter_predict_files
@@ -335,6 +374,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_sample_images(args: argparse.Namespace) -> int:
+    log.info("writing the shipped CIFAR-100 slice to %s", args.out)
     from eanet.data.cifar import SAMPLE_ARCHIVE, SAMPLE_MD5
     from eanet.data.folders import write_image_folder
     from eanet.data.load import load_dataset
@@ -356,11 +396,18 @@ def cmd_sample_images(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from eanet.bench import bench_model
-
     if args.scaling:
         return _bench_scaling(args)
     cfg = TrainConfig(**{**TrainConfig().to_dict(), **given(args, TrainConfig)})
+    log.info(
+        "timing %s, batch %d: %d warm-up and %d timed steps",
+        cfg.model,
+        cfg.batch_size,
+        args.warmup,
+        args.steps,
+    )
+    from eanet.bench import bench_model
+
     r = bench_model(cfg, args.warmup, args.steps)
     if args.json:
         print(json.dumps(r.to_dict(), indent=2))
@@ -406,6 +453,7 @@ def compare_config_from_args(args: argparse.Namespace):
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    log.info("comparison directory: %s", args.out)
     from eanet.compare.run import run_compare
 
     cfg = compare_config_from_args(args)
@@ -427,12 +475,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _bench_scaling(args: argparse.Namespace) -> int:
+    log.info("timing EANet and ViT at image sides %s", " ".join(map(str, args.sizes)))
     from eanet.bench import scaling
     from eanet.fileio import write_json, write_text
     from eanet.plots import plot_scaling
     from eanet.runtime import environment
 
-    rows = scaling(tuple(args.sizes), batch_size=2, device=args.device or "auto")
+    bar = sys.stderr.isatty()  # into a file: no bar refreshes
+    rows = scaling(tuple(args.sizes), batch_size=2, device=args.device or "auto", progress=bar)
     lines = [
         "| tokens | image | model | inference ms/img | train ms/img | activations MB/img "
         "| forward GMACs/img |",
@@ -455,12 +505,23 @@ def _bench_scaling(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from eanet.serve.config import ServeConfig, check_dependencies
-    from eanet.serve.server import serve
 
     check_dependencies()
+    log.info("serving %s on http://%s:%d", args.checkpoint, args.host, args.port)
+    from eanet.serve.server import serve
+
     values = {name: getattr(args, name) for name in declared(ServeConfig)}
     serve(ServeConfig(checkpoint=str(args.checkpoint), **values))
     return 0
+
+
+def unused_dir(base: Path) -> Path:
+    """`base` if nothing is there, else the first of base-2, base-3, ... that is free."""
+    n, path = 1, base
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
 
 
 def _stamp() -> str:

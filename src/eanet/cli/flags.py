@@ -11,14 +11,17 @@ import argparse
 import json
 from collections.abc import Iterable
 
-from eanet.options import CHANGE, KEEP, MATCH, declared, field_default, flag, value_type
+from eanet.options import CHANGE, KEEP, declared, field_default, flag, value_type
 
 MODEL_ARG = "model_args"  # the dict field given as repeated --model-arg KEY=VALUE
-RESUME_WORDS = {
-    CHANGE: "may change on --resume",
-    MATCH: "on --resume must match the run",
-    KEEP: "not with --resume",
-}
+# An option's rule on --resume, said once in `RESUME_LEGEND` and per option by its mark; the
+# rule of most options (MATCH: must repeat the run's value) goes unmarked.
+RESUME_MARKS = {CHANGE: "[changeable]", KEEP: "[new run only]"}
+RESUME_LEGEND = (
+    "With --resume RUN_DIR the run's own options apply: a flag given must repeat the run's "
+    f"value, except those marked {RESUME_MARKS[CHANGE]} (applied, e.g. --epochs, --device) and "
+    f"{RESUME_MARKS[KEEP]} (refused)."
+)
 
 
 def model_arg(text: str) -> tuple[str, object]:
@@ -35,14 +38,21 @@ def model_arg(text: str) -> tuple[str, object]:
         return key.replace("-", "_"), value
 
 
-def _help(f, default: object, show_resume: bool) -> str:
-    shown = "none" if default is None else default
+def _shown(default: object) -> str:
+    """A default as `--help` says it: on/off, none, a list's values."""
     if isinstance(default, bool):
-        shown = "on" if default else "off"
-    elif isinstance(default, (list, dict)):
-        shown = " ".join(map(str, default)) if isinstance(default, list) else "none"
-    rule = f"; {RESUME_WORDS[f.metadata['resume']]}" if show_resume else ""
-    return f"{f.metadata['help']} (default: {shown}{rule})".replace("%", "%%")
+        return "on" if default else "off"
+    if isinstance(default, list):
+        return " ".join(map(str, default))
+    return "none" if default is None or isinstance(default, dict) else str(default)
+
+
+def _help(f, default: object, shown_default: str | None, show_resume: bool) -> str:
+    """The option's help, its default said once, and (train) its resume mark."""
+    shown = shown_default if shown_default is not None else _shown(default)
+    mark = RESUME_MARKS.get(f.metadata["resume"]) if show_resume else None
+    text = f"{f.metadata['help']} (default: {shown})" + (f" {mark}" if mark else "")
+    return text.replace("%", "%%")
 
 
 def add_config_flags(
@@ -54,39 +64,50 @@ def add_config_flags(
     defaults: dict[str, object] | None = None,
     fill_defaults: bool = False,
     show_resume: bool = False,
+    groups: dict[str, argparse._ArgumentGroup] | None = None,
 ) -> None:
     """One flag per declared field of `cls` (or those in `only`), all defaulting to None.
 
     `defaults` overrides the default shown in the help (e.g. evaluate's data set: the
     run's). `fill_defaults`: the parsed value of a flag not given is the field's default
     (for commands that take the options as they are, with nothing to merge).
-    `show_resume`: say in the help how each option behaves on `--resume` (train).
+    `show_resume`: mark each option's rule on `--resume` (train; see RESUME_LEGEND).
+    `groups`: the help's argument group of each field's `group` (tests/test_options.py
+    checks that every TrainConfig field names one).
     """
     fields = declared(cls)
     names = [n for n in (only if only is not None else fields) if n not in set(exclude)]
     for name in names:
         f = fields[name]
-        default = (defaults or {}).get(name, field_default(f))
-        kind = value_type(cls, name)
+        shown = (defaults or {}).get(name, f.metadata.get("shown_default"))
+        default = field_default(f)
         kw: dict = {
             "default": default if fill_defaults else None,
-            "help": _help(f, default, show_resume),
+            "help": _help(f, default, shown, show_resume),
+            "dest": name,
         }
-        kw["dest"] = name
-        if f.metadata["metavar"]:
-            kw["metavar"] = f.metadata["metavar"]
-        if name == MODEL_ARG:
-            parser.add_argument("--model-arg", action="append", type=model_arg, **kw)
-            continue
-        if kind is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif kind is list:
-            kw["nargs"] = "+"
-        else:
-            kw["type"] = kind
-            if f.metadata["choices"]:
-                kw["choices"] = f.metadata["choices"]
-        parser.add_argument(flag(name), **kw)
+        target = (groups or {}).get(f.metadata["group"], parser)  # ungrouped: under "options"
+        _add_flag(target, cls, name, kw)
+
+
+def _add_flag(parser: argparse._ActionsContainer, cls: type, name: str, kw: dict) -> None:
+    """The flag of field `name`: its action, type, choices and metavar from the field."""
+    f = declared(cls)[name]
+    kind = value_type(cls, name)
+    if f.metadata["metavar"]:
+        kw["metavar"] = f.metadata["metavar"]
+    if name == MODEL_ARG:
+        parser.add_argument("--model-arg", action="append", type=model_arg, **kw)
+        return
+    if kind is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    elif kind is list:
+        kw["nargs"] = "+"
+    else:
+        kw["type"] = kind
+        if f.metadata["choices"]:
+            kw["choices"] = f.metadata["choices"]
+    parser.add_argument(flag(name), **kw)
 
 
 def given(args: argparse.Namespace, cls: type) -> dict[str, object]:

@@ -2,41 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+import types
+from collections.abc import Callable
 
-from eanet.cli.commands import (
-    cmd_bench,
-    cmd_compare,
-    cmd_demo,
-    cmd_evaluate,
-    cmd_export,
-    cmd_import_keras,
-    cmd_info,
-    cmd_models,
-    cmd_predict,
-    cmd_recipes,
-    cmd_sample_images,
-    cmd_serve,
-    cmd_train,
-)
 from eanet.cli.parser import build_parser
-
-COMMANDS = {
-    "train": cmd_train,
-    "evaluate": cmd_evaluate,
-    "demo": cmd_demo,
-    "models": cmd_models,
-    "recipes": cmd_recipes,
-    "import-keras": cmd_import_keras,
-    "export": cmd_export,
-    "predict": cmd_predict,
-    "info": cmd_info,
-    "bench": cmd_bench,
-    "sample-images": cmd_sample_images,
-    "compare": cmd_compare,
-    "serve": cmd_serve,
-}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,8 +17,12 @@ def main(argv: list[str] | None = None) -> int:
     from eanet.errors import EANetError, log_to_terminal, one_line, printable
 
     log_to_terminal(sys.stderr)
+    if getattr(args, "progress", False) and not sys.stderr.isatty():
+        args.progress = False  # into a file: the one log line per epoch, no bar refreshes
+    import eanet.cli.commands as commands
+
     try:
-        return COMMANDS[args.command](args)
+        return _command(commands, args.command)(args)
     except EANetError as exc:
         if args.debug:
             raise
@@ -60,3 +36,12 @@ def main(argv: list[str] | None = None) -> int:
         # pointing stdout at devnull stops Python's own complaint when it flushes at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+
+
+def _command(commands: types.ModuleType, name: str) -> Callable[[argparse.Namespace], int]:
+    """`eanet NAME`'s function, `cmd_NAME` in `eanet.cli.commands`.
+
+    Imported once the arguments are parsed: `--help`, `--version` and a bad flag answer
+    without loading torch.
+    """
+    return getattr(commands, "cmd_" + name.replace("-", "_"))

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eanet.errors import ConfigError
-from eanet.models.registry import MODELS
 from eanet.options import check_field_types, flag, option, to_argv
 from eanet.train.config import AUGMENT_MODES, TrainConfig
 
@@ -33,6 +32,7 @@ SEED_FIELDS = (
     "min_val_loss",
     "final_val_loss",
     "train_seconds",
+    "steady_train_img_s",
 )
 
 
@@ -64,6 +64,8 @@ class CompareConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first impossible option."""
+        from eanet.models.registry import MODELS  # torch: not at import, for `--help`
+
         check_field_types(self, lambda name, shown: f"{flag(name)} {shown}")
         if not self.models:
             raise ConfigError("--models is empty; name at least one model, e.g. eanet-cifar")

@@ -137,6 +137,9 @@ def _provenance(report: dict) -> list[str]:
         f"{cfg['bench_steps']} steps of batch {rec['batch_size']} after 1 warm-up step, on this "
         "machine; other jobs may share it, so speeds are indicative, compare them only "
         "side by side within this report",
+        "- training s / run: the wall time of all epochs, first-use kernel compiling and "
+        "warm-up included; training img/s, epochs 2+: the median of the epochs after the "
+        "first (`eanet.compare.run.steady_images_per_s`), the speed once warm",
         "- multiply-adds per image: a forward pass of the reference formulation "
         "(`eanet.bench.macs_per_image`, torch's FlopCounterMode, matrix products only)",
         "",
@@ -159,6 +162,7 @@ def _results_section(groups: list[dict]) -> list[str]:
         "test top-1 %",
         "test top-5 %",
         "training s / run",
+        "training img/s, epochs 2+",
     ]
     rows = []
     for g in groups:
@@ -178,6 +182,7 @@ def _results_section(groups: list[dict]) -> list[str]:
                 _pct(s["test_top1"]),
                 _pct(s["test_top5"]),
                 _num(s["train_seconds"], 0),
+                _num(s["steady_train_img_s"], 0),
             ]
         )
     return ["## Results", "", *_table(header, rows)]
@@ -262,7 +267,15 @@ def _figures_section(figures: dict) -> list[str]:
 
 def _runs_section(groups: list[dict]) -> list[str]:
     """One row per trained run (every seed of every group)."""
-    header = ["run", "epochs", "best val top-1 %", "test top-1 %", "test top-5 %", "training s"]
+    header = [
+        "run",
+        "epochs",
+        "best val top-1 %",
+        "test top-1 %",
+        "test top-5 %",
+        "training s",
+        "training img/s, epochs 2+",
+    ]
     rows = [
         [
             r["run"],
@@ -271,6 +284,7 @@ def _runs_section(groups: list[dict]) -> list[str]:
             f"{100 * r['test_top1']:.1f}",
             f"{100 * r['test_top5']:.1f}",
             f"{r['train_seconds']:.0f}",
+            f"{r['steady_train_img_s']:.0f}",
         ]
         for g in groups
         for r in g["runs"]

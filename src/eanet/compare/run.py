@@ -110,10 +110,22 @@ def run_result(run_dir: Path) -> dict:
         "min_val_loss_epoch": val[val_loss.index(min(val_loss))]["epoch"],
         "final_val_loss": val_loss[-1],
         "train_seconds": sum(h["epoch_seconds"] for h in history),
+        "steady_train_img_s": steady_images_per_s(history),
         "history": [{k: h.get(k) for k in ("epoch", *CURVE_FIELDS)} for h in history],
         # The best-validation and EMA weights' test figures, where the run has them.
         **{k: v for k, v in metrics.items() if k.startswith(("best_test", "ema_test", "best_ep"))},
     }
+
+
+def steady_images_per_s(history: list[dict]) -> float:
+    """Training images per second once warm: the median over the epochs after the first.
+
+    The first epoch also pays for first use (kernels compiled, caches and allocator warmed),
+    which the wall time of a run includes; a one-epoch run has only that epoch.
+    """
+    speeds = sorted(h["train_images_per_s"] for h in history[1:] or history)
+    mid = len(speeds) // 2
+    return speeds[mid] if len(speeds) % 2 else (speeds[mid - 1] + speeds[mid]) / 2
 
 
 def model_cost(cfg: CompareConfig, model: str, data: ImageData) -> dict:

@@ -6,9 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-# Every data set `eanet.data.load.load_dataset` knows by name.
-DATASET_NAMES = ("cifar100", "cifar10", "folder", "digits", "synthetic")
-
 
 @dataclass
 class ImageData:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from eanet.choices import DATASET_NAMES
 from eanet.data.cifar import DATASETS, _spec, load_cifar
-from eanet.data.dataset import DATASET_NAMES, ImageData, synthetic_cifar
+from eanet.data.dataset import ImageData, synthetic_cifar
 from eanet.errors import ConfigError, DataError
 
 

@@ -3,9 +3,9 @@
 import importlib.util
 from dataclasses import asdict, dataclass, fields
 
+from eanet.choices import PRECISIONS
 from eanet.errors import ConfigError, EANetError
 from eanet.options import option
-from eanet.runtime import PRECISIONS
 
 CONFIG_ENV = "EANET_SERVE_CONFIG"  # how `--workers N` hands the settings to each worker
 
@@ -46,8 +46,8 @@ class ServeConfig:
     )
     threads: int | None = option(
         None,
-        help="torch threads per worker (default: cores / workers - 1, at least 1: a core is "
-        "left for HTTP and decoding)",
+        help="torch threads per worker",
+        shown_default="cores / workers - 1, at least 1: a core is left for HTTP and decoding",
     )
     max_image_mp: float = option(
         16.0,

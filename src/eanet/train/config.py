@@ -6,12 +6,9 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from eanet.data.dataset import DATASET_NAMES
+from eanet.choices import DATASET_NAMES, ON_NONFINITE, PRECISIONS
 from eanet.errors import ConfigError, preview
-from eanet.models.registry import MODELS
 from eanet.options import CHANGE, KEEP, check_choices, check_field_types, option
-from eanet.runtime import PRECISIONS
-from eanet.train.guard import ON_NONFINITE
 from eanet.train.recipes import DEFAULT_RECIPE, recipe_names
 from eanet.train.schedule import SCHEDULES
 
@@ -21,6 +18,12 @@ LR_SCALINGS = ("none", "linear")
 REFERENCE_BATCH = 128  # the batch the reference's learning rate was chosen for
 DECAY_PARAMS = ("all", "matrices")
 LOGGERS = ("none", "tensorboard")
+
+# The headings of `eanet train --help`, in order; each option names its own (`group=`).
+RUN, DATA, MODEL, RECIPE = "run directory and logging", "data", "model", "recipe and optimiser"
+AUGMENTATION, SPEED = "augmentation and regularisation", "precision and speed"
+DISTRIBUTED = "distributed"
+GROUPS = (RUN, DATA, MODEL, RECIPE, AUGMENTATION, SPEED, DISTRIBUTED)
 
 
 @dataclass
@@ -32,14 +35,13 @@ class TrainConfig:
     derived from these declarations.
     """
 
-    model: str = option(
-        "eanet-cifar", help="registered model (see `eanet models`)", choices=tuple(MODELS)
-    )
+    model: str = option("eanet-cifar", help="registered model (see `eanet models`)", group=MODEL)
     model_args: dict = option(
         default_factory=dict,
         help="override a model config field, repeatable (e.g. --model-arg depth=2 "
         "--model-arg memory_size=64)",
         metavar="KEY=VALUE",
+        group=MODEL,
     )
     dataset: str = option(
         "cifar100",
@@ -48,44 +50,60 @@ class TrainConfig:
         "quarter as test; "
         "'synthetic': random CIFAR-100-shaped images, only for timing the recipe",
         choices=DATASET_NAMES,
+        group=DATA,
     )
     data_path: str | None = option(
         None,
         help="CIFAR: archive (.tar.gz), extracted folder, or a directory holding the "
-        "archive; default: $EANET_DATA or ~/.cache/eanet, downloaded there if missing. "
-        "folder: the directory of class subfolders",
+        "archive, downloaded there if missing; folder: the directory of class subfolders",
+        shown_default="CIFAR: $EANET_DATA or ~/.cache/eanet",
         resume=CHANGE,
         results=False,
+        group=DATA,
     )
     md5: str | None = option(
         None,
         help="expected md5 of an archive that is not the official one",
         resume=CHANGE,
         results=False,
+        group=DATA,
     )
     verify: bool = option(
         True,
         help="check the md5 of a local archive (--no-verify: one you trust)",
         resume=CHANGE,
         results=False,
+        group=DATA,
     )
-    epochs: int = option(50, help="epochs (a resumed run may be extended)", resume=CHANGE)
+    epochs: int = option(
+        50, help="epochs (a resumed run may be extended)", resume=CHANGE, group=RECIPE
+    )
     batch_size: int = option(
-        128, help="images per optimizer step (over all processes under torchrun)"
+        128, help="images per optimizer step (over all processes under torchrun)", group=RECIPE
     )
     eval_batch_size: int = option(
-        500, help="images per forward pass for validation/test (bounds memory)", resume=CHANGE
+        500,
+        help="images per forward pass for validation/test (bounds memory)",
+        resume=CHANGE,
+        group=SPEED,
     )
     lr: float = option(
-        1e-3, help="AdamW learning rate (constant; the peak with --lr-schedule cosine)"
+        1e-3,
+        help="AdamW learning rate (constant; the peak with --lr-schedule cosine)",
+        group=RECIPE,
     )
-    weight_decay: float = option(1e-4, help="AdamW decoupled weight decay")
-    adam_eps: float = option(1e-7, help="AdamW epsilon (Keras's default, not torch's 1e-8)")
-    label_smoothing: float = option(0.1, help="label smoothing of the cross-entropy")
+    weight_decay: float = option(1e-4, help="AdamW decoupled weight decay", group=RECIPE)
+    adam_eps: float = option(
+        1e-7, help="AdamW epsilon (Keras's default, not torch's 1e-8)", group=RECIPE
+    )
+    label_smoothing: float = option(
+        0.1, help="label smoothing of the cross-entropy", group=AUGMENTATION
+    )
     val_fraction: float = option(
         0.2,
         help="fraction of the training set held out for validation, taken from its end "
         "as Keras does",
+        group=DATA,
     )
     augment: str = option(
         "fixed",
@@ -94,16 +112,25 @@ class TrainConfig:
         "its failure; 'none'; 'crop-flip': random resized crop (area 0.8..1) and "
         "horizontal flip (the modern recipe's)",
         choices=AUGMENT_MODES,
+        group=AUGMENTATION,
     )
-    seed: int = option(0, help="random seed (weights, order, augmentation, dropout)")
-    device: str = option("auto", help="auto, cpu, cuda or cuda:N", resume=CHANGE, results=False)
+    seed: int = option(0, help="random seed (weights, order, augmentation, dropout)", group=RECIPE)
+    device: str = option(
+        "auto", help="auto, cpu, cuda or cuda:N", resume=CHANGE, results=False, group=SPEED
+    )
     threads: int | None = option(
-        None, help="CPU threads for torch (default: one per core)", resume=CHANGE, results=False
+        None,
+        help="CPU threads for torch",
+        shown_default="one per core",
+        resume=CHANGE,
+        results=False,
+        group=SPEED,
     )
     image_size: int | None = option(
         None,
-        help="--dataset folder or digits: resize every image to this side (default: 32; "
-        "with --init-from: the checkpoint's)",
+        help="--dataset folder or digits: resize every image to this side",
+        shown_default="32; with --init-from: the checkpoint's",
+        group=DATA,
     )
     init_from: str | None = option(
         None,
@@ -112,9 +139,10 @@ class TrainConfig:
         "statistics from the new data; its architecture unless --model/--model-arg is given",
         resume=KEEP,
         metavar="CHECKPOINT",
+        group=MODEL,
     )
     freeze_backbone: bool = option(
-        False, help="with --init-from: train only the classification head"
+        False, help="with --init-from: train only the classification head", group=MODEL
     )
     compile: bool = option(
         False,
@@ -122,6 +150,7 @@ class TrainConfig:
         "evaluate, predict and serve (compiling takes tens of seconds to minutes; on the CPU "
         "it pays for inference, see docs/speed.md)",
         resume=CHANGE,
+        group=SPEED,
     )
     precision: str = option(
         "fp32",
@@ -130,6 +159,7 @@ class TrainConfig:
         "with avx512_bf16 or AMX, torch and oneDNN allowed to use it, and a matmul probe, "
         "cached per machine, finding bf16 faster), else fp32",
         choices=PRECISIONS,
+        group=SPEED,
     )
     accel: bool = option(
         True,
@@ -137,6 +167,7 @@ class TrainConfig:
         "memories, fused attention, native CPU kernels; same function, see docs/internals.md); "
         "--no-accel: the plain model's torch ops",
         resume=CHANGE,
+        group=SPEED,
     )
     on_nonfinite: str = option(
         "stop",
@@ -145,11 +176,13 @@ class TrainConfig:
         "history as skipped_batches)",
         choices=ON_NONFINITE,
         resume=CHANGE,
+        group=RECIPE,
     )
     deterministic: bool = option(
         False,
         help="torch's deterministic algorithms, cuDNN deterministic, no benchmark, "
         "CUBLAS_WORKSPACE_CONFIG=:4096:8: repeatable GPU runs, maybe slower",
+        group=SPEED,
     )
     compile_mode: str = option(
         "default",
@@ -157,17 +190,20 @@ class TrainConfig:
         "kernels (minutes of compiling), 'reduce-overhead' replays CUDA graphs (CUDA only)",
         choices=COMPILE_MODES,
         resume=CHANGE,
+        group=SPEED,
     )
     lr_scaling: str = option(
         "none",
         help="'linear': AdamW's learning rate is --lr * --batch-size / 128, the linear "
         "scaling rule for batches larger than the reference's 128; 'none': --lr as given",
         choices=LR_SCALINGS,
+        group=RECIPE,
     )
     synthetic_images: int = option(
         50_000,
         help="--dataset synthetic: training images (the last --val-fraction of them "
         "validate) and a fifth as many test images; 50,000 as in CIFAR-100",
+        group=DATA,
     )
 
     # ------------------------------------------------------------ recipe ingredients
@@ -177,40 +213,58 @@ class TrainConfig:
         help="named recipe whose values are the starting point (see `eanet recipes`); "
         "--config FILE and flags override it",
         choices=recipe_names(),
+        group=RECIPE,
     )
     lr_schedule: str = option(
         "constant",
         help="'constant' (the reference); 'cosine': linear warm-up over --warmup-fraction "
         "of all steps from --warmup-lr, then cosine down to --min-lr, set every step",
         choices=SCHEDULES,
+        group=RECIPE,
     )
-    warmup_fraction: float = option(0.0, help="cosine: fraction of all steps spent warming up")
-    warmup_lr: float = option(0.0, help="cosine: learning rate at the first step")
-    min_lr: float = option(0.0, help="cosine: learning rate at the last step")
+    warmup_fraction: float = option(
+        0.0, help="cosine: fraction of all steps spent warming up", group=RECIPE
+    )
+    warmup_lr: float = option(0.0, help="cosine: learning rate at the first step", group=RECIPE)
+    min_lr: float = option(0.0, help="cosine: learning rate at the last step", group=RECIPE)
     weight_decay_params: str = option(
         "all",
         help="tensors AdamW decays: 'all' trainable (the reference) or 'matrices' (weight "
         "matrices only: no biases, LayerNorm or position embedding)",
         choices=DECAY_PARAMS,
+        group=RECIPE,
     )
-    grad_clip: float = option(0.0, help="clip the gradient norm to this (0: off)")
+    grad_clip: float = option(0.0, help="clip the gradient norm to this (0: off)", group=RECIPE)
     ema_decay: float = option(
         0.0,
         help="keep an exponential moving average of the weights with this decay, validated "
         "each epoch and saved (0: off; e.g. 0.9999)",
+        group=RECIPE,
     )
-    randaugment_ops: int = option(0, help="RandAugment: operations per image (0: off)")
-    randaugment_magnitude: float = option(9.0, help="RandAugment: magnitude 0..10")
+    randaugment_ops: int = option(
+        0, help="RandAugment: operations per image (0: off)", group=AUGMENTATION
+    )
+    randaugment_magnitude: float = option(
+        9.0, help="RandAugment: magnitude 0..10", group=AUGMENTATION
+    )
     randaugment_magnitude_std: float = option(
-        0.0, help="RandAugment: per-image noise (std) on the magnitude"
+        0.0, help="RandAugment: per-image noise (std) on the magnitude", group=AUGMENTATION
     )
-    mixup_alpha: float = option(0.0, help="mixup: Beta(alpha, alpha) mixing factor (0: off)")
-    cutmix_alpha: float = option(0.0, help="CutMix: Beta(alpha, alpha) box area (0: off)")
-    mix_prob: float = option(1.0, help="probability that a batch is mixed (mixup/CutMix)")
+    mixup_alpha: float = option(
+        0.0, help="mixup: Beta(alpha, alpha) mixing factor (0: off)", group=AUGMENTATION
+    )
+    cutmix_alpha: float = option(
+        0.0, help="CutMix: Beta(alpha, alpha) box area (0: off)", group=AUGMENTATION
+    )
+    mix_prob: float = option(
+        1.0, help="probability that a batch is mixed (mixup/CutMix)", group=AUGMENTATION
+    )
     mix_switch_prob: float = option(
-        0.5, help="with mixup and CutMix on: probability of CutMix for a batch"
+        0.5, help="with mixup and CutMix on: probability of CutMix for a batch", group=AUGMENTATION
     )
-    erase_prob: float = option(0.0, help="random erasing: probability per image (0: off)")
+    erase_prob: float = option(
+        0.0, help="random erasing: probability per image (0: off)", group=AUGMENTATION
+    )
     log: str = option(
         "none",
         help="'tensorboard': also write TensorBoard events to RUN/tensorboard/ (needs "
@@ -218,6 +272,7 @@ class TrainConfig:
         choices=LOGGERS,
         resume=CHANGE,
         results=False,
+        group=RUN,
     )
 
     def __post_init__(self) -> None:
@@ -226,11 +281,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the first impossible option."""
         check_field_types(self, lambda name, shown: f"--{name.replace('_', '-')} {shown}")
-        if self.model not in MODELS:
-            raise ConfigError(
-                f"--model {preview(self.model)} is unknown; choose one of {', '.join(MODELS)}"
-            )
-        check_choices(self)
+        check_choices(self)  # --model is checked by `check_model`: the registry loads torch
         for name in ("epochs", "batch_size", "eval_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -300,6 +351,15 @@ class TrainConfig:
             raise ConfigError(
                 "--augment reference-bug normalises before augmenting; RandAugment, random "
                 "erasing and mixup/CutMix work in pixel space: drop them or use another --augment"
+            )
+
+    def check_model(self) -> None:
+        """Raise ConfigError unless --model names a registered model (imports torch)."""
+        from eanet.models.registry import MODELS
+
+        if self.model not in MODELS:
+            raise ConfigError(
+                f"--model {preview(self.model)} is unknown; choose one of {', '.join(MODELS)}"
             )
 
     @property

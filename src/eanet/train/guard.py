@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from eanet.choices import ON_NONFINITE
 from eanet.errors import EANetError
 from eanet.train.distributed import launched_by_torchrun
 
@@ -37,9 +38,6 @@ log = logging.getLogger(__name__)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-ON_NONFINITE = ("stop", "skip")
 
 
 CHECK_EVERY = 32  # steps between reads of the device-side non-finite flag (stop mode)

@@ -141,6 +141,7 @@ def fit(
     """
     out = Path(out)
     cfg.validate()
+    cfg.check_model()
     if cfg.log == "tensorboard":
         check_tensorboard()  # before the run directory is touched
     with contextlib.ExitStack() as held:  # the run directory's lock, the logger
@@ -266,7 +267,9 @@ def _restore(run: _Run) -> None:
         _keep_best(run)  # in case the kill came between the checkpoint and its copy
     log.info("resuming %s after epoch %d of %d", run.out, run.start - 1, run.cfg.epochs)
     if run.dist.is_main:
-        write_history(run.out, run.history, run.title)  # in case the kill beat it
+        write_history(
+            run.out, run.history, run.title, run.data.num_classes
+        )  # in case the kill beat it
 
 
 def _run_record(run: _Run) -> dict:
@@ -392,7 +395,7 @@ def _save_epoch(run: _Run, row: dict) -> None:
     path = run.out / checkpoint.CHECKPOINT_NAME
     checkpoint.save(path, run.model, meta, run.optimizer, rng=True, extra=extra)
     _keep_best(run)
-    write_history(run.out, run.history, run.title)
+    write_history(run.out, run.history, run.title, run.data.num_classes)
 
 
 def _best_epoch(history: list[dict]) -> int | None:
@@ -439,7 +442,7 @@ def _test(run: _Run) -> dict:
     if vals:
         metrics["best_val_top1"] = max(vals)
         metrics["final_val_top1"] = vals[-1]
-    log.info("%s (%d images)", _fmt("test", test), test.count)
+    log.info("%s (last weights, epoch %d; %d images)", _fmt("test", test), cfg.epochs, test.count)
     metrics.update(_test_other_weights(run, bool(vals)))
     if dist.is_main:
         write_json(run.out / "metrics.json", metrics)
@@ -463,5 +466,6 @@ def _test_other_weights(run: _Run, has_best: bool) -> dict:
         m = _evaluate(run, model, x, y)
         out.update({f"{name}_test_loss": m.loss, f"{name}_test_top1": m.top1})
         out[f"{name}_test_top5"] = m.top5
-        log.info("%s (%s weights)", _fmt("test", m), name)
+        which = f"best weights, epoch {out['best_epoch']}" if name == "best" else "EMA weights"
+        log.info("%s (%s)", _fmt("test", m), which)
     return out

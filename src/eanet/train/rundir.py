@@ -140,10 +140,11 @@ def write_run_config(out: Path, cfg: TrainConfig, record: dict) -> None:
     write_text(out / "config.yaml", to_yaml(cfg.to_dict(), header))
 
 
-def write_history(out: Path, history: list[dict], title: str) -> None:
+def write_history(out: Path, history: list[dict], title: str, classes: int | None = None) -> None:
+    """history.json, history.csv and curves.png (top-5 shown with more than 5 `classes`)."""
     write_json(out / "history.json", history)
     write_csv(out / "history.csv", history)
-    plot_curves(history, out / "curves.png", title=title)
+    plot_curves(history, out / "curves.png", title=title, classes=classes)
 
 
 def load_run_config(run_dir: str | Path) -> TrainConfig:
