@@ -35,6 +35,27 @@ from eanet.accel.upstream import has_forward_hooks, tensor_version
 from eanet.models.layers import Block, ExternalAttention, Mlp, SelfAttention, drop_path
 
 
+def cached_fold(module: nn.Module, fold) -> tuple[torch.Tensor, ...]:
+    """`fold()` (weights derived from `module`'s parameters), computed once while the
+    parameters stay as they are, where no gradient is wanted (inference); with gradients,
+    afresh (they flow through the fold), and under torch.compile (whose guards on the
+    cache would recompile the graph)."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return fold()
+    params = tuple(module.parameters())
+    state = [(p.data_ptr(), tensor_version(p)) for p in params]
+    cached = module.__dict__.get("_folded")  # (parameters, their pointers and versions, fold)
+    if (
+        cached is None
+        or len(cached[0]) != len(params)
+        or cached[1] != state
+        or any(a is not b for a, b in zip(cached[0], params, strict=True))
+    ):
+        folded = tuple(w.clone() for w in fold())
+        module.__dict__["_folded"] = cached = (params, state, folded)
+    return cached[2]
+
+
 def torch_dropout(x: torch.Tensor) -> bool:
     """Whether `x` takes torch's own dropout: on CUDA, not on the CPU.
 
@@ -64,23 +85,7 @@ class FoldedExternalAttention(ExternalAttention):
         return w_in.reshape(h * S, -1), b_in.reshape(-1), w_out.reshape(-1, h * S), b_out
 
     def folded_weights_cached(self) -> tuple[torch.Tensor, ...]:
-        """`folded_weights()`, computed once while the weights stay as they are, where no
-        gradient is wanted (inference); with gradients, afresh (they flow through the fold),
-        and under torch.compile (whose guards on the cache would recompile the graph)."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return self.folded_weights()
-        params = tuple(self.parameters())
-        state = [(p.data_ptr(), tensor_version(p)) for p in params]
-        cached = self.__dict__.get("_folded")  # (parameters, their pointers and versions, fold)
-        if (
-            cached is None
-            or len(cached[0]) != len(params)
-            or cached[1] != state
-            or any(a is not b for a, b in zip(cached[0], params, strict=True))
-        ):
-            folded = tuple(w.clone() for w in self.folded_weights())
-            self.__dict__["_folded"] = cached = (params, state, folded)
-        return cached[2]
+        return cached_fold(self, self.folded_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
@@ -96,21 +101,31 @@ class FoldedExternalAttention(ExternalAttention):
 
 
 class FastSelfAttention(SelfAttention):
-    """Self-attention by torch's fused kernel, or with cheap dropout masks in CPU training."""
+    """Self-attention with q, k, v as one linear (the 1/sqrt(key_dim) scale folded into q's
+    weights), by torch's fused kernel, with cheap dropout masks in CPU training, or in
+    chunks of images in CPU bf16 inference."""
+
+    def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of the q (scaled), k and v projections stacked: (3*h*kd, dim)."""
+        s = self.key_dim**-0.5
+        weight = torch.cat([self.q.weight * s, self.k.weight, self.v.weight])
+        return weight, torch.cat([self.q.bias * s, self.k.bias, self.v.bias])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
-        q, k, v = (self.split_heads(lin(x)) for lin in (self.q, self.k, self.v))
+        qkv = F.linear(x, *cached_fold(self, self.fused_qkv))  # (B, N, 3*h*kd)
+        qkv = qkv.view(B, N, 3, self.heads, self.key_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, h, N, kd) each, q already scaled
         p = self.attn_drop.p if self.training else 0.0
         weight = self.proj.weight
         if p > 0.0 and not torch_dropout(x):
-            w = torch.softmax((q * self.key_dim**-0.5) @ k.transpose(-2, -1), dim=-1)
+            w = torch.softmax(q @ k.transpose(-2, -1), dim=-1)
             out = masked(w, p) @ v  # (B, h, N, kd); the rescale folded into proj
             weight = weight * (1.0 / (1.0 - p))
         elif p == 0.0 and q.dtype == torch.bfloat16 and q.is_cpu and not q.requires_grad:
-            out = attention_in_chunks(q, k, v, self.key_dim**-0.5)
-        else:  # (B, h, N, kd), scaled by 1/sqrt(kd) as Keras
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            out = attention_in_chunks(q, k, v)
+        else:  # (B, h, N, kd); the scale 1/sqrt(kd) of Keras is in q already
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=1.0)
         out = out.transpose(1, 2).reshape(B, N, self.heads * self.key_dim)
         return F.linear(out, weight, self.proj.bias)
 
@@ -118,11 +133,9 @@ class FastSelfAttention(SelfAttention):
 CHUNK_BYTES = 1 << 21  # attention weights of one chunk of images: about 2 MB
 
 
-def attention_in_chunks(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """softmax(q k^T * scale) v for bf16 (B, h, N, d) on the CPU, without gradients, a few
-    images at a time so that each chunk's (h, N, N) weights stay in the cache.
+def attention_in_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T) v for bf16 (B, h, N, d) on the CPU (q scaled), without gradients, a
+    few images at a time so that each chunk's (h, N, N) weights stay in the cache.
 
     The plain model's ops under CPU bf16 autocast (bf16 logits, softmax in fp32 inside and
     bf16 out), where torch's fused attention (SDPA) was slower in bf16 than in fp32 on an
@@ -132,7 +145,7 @@ def attention_in_chunks(
     step = max(1, CHUNK_BYTES // (h * N * N * q.element_size()))
     out = torch.empty_like(q)
     for i in range(0, B, step):
-        w = torch.matmul(q[i : i + step] * scale, k[i : i + step].transpose(-2, -1))
+        w = torch.matmul(q[i : i + step], k[i : i + step].transpose(-2, -1))
         torch.matmul(torch.softmax(w, dim=-1), v[i : i + step], out=out[i : i + step])
     return out
 
