@@ -21,6 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "eanet"
 LAYERS: list[set[str]] = [
     {"errors", "fileio", "locks", "options", "runtime"},  # foundations
     {"models", "data"},  # the model; archives/folders -> uint8 tensors -> augmentation
+    {"nn"},  # external attention for the user's own models; swap_attention
     {"accel"},  # the model's speed: faster layers swapped in, native kernels
     {"metrics", "checkpoint", "inference", "plots"},  # loss/metrics, the one file format
     {"train"},  # config, loop, run directory, guard, distributed
