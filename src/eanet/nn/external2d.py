@@ -30,7 +30,9 @@ class ExternalAttention2d(nn.Module):
         super().__init__()
         for name, value in (("channels", channels), ("memory", memory)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"ExternalAttention2d {name}={value!r} must be a positive integer")
+                raise ConfigError(
+                    f"ExternalAttention2d {name}={value!r} must be a positive integer"
+                )
         self.channels = channels
         self.memory = memory  # S
         self.proj_in = nn.Conv2d(channels, channels, 1)
