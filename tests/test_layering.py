@@ -25,7 +25,8 @@ LAYERS: list[set[str]] = [
     {"accel"},  # the model's speed: faster layers swapped in, native kernels
     {"metrics", "checkpoint", "inference", "plots"},  # loss/metrics, the one file format
     {"train"},  # config, loop, run directory, guard, distributed
-    {"evaluate", "predict", "info", "bench", "demo", "api", "compare", "serve", "interop"},
+    {"evaluate", "predict", "info", "bench", "demo", "api", "compare", "serve", "interop"}
+    | {"attention_maps", "attention_plots"},  # what each block attends to, and its figure
     {"cli"},  # the command line, last
 ]
 TOP = {"__init__", "__main__"}  # the package's lazy front door and `python -m eanet`

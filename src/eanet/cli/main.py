@@ -7,6 +7,7 @@ import os
 import sys
 
 from eanet.cli.commands import (
+    cmd_attention,
     cmd_bench,
     cmd_compare,
     cmd_demo,
@@ -37,6 +38,7 @@ COMMANDS = {
     "sample-images": cmd_sample_images,
     "compare": cmd_compare,
     "serve": cmd_serve,
+    "attention": cmd_attention,
 }
 
 
