@@ -162,3 +162,18 @@ def test_the_command_names_a_missing_checkpoint_in_one_line(tmp_path, capsys):
     assert main(["attention", str(tmp_path / "none"), "x.png", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("eanet: error: ") and err.count("\n") == 1
+
+
+def test_docs_python_example_runs(checkpoints, tmp_path, monkeypatch, capsys):
+    from docs_helpers import python_block
+
+    run = tmp_path / "runs" / "digits-eanet"
+    run.mkdir(parents=True)
+    (run / checkpoint.CHECKPOINT_NAME).write_bytes(checkpoints["eanet-cifar"].read_bytes())
+    monkeypatch.chdir(tmp_path)
+    example = python_block("external-attention.md", "The same from Python")
+    exec(compile(example, "docs/external-attention.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("external ") and lines[0].endswith("(2, 16, 64, 8)")
+    assert lines[1] == "(2, 8, 8, 8)"
+    assert (tmp_path / "maps" / "digit-4.png").is_file()

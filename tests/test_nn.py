@@ -370,3 +370,32 @@ def test_masks_and_cross_attention_are_refused_at_the_call():
         model.eval()(x, src_key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
     with pytest.raises(ConfigError, match="self-attention only"):
         model.layers[0].self_attn(x, torch.ones(2, 5, 16), torch.ones(2, 5, 16))
+
+
+# --------------------------------------------------------------------------- the docs' examples
+
+
+@pytest.mark.slow  # trains 8 epochs on the digits (about 7 s on one thread)
+def test_docs_cnn_example_learns_the_digits(capsys):
+    from docs_helpers import python_block
+
+    example = python_block("external-attention.md", "## A small CNN with ExternalAttention2d")
+    exec(compile(example, "docs/external-attention.md", "exec"), {})
+    out = capsys.readouterr().out
+    accuracy = float(out.split("held-out top-1 ")[1].split("%")[0])
+    assert accuracy > 85, out  # the page says 92.2%; chance is 10%
+
+
+@pytest.mark.slow  # trains 10 epochs on the digits (about 5 s on one thread)
+def test_docs_swap_example_prints_what_the_page_shows(capsys):
+    from docs_helpers import DOCS, python_block
+
+    heading = "## swap_attention on an existing model"
+    example = python_block("external-attention.md", heading)
+    exec(compile(example, "docs/external-attention.md", "exec"), {})
+    out = capsys.readouterr().out
+    page = (DOCS / "external-attention.md").read_text(encoding="utf-8").split(heading)[1]
+    shown = page.split("```text\n", 1)[1].split("```", 1)[0]
+    assert out.splitlines()[:3] == shown.splitlines()[:3]  # the report, to the parameter
+    accuracy = float(out.split("held-out top-1 ")[1].split("%")[0])
+    assert accuracy > 75, out  # the page says 87.9%; chance is 10%
