@@ -223,7 +223,7 @@ def test_the_cuda_dropout_branch_keeps_the_mean(monkeypatch):
     """With dropout: the average over many draws is the eval-mode output (rescale right)."""
     monkeypatch.setattr(modules, "torch_dropout", lambda x: True)
     torch.manual_seed(0)
-    attn = modules.FoldedExternalAttention(create_model("eanet-cifar").config)
+    attn = modules.FoldedExternalAttention(64)  # the Keras example's layer, dropout 0.2
     x = torch.randn(1, 16, 64)  # 16 tokens: any count works
     with torch.no_grad():
         expected = attn.eval()(x)

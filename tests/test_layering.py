@@ -21,10 +21,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "eanet"
 LAYERS: list[set[str]] = [
     {"choices", "errors", "fileio", "locks", "options", "runtime"},  # foundations
     {"models", "data"},  # the model; archives/folders -> uint8 tensors -> augmentation
+    {"nn"},  # external attention for the user's own models; swap_attention
     {"accel"},  # the model's speed: faster layers swapped in, native kernels
     {"metrics", "checkpoint", "inference", "plots"},  # loss/metrics, the one file format
     {"train"},  # config, loop, run directory, guard, distributed
-    {"evaluate", "predict", "info", "bench", "demo", "api", "compare", "serve", "interop"},
+    {"evaluate", "predict", "info", "bench", "demo", "api", "compare", "serve", "interop"}
+    | {"attention_maps", "attention_plots"},  # what each block attends to, and its figure
     {"cli"},  # the command line, last
 ]
 TOP = {"__init__", "__main__"}  # the package's lazy front door and `python -m eanet`

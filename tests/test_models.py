@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from eanet.errors import ConfigError
 from eanet.models.config import ModelConfig
-from eanet.models.layers import ExternalAttention, SelfAttention, patchify
+from eanet.models.layers import ExternalAttention, SelfAttention, external_attention, patchify
 from eanet.models.registry import MODELS, count_parameters, create_model, model_config
 from eanet.models.transformer import EANet, ViT
 
@@ -66,7 +66,7 @@ def test_patchify_order_on_hand_built_image():
 
 def test_external_attention_double_normalisation():
     torch.manual_seed(0)
-    attn = ExternalAttention(ModelConfig()).eval()
+    attn = external_attention(ModelConfig()).eval()
     a = attn.attention_map(torch.randn(2, 256, 64))
     assert a.shape == (2, 16, 256, 16)  # (B, heads, N, S)
     torch.testing.assert_close(a.sum(-1), torch.ones(2, 16, 256))  # rows over memory sum to 1
@@ -77,7 +77,7 @@ def test_external_attention_equals_the_reference_formulation():
     """The module gives the Keras code's numbers, written out here in its (B, heads, N, d)
     layout."""
     torch.manual_seed(0)
-    m = ExternalAttention(ModelConfig()).eval()
+    m = external_attention(ModelConfig()).eval()
     x = torch.randn(2, 256, 64)
     t = m.proj_in(x).reshape(2, 256, 16, 16).transpose(1, 2)  # (B, h, N, d) as Keras
     attn = F.softmax(m.mk(t), dim=2)  # softmax over N

@@ -8,12 +8,13 @@ _LAZY = {
     "Classifier": "eanet.api",
     "Prediction": "eanet.predict",
     "create_model": "eanet.models",
+    "swap_attention": "eanet.nn",
 }
 __all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> object:
-    """Import the public API lazily: eanet.load, eanet.Classifier, eanet.create_model."""
+    """Import the public API lazily: eanet.load, eanet.Classifier, eanet.create_model, ..."""
     if name in _LAZY:
         import importlib
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from eanet.models.config import ModelConfig
 from eanet.models.transformer import VisionTransformer
 from eanet.predict import Prediction, predict_batch
 from eanet.runtime import resolve_device, resolve_precision
+
+if TYPE_CHECKING:  # loaded when `attention` is called
+    from eanet.attention_maps import AttentionMaps
 
 
 class Classifier:
@@ -75,6 +79,16 @@ class Classifier:
         batch, many = _as_list(images)
         got = predict_batch(self.model, self.class_names, batch, top_k, batch_size, self.precision)
         return got if many else got[0]
+
+    def attention(self, images: ImageLike | Sequence[ImageLike]) -> list[AttentionMaps]:
+        """Each image's attention maps, in float32: EANet's memory units over the patches per
+        block, or ViT's attention rollout; `.save(dir, name)` writes the PNG and tensors.
+
+        `images`: as `predict` takes them.
+        """
+        from eanet.attention_maps import attention_maps
+
+        return attention_maps(self.model, self.class_names, _as_list(images)[0])
 
     def __repr__(self) -> str:
         c = self.config

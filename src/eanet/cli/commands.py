@@ -524,5 +524,42 @@ def unused_dir(base: Path) -> Path:
     return path
 
 
+def cmd_attention(args: argparse.Namespace) -> int:
+    from eanet import checkpoint
+    from eanet.attention_maps import iter_file_maps
+    from eanet.predict import Failure, expand_inputs
+    from eanet.runtime import resolve_device
+
+    model, ckpt = checkpoint.load_model(args.checkpoint, resolve_device(args.device), args.weights)
+    files, failures = expand_inputs(args.inputs)
+    for f in failures:
+        print(f"eanet: error: {f.source}: {f.reason}", file=sys.stderr)
+    taken: set[str] = set()  # two inputs with the same file name get NAME and NAME-2
+    drawn = 0
+    for r in iter_file_maps(model, ckpt.class_names, files):
+        if isinstance(r, Failure):
+            failures.append(r)
+            print(f"eanet: error: {r.source}: {r.reason}", file=sys.stderr)
+            continue
+        png, raw = r.save(args.out, _unique(f"{Path(r.source).stem}-attention", taken))
+        label = printable(r.label)
+        print(f"{printable(r.source)}: {label} {r.probability:.1%}  ->  {png}, {raw.name}")
+        drawn += 1
+    if failures:
+        print(f"eanet: {drawn} image(s) drawn, {len(failures)} failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    """`name`, or `name-2`, `name-3`, ... if taken; the result is added to `taken`."""
+    candidate, k = name, 1
+    while candidate in taken:
+        k += 1
+        candidate = f"{name}-{k}"
+    taken.add(candidate)
+    return candidate
+
+
 def _stamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")

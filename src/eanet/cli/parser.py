@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_parser(sub)
     _add_compare_parser(sub)
     _add_serve_parser(sub)
+    _add_attention_parser(sub)
     return parser
 
 
@@ -288,6 +289,25 @@ def _add_use_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--format", choices=["png", "jpg", "bmp", "webp"], default="png", help="default: png"
     )
+
+
+def _add_attention_parser(sub: argparse._SubParsersAction) -> None:
+    """The `attention` command: attention maps of images, a PNG and the tensors per image."""
+    a = sub.add_parser(
+        "attention",
+        help="attention maps of images: EANet's memory units, ViT's rollout (PNG + tensors)",
+        description="Write, for each image, OUT/NAME-attention.png (the image beside its "
+        "maps) and OUT/NAME-attention.safetensors (the raw tensors). EANet: each block's "
+        "attention of every memory unit over the patch grid (mean over heads); ViT: "
+        "attention rollout over the patches after each block. Computed in float32 by the "
+        "plain layers. Directories are walked for image files; a file that cannot be read "
+        "gets an error line on stderr, the others are still drawn, and the exit code is 1.",
+    )
+    a.add_argument("checkpoint", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
+    a.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    a.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write")
+    _weights_flag(a)
+    add_config_flags(a, TrainConfig, only=["device"], fill_defaults=True)
 
 
 def _add_interop_parsers(sub: argparse._SubParsersAction) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from eanet.errors import ConfigError
 from eanet.models.config import ModelConfig
 
 
@@ -55,26 +56,42 @@ def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
 
 
 class ExternalAttention(nn.Module):
-    """Multi-head external attention with two memories M_k, M_v shared by all heads.
+    """Multi-head external attention on tokens (B, N, dim): two memories M_k, M_v shared by
+    all heads; `ExternalAttention(64)` is the Keras example's layer.
 
-    The Keras example's layer step by step: project dim -> dim*coefficient, split into
-    heads*coefficient heads of width d, M_k (d -> S) gives each token's affinity to the S
-    memory units, softmax over the N tokens, then division by the sum over the S units
-    (the double normalisation), dropout, M_v (S -> d), merge the heads, project back.
+    Axes: B images, N tokens, `heads` heads of width d = dim * coefficient / heads, S =
+    `memory` memory units (default dim // coefficient). Step by step: Linear dim ->
+    dim*coefficient, split into heads; M_k (Linear d -> S) gives each token's affinity to
+    the S units; softmax over the N tokens; division by the sum over the S units (the L1
+    normalisation, with 1e-9 added, of the paper's double normalisation); dropout; M_v
+    (Linear S -> d); merge the heads; Linear back to dim; dropout. The Keras example's
+    `num_heads=4, dim_coefficient=4` is heads=16 here. Parameters start as torch's Linear
+    defaults (the registered models re-initialise them the Keras way).
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 16,
+        coefficient: int = 4,
+        memory: int | None = None,
+        bias: bool = True,
+        attn_drop: float = 0.2,
+        proj_drop: float = 0.2,
+    ) -> None:
         super().__init__()
-        self.heads = cfg.num_heads * cfg.dim_coefficient  # 16
-        self.inner = cfg.dim * cfg.dim_coefficient  # 256
-        self.head_dim = self.inner // self.heads  # d = 16
-        self.memory = cfg.memory_size or cfg.dim // cfg.dim_coefficient  # S = 16
-        self.proj_in = nn.Linear(cfg.dim, self.inner)
-        self.mk = nn.Linear(self.head_dim, self.memory, bias=cfg.memory_bias)
-        self.mv = nn.Linear(self.memory, self.head_dim, bias=cfg.memory_bias)
-        self.attn_drop = nn.Dropout(cfg.attn_drop)
-        self.proj = nn.Linear(self.inner, cfg.dim)
-        self.proj_drop = nn.Dropout(cfg.proj_drop)
+        memory = dim // coefficient if memory is None else memory
+        _check_external(dim, heads, coefficient, memory)
+        self.heads = heads
+        self.inner = dim * coefficient
+        self.head_dim = self.inner // heads  # d
+        self.memory = memory  # S
+        self.proj_in = nn.Linear(dim, self.inner)
+        self.mk = nn.Linear(self.head_dim, memory, bias=bias)
+        self.mv = nn.Linear(memory, self.head_dim, bias=bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(self.inner, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
 
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, dim) -> doubly normalised attention (B, heads, N, S), before dropout."""
@@ -84,10 +101,41 @@ class ExternalAttention(nn.Module):
         return attn / (1e-9 + attn.sum(dim=-1, keepdim=True))  # over the S memory units
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, dim) -> (B, N, dim)."""
         B, N, _ = x.shape
         x = self.mv(self.attn_drop(self.attention_map(x)))  # (B, h, N, d)
         x = x.transpose(1, 2).reshape(B, N, self.inner)  # (B, N, h*d)
         return self.proj_drop(self.proj(x))
+
+
+def _check_external(dim: int, heads: int, coefficient: int, memory: int) -> None:
+    """Raise ConfigError naming the first impossible size of an ExternalAttention."""
+    sizes = {"dim": dim, "heads": heads, "coefficient": coefficient, "memory": memory}
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(
+                f"ExternalAttention {name}={value!r} must be a positive integer"
+                + (" (the default memory is dim // coefficient)" if name == "memory" else "")
+            )
+    if dim * coefficient % heads:
+        raise ConfigError(
+            f"ExternalAttention heads={heads} does not divide dim*coefficient={dim * coefficient}; "
+            "choose heads that divide it"
+        )
+
+
+def external_attention(cfg: ModelConfig) -> ExternalAttention:
+    """The external attention of a model config: the Keras example's num_heads *
+    dim_coefficient heads, memory_size units (default dim // dim_coefficient)."""
+    return ExternalAttention(
+        cfg.dim,
+        heads=cfg.num_heads * cfg.dim_coefficient,
+        coefficient=cfg.dim_coefficient,
+        memory=cfg.memory_size,
+        bias=cfg.memory_bias,
+        attn_drop=cfg.attn_drop,
+        proj_drop=cfg.proj_drop,
+    )
 
 
 class SelfAttention(nn.Module):
@@ -113,17 +161,17 @@ class SelfAttention(nn.Module):
         B, N, _ = t.shape
         return t.view(B, N, self.heads, self.key_dim).transpose(1, 2)
 
+    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, dim) -> attention weights (B, heads, N queries, N keys), before dropout."""
+        q, k = self.split_heads(self.q(x)), self.split_heads(self.k(x))
+        attn = (q * self.key_dim**-0.5) @ k.transpose(-2, -1)  # (B, h, N, N)
+        return attn.softmax(dim=-1)  # softmax over the keys
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
-        q, k, v = (
-            self.split_heads(self.q(x)),
-            self.split_heads(self.k(x)),
-            self.split_heads(self.v(x)),
-        )
-        attn = (q * self.key_dim**-0.5) @ k.transpose(-2, -1)  # (B, h, N, N)
-        attn = self.attn_drop(attn.softmax(dim=-1))  # softmax over the keys
-        out = (attn @ v).transpose(1, 2).reshape(B, N, self.heads * self.key_dim)
-        return self.proj(out)
+        attn = self.attn_drop(self.attention_map(x))  # (B, h, N, N)
+        out = (attn @ self.split_heads(self.v(x))).transpose(1, 2)  # (B, N, h, key_dim)
+        return self.proj(out.reshape(B, N, self.heads * self.key_dim))
 
 
 class Mlp(nn.Module):
@@ -161,7 +209,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, drop_path: float = 0.0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
-        self.attn = ExternalAttention(cfg) if cfg.attention == "external" else SelfAttention(cfg)
+        self.attn = external_attention(cfg) if cfg.attention == "external" else SelfAttention(cfg)
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
         self.mlp = Mlp(cfg)
         self.drop_path = drop_path

@@ -1,0 +1,94 @@
+"""The figure of `eanet attention`: one image beside its attention maps, as a PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from eanet.plots import plt, save_figure
+
+if TYPE_CHECKING:
+    from eanet.attention_maps import AttentionMaps
+
+CMAP = "magma"
+
+
+def plot_attention(maps: AttentionMaps, path: str | Path) -> None:
+    """EANet: blocks x memory units over the patches; ViT: the rollout after each block."""
+    if maps.kind == "external":
+        _plot_units(maps, path)
+    else:
+        _plot_rollout(maps, path)
+
+
+def _picture(maps: AttentionMaps) -> np.ndarray:
+    return maps.image.permute(1, 2, 0).numpy()  # (H, W, 3) uint8
+
+
+def _blank(ax: plt.Axes) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _plot_units(maps: AttentionMaps, path: str | Path) -> None:
+    """The image on the left; a row per block, a column per memory unit on the right."""
+    units = maps.unit_maps().numpy()  # (blocks, S, grid, grid)
+    blocks, S = units.shape[:2]
+    cell, gap, side = min(0.62, 16 / S), 0.06, 2.4  # inches: a map, between maps, the image
+    grid_h = blocks * (cell + gap) + 0.2  # + the unit labels
+    width, height = 0.2 + side + 0.5 + S * (cell + gap) + 0.1, 0.6 + max(side + 0.4, grid_h)
+    fig = plt.figure(figsize=(width, height))
+
+    def axes(x: float, y: float, w: float, h: float) -> plt.Axes:  # inches from bottom left
+        ax = fig.add_axes((x / width, y / height, w / width, h / height))
+        _blank(ax)
+        return ax
+
+    ax = axes(0.2, height - 0.6 - side, side, side)
+    ax.imshow(_picture(maps), interpolation="nearest")
+    ax.set_title(f"input, {maps.grid}x{maps.grid} patches", fontsize=8)
+    ax.set_xlabel(f"predicted: {maps.label} ({maps.probability:.0%})", fontsize=8)
+    x0, top = 0.2 + side + 0.5, height - 0.6 - 0.2 - max(0.0, side + 0.4 - grid_h) / 2
+    for b in range(blocks):
+        for s in range(S):
+            ax = axes(x0 + s * (cell + gap), top - (b + 1) * (cell + gap) + gap, cell, cell)
+            ax.imshow(units[b, s], cmap=CMAP, interpolation="nearest")  # own scale each
+            if b == 0:
+                ax.set_title(f"unit {s + 1}", fontsize=6, pad=2)
+            if s == 0:
+                ax.set_ylabel(f"block {b + 1}", fontsize=7)
+    fig.suptitle(
+        f"{Path(maps.source).name}: EANet, each memory unit's attention over the patches "
+        "(mean over heads; each map on its own scale, bright = more)",
+        fontsize=9,
+        y=1 - 0.15 / height,
+    )
+    save_figure(fig, path)
+
+
+def _plot_rollout(maps: AttentionMaps, path: str | Path) -> None:
+    """The image, the final rollout laid over it, then the rollout after each block."""
+    rollout = maps.rollout().numpy()  # (blocks, grid, grid)
+    blocks = len(rollout)
+    picture = _picture(maps)
+    h, w = picture.shape[:2]
+    fig, axes = plt.subplots(1, blocks + 2, figsize=(1.7 * (blocks + 2), 2.5))
+    axes[0].imshow(picture, interpolation="nearest")
+    axes[0].set_title(f"input, {maps.grid}x{maps.grid} patches", fontsize=8)
+    axes[0].set_xlabel(f"predicted: {maps.label} ({maps.probability:.0%})", fontsize=8)
+    axes[1].imshow(picture, interpolation="nearest")
+    axes[1].imshow(rollout[-1], cmap=CMAP, alpha=0.6, extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+    axes[1].set_title("rollout over the input", fontsize=8)
+    for b, ax in enumerate(axes[2:]):
+        ax.imshow(rollout[b], cmap=CMAP, interpolation="nearest")
+        ax.set_title(f"after block {b + 1}", fontsize=8)
+    for ax in axes:
+        _blank(ax)
+    fig.suptitle(
+        f"{Path(maps.source).name}: ViT, attention rollout over the patches (each map on "
+        "its own scale, bright = more)",
+        fontsize=9,
+    )
+    save_figure(fig, path)
