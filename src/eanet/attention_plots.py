@@ -1,21 +1,21 @@
-"""The figure of `eanet attention`: one image beside its attention maps, as a PNG."""
+"""The figure of `eanet attention`: one image beside its attention maps, as a PNG.
+
+`maps` is an `eanet.attention_maps.AttentionMaps` (not imported here: that module imports
+this one when it draws).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from eanet.plots import plt, save_figure
 
-if TYPE_CHECKING:
-    from eanet.attention_maps import AttentionMaps
-
 CMAP = "magma"
 
 
-def plot_attention(maps: AttentionMaps, path: str | Path) -> None:
+def plot_attention(maps, path: str | Path) -> None:
     """EANet: blocks x memory units over the patches; ViT: the rollout after each block."""
     if maps.kind == "external":
         _plot_units(maps, path)
@@ -23,7 +23,7 @@ def plot_attention(maps: AttentionMaps, path: str | Path) -> None:
         _plot_rollout(maps, path)
 
 
-def _picture(maps: AttentionMaps) -> np.ndarray:
+def _picture(maps) -> np.ndarray:
     return maps.image.permute(1, 2, 0).numpy()  # (H, W, 3) uint8
 
 
@@ -32,7 +32,7 @@ def _blank(ax: plt.Axes) -> None:
     ax.set_yticks([])
 
 
-def _plot_units(maps: AttentionMaps, path: str | Path) -> None:
+def _plot_units(maps, path: str | Path) -> None:
     """The image on the left; a row per block, a column per memory unit on the right."""
     units = maps.unit_maps().numpy()  # (blocks, S, grid, grid)
     blocks, S = units.shape[:2]
@@ -68,7 +68,7 @@ def _plot_units(maps: AttentionMaps, path: str | Path) -> None:
     save_figure(fig, path)
 
 
-def _plot_rollout(maps: AttentionMaps, path: str | Path) -> None:
+def _plot_rollout(maps, path: str | Path) -> None:
     """The image, the final rollout laid over it, then the rollout after each block."""
     rollout = maps.rollout().numpy()  # (blocks, grid, grid)
     blocks = len(rollout)
