@@ -78,11 +78,16 @@ class AttentionMaps:
 
     def save(self, out: str | Path, name: str) -> tuple[Path, Path]:
         """Write OUT/NAME.png (the image beside its maps) and OUT/NAME.safetensors."""
-        from eanet.attention_plots import plot_attention  # matplotlib only when drawing
+        from eanet.attention_plots import plot_rollout, plot_units  # matplotlib when drawing
 
         out = Path(out)
         png, raw = out / f"{name}.png", out / f"{name}.safetensors"
-        plot_attention(self, png)
+        picture = self.image.permute(1, 2, 0).numpy()  # (H, W, 3) uint8
+        caption = f"predicted: {self.label} ({self.probability:.0%})"
+        if self.kind == "external":
+            plot_units(picture, self.unit_maps().numpy(), self.source, caption, png)
+        else:
+            plot_rollout(picture, self.rollout().numpy(), self.source, caption, png)
         meta = {
             "kind": self.kind,
             "source": self.source,
