@@ -94,7 +94,7 @@ def test_the_accelerated_model_gives_the_same_maps(checkpoints, images):
     assert type(fast.model.blocks[0].attn).__name__ == "FoldedExternalAttention"
     a, b = plain.attention(images / "a.png")[0], fast.attention(images / "a.png")[0]
     torch.testing.assert_close(a.attention, b.attention)
-    assert a.label == b.label == fast.predict(images / "a.png")[0].label
+    assert a.label == b.label == fast.predict(images / "a.png").label
 
 
 def test_a_model_with_two_kinds_of_attention_is_refused_in_one_line():

@@ -254,8 +254,9 @@ def test_workers_that_cannot_load_the_model_exit_2_at_once(case, tiny_ckpt, tmp_
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(f"eanet serve --workers 2 with {case} did not exit") from exc
     assert p.returncode == 2
-    err = p.stderr.strip()
-    assert err.startswith("eanet: error:") and word in err and "\n" not in err
+    lines = p.stderr.strip().splitlines()  # "serving CKPT on URL" first, then the one error
+    errors = [line for line in lines if line.startswith("eanet: error:")]
+    assert lines[-1] == errors[0] and len(errors) == 1 and word in errors[0] and len(lines) <= 2
 
 
 def test_workers_serve(tiny_ckpt, small_png):  # noqa: F811
