@@ -96,7 +96,7 @@ def test_apply_reports_what_it_swapped_and_keeps_the_state_dict():
     report = accel.apply(fast, "cpu", "bf16")  # a second time: nothing more to swap
     assert report.modules == {"FastMlp": 2, "FoldedExternalAttention": 2, "FusedBlocks": 1}
     assert report.precision == "bf16" and report.device == "cpu"
-    assert set(report.kernels) == {"double_normalize", "gelu", "layer_norm", "dropout"}
+    assert set(report.kernels) == {"double_normalize", "gelu", "layer_norm", "dropout", "softmax"}
     assert "2 FoldedExternalAttention" in report.summary()
     assert list(fast.state_dict()) == list(plain.state_dict())
     assert isinstance(fast.blocks[0].attn, ExternalAttention)  # subclasses: checks still hold

@@ -5,6 +5,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from eanet.accel import native
+
+
+@pytest.fixture(params=["native", "haswell"])
+def build(request, monkeypatch, tmp_path_factory):
+    """The kernels as built for this CPU (-march=native: the AVX-512 paths where it has them)
+    and as built for an AVX2 CPU (-march=haswell: the scalar loops the compiler vectorises),
+    the second into a cache of its own; each kernel test runs against both."""
+    if request.param != "native":
+        flags = [f"-march={request.param}" if f == "-march=native" else f for f in native.FLAGS]
+        monkeypatch.setattr(native, "FLAGS", tuple(flags))
+        cache = tmp_path_factory.getbasetemp() / f"kernels-{request.param}"
+        monkeypatch.setenv("EANET_KERNELS", str(cache))
+    for cached in (native.library, native._setup, native.signatures):
+        cached.cache_clear()
+    yield request.param
+    for cached in (native.library, native._setup, native.signatures):
+        cached.cache_clear()
+
 
 def test_double_normalize_gradient():
     from eanet.accel.fused import double_normalize
@@ -35,7 +54,7 @@ def _normalize_both_ways(monkeypatch, z, g):
 
 
 @pytest.mark.parametrize("shape", [(3, 256, 16, 16), (1, 7, 3, 5), (5, 64, 4, 16)])
-def test_native_double_normalize_matches_torch_in_fp32(monkeypatch, shape):
+def test_native_double_normalize_matches_torch_in_fp32(build, monkeypatch, shape):
     """The kernel (S = 16 unrolled, any other S generic; batches split over threads) gives
     torch's values and gradients to fp32 rounding, also for a non-contiguous gradient."""
     torch.manual_seed(0)
@@ -46,7 +65,7 @@ def test_native_double_normalize_matches_torch_in_fp32(monkeypatch, shape):
     torch.testing.assert_close(grad, grad_ref, atol=1e-6, rtol=1e-4)
 
 
-def test_native_double_normalize_matches_torch_in_bf16(monkeypatch):
+def test_native_double_normalize_matches_torch_in_bf16(build, monkeypatch):
     """bfloat16 in and out, fp32 inside either way: a unit or two of bf16's last place."""
     torch.manual_seed(0)
     z = (torch.randn(4, 64, 16, 16) * 4).bfloat16()
@@ -56,7 +75,7 @@ def test_native_double_normalize_matches_torch_in_bf16(monkeypatch):
     torch.testing.assert_close(grad, grad_ref, atol=1e-6, rtol=2**-7)
 
 
-def test_native_double_normalize_keeps_extremes_finite(monkeypatch):
+def test_native_double_normalize_keeps_extremes_finite(build, monkeypatch):
     """Logits far apart (exp underflows to 0 for all but the largest) still sum to 1."""
     z = torch.zeros(2, 8, 2, 4)
     z[:, 0] = 200.0  # token 0 takes all the weight of every column
@@ -67,7 +86,7 @@ def test_native_double_normalize_keeps_extremes_finite(monkeypatch):
     torch.testing.assert_close(grad, grad_ref)
 
 
-def test_native_double_normalize_max_starts_at_minus_infinity(monkeypatch):
+def test_native_double_normalize_max_starts_at_minus_infinity(build, monkeypatch):
     """A column whose every logit is below -3e38 (finite, near fp32's limit) is a uniform
     softmax, as torch computes it: the column max starts at -inf, not at a finite floor."""
     z = torch.randn(2, 8, 2, 4)
@@ -80,7 +99,7 @@ def test_native_double_normalize_max_starts_at_minus_infinity(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_tanh_gelu_matches_torch(dtype):
+def test_native_tanh_gelu_matches_torch(build, dtype):
     """The GELU kernel against F.gelu(approximate="tanh"): values and gradients, for a
     non-contiguous input of odd length and the tails of tanh (|x| up to 30)."""
     from eanet.accel.fused import _native_gelu_applies, gelu_tanh
@@ -127,11 +146,12 @@ def _layer_norm_both_ways(dim, rows, grad_dtype):
     ("dim", "rows", "grad_dtype"),
     [(64, 700, torch.bfloat16), (48, 5, torch.bfloat16), (64, 9, torch.float32)],
 )
-def test_native_layer_norm_matches_torch(dim, rows, grad_dtype):
+def test_native_layer_norm_matches_torch(build, dim, rows, grad_dtype):
     """The LayerNorm kernel against torch's LayerNorm + cast: the result in bf16 (the same
     rounding of the same fp32 values, to a unit of bf16's last place), the gradients in fp32
     (the weight's summed over 3 x 700 rows: more than one block of the kernel)."""
     (y, gx, gw, gb), (y_ref, gx_ref, gw_ref, gb_ref) = _layer_norm_both_ways(dim, rows, grad_dtype)
+    assert native.available("layer_norm")
     assert y.dtype == torch.bfloat16 and gx.dtype == torch.float32
     torch.testing.assert_close(y.float(), y_ref.float(), atol=1e-6, rtol=2**-7)
     torch.testing.assert_close(gx, gx_ref, atol=1e-5, rtol=1e-4)
@@ -139,7 +159,7 @@ def test_native_layer_norm_matches_torch(dim, rows, grad_dtype):
     torch.testing.assert_close(gb, gb_ref, atol=1e-3, rtol=1e-4)
 
 
-def test_native_add_layer_norm_matches_torch():
+def test_native_add_layer_norm_matches_torch(build):
     """The residual add fused into the norm: s = x + h (fp32 stream, bf16 branch) and
     LayerNorm(s) in bf16, against torch's add, LayerNorm and cast; gradients of x, h, the
     weights, with gradients arriving both through the norm and along the stream."""
@@ -172,6 +192,26 @@ def test_native_add_layer_norm_matches_torch():
     torch.testing.assert_close(gh.float(), ref[3].float(), atol=1e-6, rtol=2**-7)
     torch.testing.assert_close(gw, ref[4], atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(gb, ref[5], atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(4, 4, 256, 256), (3, 5, 48), (2, 7), (2, 300), (3, 1)])
+def test_native_softmax_matches_torch(build, shape):
+    """The softmax kernel of self-attention's weights (bf16 in and out, fp32 inside) against
+    torch's bf16 softmax: rows in registers (L a multiple of 16 up to 256) and through scratch
+    (other lengths); rows with -inf (masked) and with a huge spread."""
+    from eanet.accel.fused import softmax_last
+
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 4).bfloat16()
+    x.view(-1, shape[-1])[0, 0] = float("-inf")
+    x.view(-1, shape[-1])[-1, -1] = 300.0  # the rest of that row underflows to 0
+    assert native.available("softmax")
+    y = softmax_last(x)
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
+    expected = torch.softmax(x, -1).float()  # a row of one -inf: NaN, in torch as here
+    torch.testing.assert_close(y.float(), expected, atol=1e-6, rtol=2**-7, equal_nan=True)
+    x.requires_grad_()
+    assert softmax_last(x).grad_fn is not None  # with a gradient wanted: torch's own op
 
 
 def test_keep_mask_rate_and_reproducibility():

@@ -467,6 +467,8 @@ _REFUSED = {
         torch.randn(4), torch.zeros(3, dtype=_i64), 0.5
     ),
     "dropout: int32": lambda o: o.dropout_cpu(torch.zeros(4, dtype=torch.int32), 0.5),
+    "softmax: fp32": lambda o: o.softmax_cpu(torch.randn(2, 16)),
+    "softmax: a 0-d tensor": lambda o: o.softmax_cpu(torch.tensor(1.0, dtype=_bf16)),
 }
 
 

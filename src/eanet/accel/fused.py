@@ -322,6 +322,33 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.gelu(x, approximate="tanh")
 
 
+@torch.library.custom_op("eanet::softmax_cpu", mutates_args=())
+def _native_softmax(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis of CPU bf16 `x`, no gradient: kernels/softmax.c."""
+    fits = _cpu(x) and x.dtype == torch.bfloat16 and x.dim() >= 1 and x.shape[-1] > 0
+    _check("softmax", fits and x.numel() < 2**31, "a CPU bf16 tensor of < 2^31 elements", x)
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    lib = native.library("softmax")
+    L = x.shape[-1]
+    native.split_batch(lib, lib.softmax_forward, x.numel() // L, x.data_ptr(), y.data_ptr(), L)
+    return y
+
+
+@_native_softmax.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def softmax_last(x: torch.Tensor) -> torch.Tensor:
+    """torch.softmax(x, dim=-1) for bf16 x without gradients (attention weights in CPU bf16
+    inference); on the CPU by kernels/softmax.c, where torch's bf16 softmax was slower."""
+    native_ok = x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.numel() > 0
+    if native_ok and not x.requires_grad and x.numel() < 2**31 and native.available("softmax"):
+        return _native_softmax(x)
+    return torch.softmax(x, dim=-1)
+
+
 def _norm_to_bf16(x: torch.Tensor) -> bool:
     """Whether LayerNorm's result goes straight into bfloat16 matmuls: CPU bf16 autocast."""
     return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16

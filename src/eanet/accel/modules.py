@@ -30,7 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eanet.accel.fused import add_layer_norm, double_normalize, gelu_tanh, layer_norm, masked
+from eanet.accel.fused import (
+    add_layer_norm,
+    double_normalize,
+    gelu_tanh,
+    layer_norm,
+    masked,
+    softmax_last,
+)
 from eanet.accel.upstream import has_forward_hooks, tensor_version
 from eanet.models.layers import Block, ExternalAttention, Mlp, SelfAttention, drop_path
 
@@ -138,15 +145,15 @@ def attention_in_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     few images at a time so that each chunk's (h, N, N) weights stay in the cache.
 
     The plain model's ops under CPU bf16 autocast (bf16 logits, softmax in fp32 inside and
-    bf16 out), where torch's fused attention (SDPA) was slower in bf16 than in fp32 on an
-    AVX-512-bf16 CPU without AMX (docs/speed.md).
+    bf16 out, by `fused.softmax_last`), where torch's fused attention (SDPA) was slower in
+    bf16 than in fp32 on an AVX-512-bf16 CPU without AMX (docs/speed.md).
     """
     B, h, N, _ = q.shape
     step = max(1, CHUNK_BYTES // (h * N * N * q.element_size()))
     out = torch.empty_like(q)
     for i in range(0, B, step):
         w = torch.matmul(q[i : i + step], k[i : i + step].transpose(-2, -1))
-        torch.matmul(torch.softmax(w, dim=-1), v[i : i + step], out=out[i : i + step])
+        torch.matmul(softmax_last(w), v[i : i + step], out=out[i : i + step])
     return out
 
 

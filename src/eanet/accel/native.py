@@ -51,7 +51,7 @@ from eanet.runtime import cpu_info
 log = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).resolve().parent / "kernels"
-KERNELS = ("double_normalize", "gelu", "layer_norm", "dropout")
+KERNELS = ("double_normalize", "gelu", "layer_norm", "dropout", "softmax")
 FLAGS = (
     "-O3",
     "-march=native",

@@ -58,6 +58,78 @@ static inline float exp_nonpositive(float x) { /* e^x for x <= 0; 0 below -87 */
     return x < -87.0f ? 0.0f : p * scale.f;
 }
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* AVX-512 forms of the above, 16 floats at a time: what the kernels' hot loops use where
+ * the compiler's own vectorisation of the scalar code was measured slower (docs/speed.md). */
+
+/* Elements [i, i + 16) of a float32 (bf16 = 0) or bfloat16 (1) array, as float32. */
+static inline __m512 load16(const void *p, int bf16, long i) {
+    if (!bf16) return _mm512_loadu_ps((const float *)p + i);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* Store v at elements [i, i + 16), rounded to bfloat16 as to_bf16 does where bf16 = 1. */
+static inline void store16(void *p, int bf16, long i, __m512 v) {
+    if (!bf16) {
+        _mm512_storeu_ps((float *)p + i, v);
+        return;
+    }
+    __m512i u = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                              _mm512_set1_epi32(0x7FC00000));
+    __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+    _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), h);
+}
+
+/* exp_nonpositive of 16 floats (the same polynomial). */
+static inline __m512 exp16(__m512 x) {
+    __m512 xc = _mm512_max_ps(_mm512_set1_ps(-87.0f), x); /* NaN stays NaN */
+    __m512 big = _mm512_set1_ps(12582912.0f);
+    __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), big), big);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ), y);
+}
+
+/* Sixteen sums at once: a tree of shuffles and adds (45 instructions for all 16, where
+ * summing each vector on its own takes 16 reductions in sequence). */
+/* per 128 bits: a0+a2, b0+b2, a1+a3, b1+b3 (two heads, half summed) */
+static inline __m512 pair_sums(__m512 a, __m512 b) {
+    return _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+}
+static inline __m512 quad_sums(__m512 a, __m512 b) {
+    __m512d x = _mm512_castps_pd(a), y = _mm512_castps_pd(b);
+    return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+}
+static inline __m512 block_sums(__m512 a, __m512 b) { /* across the 128-bit blocks */
+    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+/* lane h of the result = the sum of v[h]'s 16 lanes */
+static inline __m512 sums16(const __m512 *v) {
+    __m512 w[8], x[4];
+    for (int i = 0; i < 8; i++) w[i] = pair_sums(v[2 * i], v[2 * i + 1]);
+    for (int i = 0; i < 4; i++) x[i] = quad_sums(w[2 * i], w[2 * i + 1]);
+    return block_sums(block_sums(x[0], x[1]), block_sums(x[2], x[3]));
+}
+static inline __m512 lane(__m512 v, int h) { return _mm512_permutexvar_ps(_mm512_set1_epi32(h), v); }
+
+#endif
+
 /* This thread's share [lo, hi) of [b0, b1) (the whole range without OpenMP). */
 static inline void share(long b0, long b1, long *lo, long *hi) {
 #ifdef _OPENMP

@@ -26,44 +26,11 @@
 #include "common.h"
 
 #if defined(__AVX512F__)
-#include <immintrin.h>
 /* AVX-512, S = 16: a row's 16 heads of 16 slots are 16 vectors, and their 16 sums over the
  * slots come out as one vector from a tree of shuffles and adds (45 instructions for all
  * 16, where the compiler's code sums each head on its own, in order), with one division
  * for the row. Elsewhere (AVX2, other S) the plain loops below. */
 #define TREE 1
-/* per 128 bits: a0+a2, b0+b2, a1+a3, b1+b3 (two heads, half summed) */
-static inline __m512 pair_sums(__m512 a, __m512 b) {
-    return _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-}
-static inline __m512 quad_sums(__m512 a, __m512 b) {
-    __m512d x = _mm512_castps_pd(a), y = _mm512_castps_pd(b);
-    return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
-                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-}
-static inline __m512 block_sums(__m512 a, __m512 b) { /* across the 128-bit blocks */
-    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
-}
-/* lane h of the result = the sum of v[h]'s 16 lanes */
-static inline __m512 sums16(const __m512 *v) {
-    __m512 w[8], x[4];
-    for (int i = 0; i < 8; i++) w[i] = pair_sums(v[2 * i], v[2 * i + 1]);
-    for (int i = 0; i < 4; i++) x[i] = quad_sums(w[2 * i], w[2 * i + 1]);
-    return block_sums(block_sums(x[0], x[1]), block_sums(x[2], x[3]));
-}
-static inline __m512 lane(__m512 v, int h) { return _mm512_permutexvar_ps(_mm512_set1_epi32(h), v); }
-
-/* 16 heads of one row: q = p / (1e-9 + sum_S p), p = e * inv. */
-static inline void normalize_heads16(const float *R e, const float *R inv, float *R q) {
-    __m512 v[16];
-    for (int h = 0; h < 16; h++)
-        v[h] = _mm512_mul_ps(_mm512_loadu_ps(e + 16 * h), _mm512_loadu_ps(inv + 16 * h));
-    __m512 d = _mm512_add_ps(sums16(v), _mm512_set1_ps(1e-9f));
-    __m512 r = _mm512_div_ps(_mm512_set1_ps(1.0f), d);
-    for (int h = 0; h < 16; h++) _mm512_storeu_ps(q + 16 * h, _mm512_mul_ps(v[h], lane(r, h)));
-}
-
 /* 16 heads of one row of the backward: gp = (g - sum_S(g * p) / D) / D, D = 1e-9 + sum_S p. */
 static inline void grad_heads16(const float *R g, const float *R p, float *R gp) {
     __m512 vp[16], vg[16];
@@ -78,10 +45,51 @@ static inline void grad_heads16(const float *R g, const float *R p, float *R gp)
         _mm512_storeu_ps(gp + 16 * h, _mm512_mul_ps(gh, lane(r, h)));
     }
 }
+
+/* A block of 8 vectors (128 columns) from column c0 of the (N, C) slice z: the columns'
+ * max, 1 / sum of e^(z - max), and e itself (fp32) into e. */
+static inline __attribute__((always_inline)) void column_stats8(
+    const void *z, int bf16, float *R mx, float *R inv, float *R e, long N, long C, long c0) {
+    __m512 m[8], t[8];
+    for (int j = 0; j < 8; j++) m[j] = _mm512_set1_ps(-INFINITY), t[j] = _mm512_setzero_ps();
+    for (long n = 0; n < N; n++)
+        for (int j = 0; j < 8; j++) m[j] = _mm512_max_ps(m[j], load16(z, bf16, n * C + c0 + 16 * j));
+    for (long n = 0; n < N; n++)
+        for (int j = 0; j < 8; j++) {
+            long i = n * C + c0 + 16 * j;
+            __m512 v = exp16(_mm512_sub_ps(load16(z, bf16, i), m[j]));
+            _mm512_storeu_ps(e + i, v);
+            t[j] = _mm512_add_ps(t[j], v);
+        }
+    for (int j = 0; j < 8; j++) {
+        _mm512_storeu_ps(mx + c0 + 16 * j, m[j]);
+        _mm512_storeu_ps(inv + c0 + 16 * j, _mm512_div_ps(_mm512_set1_ps(1.0f), t[j]));
+    }
+}
+
+/* The forward of one slice for S = 16 and C a multiple of 256, vector by vector: q in z's
+ * type straight from the registers (the scalar loops below went through an fp32 row). */
+static inline __attribute__((always_inline)) void forward_slice16(
+    const void *z, void *q, int bf16, float *R mx, float *R inv, float *R e, long N, long C) {
+    for (long c0 = 0; c0 < C; c0 += 128) column_stats8(z, bf16, mx, inv, e, N, C, c0);
+    for (long n = 0; n < N; n++)
+        for (long c = 0; c < C; c += 256) {
+            __m512 v[16];
+            for (int h = 0; h < 16; h++) {
+                long i = n * C + c + 16 * h;
+                v[h] = _mm512_mul_ps(_mm512_loadu_ps(e + i), _mm512_loadu_ps(inv + c + 16 * h));
+            }
+            __m512 d = _mm512_add_ps(sums16(v), _mm512_set1_ps(1e-9f));
+            __m512 r = _mm512_div_ps(_mm512_set1_ps(1.0f), d);
+            for (int h = 0; h < 16; h++)
+                store16(q, bf16, n * C + c + 16 * h, _mm512_mul_ps(v[h], lane(r, h)));
+        }
+}
 #else
 #define TREE 0
-static inline void normalize_heads16(const float *R e, const float *R inv, float *R q) {
-    (void)e, (void)inv, (void)q;
+static inline void forward_slice16(const void *z, void *q, int bf16, float *R mx, float *R inv,
+                                   float *R e, long N, long C) {
+    (void)z, (void)q, (void)bf16, (void)mx, (void)inv, (void)e, (void)N, (void)C;
 }
 static inline void grad_heads16(const float *R g, const float *R p, float *R gp) {
     (void)g, (void)p, (void)gp;
@@ -109,10 +117,6 @@ static inline __attribute__((always_inline)) void column_stats(
 /* One row: out = p / (1e-9 + sum_S p), p = e * inv. */
 static inline __attribute__((always_inline)) void normalize_row(
     const float *R e, const float *R inv, float *R out, long C, long S) {
-    if (TREE && S == 16 && C % 256 == 0) {
-        for (long c = 0; c < C; c += 256) normalize_heads16(e + c, inv + c, out + c);
-        return;
-    }
     for (long h = 0; h < C; h += S) {
         float d = 1e-9f;
         for (long s = 0; s < S; s++) d += e[h + s] * inv[h + s];
@@ -125,6 +129,10 @@ static inline __attribute__((always_inline)) void normalize_row(
 static inline __attribute__((always_inline)) void forward_slice(
     const void *z, void *q, int bf16, float *R mx, float *R inv, float *R e, float *R row,
     long N, long C, long S) {
+    if (TREE && S == 16 && C % 256 == 0) {
+        forward_slice16(z, q, bf16, mx, inv, e, N, C);
+        return;
+    }
     column_stats(z, bf16, mx, inv, e, N, C);
     for (long n = 0; n < N; n++) {
         float *R out = bf16 ? row : (float *)q + n * C;

@@ -71,12 +71,70 @@ static inline __attribute__((always_inline)) void forward_group(
     if (y_bf16) to_bf16(out, (uint16_t *)y + i0 * D, n * D);
 }
 
+#if defined(__AVX512F__)
+/* forward_group for 16 rows of D = 64 in registers: each row is 4 vectors, the 16 rows'
+ * sums come out as one vector from the tree, and y goes out in its type from the
+ * registers (the scalar loops went through fp32 scratch); sb is 16 x 64 floats. */
+static inline __attribute__((always_inline)) void forward_group64(
+    const float *R x, const uint16_t *R h, const float *R w, const float *R b, float *R s,
+    void *y, float *R mean, float *R rstd, int y_bf16, float eps, long i0, float *R sb) {
+    __m512 acc[16], ww[4], bb[4];
+    for (int k = 0; k < 16; k++) {
+        __m512 a[4];
+        for (int j = 0; j < 4; j++) {
+            long i = (i0 + k) * 64 + 16 * j;
+            a[j] = _mm512_loadu_ps(x + i);
+            if (h) {
+                a[j] = _mm512_add_ps(a[j], load16(h, 1, i));
+                _mm512_storeu_ps(s + i, a[j]);
+            }
+            _mm512_storeu_ps(sb + 64 * k + 16 * j, a[j]);
+        }
+        acc[k] = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+    }
+    __m512 m = _mm512_div_ps(sums16(acc), _mm512_set1_ps(64.0f));
+    for (int k = 0; k < 16; k++) {
+        __m512 mk = lane(m, k), t = _mm512_setzero_ps();
+        for (int j = 0; j < 4; j++) {
+            __m512 d = _mm512_sub_ps(_mm512_loadu_ps(sb + 64 * k + 16 * j), mk);
+            t = _mm512_fmadd_ps(d, d, t);
+        }
+        acc[k] = t;
+    }
+    __m512 var = _mm512_div_ps(sums16(acc), _mm512_set1_ps(64.0f));
+    __m512 r = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_sqrt_ps(_mm512_add_ps(var, _mm512_set1_ps(eps))));
+    _mm512_storeu_ps(mean + i0, m);
+    _mm512_storeu_ps(rstd + i0, r);
+    for (int j = 0; j < 4; j++) ww[j] = _mm512_loadu_ps(w + 16 * j), bb[j] = _mm512_loadu_ps(b + 16 * j);
+    for (int k = 0; k < 16; k++) {
+        __m512 mk = lane(m, k), rk = lane(r, k);
+        for (int j = 0; j < 4; j++) {
+            __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(sb + 64 * k + 16 * j), mk), rk);
+            store16(y, y_bf16, (i0 + k) * 64 + 16 * j, _mm512_fmadd_ps(xh, ww[j], bb[j]));
+        }
+    }
+}
+#define VECTOR_ROWS 1
+#else
+#define VECTOR_ROWS 0
+static inline void forward_group64(const float *R x, const uint16_t *R h, const float *R w,
+                                   const float *R b, float *R s, void *y, float *R mean,
+                                   float *R rstd, int y_bf16, float eps, long i0, float *R sb) {
+    (void)x, (void)h, (void)w, (void)b, (void)s, (void)y, (void)mean, (void)rstd;
+    (void)y_bf16, (void)eps, (void)i0, (void)sb;
+}
+#endif
+
 static inline __attribute__((always_inline)) void forward_rows(
     const float *R x, const uint16_t *R h, const float *R w, const float *R b, float *R s,
     void *y, float *R mean, float *R rstd, int y_bf16, long D, float eps, long r0, long r1,
     float *R scratch) {
     for (long i = r0; i < r1; i += G) {
         long n = r1 - i < G ? r1 - i : G;
+        if (VECTOR_ROWS && D == 64 && n == 16) {
+            forward_group64(x, h, w, b, s, y, mean, rstd, y_bf16, eps, i, scratch);
+            continue;
+        }
         forward_group(x, h, w, b, s, y, mean, rstd, y_bf16, D, eps, i, n, scratch,
                       scratch + G * D);
     }
