@@ -28,7 +28,7 @@ def test_bench_model_reports_throughput_and_machine():
     assert r.environment["torch"] == torch.__version__
     assert 0 < r.train_fraction_of_peak < 1
     assert r.native_kernels == {
-        "on": ["double_normalize", "gelu", "layer_norm", "dropout"],
+        "on": ["double_normalize", "gelu", "layer_norm", "dropout", "softmax"],
         "openmp": True,
     }
 
@@ -39,7 +39,7 @@ def test_bench_cli_names_the_native_kernels(capsys, monkeypatch):
     args = ["bench", "--model-arg", "depth=1", "--batch-size", "2", "--steps", "1"]
     assert main([*args, "--device", "cpu"]) == 0
     assert (
-        "native CPU kernels: double_normalize, gelu, layer_norm, dropout (OpenMP)"
+        "native CPU kernels: double_normalize, gelu, layer_norm, dropout, softmax (OpenMP)"
         in capsys.readouterr().out
     )
     monkeypatch.setitem(native.ENABLED, "native", False)
