@@ -23,9 +23,9 @@ static inline void from_bf16(const uint16_t *R src, float *R dst, long n) {
     for (long i = 0; i < n; i++) d[i] = (uint32_t)src[i] << 16;
 }
 
-static inline void to_bf16(const float *R src, uint16_t *R dst, long n) {
+static inline void to_bf16_from(const float *R src, uint16_t *R dst, long i, long n) {
     const uint32_t *R s = (const uint32_t *)src;
-    for (long i = 0; i < n; i++) { /* round to nearest even; NaN stays NaN */
+    for (; i < n; i++) { /* round to nearest even; NaN stays NaN */
         uint32_t u = s[i];
         uint32_t r = u + 0x7FFFu + ((u >> 16) & 1u);
         int nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
@@ -76,6 +76,12 @@ static inline void store16(void *p, int bf16, long i, __m512 v) {
         _mm512_storeu_ps((float *)p + i, v);
         return;
     }
+#if defined(__AVX512BF16__)
+    /* vcvtneps2bf16: round to nearest even in one instruction, NaN stays NaN (quieted);
+     * fp32 subnormals become 0 (below 1.2e-38). */
+    _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), (__m256i)_mm512_cvtneps_pbh(v));
+    return;
+#endif
     __m512i u = _mm512_castps_si512(v);
     __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
@@ -85,9 +91,10 @@ static inline void store16(void *p, int bf16, long i, __m512 v) {
     _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), h);
 }
 
-/* exp_nonpositive of 16 floats (the same polynomial). */
+/* exp_nonpositive of 16 floats: the same reduction and polynomial, scaled by 2^n with
+ * vscalefps, which gives e^x down to fp32's subnormals (and 0 below them) by itself. */
 static inline __m512 exp16(__m512 x) {
-    __m512 xc = _mm512_max_ps(_mm512_set1_ps(-87.0f), x); /* NaN stays NaN */
+    __m512 xc = _mm512_max_ps(_mm512_set1_ps(-104.0f), x); /* NaN stays NaN */
     __m512 big = _mm512_set1_ps(12582912.0f);
     __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), big), big);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
@@ -99,11 +106,22 @@ static inline __m512 exp16(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
     p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
-    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ), y);
+    return _mm512_scalef_ps(p, n);
 }
 
+#endif
+
+/* src rounded to bfloat16 (nearest even, NaN stays NaN): 16 at a time by store16 on
+ * AVX-512 (one vcvtneps2bf16 each where the CPU has avx512_bf16), the rest by the loop. */
+static inline void to_bf16(const float *R src, uint16_t *R dst, long n) {
+    long i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16) store16(dst, 1, i, _mm512_loadu_ps(src + i));
+#endif
+    to_bf16_from(src, dst, i, n);
+}
+
+#if defined(__AVX512F__)
 /* Sixteen sums at once: a tree of shuffles and adds (45 instructions for all 16, where
  * summing each vector on its own takes 16 reductions in sequence). */
 /* per 128 bits: a0+a2, b0+b2, a1+a3, b1+b3 (two heads, half summed) */
