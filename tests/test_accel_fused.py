@@ -217,6 +217,34 @@ def test_native_softmax_matches_torch(build, shape):
     assert softmax_last(x).grad_fn is not None  # with a gradient wanted: torch's own op
 
 
+@pytest.mark.parametrize("shape", [(4, 4, 256, 256), (3, 5, 48), (2, 300)])
+def test_native_softmax_dropout_matches_torch(build, shape):
+    """Attention weights in bf16 training: softmax, dropout mask and backward in one kernel
+    pass each way, against torch's softmax under the dropout kernel's mask for the same
+    seeds (the same draws), and torch's gradient through both."""
+    from eanet.accel.fused import _keep, softmax_dropout
+
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 4).bfloat16().requires_grad_()
+    d, y, seeds = torch.ops.eanet.softmax_dropout_cpu(x.detach(), 0.25)
+    y_ref = torch.softmax(x.detach(), -1)
+    keep = _keep(torch.ones_like(y_ref), seeds, 0.25) != 0
+    assert abs(keep.float().mean().item() - 0.75) < 0.05
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=1e-6, rtol=2**-7)
+    assert torch.equal(d, torch.where(keep, y, torch.zeros_like(y)))
+    g = torch.randn(shape).bfloat16()
+    x.grad = None
+    torch.manual_seed(1)
+    out = softmax_dropout(x, 0.25)
+    out.backward(g)
+    kept = out != 0
+    ref = x.detach().clone().requires_grad_()  # torch's bf16 softmax and its backward
+    (torch.softmax(ref, -1) * kept).backward(g)
+    # the row sums differ in order only: where gy - sum cancels, a unit of bf16 more
+    torch.testing.assert_close(x.grad.float(), ref.grad.float(), atol=1e-3, rtol=2**-7)
+    assert torch.equal(softmax_dropout(x.detach(), 0.0), torch.softmax(x.detach(), -1))
+
+
 def test_keep_mask_rate_and_reproducibility():
     from eanet.accel.fused import keep_mask, masked
 

@@ -469,6 +469,16 @@ _REFUSED = {
     "dropout: int32": lambda o: o.dropout_cpu(torch.zeros(4, dtype=torch.int32), 0.5),
     "softmax: fp32": lambda o: o.softmax_cpu(torch.randn(2, 16)),
     "softmax: a 0-d tensor": lambda o: o.softmax_cpu(torch.tensor(1.0, dtype=_bf16)),
+    "softmax dropout: fp32": lambda o: o.softmax_dropout_cpu(torch.randn(2, 16), 0.1),
+    "softmax dropout backward: y of another shape": lambda o: o.softmax_dropout_cpu_backward(
+        torch.randn(2, 16).bfloat16(), torch.randn(2, 8).bfloat16(), torch.zeros(2, dtype=_i64), 0.1
+    ),
+    "softmax dropout backward: 1 seed": lambda o: o.softmax_dropout_cpu_backward(
+        torch.randn(2, 16).bfloat16(),
+        torch.randn(2, 16).bfloat16(),
+        torch.zeros(1, dtype=_i64),
+        0.1,
+    ),
 }
 
 

@@ -28,6 +28,8 @@ with its autograd backward. These functions compute the same values in fewer pas
 - `softmax_last` is the softmax of self-attention's weights in CPU bf16 inference, by
   kernels/softmax.c (a (4, 4, 256, 256) chunk 0.27 ms against torch's 0.37 on the
   AVX-512-bf16 EPYC of 2026-12-05, docs/speed.md); with gradients, torch's.
+- `softmax_dropout` is the same softmax with attention dropout in CPU bf16 training: the
+  softmax, its mask and their backward in one pass each way (kernels/softmax.c).
 """
 
 from __future__ import annotations
@@ -350,6 +352,83 @@ def softmax_last(x: torch.Tensor) -> torch.Tensor:
     if native_ok and not x.requires_grad and x.numel() < 2**31 and native.available("softmax"):
         return _native_softmax(x)
     return torch.softmax(x, dim=-1)
+
+
+def _softmax_dropout_call(name: str, x: torch.Tensor, y: torch.Tensor | None, seeds, p: float):
+    """kernels/softmax.c's training kernel `name` on CPU bf16 rows of x (and y)."""
+    fits = _cpu(x, y, seeds) and x.dtype == torch.bfloat16 and x.dim() >= 1
+    fits = fits and x.shape[-1] > 0 and x.numel() < 2**31 and seeds.numel() == 2
+    fits = fits and (y is None or (y.dtype == x.dtype and y.shape == x.shape))
+    _check("softmax", fits, "CPU bf16 tensors of one shape, < 2^31 elements, 2 seeds", x, y)
+    x = x.contiguous()
+    outs = [torch.empty_like(x) for _ in range(1 if y is not None else 2)]
+    lib = native.library("softmax")
+    s1, s2 = (int(s) for s in seeds.tolist())
+    threshold, L = min(round(p * 2**32), 2**32 - 1), x.shape[-1]
+    ptrs = [x.data_ptr()] + ([y.contiguous().data_ptr()] if y is not None else [])
+    ptrs += [o.data_ptr() for o in outs]
+    native.split_batch(lib, getattr(lib, name), x.numel() // L, *ptrs, s1, s2, threshold, L)
+    return outs
+
+
+@torch.library.custom_op(
+    "eanet::softmax_dropout_cpu", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
+)
+def _native_softmax_dropout(
+    x: torch.Tensor, p: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(softmax over the last axis masked, the softmax, the mask's two seeds) of CPU bf16 x."""
+    seeds = torch.randint(0, 2**32, (2,), dtype=torch.int64)
+    y, d = _softmax_dropout_call("softmax_dropout_forward", x, None, seeds, p)
+    return d, y, seeds
+
+
+@_native_softmax_dropout.register_fake
+def _(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty_like(x), torch.empty(2, dtype=torch.int64)
+
+
+@torch.library.custom_op("eanet::softmax_dropout_cpu_backward", mutates_args=())
+def _native_softmax_dropout_backward(
+    grad: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor, p: float
+) -> torch.Tensor:
+    """dL/dx from dL/d(masked softmax), the softmax y and the mask's seeds."""
+    return _softmax_dropout_call("softmax_dropout_backward", grad, y, seeds, p)[0]
+
+
+@_native_softmax_dropout_backward.register_fake
+def _(grad: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor, p: float) -> torch.Tensor:
+    return torch.empty_like(grad)
+
+
+def _softmax_dropout_setup(ctx, inputs, output) -> None:
+    ctx.p = inputs[1]
+    ctx.set_materialize_grads(False)  # the softmax and the seeds are outputs for the backward
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _softmax_dropout_grad(ctx, grad, grad_y, _grad_seeds) -> tuple[torch.Tensor | None, None]:
+    if grad_y is not None:  # the softmax itself is not handed out (softmax_dropout)
+        raise RuntimeError("softmax_dropout_cpu: no gradient flows through its softmax output")
+    if grad is None:
+        return None, None
+    y, seeds = ctx.saved_tensors
+    return _native_softmax_dropout_backward(grad, y, seeds, ctx.p), None
+
+
+_native_softmax_dropout.register_autograd(
+    _softmax_dropout_grad, setup_context=_softmax_dropout_setup
+)
+
+
+def softmax_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """masked(torch.softmax(x, -1), p): each weight zeroed with probability p, no 1/(1-p)
+    rescale (the caller folds it). For CPU bf16 x (attention weights in bf16 training) one
+    kernel pass each way (kernels/softmax.c), the masks drawn as `masked` draws them."""
+    native_ok = x.device.type == "cpu" and x.dtype == torch.bfloat16 and 0 < x.numel() < 2**31
+    if native_ok and p > 0.0 and native.available("softmax"):
+        return _native_softmax_dropout(x, p)[0]
+    return masked(torch.softmax(x, dim=-1), p)
 
 
 def _norm_to_bf16(x: torch.Tensor) -> bool:

@@ -36,6 +36,7 @@ from eanet.accel.fused import (
     gelu_tanh,
     layer_norm,
     masked,
+    softmax_dropout,
     softmax_last,
 )
 from eanet.accel.upstream import has_forward_hooks, tensor_version
@@ -126,8 +127,8 @@ class FastSelfAttention(SelfAttention):
         p = self.attn_drop.p if self.training else 0.0
         weight = self.proj.weight
         if p > 0.0 and not torch_dropout(x):
-            w = torch.softmax(q @ k.transpose(-2, -1), dim=-1)
-            out = masked(w, p) @ v  # (B, h, N, kd); the rescale folded into proj
+            w = softmax_dropout(q @ k.transpose(-2, -1), p)
+            out = w @ v  # (B, h, N, kd); the dropout rescale folded into proj
             weight = weight * (1.0 / (1.0 - p))
         elif p == 0.0 and q.dtype == torch.bfloat16 and q.is_cpu and not q.requires_grad:
             out = attention_in_chunks(q, k, v)

@@ -33,6 +33,21 @@ static inline void to_bf16_from(const float *R src, uint16_t *R dst, long i, lon
     }
 }
 
+/* The dropout draws (dropout.c, softmax.c): element i's 32-bit number, a hash (two rounds
+ * of Wellons' lowbias32) of i and two 32-bit seeds; kept where it is >= the threshold. */
+static inline uint32_t lowbias32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
+
+static inline uint32_t draw(uint32_t i, uint32_t s1, uint32_t s2) {
+    return lowbias32(lowbias32(i ^ s1) + s2);
+}
+
 /* Element i of a float32 (bf16 = 0) or bfloat16 (1) array, as float32; vectorises. */
 static inline float load_f32(const void *p, int bf16, long i) {
     if (!bf16) return ((const float *)p)[i];
@@ -70,25 +85,29 @@ static inline __m512 load16(const void *p, int bf16, long i) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+/* 16 floats rounded to bfloat16 as to_bf16 rounds them. */
+static inline __m256i bf16x16(__m512 v) {
+#if defined(__AVX512BF16__)
+    /* vcvtneps2bf16: round to nearest even in one instruction, NaN stays NaN (quieted);
+     * fp32 subnormals become 0 (below 1.2e-38). */
+    return (__m256i)_mm512_cvtneps_pbh(v);
+#else
+    __m512i u = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                              _mm512_set1_epi32(0x7FC00000));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+#endif
+}
+
 /* Store v at elements [i, i + 16), rounded to bfloat16 as to_bf16 does where bf16 = 1. */
 static inline void store16(void *p, int bf16, long i, __m512 v) {
     if (!bf16) {
         _mm512_storeu_ps((float *)p + i, v);
         return;
     }
-#if defined(__AVX512BF16__)
-    /* vcvtneps2bf16: round to nearest even in one instruction, NaN stays NaN (quieted);
-     * fp32 subnormals become 0 (below 1.2e-38). */
-    _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), (__m256i)_mm512_cvtneps_pbh(v));
-    return;
-#endif
-    __m512i u = _mm512_castps_si512(v);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
-                              _mm512_set1_epi32(0x7FC00000));
-    __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
-    _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), h);
+    _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), bf16x16(v));
 }
 
 /* exp_nonpositive of 16 floats: the same reduction and polynomial, scaled by 2^n with
@@ -122,6 +141,22 @@ static inline void to_bf16(const float *R src, uint16_t *R dst, long n) {
 }
 
 #if defined(__AVX512F__)
+/* draw() of the 16 indices i .. i + 15. */
+static inline __m512i lowbias16(__m512i x) {
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int)0x846ca68bu));
+    return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+static inline __mmask16 keep16(uint32_t i, uint32_t s1, uint32_t s2, uint32_t t) {
+    __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int)i),
+                                   _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    __m512i h = lowbias16(_mm512_xor_si512(idx, _mm512_set1_epi32((int)s1)));
+    h = lowbias16(_mm512_add_epi32(h, _mm512_set1_epi32((int)s2)));
+    return _mm512_cmpge_epu32_mask(h, _mm512_set1_epi32((int)t));
+}
+
 /* Sixteen sums at once: a tree of shuffles and adds (45 instructions for all 16, where
  * summing each vector on its own takes 16 reductions in sequence). */
 /* per 128 bits: a0+a2, b0+b2, a1+a3, b1+b3 (two heads, half summed) */

@@ -1,7 +1,7 @@
 /* Dropout on the CPU in one pass, with no mask stored: y = x where the draw keeps, else 0.
  *
  * The draws come from a counter-based generator: element i's 32-bit draw is a hash (two
- * rounds of Wellons' lowbias32) of i and two 32-bit seeds. The same seeds give the same
+ * rounds of Wellons' lowbias32, `draw` in common.h) of i and two 32-bit seeds. The same seeds give the same
  * draws, so the backward recomputes the mask from them (dL/dx = dL/dy where kept, else 0)
  * instead of reading a saved one. An element is kept when its draw is >= threshold =
  * round(p * 2^32): probability 1 - threshold / 2^32. No 1/(1-p) rescale: the caller folds
@@ -13,19 +13,6 @@
  * and returns 0 (as every kernel here: nonzero would be a failure).
  */
 #include "common.h"
-
-static inline uint32_t lowbias32(uint32_t x) {
-    x ^= x >> 16;
-    x *= 0x7feb352du;
-    x ^= x >> 15;
-    x *= 0x846ca68bu;
-    x ^= x >> 16;
-    return x;
-}
-
-static inline uint32_t draw(uint32_t i, uint32_t s1, uint32_t s2) {
-    return lowbias32(lowbias32(i ^ s1) + s2);
-}
 
 /* By element size: the selection moves bits, so float32 and bfloat16 need no conversion.
  * [p0, p1) counts pairs of elements (elements 2 p0 .. 2 p1 - 1, the last pair may be half). */

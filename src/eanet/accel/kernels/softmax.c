@@ -11,6 +11,13 @@
  * eanet.accel.native (see double_normalize.c); softmax_forward does rows [r0, r1), split
  * over OpenMP threads where the library has them, and returns 0, or 1 where its scratch row
  * could not be had.
+ *
+ * Training (CPU bf16 autocast, attention dropout p > 0): softmax_dropout_forward writes
+ * y = softmax(x) (kept for the backward) and d = y where dropout keeps it, else 0, in one
+ * pass; the mask is dropout.c's (element r * L + j's draw from two seeds, kept where >= t;
+ * t = 0 keeps all), recomputed by softmax_dropout_backward, which turns dL/dd into
+ *   dL/dx = y * (gy - sum_j gy * y),  gy = dL/dd where kept, else 0,
+ * in one pass, where torch's softmax, its backward and the dropout make four.
  */
 #include <math.h>
 
@@ -29,12 +36,54 @@ static inline __attribute__((always_inline)) void row_in_registers(const uint16_
     __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_set1_ps(_mm512_reduce_add_ps(t)));
     for (long j = 0; j < k; j++) store16(y, 1, 16 * j, _mm512_mul_ps(v[j], inv));
 }
+
+/* Training, one row in registers: y, and d = y where kept (element `at` onwards). */
+static inline __attribute__((always_inline)) void train_row_in_registers(
+    const uint16_t *R x, uint16_t *R y, uint16_t *R d, long k, uint32_t at, uint32_t s1,
+    uint32_t s2, uint32_t t) {
+    __m512 v[REGISTER_ROW], m = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+    for (long j = 0; j < k; j++) m = _mm512_max_ps(m, v[j] = load16(x, 1, 16 * j));
+    __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+    for (long j = 0; j < k; j++) sum = _mm512_add_ps(sum, v[j] = exp16(_mm512_sub_ps(v[j], mx)));
+    __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_set1_ps(_mm512_reduce_add_ps(sum)));
+    for (long j = 0; j < k; j++) {
+        __m256i h = bf16x16(_mm512_mul_ps(v[j], inv));
+        _mm256_storeu_si256((__m256i *)(y + 16 * j), h);
+        __mmask16 keep = keep16(at + 16 * (uint32_t)j, s1, s2, t);
+        _mm256_storeu_si256((__m256i *)(d + 16 * j), _mm256_maskz_mov_epi16(keep, h));
+    }
+}
+
+/* The backward of one row in registers: gx = y * (gy - sum(gy * y)), gy = g where kept. */
+static inline __attribute__((always_inline)) void grad_row_in_registers(
+    const uint16_t *R g, const uint16_t *R y, uint16_t *R gx, long k, uint32_t at, uint32_t s1,
+    uint32_t s2, uint32_t t) {
+    __m512 gy[REGISTER_ROW], dot = _mm512_setzero_ps();
+    for (long j = 0; j < k; j++) {
+        __mmask16 keep = keep16(at + 16 * (uint32_t)j, s1, s2, t);
+        gy[j] = _mm512_maskz_mov_ps(keep, load16(g, 1, 16 * j));
+        dot = _mm512_fmadd_ps(gy[j], load16(y, 1, 16 * j), dot);
+    }
+    __m512 s = _mm512_set1_ps(_mm512_reduce_add_ps(dot));
+    for (long j = 0; j < k; j++)
+        store16(gx, 1, 16 * j, _mm512_mul_ps(load16(y, 1, 16 * j), _mm512_sub_ps(gy[j], s)));
+}
 #define VECTOR_ROWS 1
 #else
 #define REGISTER_ROW 0
 #define VECTOR_ROWS 0
 static inline void row_in_registers(const uint16_t *R x, uint16_t *R y, long k) {
     (void)x, (void)y, (void)k;
+}
+static inline void train_row_in_registers(const uint16_t *R x, uint16_t *R y, uint16_t *R d,
+                                          long k, uint32_t at, uint32_t s1, uint32_t s2,
+                                          uint32_t t) {
+    (void)x, (void)y, (void)d, (void)k, (void)at, (void)s1, (void)s2, (void)t;
+}
+static inline void grad_row_in_registers(const uint16_t *R g, const uint16_t *R y,
+                                         uint16_t *R gx, long k, uint32_t at, uint32_t s1,
+                                         uint32_t s2, uint32_t t) {
+    (void)g, (void)y, (void)gx, (void)k, (void)at, (void)s1, (void)s2, (void)t;
 }
 #endif
 
@@ -47,6 +96,29 @@ static inline void row_scalar(const uint16_t *R x, uint16_t *R y, float *R e, lo
     float inv = 1.0f / sum;
     for (long i = 0; i < L; i++) e[i] *= inv;
     to_bf16(e, y, L);
+}
+
+/* Training, one row of any length: y by row_scalar, then d from y's bits. */
+static inline void train_row_scalar(const uint16_t *R x, uint16_t *R y, uint16_t *R d,
+                                    float *R e, long L, uint32_t at, uint32_t s1, uint32_t s2,
+                                    uint32_t t) {
+    row_scalar(x, y, e, L);
+    for (long i = 0; i < L; i++) d[i] = draw(at + (uint32_t)i, s1, s2) >= t ? y[i] : 0;
+}
+
+/* The backward of one row of any length through scratch e (2 L floats). */
+static inline void grad_row_scalar(const uint16_t *R g, const uint16_t *R y, uint16_t *R gx,
+                                   float *R e, long L, uint32_t at, uint32_t s1, uint32_t s2,
+                                   uint32_t t) {
+    float *R gy = e, *R yf = e + L, dot = 0.0f;
+    from_bf16(g, gy, L);
+    from_bf16(y, yf, L);
+    for (long i = 0; i < L; i++) {
+        gy[i] = draw(at + (uint32_t)i, s1, s2) >= t ? gy[i] : 0.0f;
+        dot += gy[i] * yf[i];
+    }
+    for (long i = 0; i < L; i++) gy[i] = yf[i] * (gy[i] - dot);
+    to_bf16(gy, gx, L);
 }
 
 int softmax_forward(const uint16_t *x, uint16_t *y, long L, long r0, long r1) {
@@ -69,4 +141,45 @@ int softmax_forward(const uint16_t *x, uint16_t *y, long L, long r0, long r1) {
         free(e);
     }
     return failed;
+}
+
+/* The training rows [r0, r1): the forward where y is NULL (x -> y, d: out, out2), else the
+ * backward (x = dL/dd and y -> dL/dx: out). */
+static int train_rows(const uint16_t *x, const uint16_t *y, uint16_t *out, uint16_t *out2,
+                      uint32_t s1, uint32_t s2, uint32_t t, long L, long r0, long r1) {
+    int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel reduction(| : failed)
+#endif
+    {
+        long lo, hi;
+        share(r0, r1, &lo, &hi);
+        int vector = VECTOR_ROWS && L % 16 == 0 && L / 16 <= REGISTER_ROW;
+        float *e = vector ? NULL : malloc(sizeof(float) * 2 * (size_t)L);
+        if (!vector && !e && lo < hi) failed = 1;
+        for (long r = lo; r < hi && !failed; r++) {
+            long i = r * L;
+            uint32_t at = (uint32_t)i;
+            if (vector && y)
+                grad_row_in_registers(x + i, y + i, out + i, L / 16, at, s1, s2, t);
+            else if (vector)
+                train_row_in_registers(x + i, out + i, out2 + i, L / 16, at, s1, s2, t);
+            else if (y)
+                grad_row_scalar(x + i, y + i, out + i, e, L, at, s1, s2, t);
+            else
+                train_row_scalar(x + i, out + i, out2 + i, e, L, at, s1, s2, t);
+        }
+        free(e);
+    }
+    return failed;
+}
+
+int softmax_dropout_forward(const uint16_t *x, uint16_t *y, uint16_t *d, uint32_t s1,
+                            uint32_t s2, uint32_t t, long L, long r0, long r1) {
+    return train_rows(x, NULL, y, d, s1, s2, t, L, r0, r1);
+}
+
+int softmax_dropout_backward(const uint16_t *g, const uint16_t *y, uint16_t *gx, uint32_t s1,
+                             uint32_t s2, uint32_t t, long L, long r0, long r1) {
+    return train_rows(g, y, gx, NULL, s1, s2, t, L, r0, r1);
 }
