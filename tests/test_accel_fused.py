@@ -1,18 +1,40 @@
 """The fused ops of `eanet.accel.fused` against torch's: double normalisation, GELU,
 LayerNorm (with the residual add), the dropout masks; each by its kernel and by torch."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from eanet.accel import native
 
+_SKYLAKE_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}
 
-@pytest.fixture(params=["native", "haswell"])
+
+def _cpu_flags() -> set[str]:
+
+    cpuinfo = Path("/proc/cpuinfo")
+    text = cpuinfo.read_text() if cpuinfo.exists() else ""
+    return next(
+        (
+            set(line.split(":", 1)[1].split())
+            for line in text.splitlines()
+            if line.startswith("flags")
+        ),
+        set(),
+    )
+
+
+@pytest.fixture(params=["native", "haswell", "skylake-avx512"])
 def build(request, monkeypatch, tmp_path_factory):
-    """The kernels as built for this CPU (-march=native: the AVX-512 paths where it has them)
-    and as built for an AVX2 CPU (-march=haswell: the scalar loops the compiler vectorises),
-    the second into a cache of its own; each kernel test runs against both."""
+    """The kernels as built for this CPU (-march=native: the AVX-512 paths where it has them),
+    for an AVX2 CPU (-march=haswell: the scalar loops the compiler vectorises) and, where
+    this CPU can run it, for AVX-512 without avx512_bf16 (-march=skylake-avx512: bf16 rounded
+    by integer arithmetic), each but the first into a cache of its own; each kernel test
+    runs against all three."""
+    if request.param == "skylake-avx512" and not _cpu_flags() >= _SKYLAKE_FLAGS:
+        pytest.skip("this CPU cannot run AVX-512 code")
     if request.param != "native":
         flags = [f"-march={request.param}" if f == "-march=native" else f for f in native.FLAGS]
         monkeypatch.setattr(native, "FLAGS", tuple(flags))
