@@ -311,3 +311,37 @@ def test_bf16_inference_attention_in_chunks_is_the_plain_models(monkeypatch):
         a, b = fast.eval()(x).float(), plain.eval()(x).float()
     assert calls and calls[0] == (7, 4, 64, 64)
     assert (a - b).abs().max() <= 2**-7 * b.abs().max()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_external_attention_in_chunks_is_the_whole_batchs(monkeypatch, precision):
+    """CPU inference runs external attention a few images at a time (so each chunk's logits
+    stay in the cache); with chunks that do not divide the batch, the logits are exactly
+    those of the whole batch at once, and the plain model's to rounding. Training and
+    gradient-taking calls never chunk."""
+    from eanet.accel import modules
+
+    calls = []
+    real, real_test = modules.external_attention_in_chunks, modules.in_cache_chunks
+    monkeypatch.setattr(
+        modules, "external_attention_in_chunks", lambda *a: calls.append(len(a[0])) or real(*a)
+    )
+    plain, fast = _pair("eanet-cifar", precision, patch_size=4)
+    size = 2 if precision == "bf16" else 4
+    monkeypatch.setattr(modules, "CHUNK_BYTES", 3 * 64 * 4 * 64 * size)  # 3 images per chunk
+    x = _images(plain, 7)
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, precision == "bf16"):
+        chunked = fast.eval()(x).float()
+        assert calls == [7, 7]  # both blocks, in chunks of 3, 3 and 1
+        monkeypatch.setattr(modules, "in_cache_chunks", lambda *a: False)
+        whole, expected = fast(x).float(), plain.eval()(x).float()
+    assert torch.equal(chunked, whole)
+    tol = 2**-7 if precision == "bf16" else 1e-5
+    assert (chunked - expected).abs().max() <= tol * expected.abs().max()
+    calls.clear()
+    monkeypatch.setattr(modules, "in_cache_chunks", real_test)
+    with torch.autocast("cpu", torch.bfloat16, precision == "bf16"):
+        fast.train()(x).float().sum().backward()
+        with torch.no_grad():
+            fast(x)  # training mode (dropout on) without gradients: no chunks either
+    assert calls == []

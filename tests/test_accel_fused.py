@@ -13,7 +13,6 @@ _SKYLAKE_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}
 
 
 def _cpu_flags() -> set[str]:
-
     cpuinfo = Path("/proc/cpuinfo")
     text = cpuinfo.read_text() if cpuinfo.exists() else ""
     return next(

@@ -9,7 +9,9 @@ model's, and `restore` changes the class back. Each computes the plain layer's f
 - `FoldedExternalAttention`: M_k follows the input projection and M_v precedes the output
   projection with nothing non-linear in between, and both are shared by every head, so
   each pair folds into one (dim x heads*S) matrix: two matmuls instead of four, no
-  transposes; the double normalisation by one kernel (`fused.double_normalize`).
+  transposes; the double normalisation by one kernel (`fused.double_normalize`); CPU
+  inference a few images at a time (`external_attention_in_chunks`), so that the logits
+  stay in the cache between the three steps.
 - `FastSelfAttention`: torch's fused attention (SDPA) where no dropout is drawn or on
   CUDA; CPU training writes softmax(q k^T) out with the cheap dropout masks instead (SDPA
   draws its dropout with `bernoulli_` over (B, h, N, N)), and CPU bf16 inference a few
@@ -41,6 +43,8 @@ from eanet.accel.fused import (
 )
 from eanet.accel.upstream import has_forward_hooks, tensor_version
 from eanet.models.layers import Block, ExternalAttention, Mlp, SelfAttention, drop_path
+
+CHUNK_BYTES = 1 << 21  # attention weights (logits) of one chunk of images: about 2 MB
 
 
 def cached_fold(module: nn.Module, fold) -> tuple[torch.Tensor, ...]:
@@ -98,6 +102,10 @@ class FoldedExternalAttention(ExternalAttention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
         w_in, b_in, w_out, b_out = self.folded_weights_cached()
+        if not self.training and in_cache_chunks(x, N * self.heads * self.memory):
+            return external_attention_in_chunks(
+                x, self.heads, self.memory, w_in, b_in, w_out, b_out
+            )
         z = F.linear(x, w_in, b_in).view(B, N, self.heads, self.memory)  # (B, N, h, S)
         attn = double_normalize(z, token_dim=1).view(B, N, -1)  # (B, N, h*S)
         if torch_dropout(x):  # torch's dropout, which rescales by itself
@@ -106,6 +114,39 @@ class FoldedExternalAttention(ExternalAttention):
         p2 = self.proj_drop.p if self.training else 0.0
         s1, s2 = 1.0 / (1.0 - p1), 1.0 / (1.0 - p2)  # dropout rescales, folded into w_out
         return masked(F.linear(masked(attn, p1), w_out * (s1 * s2), b_out * s2), p2)
+
+
+def chunk_images(x: torch.Tensor, logits_per_image: int) -> int:
+    """Images per chunk of CPU inference over `x`: about CHUNK_BYTES of logits."""
+    autocast = torch.is_autocast_enabled("cpu")
+    dtype = torch.get_autocast_dtype("cpu") if autocast and x.is_floating_point() else x.dtype
+    return max(1, CHUNK_BYTES // (logits_per_image * dtype.itemsize))
+
+
+def in_cache_chunks(x: torch.Tensor, logits_per_image: int) -> bool:
+    """Whether attention over `x` runs a few images at a time: CPU inference of more images
+    than one chunk, outside torch.compile (in training the whole tensors are kept for the
+    backward anyway, and compiled code fuses its own loops)."""
+    eager = not torch.compiler.is_compiling()
+    no_grad = not torch.is_grad_enabled()
+    return x.is_cpu and no_grad and eager and len(x) > chunk_images(x, logits_per_image)
+
+
+def external_attention_in_chunks(x, heads, memory, w_in, b_in, w_out, b_out) -> torch.Tensor:
+    """The folded external attention without gradients, a few images at a time, so that
+    each chunk's (n, N, heads*memory) logits stay in the cache between the input projection,
+    the double normalisation and the output projection instead of going through memory."""
+    B, N, _ = x.shape
+    step = chunk_images(x, N * heads * memory)
+    out = None
+    for i in range(0, B, step):
+        xc = x[i : i + step]
+        z = F.linear(xc, w_in, b_in).view(len(xc), N, heads, memory)
+        y = F.linear(double_normalize(z, token_dim=1).view(len(xc), N, -1), w_out, b_out)
+        if out is None:
+            out = y.new_empty(B, N, y.shape[-1])
+        out[i : i + len(xc)] = y
+    return out
 
 
 class FastSelfAttention(SelfAttention):
@@ -138,9 +179,6 @@ class FastSelfAttention(SelfAttention):
         return F.linear(out, weight, self.proj.bias)
 
 
-CHUNK_BYTES = 1 << 21  # attention weights of one chunk of images: about 2 MB
-
-
 def attention_in_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T) v for bf16 (B, h, N, d) on the CPU (q scaled), without gradients, a
     few images at a time so that each chunk's (h, N, N) weights stay in the cache.
@@ -150,7 +188,7 @@ def attention_in_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     bf16 than in fp32 on an AVX-512-bf16 CPU without AMX (docs/speed.md).
     """
     B, h, N, _ = q.shape
-    step = max(1, CHUNK_BYTES // (h * N * N * q.element_size()))
+    step = chunk_images(q, h * N * N)
     out = torch.empty_like(q)
     for i in range(0, B, step):
         w = torch.matmul(q[i : i + step], k[i : i + step].transpose(-2, -1))
