@@ -49,23 +49,27 @@ CHUNK_BYTES = 1 << 21  # attention weights (logits) of one chunk of images: abou
 
 def cached_fold(module: nn.Module, fold) -> tuple[torch.Tensor, ...]:
     """`fold()` (weights derived from `module`'s parameters), computed once while the
-    parameters stay as they are, where no gradient is wanted (inference); with gradients,
-    afresh (they flow through the fold), and under torch.compile (whose guards on the
-    cache would recompile the graph)."""
+    parameters stay as they are, where no gradient is wanted (inference), and kept in the
+    autocast dtype where autocast is on (as autocast would cast them at every call); with
+    gradients, afresh (they flow through the fold), and under torch.compile (whose guards
+    on the cache would recompile the graph)."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return fold()
     params = tuple(module.parameters())
     state = [(p.data_ptr(), tensor_version(p)) for p in params]
-    cached = module.__dict__.get("_folded")  # (parameters, their pointers and versions, fold)
+    device = params[0].device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    cached = module.__dict__.get("_folded")  # (parameters, pointers and versions, dtype, fold)
     if (
         cached is None
         or len(cached[0]) != len(params)
         or cached[1] != state
+        or cached[2] != dtype
         or any(a is not b for a, b in zip(cached[0], params, strict=True))
     ):
-        folded = tuple(w.clone() for w in fold())
-        module.__dict__["_folded"] = cached = (params, state, folded)
-    return cached[2]
+        folded = tuple(w.to(dtype) if dtype else w.clone() for w in fold())
+        module.__dict__["_folded"] = cached = (params, state, dtype, folded)
+    return cached[3]
 
 
 def torch_dropout(x: torch.Tensor) -> bool:
@@ -135,18 +139,19 @@ def in_cache_chunks(x: torch.Tensor, logits_per_image: int) -> bool:
 def external_attention_in_chunks(x, heads, memory, w_in, b_in, w_out, b_out) -> torch.Tensor:
     """The folded external attention without gradients, a few images at a time, so that
     each chunk's (n, N, heads*memory) logits stay in the cache between the input projection,
-    the double normalisation and the output projection instead of going through memory."""
+    the double normalisation and the output projection instead of going through memory.
+    The weights are in the dtype to compute in (`cached_fold`): each chunk's output is
+    written straight into its rows of the result."""
     B, N, _ = x.shape
     step = chunk_images(x, N * heads * memory)
-    out = None
+    x = x.to(w_in.dtype)
+    out = x.new_empty(B * N, w_out.shape[0])
     for i in range(0, B, step):
         xc = x[i : i + step]
         z = F.linear(xc, w_in, b_in).view(len(xc), N, heads, memory)
-        y = F.linear(double_normalize(z, token_dim=1).view(len(xc), N, -1), w_out, b_out)
-        if out is None:
-            out = y.new_empty(B, N, y.shape[-1])
-        out[i : i + len(xc)] = y
-    return out
+        attn = double_normalize(z, token_dim=1).view(len(xc) * N, -1)
+        torch.addmm(b_out, attn, w_out.t(), out=out[i * N : (i + len(xc)) * N])
+    return out.view(B, N, -1)
 
 
 class FastSelfAttention(SelfAttention):
