@@ -183,6 +183,11 @@ def test_folded_memories_are_cached_for_inference_until_the_weights_change():
         assert all(a is b for a, b in zip(first, attn.folded_weights_cached(), strict=True))
         attn.mk.weight.mul_(1.5)
         assert not torch.equal(first[0], attn.folded_weights_cached()[0])
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # kept in the dtype to compute in
+            cast = attn.folded_weights_cached()
+        assert all(w.dtype == torch.bfloat16 for w in cast)
+        assert torch.equal(cast[0], attn.folded_weights()[0].bfloat16())
+        assert attn.folded_weights_cached()[0].dtype == torch.float32
     model.load_state_dict(create_model("eanet-cifar", depth=1).state_dict())
     with torch.inference_mode():
         cached = model(x)
