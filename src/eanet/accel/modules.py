@@ -52,12 +52,14 @@ def cached_fold(module: nn.Module, fold) -> tuple[torch.Tensor, ...]:
     parameters stay as they are, where no gradient is wanted (inference), and kept in the
     autocast dtype where autocast is on (as autocast would cast them at every call); with
     gradients, afresh (they flow through the fold), and under torch.compile (whose guards
-    on the cache would recompile the graph)."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return fold()
+    on the cache would recompile the graph). The fold itself runs in the parameters' fp32
+    (autocast off: one rounding to bf16 at the end, not of each factor)."""
     params = tuple(module.parameters())
-    state = [(p.data_ptr(), tensor_version(p)) for p in params]
     device = params[0].device.type
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        with torch.autocast(device, enabled=False):
+            return fold()
+    state = [(p.data_ptr(), tensor_version(p)) for p in params]
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     cached = module.__dict__.get("_folded")  # (parameters, pointers and versions, dtype, fold)
     if (
@@ -67,7 +69,8 @@ def cached_fold(module: nn.Module, fold) -> tuple[torch.Tensor, ...]:
         or cached[2] != dtype
         or any(a is not b for a, b in zip(cached[0], params, strict=True))
     ):
-        folded = tuple(w.to(dtype) if dtype else w.clone() for w in fold())
+        with torch.autocast(device, enabled=False):
+            folded = tuple(w.to(dtype) if dtype else w.clone() for w in fold())
         module.__dict__["_folded"] = cached = (params, state, dtype, folded)
     return cached[3]
 
