@@ -121,31 +121,9 @@ static inline void grad_row_scalar(const uint16_t *R g, const uint16_t *R y, uin
     to_bf16(gy, gx, L);
 }
 
-int softmax_forward(const uint16_t *x, uint16_t *y, long L, long r0, long r1) {
-    int failed = 0;
-#ifdef _OPENMP
-#pragma omp parallel reduction(| : failed)
-#endif
-    {
-        long lo, hi;
-        share(r0, r1, &lo, &hi);
-        int vector = VECTOR_ROWS && L % 16 == 0 && L / 16 <= REGISTER_ROW;
-        float *e = vector ? NULL : malloc(sizeof(float) * (size_t)L);
-        if (!vector && !e && lo < hi) failed = 1;
-        for (long r = lo; r < hi && !failed; r++) {
-            if (vector)
-                row_in_registers(x + r * L, y + r * L, L / 16);
-            else
-                row_scalar(x + r * L, y + r * L, e, L);
-        }
-        free(e);
-    }
-    return failed;
-}
-
-/* The training rows [r0, r1): the forward where y is NULL (x -> y, d: out, out2), else the
- * backward (x = dL/dd and y -> dL/dx: out). */
-static int train_rows(const uint16_t *x, const uint16_t *y, uint16_t *out, uint16_t *out2,
+/* Rows [r0, r1): with y, the training backward (x = dL/dd and y -> dL/dx: out); else with
+ * out2, the training forward (x -> y, d: out, out2); else inference (x -> y: out). */
+static int rows(const uint16_t *x, const uint16_t *y, uint16_t *out, uint16_t *out2,
                       uint32_t s1, uint32_t s2, uint32_t t, long L, long r0, long r1) {
     int failed = 0;
 #ifdef _OPENMP
@@ -162,24 +140,32 @@ static int train_rows(const uint16_t *x, const uint16_t *y, uint16_t *out, uint1
             uint32_t at = (uint32_t)i;
             if (vector && y)
                 grad_row_in_registers(x + i, y + i, out + i, L / 16, at, s1, s2, t);
-            else if (vector)
+            else if (vector && out2)
                 train_row_in_registers(x + i, out + i, out2 + i, L / 16, at, s1, s2, t);
+            else if (vector)
+                row_in_registers(x + i, out + i, L / 16);
             else if (y)
                 grad_row_scalar(x + i, y + i, out + i, e, L, at, s1, s2, t);
-            else
+            else if (out2)
                 train_row_scalar(x + i, out + i, out2 + i, e, L, at, s1, s2, t);
+            else
+                row_scalar(x + i, out + i, e, L);
         }
         free(e);
     }
     return failed;
 }
 
+int softmax_forward(const uint16_t *x, uint16_t *y, long L, long r0, long r1) {
+    return rows(x, NULL, y, NULL, 0, 0, 0, L, r0, r1);
+}
+
 int softmax_dropout_forward(const uint16_t *x, uint16_t *y, uint16_t *d, uint32_t s1,
                             uint32_t s2, uint32_t t, long L, long r0, long r1) {
-    return train_rows(x, NULL, y, d, s1, s2, t, L, r0, r1);
+    return rows(x, NULL, y, d, s1, s2, t, L, r0, r1);
 }
 
 int softmax_dropout_backward(const uint16_t *g, const uint16_t *y, uint16_t *gx, uint32_t s1,
                              uint32_t s2, uint32_t t, long L, long r0, long r1) {
-    return train_rows(g, y, gx, NULL, s1, s2, t, L, r0, r1);
+    return rows(g, y, gx, NULL, s1, s2, t, L, r0, r1);
 }
