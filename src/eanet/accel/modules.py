@@ -109,10 +109,10 @@ class FoldedExternalAttention(ExternalAttention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
         w_in, b_in, w_out, b_out = self.folded_weights_cached()
+        if not torch.is_grad_enabled():
+            b_in = None  # a shift per column of z, which the softmax over the tokens removes
         if not self.training and in_cache_chunks(x, N * self.heads * self.memory):
-            return external_attention_in_chunks(
-                x, self.heads, self.memory, w_in, b_in, w_out, b_out
-            )
+            return external_attention_in_chunks(x, self.heads, self.memory, w_in, w_out, b_out)
         z = F.linear(x, w_in, b_in).view(B, N, self.heads, self.memory)  # (B, N, h, S)
         attn = double_normalize(z, token_dim=1).view(B, N, -1)  # (B, N, h*S)
         if torch_dropout(x):  # torch's dropout, which rescales by itself
@@ -139,19 +139,21 @@ def in_cache_chunks(x: torch.Tensor, logits_per_image: int) -> bool:
     return x.is_cpu and no_grad and eager and len(x) > chunk_images(x, logits_per_image)
 
 
-def external_attention_in_chunks(x, heads, memory, w_in, b_in, w_out, b_out) -> torch.Tensor:
+def external_attention_in_chunks(x, heads, memory, w_in, w_out, b_out) -> torch.Tensor:
     """The folded external attention without gradients, a few images at a time, so that
     each chunk's (n, N, heads*memory) logits stay in the cache between the input projection,
     the double normalisation and the output projection instead of going through memory.
     The weights are in the dtype to compute in (`cached_fold`): each chunk's output is
-    written straight into its rows of the result."""
+    written straight into its rows of the result. The input projection has no bias: it
+    would add the same to every token's logit in a column, which the softmax over the
+    tokens takes out again."""
     B, N, _ = x.shape
     step = chunk_images(x, N * heads * memory)
     x = x.to(w_in.dtype)
     out = x.new_empty(B * N, w_out.shape[0])
     for i in range(0, B, step):
         xc = x[i : i + step]
-        z = F.linear(xc, w_in, b_in).view(len(xc), N, heads, memory)
+        z = F.linear(xc, w_in).view(len(xc), N, heads, memory)
         attn = double_normalize(z, token_dim=1).view(len(xc) * N, -1)
         torch.addmm(b_out, attn, w_out.t(), out=out[i * N : (i + len(xc)) * N])
     return out.view(B, N, -1)
