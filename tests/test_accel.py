@@ -350,3 +350,26 @@ def test_external_attention_in_chunks_is_the_whole_batchs(monkeypatch, precision
         with torch.no_grad():
             fast(x)  # training mode (dropout on) without gradients: no chunks either
     assert calls == []
+
+
+def test_bf16_inference_adds_in_place_but_never_into_the_input(monkeypatch):
+    """CPU bf16 inference writes each residual add over the stream the blocks made
+    themselves (one pass less through memory), with the same logits as adding into fresh
+    memory; the tensor handed to the blocks stays as it was."""
+    from eanet.accel import fused, modules
+
+    _, fast = _pair("eanet-cifar", "bf16", patch_size=4)
+    fast.eval()
+    tokens = torch.randn(5, 64, 64)
+    before = tokens.clone()
+    calls = []
+    real = fused._native_add_layer_norm_
+    monkeypatch.setattr(fused, "_native_add_layer_norm_", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        in_place = fast.blocks(tokens)
+        assert torch.equal(tokens, before) and len(calls) == 2  # the second block's two adds
+        monkeypatch.setattr(
+            modules, "add_layer_norm", lambda n, x, r, in_place: fused.add_layer_norm(n, x, r)
+        )
+        fresh = fast.blocks(tokens)
+    assert torch.equal(in_place, fresh) and len(calls) == 2

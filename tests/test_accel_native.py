@@ -469,6 +469,9 @@ _REFUSED = {
     "dropout: int32": lambda o: o.dropout_cpu(torch.zeros(4, dtype=torch.int32), 0.5),
     "softmax: fp32": lambda o: o.softmax_cpu(torch.randn(2, 16)),
     "softmax: a 0-d tensor": lambda o: o.softmax_cpu(torch.tensor(1.0, dtype=_bf16)),
+    "add_layer_norm in place: x not contiguous": lambda o: o.add_layer_norm_cpu_(
+        torch.randn(8, 4).t(), torch.randn(4, 8).bfloat16(), torch.ones(8), torch.zeros(8), 1e-6
+    ),
     "softmax dropout: fp32": lambda o: o.softmax_dropout_cpu(torch.randn(2, 16), 0.1),
     "softmax dropout backward: y of another shape": lambda o: o.softmax_dropout_cpu_backward(
         torch.randn(2, 16).bfloat16(), torch.randn(2, 8).bfloat16(), torch.zeros(2, dtype=_i64), 0.1

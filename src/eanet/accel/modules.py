@@ -230,28 +230,32 @@ class FusedBlocks(nn.Sequential):
         if any(has_forward_hooks(block) for block in self):
             return super().forward(x)
         pending = None  # the previous block's last branch, not yet added
-        for block in self:
-            x, pending = _block_parts(block, x, pending)
+        for i, block in enumerate(self):
+            x, pending = _block_parts(block, x, pending, owned=i > 0)
         return x if pending is None else x + pending
 
 
 def _block_parts(
-    block: Block, x: torch.Tensor, pending: torch.Tensor | None
+    block: Block, x: torch.Tensor, pending: torch.Tensor | None, owned: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(stream, branch): `block` applied to x + pending is stream + branch."""
+    """(stream, branch): `block` applied to x + pending is stream + branch. `owned`: x is a
+    stream this sequence made itself, which the adds may overwrite (never the input)."""
     p, training = block.drop_path, block.training
-    x, h = _add_norm(block.norm1, x, pending)
-    x, h = _add_norm(block.norm2, x, drop_path(block.attn(h), p, training))
+    x, h = _add_norm(block.norm1, x, pending, owned)
+    x, h = _add_norm(
+        block.norm2, x, drop_path(block.attn(h), p, training), owned or pending is not None
+    )
     return x, drop_path(block.mlp(h), p, training)
 
 
 def _add_norm(
-    norm: nn.LayerNorm, x: torch.Tensor, residual: torch.Tensor | None
+    norm: nn.LayerNorm, x: torch.Tensor, residual: torch.Tensor | None, owned: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + residual, norm(x + residual)), residual None meaning 0."""
+    """(x + residual, norm(x + residual)), residual None meaning 0; the sum written over x
+    where this sequence owns x and no gradient is wanted."""
     if residual is None:
         return x, layer_norm(norm, x)
-    return add_layer_norm(norm, x, residual)
+    return add_layer_norm(norm, x, residual, in_place=owned)
 
 
 # plain layer -> its faster equivalent, and which devices it pays on

@@ -43,7 +43,7 @@ static inline __attribute__((always_inline)) float row_sum(const float *R a, lon
 /* Rows [i0, i0 + n), n <= G, of x, or of x + h where h (bf16) is given (then written to
  * s as fp32: the residual stream); out and sb are G x D floats of scratch. */
 static inline __attribute__((always_inline)) void forward_group(
-    const float *R x, const uint16_t *R h, const float *R w, const float *R b, float *R s,
+    const float *x, const uint16_t *R h, const float *R w, const float *R b, float *s,
     void *y, float *R mean, float *R rstd, int y_bf16, long D, float eps, long i0, long n,
     float *R out, float *R sb) {
     const float *R src = x + i0 * D;
@@ -76,7 +76,7 @@ static inline __attribute__((always_inline)) void forward_group(
  * sums come out as one vector from the tree, and y goes out in its type from the
  * registers (the scalar loops went through fp32 scratch); sb is 16 x 64 floats. */
 static inline __attribute__((always_inline)) void forward_group64(
-    const float *R x, const uint16_t *R h, const float *R w, const float *R b, float *R s,
+    const float *x, const uint16_t *R h, const float *R w, const float *R b, float *s,
     void *y, float *R mean, float *R rstd, int y_bf16, float eps, long i0, float *R sb) {
     __m512 acc[16], ww[4], bb[4];
     for (int k = 0; k < 16; k++) {
@@ -117,8 +117,8 @@ static inline __attribute__((always_inline)) void forward_group64(
 #define VECTOR_ROWS 1
 #else
 #define VECTOR_ROWS 0
-static inline void forward_group64(const float *R x, const uint16_t *R h, const float *R w,
-                                   const float *R b, float *R s, void *y, float *R mean,
+static inline void forward_group64(const float *x, const uint16_t *R h, const float *R w,
+                                   const float *R b, float *s, void *y, float *R mean,
                                    float *R rstd, int y_bf16, float eps, long i0, float *R sb) {
     (void)x, (void)h, (void)w, (void)b, (void)s, (void)y, (void)mean, (void)rstd;
     (void)y_bf16, (void)eps, (void)i0, (void)sb;
@@ -126,7 +126,7 @@ static inline void forward_group64(const float *R x, const uint16_t *R h, const 
 #endif
 
 static inline __attribute__((always_inline)) void forward_rows(
-    const float *R x, const uint16_t *R h, const float *R w, const float *R b, float *R s,
+    const float *x, const uint16_t *R h, const float *R w, const float *R b, float *s,
     void *y, float *R mean, float *R rstd, int y_bf16, long D, float eps, long r0, long r1,
     float *R scratch) {
     for (long i = r0; i < r1; i += G) {
@@ -140,7 +140,9 @@ static inline __attribute__((always_inline)) void forward_rows(
     }
 }
 
-/* y = LayerNorm(x), or with h (else NULL): s = x + h and y = LayerNorm(s). */
+/* y = LayerNorm(x), or with h (else NULL): s = x + h and y = LayerNorm(s); s may be x
+ * itself (in place: each element of x is read before its sum is written, so x and s carry
+ * no `restrict`). */
 int ln_forward(const float *x, const uint16_t *h, const float *w, const float *b, float *s,
                void *y, float *mean, float *rstd, int y_bf16, long D, float eps, long r0,
                long r1) {
