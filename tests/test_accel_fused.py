@@ -266,6 +266,44 @@ def test_native_softmax_dropout_matches_torch(build, shape):
     assert torch.equal(softmax_dropout(x.detach(), 0.0), torch.softmax(x.detach(), -1))
 
 
+def _lowbias32(x):
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+def _reference_keep(n: int, s1: int, s2: int, threshold: int):
+    """The dropout decisions as common.h defines them: the pair k = i // 2's hash of k and
+    the two seeds, its low 16 bits for the even element, its high 16 for the odd one."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        k = np.arange(n, dtype=np.uint32) // 2
+        bits = _lowbias32(_lowbias32(k ^ np.uint32(s1)) + np.uint32(s2))
+        half = (bits >> (16 * (np.arange(n, dtype=np.uint32) & 1))) & 0xFFFF
+    return torch.from_numpy(half >= threshold)
+
+
+@pytest.mark.parametrize("n", [1, 33, 1001, 4096])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_dropout_masks_are_the_hash_of_common_h(build, n, dtype):
+    """Every build (vector paths, scalar tails, either element size, the softmax kernel's
+    mask) draws exactly the decisions of the hash as written down in Python."""
+    from eanet.accel.fused import _keep, _threshold
+
+    seeds, p = torch.tensor([123456789, 4000000000]), 0.3
+    expected = _reference_keep(n, 123456789, 4000000000, _threshold(p))
+    assert torch.equal(_keep(torch.ones(n, dtype=dtype), seeds, p) != 0, expected)
+    if dtype == torch.bfloat16 and n % 16 == 0:  # rows of 64 and 16: registers; 8: scratch
+        for length in (64, 16, 8):
+            x = torch.zeros(n // length, length, dtype=dtype)  # every softmax weight > 0
+            d, _, drawn = torch.ops.eanet.softmax_dropout_cpu(x, p)
+            mask = _reference_keep(n, *(int(v) for v in drawn), _threshold(p))
+            assert torch.equal(d != 0, mask.view_as(d))
+
+
 def test_keep_mask_rate_and_reproducibility():
     from eanet.accel.fused import keep_mask, masked
 

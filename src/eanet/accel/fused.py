@@ -103,6 +103,11 @@ def _native_masks(x: torch.Tensor) -> bool:
     return cpu and x.numel() < 2**31 and native.available("dropout")
 
 
+def _threshold(p: float) -> int:
+    """The kernels' 16-bit dropout threshold: drop where 16 random bits are below it."""
+    return min(round(p * 2**16), 2**16 - 1)
+
+
 def _keep(x: torch.Tensor, seeds: torch.Tensor, p: float) -> torch.Tensor:
     """x where the counter-based draws of `seeds` keep it (probability 1 - p), else 0."""
     fits = _cpu(x) and x.dtype in _DTYPES and x.numel() < 2**31 and seeds.numel() == 2
@@ -112,7 +117,7 @@ def _keep(x: torch.Tensor, seeds: torch.Tensor, p: float) -> torch.Tensor:
     lib = native.library("dropout")
     fn = lib.keep_32bit if x.element_size() == 4 else lib.keep_16bit
     s1, s2 = (int(s) for s in seeds.tolist())
-    threshold, n = min(round(p * 2**32), 2**32 - 1), x.numel()
+    threshold, n = _threshold(p), x.numel()
     native.split_batch(lib, fn, (n + 1) // 2, x.data_ptr(), y.data_ptr(), s1, s2, threshold, n)
     return y
 
@@ -364,7 +369,7 @@ def _softmax_dropout_call(name: str, x: torch.Tensor, y: torch.Tensor | None, se
     outs = [torch.empty_like(x) for _ in range(1 if y is not None else 2)]
     lib = native.library("softmax")
     s1, s2 = (int(s) for s in seeds.tolist())
-    threshold, L = min(round(p * 2**32), 2**32 - 1), x.shape[-1]
+    threshold, L = _threshold(p), x.shape[-1]
     ptrs = [x.data_ptr()] + ([y.contiguous().data_ptr()] if y is not None else [])
     ptrs += [o.data_ptr() for o in outs]
     native.split_batch(lib, getattr(lib, name), x.numel() // L, *ptrs, s1, s2, threshold, L)

@@ -33,8 +33,11 @@ static inline void to_bf16_from(const float *R src, uint16_t *R dst, long i, lon
     }
 }
 
-/* The dropout draws (dropout.c, softmax.c): element i's 32-bit number, a hash (two rounds
- * of Wellons' lowbias32) of i and two 32-bit seeds; kept where it is >= the threshold. */
+/* The dropout draws (dropout.c, softmax.c): a hash (two rounds of Wellons' lowbias32) of a
+ * pair index k and two 32-bit seeds gives 32 random bits, whose low 16 decide element 2k
+ * and whose high 16 element 2k + 1: kept where they are >= a 16-bit threshold t
+ * (round(p * 2^16); the keep probability 1 - t / 2^16). One hash for two elements: the hash
+ * is most of the kernels' work. */
 static inline uint32_t lowbias32(uint32_t x) {
     x ^= x >> 16;
     x *= 0x7feb352du;
@@ -44,8 +47,13 @@ static inline uint32_t lowbias32(uint32_t x) {
     return x;
 }
 
-static inline uint32_t draw(uint32_t i, uint32_t s1, uint32_t s2) {
-    return lowbias32(lowbias32(i ^ s1) + s2);
+static inline uint32_t draw(uint32_t k, uint32_t s1, uint32_t s2) {
+    return lowbias32(lowbias32(k ^ s1) + s2);
+}
+
+/* Whether element i is kept. */
+static inline int kept(uint32_t i, uint32_t s1, uint32_t s2, uint32_t t) {
+    return ((draw(i >> 1, s1, s2) >> (16 * (i & 1))) & 0xFFFFu) >= t;
 }
 
 /* Element i of a float32 (bf16 = 0) or bfloat16 (1) array, as float32; vectorises. */
@@ -141,7 +149,8 @@ static inline void to_bf16(const float *R src, uint16_t *R dst, long n) {
 }
 
 #if defined(__AVX512F__)
-/* draw() of the 16 indices i .. i + 15. */
+#if defined(__AVX512BW__)
+/* lowbias32 of 16 lanes. */
 static inline __m512i lowbias16(__m512i x) {
     x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
     x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
@@ -149,13 +158,16 @@ static inline __m512i lowbias16(__m512i x) {
     x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int)0x846ca68bu));
     return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
 }
-static inline __mmask16 keep16(uint32_t i, uint32_t s1, uint32_t s2, uint32_t t) {
-    __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int)i),
-                                   _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-    __m512i h = lowbias16(_mm512_xor_si512(idx, _mm512_set1_epi32((int)s1)));
+/* The keep decisions of elements i .. i + 31 (i even): 16 hashes, each 32-bit lane's
+ * halves compared as 16-bit lanes (little-endian: the low half is the even element). */
+static inline __mmask32 keep32(uint32_t i, uint32_t s1, uint32_t s2, uint32_t t) {
+    __m512i k = _mm512_add_epi32(_mm512_set1_epi32((int)(i >> 1)),
+                                 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    __m512i h = lowbias16(_mm512_xor_si512(k, _mm512_set1_epi32((int)s1)));
     h = lowbias16(_mm512_add_epi32(h, _mm512_set1_epi32((int)s2)));
-    return _mm512_cmpge_epu32_mask(h, _mm512_set1_epi32((int)t));
+    return _mm512_cmpge_epu16_mask(h, _mm512_set1_epi16((short)t));
 }
+#endif
 
 /* Sixteen sums at once: a tree of shuffles and adds (45 instructions for all 16, where
  * summing each vector on its own takes 16 reductions in sequence). */

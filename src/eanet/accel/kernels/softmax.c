@@ -14,8 +14,8 @@
  *
  * Training (CPU bf16 autocast, attention dropout p > 0): softmax_dropout_forward writes
  * y = softmax(x) (kept for the backward) and d = y where dropout keeps it, else 0, in one
- * pass; the mask is dropout.c's (element r * L + j's draw from two seeds, kept where >= t;
- * t = 0 keeps all), recomputed by softmax_dropout_backward, which turns dL/dd into
+ * pass; the mask is dropout.c's (element r * L + j's decision from two seeds, `kept` in
+ * common.h; t = 0 keeps all), recomputed by softmax_dropout_backward, which turns dL/dd into
  *   dL/dx = y * (gy - sum_j gy * y),  gy = dL/dd where kept, else 0,
  * in one pass, where torch's softmax, its backward and the dropout make four.
  */
@@ -23,7 +23,7 @@
 
 #include "common.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define REGISTER_ROW 16 /* vectors of a row kept in registers */
 
 /* One row of L = 16 * k floats, k <= REGISTER_ROW, in registers. */
@@ -46,11 +46,12 @@ static inline __attribute__((always_inline)) void train_row_in_registers(
     __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
     for (long j = 0; j < k; j++) sum = _mm512_add_ps(sum, v[j] = exp16(_mm512_sub_ps(v[j], mx)));
     __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_set1_ps(_mm512_reduce_add_ps(sum)));
+    __mmask32 keep = 0;
     for (long j = 0; j < k; j++) {
         __m256i h = bf16x16(_mm512_mul_ps(v[j], inv));
         _mm256_storeu_si256((__m256i *)(y + 16 * j), h);
-        __mmask16 keep = keep16(at + 16 * (uint32_t)j, s1, s2, t);
-        _mm256_storeu_si256((__m256i *)(d + 16 * j), _mm256_maskz_mov_epi16(keep, h));
+        keep = j % 2 ? keep >> 16 : keep32(at + 16 * (uint32_t)j, s1, s2, t);
+        _mm256_storeu_si256((__m256i *)(d + 16 * j), _mm256_maskz_mov_epi16((__mmask16)keep, h));
     }
 }
 
@@ -59,9 +60,10 @@ static inline __attribute__((always_inline)) void grad_row_in_registers(
     const uint16_t *R g, const uint16_t *R y, uint16_t *R gx, long k, uint32_t at, uint32_t s1,
     uint32_t s2, uint32_t t) {
     __m512 gy[REGISTER_ROW], dot = _mm512_setzero_ps();
+    __mmask32 keep = 0;
     for (long j = 0; j < k; j++) {
-        __mmask16 keep = keep16(at + 16 * (uint32_t)j, s1, s2, t);
-        gy[j] = _mm512_maskz_mov_ps(keep, load16(g, 1, 16 * j));
+        keep = j % 2 ? keep >> 16 : keep32(at + 16 * (uint32_t)j, s1, s2, t);
+        gy[j] = _mm512_maskz_mov_ps((__mmask16)keep, load16(g, 1, 16 * j));
         dot = _mm512_fmadd_ps(gy[j], load16(y, 1, 16 * j), dot);
     }
     __m512 s = _mm512_set1_ps(_mm512_reduce_add_ps(dot));
@@ -103,7 +105,7 @@ static inline void train_row_scalar(const uint16_t *R x, uint16_t *R y, uint16_t
                                     float *R e, long L, uint32_t at, uint32_t s1, uint32_t s2,
                                     uint32_t t) {
     row_scalar(x, y, e, L);
-    for (long i = 0; i < L; i++) d[i] = draw(at + (uint32_t)i, s1, s2) >= t ? y[i] : 0;
+    for (long i = 0; i < L; i++) d[i] = kept(at + (uint32_t)i, s1, s2, t) ? y[i] : 0;
 }
 
 /* The backward of one row of any length through scratch e (2 L floats). */
@@ -114,7 +116,7 @@ static inline void grad_row_scalar(const uint16_t *R g, const uint16_t *R y, uin
     from_bf16(g, gy, L);
     from_bf16(y, yf, L);
     for (long i = 0; i < L; i++) {
-        gy[i] = draw(at + (uint32_t)i, s1, s2) >= t ? gy[i] : 0.0f;
+        gy[i] = kept(at + (uint32_t)i, s1, s2, t) ? gy[i] : 0.0f;
         dot += gy[i] * yf[i];
     }
     for (long i = 0; i < L; i++) gy[i] = yf[i] * (gy[i] - dot);
