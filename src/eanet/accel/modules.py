@@ -109,11 +109,14 @@ class FoldedExternalAttention(ExternalAttention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
         w_in, b_in, w_out, b_out = self.folded_weights_cached()
-        if not torch.is_grad_enabled():
-            b_in = None  # a shift per column of z, which the softmax over the tokens removes
+        # b_in shifts every token's logit in a column alike, which the softmax over the tokens
+        # removes: z goes without it (no bias pass, and no bias-gradient sum in training),
+        # and its parameters get the exact gradient, 0, through b_out.
+        if torch.is_grad_enabled():
+            b_out = b_out + 0.0 * b_in.sum()
         if not self.training and in_cache_chunks(x, N * self.heads * self.memory):
             return external_attention_in_chunks(x, self.heads, self.memory, w_in, w_out, b_out)
-        z = F.linear(x, w_in, b_in).view(B, N, self.heads, self.memory)  # (B, N, h, S)
+        z = F.linear(x, w_in).view(B, N, self.heads, self.memory)  # (B, N, h, S)
         attn = double_normalize(z, token_dim=1).view(B, N, -1)  # (B, N, h*S)
         if torch_dropout(x):  # torch's dropout, which rescales by itself
             return self.proj_drop(F.linear(self.attn_drop(attn), w_out, b_out))
