@@ -31,21 +31,6 @@
  * 16, where the compiler's code sums each head on its own, in order), with one division
  * for the row. Elsewhere (AVX2, other S) the plain loops below. */
 #define TREE 1
-/* 16 heads of one row of the backward: gp = (g - sum_S(g * p) / D) / D, D = 1e-9 + sum_S p. */
-static inline void grad_heads16(const float *R g, const float *R p, float *R gp) {
-    __m512 vp[16], vg[16];
-    for (int h = 0; h < 16; h++) {
-        vp[h] = _mm512_loadu_ps(p + 16 * h);
-        vg[h] = _mm512_mul_ps(_mm512_loadu_ps(g + 16 * h), vp[h]);
-    }
-    __m512 r = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(sums16(vp), _mm512_set1_ps(1e-9f)));
-    __m512 inner = _mm512_mul_ps(sums16(vg), r);
-    for (int h = 0; h < 16; h++) {
-        __m512 gh = _mm512_sub_ps(_mm512_loadu_ps(g + 16 * h), lane(inner, h));
-        _mm512_storeu_ps(gp + 16 * h, _mm512_mul_ps(gh, lane(r, h)));
-    }
-}
-
 /* A block of 8 vectors (128 columns) from column c0 of the (N, C) slice z: the columns'
  * max, 1 / sum of e^(z - max), and e itself (fp32) into e. */
 static inline __attribute__((always_inline)) void column_stats8(
@@ -85,14 +70,49 @@ static inline __attribute__((always_inline)) void forward_slice16(
                 store16(q, bf16, n * C + c + 16 * h, _mm512_mul_ps(v[h], lane(r, h)));
         }
 }
+/* The backward of one slice for S = 16 and C a multiple of 256 (see backward_slice): each
+ * row's 16 heads in registers, p recomputed with exp16, gp from the trees of sums. */
+static inline __attribute__((always_inline)) void backward_slice16(
+    const void *g, const void *z, int bf16, const float *R mx, const float *R inv, void *gz,
+    float *R p, float *R gp, float *R colsum, long N, long C) {
+    for (long c = 0; c < C; c++) colsum[c] = 0.0f;
+    for (long n = 0; n < N; n++)
+        for (long c = 0; c < C; c += 256) {
+            __m512 vp[16], vg[16], pg[16];
+            for (int h = 0; h < 16; h++) {
+                long i = n * C + c + 16 * h;
+                __m512 e = exp16(_mm512_sub_ps(load16(z, bf16, i), _mm512_loadu_ps(mx + c + 16 * h)));
+                vp[h] = _mm512_mul_ps(e, _mm512_loadu_ps(inv + c + 16 * h));
+                vg[h] = load16(g, bf16, i);
+                pg[h] = _mm512_mul_ps(vg[h], vp[h]);
+            }
+            __m512 r = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(sums16(vp), _mm512_set1_ps(1e-9f)));
+            __m512 inner = _mm512_mul_ps(sums16(pg), r);
+            for (int h = 0; h < 16; h++) {
+                long i = n * C + c + 16 * h;
+                __m512 gh = _mm512_mul_ps(_mm512_sub_ps(vg[h], lane(inner, h)), lane(r, h));
+                _mm512_storeu_ps(p + i, vp[h]);
+                _mm512_storeu_ps(gp + i, gh);
+                float *R cs = colsum + c + 16 * h;
+                _mm512_storeu_ps(cs, _mm512_fmadd_ps(gh, vp[h], _mm512_loadu_ps(cs)));
+            }
+        }
+    for (long i = 0; i < N * C; i += 16) {
+        __m512 d = _mm512_sub_ps(_mm512_loadu_ps(gp + i), _mm512_loadu_ps(colsum + i % C));
+        store16(gz, bf16, i, _mm512_mul_ps(_mm512_loadu_ps(p + i), d));
+    }
+}
 #else
 #define TREE 0
+static inline void backward_slice16(const void *g, const void *z, int bf16, const float *R mx,
+                                    const float *R inv, void *gz, float *R p, float *R gp,
+                                    float *R colsum, long N, long C) {
+    (void)g, (void)z, (void)bf16, (void)mx, (void)inv, (void)gz, (void)p, (void)gp;
+    (void)colsum, (void)N, (void)C;
+}
 static inline void forward_slice16(const void *z, void *q, int bf16, float *R mx, float *R inv,
                                    float *R e, long N, long C) {
     (void)z, (void)q, (void)bf16, (void)mx, (void)inv, (void)e, (void)N, (void)C;
-}
-static inline void grad_heads16(const float *R g, const float *R p, float *R gp) {
-    (void)g, (void)p, (void)gp;
 }
 #endif
 
@@ -144,10 +164,6 @@ static inline __attribute__((always_inline)) void forward_slice(
 /* One row of dL/dp (before the softmax): gp = (g - sum_S(g * p) / D) / D, D = 1e-9 + sum_S p. */
 static inline __attribute__((always_inline)) void grad_row(
     const float *R g, const float *R p, float *R gp, long C, long S) {
-    if (TREE && S == 16 && C % 256 == 0) {
-        for (long c = 0; c < C; c += 256) grad_heads16(g + c, p + c, gp + c);
-        return;
-    }
     for (long h = 0; h < C; h += S) {
         float d = 1e-9f, inner = 0.0f;
         for (long s = 0; s < S; s++) d += p[h + s], inner += g[h + s] * p[h + s];
@@ -162,6 +178,10 @@ static inline __attribute__((always_inline)) void grad_row(
 static inline __attribute__((always_inline)) void backward_slice(
     const void *g, const void *z, int bf16, const float *R mx, const float *R inv, void *gz,
     float *R p, float *R gp, float *R colsum, float *R row, long N, long C, long S) {
+    if (TREE && S == 16 && C % 256 == 0) {
+        backward_slice16(g, z, bf16, mx, inv, gz, p, gp, colsum, N, C);
+        return;
+    }
     for (long c = 0; c < C; c++) colsum[c] = 0.0f;
     for (long n = 0; n < N; n++) {
         float *R pr = p + n * C, *R gpr = gp + n * C;
