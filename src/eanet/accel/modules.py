@@ -9,17 +9,20 @@ model's, and `restore` changes the class back. Each computes the plain layer's f
 - `FoldedExternalAttention`: M_k follows the input projection and M_v precedes the output
   projection with nothing non-linear in between, and both are shared by every head, so
   each pair folds into one (dim x heads*S) matrix: two matmuls instead of four, no
-  transposes; the double normalisation by one kernel (`fused.double_normalize`); CPU
-  inference a few images at a time (`external_attention_in_chunks`), so that the logits
-  stay in the cache between the three steps.
+  transposes; the input projection's bias left out (the softmax over the tokens removes
+  it); the double normalisation by one kernel (`fused.double_normalize`); CPU inference a
+  few images at a time (`external_attention_in_chunks`), so that the logits stay in the
+  cache between the three steps.
 - `FastSelfAttention`: torch's fused attention (SDPA) where no dropout is drawn or on
   CUDA; CPU training writes softmax(q k^T) out with the cheap dropout masks instead (SDPA
-  draws its dropout with `bernoulli_` over (B, h, N, N)), and CPU bf16 inference a few
-  images at a time (`attention_in_chunks`).
+  draws its dropout with `bernoulli_` over (B, h, N, N)), in bf16 the softmax and its
+  dropout in one kernel (`fused.softmax_dropout`), and CPU bf16 inference a few images at
+  a time (`attention_in_chunks`).
 - `FastMlp`: the tanh GELU kernel and the cheap dropout masks, rescales folded into fc2.
 - `FusedBlocks`: the block sequence with each block's last residual add left to the next
   block's LayerNorm, so that under CPU bf16 autocast the add and the norm run in one
-  kernel pass (`fused.add_layer_norm`).
+  kernel pass (`fused.add_layer_norm`), in inference written over the stream the blocks
+  made themselves.
 
 On the CPU the dropout masks are drawn differently from `nn.Dropout` (a counter-based
 generator, `fused.masked`): each run is deterministic under its seed, but the plain and
