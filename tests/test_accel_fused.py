@@ -304,6 +304,33 @@ def test_native_dropout_masks_are_the_hash_of_common_h(build, n, dtype):
             assert torch.equal(d != 0, mask.view_as(d))
 
 
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [
+        ((4, 64, 16, 16), torch.bfloat16),
+        ((2, 32, 16, 16), torch.float32),
+        ((2, 8, 3, 5), torch.float32),
+    ],
+)
+def test_native_double_normalize_applies_the_dropout_of_its_seeds(build, shape, dtype):
+    """The attention dropout inside the double normalisation's kernel (S = 16 on intrinsics,
+    other S by the loops): the result is the undropped one where the hash of common.h keeps
+    it, else 0, and the backward is the undropped backward of the masked gradient."""
+    from eanet.accel.fused import _native_backward, _native_forward, _threshold
+
+    torch.manual_seed(0)
+    z, g = (torch.randn(shape) * 3).to(dtype), torch.randn(shape).to(dtype)
+    seeds, p, none = torch.tensor([987654321, 123]), 0.2, torch.zeros(2, dtype=torch.int64)
+    q, colmax, colinv = _native_forward(z, seeds, p)
+    q0, *_ = _native_forward(z, none, 0.0)
+    keep = _reference_keep(z.numel(), 987654321, 123, _threshold(p)).view(shape)
+    assert abs(keep.float().mean().item() - 0.8) < 0.05
+    assert torch.equal(q, torch.where(keep, q0, torch.zeros_like(q0)))
+    grad = _native_backward(g, z, colmax, colinv, seeds, p)
+    masked_g = torch.where(keep, g, torch.zeros_like(g))
+    assert torch.equal(grad, _native_backward(masked_g, z, colmax, colinv, none, 0.0))
+
+
 def test_keep_mask_rate_and_reproducibility():
     from eanet.accel.fused import keep_mask, masked
 

@@ -374,8 +374,8 @@ _P, _L, _I, _U, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_uint
 def test_the_ctypes_signatures_are_read_from_the_c_prototypes():
     threaded = {"kernels_threaded": ([], _I)}  # common.h's, in every library
     assert native.signatures("double_normalize") == threaded | {
-        "dn_forward": ([_P, _P, _P, _P, _I, _L, _L, _L, _L, _L], _I),
-        "dn_backward": ([_P, _P, _P, _P, _P, _I, _L, _L, _L, _L, _L], _I),
+        "dn_forward": ([_P, _P, _P, _P, _I, _L, _L, _L, _U, _U, _U, _L, _L], _I),
+        "dn_backward": ([_P, _P, _P, _P, _P, _I, _L, _L, _L, _U, _U, _U, _L, _L], _I),
     }
     assert native.signatures("gelu") == threaded | {
         "gelu_forward": ([_P, _P, _I, _L, _L, _L], _I),
@@ -428,6 +428,7 @@ def test_layer_norm_of_another_width_raises_torchs_error(width):
 
 
 _bf16, _i64 = torch.bfloat16, torch.int64
+_SEEDS = torch.zeros(2, dtype=torch.int64)
 _REFUSED = {
     "layer_norm: weight (4,) for rows of 8": lambda o: o.layer_norm_cpu(
         torch.randn(3, 8), torch.ones(4), torch.zeros(4), 1e-5, True
@@ -447,17 +448,35 @@ _REFUSED = {
     "layer_norm backward: statistics of 2 rows": lambda o: o.layer_norm_cpu_backward(
         torch.randn(3, 8), None, torch.randn(3, 8), torch.ones(8), torch.zeros(2), torch.ones(2), 0
     ),
-    "double_normalize: 3-d logits": lambda o: o.double_normalize_cpu(torch.randn(2, 4, 4)),
+    "double_normalize: 3-d logits": lambda o: o.double_normalize_cpu(
+        torch.randn(2, 4, 4), _SEEDS, 0.0
+    ),
     "double_normalize: fp64 logits": lambda o: o.double_normalize_cpu(
-        torch.randn(2, 4, 2, 2).double()
+        torch.randn(2, 4, 2, 2).double(), _SEEDS, 0.0
+    ),
+    "double_normalize: 3 seeds": lambda o: o.double_normalize_cpu(
+        torch.randn(2, 4, 2, 2), torch.zeros(3, dtype=_i64), 0.1
+    ),
+    "double_normalize: dropout p = 1": lambda o: o.double_normalize_cpu(
+        torch.randn(2, 4, 2, 2), _SEEDS, 1.0
     ),
     "double_normalize backward: gradient of another shape": lambda o: (
         o.double_normalize_cpu_backward(
-            torch.randn(2, 4, 2, 3), torch.randn(2, 4, 2, 2), torch.zeros(2, 4), torch.ones(2, 4)
+            torch.randn(2, 4, 2, 3),
+            torch.randn(2, 4, 2, 2),
+            torch.zeros(2, 4),
+            torch.ones(2, 4),
+            _SEEDS,
+            0.0,
         )
     ),
     "double_normalize backward: statistics (2, 3)": lambda o: o.double_normalize_cpu_backward(
-        torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2), torch.zeros(2, 3), torch.ones(2, 3)
+        torch.randn(2, 4, 2, 2),
+        torch.randn(2, 4, 2, 2),
+        torch.zeros(2, 3),
+        torch.ones(2, 3),
+        _SEEDS,
+        0.0,
     ),
     "gelu backward: gradient of another shape": lambda o: o.gelu_tanh_cpu_backward(
         torch.randn(5), torch.randn(6)

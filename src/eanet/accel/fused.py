@@ -180,11 +180,21 @@ def _normalize_backward(
     return softmax_backward(grad_p, p, token_dim, p.dtype)
 
 
+def _drop_args(seeds: torch.Tensor, p: float) -> tuple[int, int, int]:
+    """The kernels' (seed 1, seed 2, threshold) of a dropout with probability p (0: none)."""
+    s1, s2 = (int(s) for s in seeds.tolist())
+    return s1, s2, _threshold(p) if p > 0.0 else 0
+
+
 @torch.library.custom_op("eanet::double_normalize_cpu", mutates_args=())
-def _native_forward(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q, column max, column 1/sum) of z (B, N, h, S): kernels/double_normalize.c."""
-    fits = _cpu(z) and z.dtype in _DTYPES and z.dim() == 4
-    _check("double_normalize", fits, "CPU fp32 or bf16 logits (B, N, h, S)", z)
+def _native_forward(
+    z: torch.Tensor, seeds: torch.Tensor, p: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, column max, column 1/sum) of z (B, N, h, S): kernels/double_normalize.c; q with
+    the attention dropout of probability p drawn from the two seeds (p = 0: none)."""
+    fits = _cpu(z, seeds) and z.dtype in _DTYPES and z.dim() == 4 and z.numel() < 2**31
+    fits = fits and seeds.numel() == 2 and 0.0 <= p < 1.0
+    _check("double_normalize", fits, "CPU fp32 or bf16 logits (B, N, h, S), 2 seeds", z, seeds)
     B, N, h, S = z.shape
     z = z.contiguous()
     q = torch.empty_like(z)
@@ -193,12 +203,13 @@ def _native_forward(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     lib = native.library("double_normalize")
     bf16 = int(z.dtype == torch.bfloat16)
     ptrs = (z.data_ptr(), q.data_ptr(), colmax.data_ptr(), colinv.data_ptr())
-    native.split_batch(lib, lib.dn_forward, B, *ptrs, bf16, N, h * S, S)
+    drop = _drop_args(seeds, p)
+    native.split_batch(lib, lib.dn_forward, B, *ptrs, bf16, N, h * S, S, *drop)
     return q, colmax, colinv
 
 
 @_native_forward.register_fake
-def _(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _(z: torch.Tensor, seeds: torch.Tensor, p: float) -> tuple[torch.Tensor, ...]:
     B, _, h, S = z.shape
     stats = z.new_empty((B, h * S), dtype=torch.float32)
     return torch.empty_like(z), stats, torch.empty_like(stats)
@@ -206,27 +217,35 @@ def _(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 @torch.library.custom_op("eanet::double_normalize_cpu_backward", mutates_args=())
 def _native_backward(
-    grad: torch.Tensor, z: torch.Tensor, colmax: torch.Tensor, colinv: torch.Tensor
+    grad: torch.Tensor,
+    z: torch.Tensor,
+    colmax: torch.Tensor,
+    colinv: torch.Tensor,
+    seeds: torch.Tensor,
+    p: float,
 ) -> torch.Tensor:
-    """dL/dz from dL/dq, recomputing the softmax from z and the forward's column statistics."""
+    """dL/dz from dL/dq, recomputing the softmax from z and the forward's column statistics
+    (and the dropout mask from its seeds)."""
     B, N, h, S = z.shape if z.dim() == 4 else (-1,) * 4  # -1: no shape fits
     stats = all(t.shape == (B, h * S) and t.dtype == torch.float32 for t in (colmax, colinv))
     fits = grad.shape == z.shape == (B, N, h, S) and stats
-    fits = fits and _cpu(grad, z, colmax, colinv) and z.dtype in _DTYPES
-    need = "CPU logits (B, N, h, S), their gradient, fp32 statistics (B, h * S)"
-    _check("double_normalize", fits, need, grad, z, colmax, colinv)
+    fits = fits and _cpu(grad, z, colmax, colinv, seeds) and z.dtype in _DTYPES
+    fits = fits and seeds.numel() == 2 and 0.0 <= p < 1.0 and z.numel() < 2**31
+    need = "CPU logits (B, N, h, S), their gradient, fp32 statistics (B, h * S), 2 seeds"
+    _check("double_normalize", fits, need, grad, z, colmax, colinv, seeds)
     grad, z = grad.to(z.dtype).contiguous(), z.contiguous()
     colmax, colinv = colmax.contiguous(), colinv.contiguous()
     grad_z = torch.empty_like(z)
     lib = native.library("double_normalize")
     ptrs = (grad.data_ptr(), z.data_ptr(), colmax.data_ptr(), colinv.data_ptr())
     bf16 = int(z.dtype == torch.bfloat16)
-    native.split_batch(lib, lib.dn_backward, B, *ptrs, grad_z.data_ptr(), bf16, N, h * S, S)
+    drop = _drop_args(seeds, p)
+    native.split_batch(lib, lib.dn_backward, B, *ptrs, grad_z.data_ptr(), bf16, N, h * S, S, *drop)
     return grad_z
 
 
 @_native_backward.register_fake
-def _(grad, z, colmax, colinv) -> torch.Tensor:
+def _(grad, z, colmax, colinv, seeds, p) -> torch.Tensor:
     return torch.empty_like(z)
 
 
@@ -244,26 +263,30 @@ class _DoubleNormalize(torch.autograd.Function):
     """q = softmax(z, token_dim) / (1e-9 + sum over the last (memory) axis)."""
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, token_dim: int, native: bool) -> torch.Tensor:
-        ctx.token_dim, ctx.native, ctx.in_dtype = token_dim, native, z.dtype
-        if native:
-            q, colmax, colinv = _native_forward(z)
-            ctx.save_for_backward(z, colmax, colinv)
+    def forward(ctx, z: torch.Tensor, token_dim: int, native: bool, p: float) -> torch.Tensor:
+        ctx.token_dim, ctx.native, ctx.in_dtype, ctx.p = token_dim, native, z.dtype, p
+        if native:  # the dropout's seeds from torch's generator, as the dropout kernel's
+            seeds = torch.randint(0, 2**32, (2,), dtype=torch.int64) if p > 0.0 else _NO_SEEDS
+            q, colmax, colinv = _native_forward(z, seeds, p)
+            ctx.save_for_backward(z, colmax, colinv, seeds)
             return q
         p, denom, q = _normalize_forward(z, token_dim)
         ctx.save_for_backward(p, denom)
         return q
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         if ctx.native:
-            return _native_backward(grad, *ctx.saved_tensors), None, None
+            return _native_backward(grad, *ctx.saved_tensors, ctx.p), None, None, None
         p, denom = ctx.saved_tensors
         grad_z = _normalize_backward(grad, p, denom, ctx.token_dim)
-        return grad_z.to(ctx.in_dtype), None, None
+        return grad_z.to(ctx.in_dtype), None, None, None
 
 
-def double_normalize(z: torch.Tensor, token_dim: int = 1) -> torch.Tensor:
+_NO_SEEDS = torch.zeros(2, dtype=torch.int64)
+
+
+def double_normalize(z: torch.Tensor, token_dim: int = 1, p: float = 0.0) -> torch.Tensor:
     """External attention's normalisation of logits `z` (..., tokens, ..., memory).
 
     The softmax and the sums run in fp32 whatever the input's dtype (as autocast runs
@@ -271,8 +294,12 @@ def double_normalize(z: torch.Tensor, token_dim: int = 1) -> torch.Tensor:
     mantissa); the result and the gradient come back in the input's dtype, so under
     bfloat16 autocast the dropout mask and the next matmul stream half the bytes. On the
     CPU, for (B, N, h, S) logits with the tokens on axis 1, it runs the native kernel.
+    `p` > 0 zeroes each result with probability p, as `masked` does (no rescale; the
+    attention dropout), inside the kernel's own passes where it runs.
     """
-    return _DoubleNormalize.apply(z, token_dim, _runs_native(z, token_dim))
+    native = _runs_native(z, token_dim) and z.numel() < 2**31
+    q = _DoubleNormalize.apply(z, token_dim, native, p if native else 0.0)
+    return q if native else masked(q, p)
 
 
 def _native_gelu_applies(x: torch.Tensor) -> bool:

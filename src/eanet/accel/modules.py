@@ -120,13 +120,14 @@ class FoldedExternalAttention(ExternalAttention):
         if not self.training and in_cache_chunks(x, N * self.heads * self.memory):
             return external_attention_in_chunks(x, self.heads, self.memory, w_in, w_out, b_out)
         z = F.linear(x, w_in).view(B, N, self.heads, self.memory)  # (B, N, h, S)
-        attn = double_normalize(z, token_dim=1).view(B, N, -1)  # (B, N, h*S)
         if torch_dropout(x):  # torch's dropout, which rescales by itself
+            attn = double_normalize(z, token_dim=1).view(B, N, -1)  # (B, N, h*S)
             return self.proj_drop(F.linear(self.attn_drop(attn), w_out, b_out))
         p1 = self.attn_drop.p if self.training else 0.0
         p2 = self.proj_drop.p if self.training else 0.0
         s1, s2 = 1.0 / (1.0 - p1), 1.0 / (1.0 - p2)  # dropout rescales, folded into w_out
-        return masked(F.linear(masked(attn, p1), w_out * (s1 * s2), b_out * s2), p2)
+        attn = double_normalize(z, token_dim=1, p=p1).view(B, N, -1)  # dropout inside
+        return masked(F.linear(attn, w_out * (s1 * s2), b_out * s2), p2)
 
 
 def chunk_images(x: torch.Tensor, logits_per_image: int) -> int:

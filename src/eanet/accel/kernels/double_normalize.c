@@ -10,7 +10,10 @@
  * once, where torch's (and inductor's) kernels make four or five passes over the whole
  * batch through memory.
  * The backward recomputes p from z and the per-column max and 1/sum that the forward
- * keeps (B x C floats), instead of saving p itself (B x N x C floats).
+ * keeps (B x C floats), instead of saving p itself (B x N x C floats). With a dropout
+ * threshold t > 0 (training), q is written with the attention dropout applied (element i of
+ * the whole tensor kept as `kept` in common.h decides, from two seeds) and g is read with
+ * the same mask: no pass of its own either way.
  *
  * C, compiled at first use with -O3 -march=native by eanet.models.native; exp is a
  * polynomial (Cephes' expf, about 1 ulp) that the compiler vectorises; on AVX-512 the sums
@@ -25,7 +28,13 @@
 
 #include "common.h"
 
-#if defined(__AVX512F__)
+/* The attention dropout applied to q on the way out (and to dL/dq on the way in): element
+ * at + i of the whole tensor kept as `kept` (common.h) decides; t = 0 keeps every one. */
+struct drop {
+    uint32_t at, s1, s2, t;
+};
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 /* AVX-512, S = 16: a row's 16 heads of 16 slots are 16 vectors, and their 16 sums over the
  * slots come out as one vector from a tree of shuffles and adds (45 instructions for all
  * 16, where the compiler's code sums each head on its own, in order), with one division
@@ -55,7 +64,8 @@ static inline __attribute__((always_inline)) void column_stats8(
 /* The forward of one slice for S = 16 and C a multiple of 256, vector by vector: q in z's
  * type straight from the registers (the scalar loops below went through an fp32 row). */
 static inline __attribute__((always_inline)) void forward_slice16(
-    const void *z, void *q, int bf16, float *R mx, float *R inv, float *R e, long N, long C) {
+    const void *z, void *q, int bf16, float *R mx, float *R inv, float *R e, long N, long C,
+    struct drop d) {
     for (long c0 = 0; c0 < C; c0 += 128) column_stats8(z, bf16, mx, inv, e, N, C, c0);
     for (long n = 0; n < N; n++)
         for (long c = 0; c < C; c += 256) {
@@ -64,26 +74,35 @@ static inline __attribute__((always_inline)) void forward_slice16(
                 long i = n * C + c + 16 * h;
                 v[h] = _mm512_mul_ps(_mm512_loadu_ps(e + i), _mm512_loadu_ps(inv + c + 16 * h));
             }
-            __m512 d = _mm512_add_ps(sums16(v), _mm512_set1_ps(1e-9f));
-            __m512 r = _mm512_div_ps(_mm512_set1_ps(1.0f), d);
-            for (int h = 0; h < 16; h++)
-                store16(q, bf16, n * C + c + 16 * h, _mm512_mul_ps(v[h], lane(r, h)));
+            __m512 r = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(sums16(v), _mm512_set1_ps(1e-9f)));
+            __mmask32 keep = 0xFFFFFFFFu;
+            for (int h = 0; h < 16; h++) {
+                long i = n * C + c + 16 * h;
+                __m512 out = _mm512_mul_ps(v[h], lane(r, h));
+                if (d.t) {
+                    keep = h % 2 ? keep >> 16 : keep32(d.at + (uint32_t)i, d.s1, d.s2, d.t);
+                    out = _mm512_maskz_mov_ps((__mmask16)keep, out);
+                }
+                store16(q, bf16, i, out);
+            }
         }
 }
 /* The backward of one slice for S = 16 and C a multiple of 256 (see backward_slice): each
  * row's 16 heads in registers, p recomputed with exp16, gp from the trees of sums. */
 static inline __attribute__((always_inline)) void backward_slice16(
     const void *g, const void *z, int bf16, const float *R mx, const float *R inv, void *gz,
-    float *R p, float *R gp, float *R colsum, long N, long C) {
+    float *R p, float *R gp, float *R colsum, long N, long C, struct drop d) {
     for (long c = 0; c < C; c++) colsum[c] = 0.0f;
     for (long n = 0; n < N; n++)
         for (long c = 0; c < C; c += 256) {
             __m512 vp[16], vg[16], pg[16];
+            __mmask32 keep = 0xFFFFFFFFu;
             for (int h = 0; h < 16; h++) {
                 long i = n * C + c + 16 * h;
                 __m512 e = exp16(_mm512_sub_ps(load16(z, bf16, i), _mm512_loadu_ps(mx + c + 16 * h)));
                 vp[h] = _mm512_mul_ps(e, _mm512_loadu_ps(inv + c + 16 * h));
-                vg[h] = load16(g, bf16, i);
+                if (d.t) keep = h % 2 ? keep >> 16 : keep32(d.at + (uint32_t)i, d.s1, d.s2, d.t);
+                vg[h] = _mm512_maskz_mov_ps((__mmask16)keep, load16(g, bf16, i));
                 pg[h] = _mm512_mul_ps(vg[h], vp[h]);
             }
             __m512 r = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(sums16(vp), _mm512_set1_ps(1e-9f)));
@@ -106,13 +125,13 @@ static inline __attribute__((always_inline)) void backward_slice16(
 #define TREE 0
 static inline void backward_slice16(const void *g, const void *z, int bf16, const float *R mx,
                                     const float *R inv, void *gz, float *R p, float *R gp,
-                                    float *R colsum, long N, long C) {
+                                    float *R colsum, long N, long C, struct drop d) {
     (void)g, (void)z, (void)bf16, (void)mx, (void)inv, (void)gz, (void)p, (void)gp;
-    (void)colsum, (void)N, (void)C;
+    (void)colsum, (void)N, (void)C, (void)d;
 }
 static inline void forward_slice16(const void *z, void *q, int bf16, float *R mx, float *R inv,
-                                   float *R e, long N, long C) {
-    (void)z, (void)q, (void)bf16, (void)mx, (void)inv, (void)e, (void)N, (void)C;
+                                   float *R e, long N, long C, struct drop d) {
+    (void)z, (void)q, (void)bf16, (void)mx, (void)inv, (void)e, (void)N, (void)C, (void)d;
 }
 #endif
 
@@ -148,15 +167,17 @@ static inline __attribute__((always_inline)) void normalize_row(
 /* One slice: q (z's type) from z; `row` is C floats of scratch, e N x C. */
 static inline __attribute__((always_inline)) void forward_slice(
     const void *z, void *q, int bf16, float *R mx, float *R inv, float *R e, float *R row,
-    long N, long C, long S) {
+    long N, long C, long S, struct drop d) {
     if (TREE && S == 16 && C % 256 == 0) {
-        forward_slice16(z, q, bf16, mx, inv, e, N, C);
+        forward_slice16(z, q, bf16, mx, inv, e, N, C, d);
         return;
     }
     column_stats(z, bf16, mx, inv, e, N, C);
     for (long n = 0; n < N; n++) {
         float *R out = bf16 ? row : (float *)q + n * C;
         normalize_row(e + n * C, inv, out, C, S);
+        for (long c = 0; d.t && c < C; c++)
+            out[c] = kept(d.at + (uint32_t)(n * C + c), d.s1, d.s2, d.t) ? out[c] : 0.0f;
         if (bf16) to_bf16(row, (uint16_t *)q + n * C, C);
     }
 }
@@ -177,9 +198,10 @@ static inline __attribute__((always_inline)) void grad_row(
  * row (C). */
 static inline __attribute__((always_inline)) void backward_slice(
     const void *g, const void *z, int bf16, const float *R mx, const float *R inv, void *gz,
-    float *R p, float *R gp, float *R colsum, float *R row, long N, long C, long S) {
+    float *R p, float *R gp, float *R colsum, float *R row, long N, long C, long S,
+    struct drop d) {
     if (TREE && S == 16 && C % 256 == 0) {
-        backward_slice16(g, z, bf16, mx, inv, gz, p, gp, colsum, N, C);
+        backward_slice16(g, z, bf16, mx, inv, gz, p, gp, colsum, N, C, d);
         return;
     }
     for (long c = 0; c < C; c++) colsum[c] = 0.0f;
@@ -189,6 +211,8 @@ static inline __attribute__((always_inline)) void backward_slice(
             pr[c] = exp_nonpositive(load_f32(z, bf16, n * C + c) - mx[c]) * inv[c];
             row[c] = load_f32(g, bf16, n * C + c);
         }
+        for (long c = 0; d.t && c < C; c++)
+            row[c] = kept(d.at + (uint32_t)(n * C + c), d.s1, d.s2, d.t) ? row[c] : 0.0f;
         grad_row(row, pr, gpr, C, S);
         for (long c = 0; c < C; c++) colsum[c] += gpr[c] * pr[c];
     }
@@ -210,7 +234,7 @@ static inline __attribute__((always_inline)) void backward_slice(
     }
 
 static int forward_range(const void *z, void *q, float *colmax, float *colinv, int bf16,
-                         long N, long C, long S, long b0, long b1) {
+                         long N, long C, long S, struct drop d, long b0, long b1) {
     long M = N * C, size = bf16 ? 2 : 4;
     float *e = malloc(sizeof(float) * (M + C));
     if (!e) return 1;
@@ -218,7 +242,8 @@ static int forward_range(const void *z, void *q, float *colmax, float *colinv, i
         const char *zb = (const char *)z + b * M * size;
         char *qb = (char *)q + b * M * size;
         float *mx = colmax + b * C, *inv = colinv + b * C;
-#define FORWARD(T, S_) forward_slice(zb, qb, T, mx, inv, e, e + M, N, C, S_)
+        d.at = (uint32_t)(b * M);
+#define FORWARD(T, S_) forward_slice(zb, qb, T, mx, inv, e, e + M, N, C, S_, d)
         BY_TYPE_AND_S(FORWARD)
 #undef FORWARD
     }
@@ -228,7 +253,7 @@ static int forward_range(const void *z, void *q, float *colmax, float *colinv, i
 
 static int backward_range(const void *g, const void *z, const float *colmax,
                           const float *colinv, void *gz, int bf16, long N, long C, long S,
-                          long b0, long b1) {
+                          struct drop d, long b0, long b1) {
     long M = N * C, size = bf16 ? 2 : 4;
     float *p = malloc(sizeof(float) * (2 * M + 2 * C)), *gp = p + M, *colsum = gp + M;
     if (!p) return 1;
@@ -237,8 +262,9 @@ static int backward_range(const void *g, const void *z, const float *colmax,
         const char *gb = (const char *)g + at, *zb = (const char *)z + at;
         char *gzb = (char *)gz + at;
         const float *mx = colmax + b * C, *inv = colinv + b * C;
+        d.at = (uint32_t)(b * M);
 #define BACKWARD(T, S_) \
-    backward_slice(gb, zb, T, mx, inv, gzb, p, gp, colsum, colsum + C, N, C, S_)
+    backward_slice(gb, zb, T, mx, inv, gzb, p, gp, colsum, colsum + C, N, C, S_, d)
         BY_TYPE_AND_S(BACKWARD)
 #undef BACKWARD
     }
@@ -247,7 +273,8 @@ static int backward_range(const void *g, const void *z, const float *colmax,
 }
 
 int dn_forward(const void *z, void *q, float *colmax, float *colinv, int bf16, long N,
-               long C, long S, long b0, long b1) {
+               long C, long S, uint32_t s1, uint32_t s2, uint32_t t, long b0, long b1) {
+    struct drop d = {0, s1, s2, t};
     int failed = 0;
 #ifdef _OPENMP
 #pragma omp parallel reduction(| : failed)
@@ -255,13 +282,15 @@ int dn_forward(const void *z, void *q, float *colmax, float *colinv, int bf16, l
     {
         long lo, hi;
         share(b0, b1, &lo, &hi);
-        if (lo < hi) failed |= forward_range(z, q, colmax, colinv, bf16, N, C, S, lo, hi);
+        if (lo < hi) failed |= forward_range(z, q, colmax, colinv, bf16, N, C, S, d, lo, hi);
     }
     return failed;
 }
 
 int dn_backward(const void *g, const void *z, const float *colmax, const float *colinv,
-                void *gz, int bf16, long N, long C, long S, long b0, long b1) {
+                void *gz, int bf16, long N, long C, long S, uint32_t s1, uint32_t s2,
+                uint32_t t, long b0, long b1) {
+    struct drop d = {0, s1, s2, t};
     int failed = 0;
 #ifdef _OPENMP
 #pragma omp parallel reduction(| : failed)
@@ -269,7 +298,8 @@ int dn_backward(const void *g, const void *z, const float *colmax, const float *
     {
         long lo, hi;
         share(b0, b1, &lo, &hi);
-        if (lo < hi) failed |= backward_range(g, z, colmax, colinv, gz, bf16, N, C, S, lo, hi);
+        if (lo < hi)
+            failed |= backward_range(g, z, colmax, colinv, gz, bf16, N, C, S, d, lo, hi);
     }
     return failed;
 }
