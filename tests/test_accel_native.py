@@ -429,6 +429,15 @@ def test_layer_norm_of_another_width_raises_torchs_error(width):
 
 _bf16, _i64 = torch.bfloat16, torch.int64
 _SEEDS = torch.zeros(2, dtype=torch.int64)
+
+
+def _dn_backward(ops, grad_shape: tuple, stats_shape: tuple):
+    """The double normalisation's backward of (2, 4, 2, 2) logits, gradient and statistics
+    shaped as given, no dropout."""
+    z, stats = torch.randn(2, 4, 2, 2), torch.zeros(stats_shape)
+    return ops.double_normalize_cpu_backward(torch.randn(grad_shape), z, stats, stats, _SEEDS, 0.0)
+
+
 _REFUSED = {
     "layer_norm: weight (4,) for rows of 8": lambda o: o.layer_norm_cpu(
         torch.randn(3, 8), torch.ones(4), torch.zeros(4), 1e-5, True
@@ -460,24 +469,10 @@ _REFUSED = {
     "double_normalize: dropout p = 1": lambda o: o.double_normalize_cpu(
         torch.randn(2, 4, 2, 2), _SEEDS, 1.0
     ),
-    "double_normalize backward: gradient of another shape": lambda o: (
-        o.double_normalize_cpu_backward(
-            torch.randn(2, 4, 2, 3),
-            torch.randn(2, 4, 2, 2),
-            torch.zeros(2, 4),
-            torch.ones(2, 4),
-            _SEEDS,
-            0.0,
-        )
+    "double_normalize backward: gradient of another shape": lambda o: _dn_backward(
+        o, (2, 4, 2, 3), (2, 4)
     ),
-    "double_normalize backward: statistics (2, 3)": lambda o: o.double_normalize_cpu_backward(
-        torch.randn(2, 4, 2, 2),
-        torch.randn(2, 4, 2, 2),
-        torch.zeros(2, 3),
-        torch.ones(2, 3),
-        _SEEDS,
-        0.0,
-    ),
+    "double_normalize backward: statistics (2, 3)": lambda o: _dn_backward(o, (2, 4, 2, 2), (2, 3)),
     "gelu backward: gradient of another shape": lambda o: o.gelu_tanh_cpu_backward(
         torch.randn(5), torch.randn(6)
     ),
