@@ -310,12 +310,28 @@ def test_bf16_inference_attention_in_chunks_is_the_plain_models(monkeypatch):
         modules, "attention_in_chunks", lambda *a: calls.append(a[0].shape) or real(*a)
     )
     monkeypatch.setattr(modules, "CHUNK_BYTES", 3 * 4 * 64 * 64 * 2)  # 3 images per chunk
+    monkeypatch.setattr(modules, "cpu_info", lambda: ("a CPU without AMX", ("avx512_bf16",)))
     plain, fast = _pair("vit-cifar", "bf16", patch_size=4)
     x = _images(plain, 7)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         a, b = fast.eval()(x).float(), plain.eval()(x).float()
     assert calls and calls[0] == (7, 4, 64, 64)
     assert (a - b).abs().max() <= 2**-7 * b.abs().max()
+
+
+@pytest.mark.parametrize(
+    "flags, dtype, chunks",
+    [
+        (("avx512_bf16",), torch.bfloat16, True),
+        (("avx512_bf16", "amx_bf16", "amx_tile"), torch.bfloat16, False),  # the fused kernel
+        (("avx512_bf16",), torch.float32, False),
+    ],
+)
+def test_attention_runs_in_chunks_only_in_bf16_without_amx(monkeypatch, flags, dtype, chunks):
+    from eanet.accel import modules
+
+    monkeypatch.setattr(modules, "cpu_info", lambda: ("a CPU", flags))
+    assert modules.chunked_attention(torch.zeros(2, 4, 8, 8, dtype=dtype)) is chunks
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

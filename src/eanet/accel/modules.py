@@ -46,6 +46,7 @@ from eanet.accel.fused import (
 )
 from eanet.accel.upstream import has_forward_hooks, tensor_version
 from eanet.models.layers import Block, ExternalAttention, Mlp, SelfAttention, drop_path
+from eanet.runtime import cpu_info
 
 CHUNK_BYTES = 1 << 21  # attention weights (logits) of one chunk of images: about 2 MB
 
@@ -169,7 +170,7 @@ def external_attention_in_chunks(x, heads, memory, w_in, w_out, b_out) -> torch.
 class FastSelfAttention(SelfAttention):
     """Self-attention with q, k, v as one linear (the 1/sqrt(key_dim) scale folded into q's
     weights), by torch's fused kernel, with cheap dropout masks in CPU training, or in
-    chunks of images in CPU bf16 inference."""
+    chunks of images in CPU bf16 inference where the CPU has no AMX (`chunked_attention`)."""
 
     def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, bias) of the q (scaled), k and v projections stacked: (3*h*kd, dim)."""
@@ -188,12 +189,20 @@ class FastSelfAttention(SelfAttention):
             w = softmax_dropout(q @ k.transpose(-2, -1), p)
             out = w @ v  # (B, h, N, kd); the dropout rescale folded into proj
             weight = weight * (1.0 / (1.0 - p))
-        elif p == 0.0 and q.dtype == torch.bfloat16 and q.is_cpu and not q.requires_grad:
+        elif p == 0.0 and not q.requires_grad and chunked_attention(q):
             out = attention_in_chunks(q, k, v)
         else:  # (B, h, N, kd); the scale 1/sqrt(kd) of Keras is in q already
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=1.0)
         out = out.transpose(1, 2).reshape(B, N, self.heads * self.key_dim)
         return F.linear(out, weight, self.proj.bias)
+
+
+def chunked_attention(q: torch.Tensor) -> bool:
+    """Whether `attention_in_chunks` is faster than torch's fused kernel for `q`: bf16 on a
+    CPU without AMX. Measured side by side in the ViT's inference (batch 128): on an
+    AVX-512-bf16 EPYC the fused kernel ran bf16 slower than fp32 and the chunks won; on an
+    AMX Xeon the fused kernel was 12% faster than the chunks (docs/speed.md)."""
+    return q.dtype == torch.bfloat16 and q.is_cpu and "amx_bf16" not in cpu_info()[1]
 
 
 def attention_in_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
