@@ -296,8 +296,8 @@ def test_native_dropout_masks_are_the_hash_of_common_h(build, n, dtype):
     seeds, p = torch.tensor([123456789, 4000000000]), 0.3
     expected = _reference_keep(n, 123456789, 4000000000, _threshold(p))
     assert torch.equal(_keep(torch.ones(n, dtype=dtype), seeds, p) != 0, expected)
-    if dtype == torch.bfloat16 and n % 16 == 0:  # rows of 64 and 16: registers; 8: scratch
-        for length in (64, 16, 8):
+    if dtype == torch.bfloat16 and n % 16 == 0:  # rows of 64, 16: registers; 8, 1024: scratch
+        for length in (64, 16, 8, 1024 if n % 1024 == 0 else 8):
             x = torch.zeros(n // length, length, dtype=dtype)  # every softmax weight > 0
             d, _, drawn = torch.ops.eanet.softmax_dropout_cpu(x, p)
             mask = _reference_keep(n, *(int(v) for v in drawn), _threshold(p))
@@ -310,6 +310,8 @@ def test_native_dropout_masks_are_the_hash_of_common_h(build, n, dtype):
         ((4, 64, 16, 16), torch.bfloat16),
         ((2, 32, 16, 16), torch.float32),
         ((2, 8, 3, 5), torch.float32),
+        ((2, 8, 3, 11), torch.float32),  # rows of 33: every other one starts at an odd element
+        ((3, 8, 5, 7), torch.bfloat16),
     ],
 )
 def test_native_double_normalize_applies_the_dropout_of_its_seeds(build, shape, dtype):

@@ -176,8 +176,7 @@ static inline __attribute__((always_inline)) void forward_slice(
     for (long n = 0; n < N; n++) {
         float *R out = bf16 ? row : (float *)q + n * C;
         normalize_row(e + n * C, inv, out, C, S);
-        for (long c = 0; d.t && c < C; c++)
-            out[c] = kept(d.at + (uint32_t)(n * C + c), d.s1, d.s2, d.t) ? out[c] : 0.0f;
+        if (d.t) drop_row(out, d.at + (uint32_t)(n * C), C, d.s1, d.s2, d.t);
         if (bf16) to_bf16(row, (uint16_t *)q + n * C, C);
     }
 }
@@ -211,8 +210,7 @@ static inline __attribute__((always_inline)) void backward_slice(
             pr[c] = exp_nonpositive(load_f32(z, bf16, n * C + c) - mx[c]) * inv[c];
             row[c] = load_f32(g, bf16, n * C + c);
         }
-        for (long c = 0; d.t && c < C; c++)
-            row[c] = kept(d.at + (uint32_t)(n * C + c), d.s1, d.s2, d.t) ? row[c] : 0.0f;
+        if (d.t) drop_row(row, d.at + (uint32_t)(n * C), C, d.s1, d.s2, d.t);
         grad_row(row, pr, gpr, C, S);
         for (long c = 0; c < C; c++) colsum[c] += gpr[c] * pr[c];
     }

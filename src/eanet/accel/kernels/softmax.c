@@ -100,12 +100,13 @@ static inline void row_scalar(const uint16_t *R x, uint16_t *R y, float *R e, lo
     to_bf16(e, y, L);
 }
 
-/* Training, one row of any length: y by row_scalar, then d from y's bits. */
+/* Training, one row of any length: y by row_scalar, then d from the same fp32 row. */
 static inline void train_row_scalar(const uint16_t *R x, uint16_t *R y, uint16_t *R d,
                                     float *R e, long L, uint32_t at, uint32_t s1, uint32_t s2,
                                     uint32_t t) {
     row_scalar(x, y, e, L);
-    for (long i = 0; i < L; i++) d[i] = kept(at + (uint32_t)i, s1, s2, t) ? y[i] : 0;
+    drop_row(e, at, L, s1, s2, t);
+    to_bf16(e, d, L);
 }
 
 /* The backward of one row of any length through scratch e (2 L floats). */
@@ -115,10 +116,8 @@ static inline void grad_row_scalar(const uint16_t *R g, const uint16_t *R y, uin
     float *R gy = e, *R yf = e + L, dot = 0.0f;
     from_bf16(g, gy, L);
     from_bf16(y, yf, L);
-    for (long i = 0; i < L; i++) {
-        gy[i] = kept(at + (uint32_t)i, s1, s2, t) ? gy[i] : 0.0f;
-        dot += gy[i] * yf[i];
-    }
+    drop_row(gy, at, L, s1, s2, t);
+    for (long i = 0; i < L; i++) dot += gy[i] * yf[i];
     for (long i = 0; i < L; i++) gy[i] = yf[i] * (gy[i] - dot);
     to_bf16(gy, gx, L);
 }
