@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from eanet import accel
 from eanet.data.augment import AugmentConfig
+from eanet.errors import EANetError
 from eanet.models.registry import create_model
 from eanet.runtime import (
     autocast,
@@ -147,7 +148,10 @@ def main() -> int:
         threads=args.threads,
         device="cpu",
     )
-    step = make_step(cfg, args.phase)
+    try:
+        step = make_step(cfg, args.phase)
+    except EANetError as exc:  # an unknown model or option: one line, exit 2
+        p.error(str(exc))
     for _ in range(args.warmup):
         step()
     rows = (time_ops if args.timer == "dispatch" else profile_step)(step, args.steps)

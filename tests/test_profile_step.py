@@ -1,4 +1,5 @@
-"""benchmarks/profile_step.py: both timers give an operator table that adds up."""
+"""benchmarks/profile_step.py: both timers give an operator table that adds up; a bad
+option is one line."""
 
 from __future__ import annotations
 
@@ -25,3 +26,11 @@ def test_operator_table(tmp_path, timer):
     assert "double_normalize_cpu" in names
     if timer == "dispatch":  # grouped by input shapes and dtypes
         assert "(2, 256, 16, 16)bfloat16" in names
+
+
+def test_unknown_model_is_one_line(tmp_path):
+    cmd = [sys.executable, str(SCRIPT), "--model", "nope", "--out", str(tmp_path / "o.json")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "unknown model 'nope'" in run.stderr.splitlines()[-1]
+    assert not (tmp_path / "o.json").exists()
