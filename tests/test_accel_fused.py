@@ -139,6 +139,30 @@ def test_native_tanh_gelu_matches_torch(build, dtype):
     torch.testing.assert_close(a.grad.float(), b.grad.float(), **tol)
 
 
+
+@pytest.mark.parametrize(("n", "dtype"), [(1001, torch.float32), (4099, torch.bfloat16)])
+def test_native_gelu_applies_the_dropout_of_its_seeds(build, n, dtype):
+    """The MLP's dropout inside the GELU kernel (vector rows and odd tails, both thread
+    halves starting anywhere): the result is the undropped GELU where the hash of common.h
+    keeps it, else 0, and the gradient the undropped one of the masked gradient."""
+    from eanet.accel.fused import _native_gelu, _native_gelu_backward, _threshold
+
+    torch.manual_seed(0)
+    x, g = (torch.randn(n) * 3).to(dtype), torch.randn(n).to(dtype)
+    p = 0.25
+    torch.manual_seed(7)
+    y, seeds = _native_gelu(x, p)
+    torch.manual_seed(7)
+    assert torch.equal(seeds, torch.randint(0, 2**32, (2,), dtype=torch.int64))  # torch's RNG
+    y0, none = _native_gelu(x, 0.0)
+    assert torch.equal(none, torch.zeros(2, dtype=torch.int64))
+    keep = _reference_keep(n, *(int(s) for s in seeds), _threshold(p))
+    assert abs(keep.float().mean().item() - 0.75) < 0.05
+    assert torch.equal(y, torch.where(keep, y0, torch.zeros_like(y0)))
+    grad = _native_gelu_backward(g, x, seeds, p)
+    masked_g = torch.where(keep, g, torch.zeros_like(g))
+    assert torch.equal(grad, _native_gelu_backward(masked_g, x, none, 0.0))
+
 def _layer_norm_both_ways(dim, rows, grad_dtype):
     """(fused.layer_norm, torch's LayerNorm cast to bf16) under CPU bf16 autocast: outputs
     and the gradients of x, weight and bias for the same upstream gradient."""

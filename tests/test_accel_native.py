@@ -378,8 +378,8 @@ def test_the_ctypes_signatures_are_read_from_the_c_prototypes():
         "dn_backward": ([_P, _P, _P, _P, _P, _I, _L, _L, _L, _U, _U, _U, _L, _L], _I),
     }
     assert native.signatures("gelu") == threaded | {
-        "gelu_forward": ([_P, _P, _I, _L, _L, _L], _I),
-        "gelu_backward": ([_P, _P, _P, _I, _L, _L, _L], _I),
+        "gelu_forward": ([_P, _P, _I, _U, _U, _U, _L, _L, _L], _I),
+        "gelu_backward": ([_P, _P, _P, _I, _U, _U, _U, _L, _L, _L], _I),
     }
     assert native.signatures("layer_norm") == threaded | {
         "ln_block_rows": ([], _I),
@@ -474,9 +474,13 @@ _REFUSED = {
     ),
     "double_normalize backward: statistics (2, 3)": lambda o: _dn_backward(o, (2, 4, 2, 2), (2, 3)),
     "gelu backward: gradient of another shape": lambda o: o.gelu_tanh_cpu_backward(
-        torch.randn(5), torch.randn(6)
+        torch.randn(5), torch.randn(6), _SEEDS, 0.0
     ),
-    "gelu: fp64": lambda o: o.gelu_tanh_cpu(torch.randn(4).double()),
+    "gelu backward: 3 seeds": lambda o: o.gelu_tanh_cpu_backward(
+        torch.randn(5), torch.randn(5), torch.zeros(3, dtype=_i64), 0.1
+    ),
+    "gelu: fp64": lambda o: o.gelu_tanh_cpu(torch.randn(4).double(), 0.0),
+    "gelu: dropout p = 1": lambda o: o.gelu_tanh_cpu(torch.randn(4), 1.0),
     "dropout backward: 3 seeds": lambda o: o.dropout_cpu_backward(
         torch.randn(4), torch.zeros(3, dtype=_i64), 0.5
     ),

@@ -19,8 +19,9 @@ with its autograd backward. These functions compute the same values in fewer pas
   621 -> 1,206 img/s, bf16 training 175 -> 241, fp32 533 -> 774 and 148 -> 172
   (docs/speed.md). Elsewhere (CUDA, float64, no C compiler) the torch ops below, with a
   hand-written backward of three passes that reuses torch's softmax backward.
-- `gelu_tanh` is the reference's GELU (tanh approximation); on the CPU kernels/gelu.c, one
-  pass each way (bf16 inference 1,303 -> 1,455 img/s on the AMX Xeon, docs/speed.md).
+- `gelu_tanh` is the reference's GELU (tanh approximation), with the MLP's dropout after it
+  where asked; on the CPU kernels/gelu.c, one pass each way with the dropout inside (bf16
+  inference 1,303 -> 1,455 img/s on the AMX Xeon, docs/speed.md).
 - `layer_norm` and `add_layer_norm` are the blocks' LayerNorms (the second with the
   residual add before it) under CPU bf16 autocast: kernels/layer_norm.c reads the fp32
   stream and writes bf16 in one pass each way (EANet bf16 inference 1,270 -> 1,655 img/s,
@@ -286,6 +287,11 @@ class _DoubleNormalize(torch.autograd.Function):
 _NO_SEEDS = torch.zeros(2, dtype=torch.int64)
 
 
+def _no_seeds() -> torch.Tensor:
+    """The seeds of no dropout (p = 0), a tensor of the op's own to hand out."""
+    return torch.zeros(2, dtype=torch.int64)
+
+
 def double_normalize(z: torch.Tensor, token_dim: int = 1, p: float = 0.0) -> torch.Tensor:
     """External attention's normalisation of logits `z` (..., tokens, ..., memory).
 
@@ -308,55 +314,66 @@ def _native_gelu_applies(x: torch.Tensor) -> bool:
     return cpu and native.available("gelu")
 
 
-def _gelu_call(name: str, out: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+def _gelu_call(name: str, out: torch.Tensor, seeds, p: float, *tensors: torch.Tensor):
     alike = all(t.shape == out.shape and t.dtype == out.dtype for t in tensors)
-    fits = _cpu(out, *tensors) and out.dtype in _DTYPES and alike
-    _check("gelu", fits, "CPU fp32 or bf16 tensors of one shape and dtype", *tensors, out)
+    fits = _cpu(out, seeds, *tensors) and out.dtype in _DTYPES and alike
+    fits = fits and seeds.numel() == 2 and 0.0 <= p < 1.0 and out.numel() < 2**31
+    need = "CPU fp32 or bf16 tensors of one shape and dtype, 2 seeds, 0 <= p < 1"
+    _check("gelu", fits, need, *tensors, out, seeds)
     lib = native.library("gelu")
     ptrs = [t.data_ptr() for t in (*tensors, out)]
     bf16, n = int(out.dtype == torch.bfloat16), out.numel()
-    native.split_batch(lib, getattr(lib, name), n, *ptrs, bf16, n)
+    native.split_batch(lib, getattr(lib, name), n, *ptrs, bf16, *_drop_args(seeds, p), n)
     return out
 
 
-@torch.library.custom_op("eanet::gelu_tanh_cpu", mutates_args=())
-def _native_gelu(x: torch.Tensor) -> torch.Tensor:
+@torch.library.custom_op(
+    "eanet::gelu_tanh_cpu", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
+)
+def _native_gelu(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(GELU(x) with each element dropped with probability p, the two seeds of the draws)."""
+    seeds = torch.randint(0, 2**32, (2,), dtype=torch.int64) if p > 0.0 else _no_seeds()
     x = x.contiguous()
-    return _gelu_call("gelu_forward", torch.empty_like(x), x)
+    return _gelu_call("gelu_forward", torch.empty_like(x), seeds, p, x), seeds
 
 
 @_native_gelu.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
+def _(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty(2, dtype=torch.int64)
 
 
 @torch.library.custom_op("eanet::gelu_tanh_cpu_backward", mutates_args=())
-def _native_gelu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _native_gelu_backward(
+    grad: torch.Tensor, x: torch.Tensor, seeds: torch.Tensor, p: float
+) -> torch.Tensor:
     grad, x = grad.to(x.dtype).contiguous(), x.contiguous()
-    return _gelu_call("gelu_backward", torch.empty_like(x), grad, x)
+    return _gelu_call("gelu_backward", torch.empty_like(x), seeds, p, grad, x)
 
 
 @_native_gelu_backward.register_fake
-def _(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _(grad: torch.Tensor, x: torch.Tensor, seeds: torch.Tensor, p: float) -> torch.Tensor:
     return torch.empty_like(x)
 
 
 def _gelu_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(inputs[0])
+    ctx.p = inputs[1]
+    ctx.save_for_backward(inputs[0], output[1])
 
 
-def _gelu_grad(ctx, grad: torch.Tensor) -> torch.Tensor:
-    return _native_gelu_backward(grad, *ctx.saved_tensors)
+def _gelu_grad(ctx, grad: torch.Tensor, _grad_seeds) -> tuple[torch.Tensor, None]:
+    return _native_gelu_backward(grad, *ctx.saved_tensors, ctx.p), None
 
 
 _native_gelu.register_autograd(_gelu_grad, setup_context=_gelu_setup)
 
 
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """F.gelu(x, approximate="tanh"); on the CPU (fp32, bf16) by kernels/gelu.c in one pass."""
-    if _native_gelu_applies(x):
-        return _native_gelu(x)
-    return torch.nn.functional.gelu(x, approximate="tanh")
+def gelu_tanh(x: torch.Tensor, p: float = 0.0) -> torch.Tensor:
+    """masked(F.gelu(x, approximate="tanh"), p): the reference's GELU, each result then
+    zeroed with probability p (the MLP's dropout, no 1/(1-p) rescale: the caller folds it).
+    On the CPU (fp32, bf16) by kernels/gelu.c, the dropout inside its pass each way."""
+    if _native_gelu_applies(x) and x.numel() < 2**31:
+        return _native_gelu(x, p)[0]
+    return masked(torch.nn.functional.gelu(x, approximate="tanh"), p)
 
 
 @torch.library.custom_op("eanet::softmax_cpu", mutates_args=())

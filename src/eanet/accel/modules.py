@@ -18,7 +18,8 @@ model's, and `restore` changes the class back. Each computes the plain layer's f
   draws its dropout with `bernoulli_` over (B, h, N, N)), in bf16 the softmax and its
   dropout in one kernel (`fused.softmax_dropout`), and CPU bf16 inference a few images at
   a time (`attention_in_chunks`).
-- `FastMlp`: the tanh GELU kernel and the cheap dropout masks, rescales folded into fc2.
+- `FastMlp`: the tanh GELU kernel with the dropout after it inside its pass, the cheap
+  dropout masks after fc2, both rescales folded into fc2.
 - `FusedBlocks`: the block sequence with each block's last residual add left to the next
   block's LayerNorm, so that under CPU bf16 autocast the add and the norm run in one
   kernel pass (`fused.add_layer_norm`), in inference written over the stream the blocks
@@ -223,15 +224,16 @@ def attention_in_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
 
 
 class FastMlp(Mlp):
-    """The MLP with the GELU kernel and cheap dropout masks (CPU); torch's ops on CUDA."""
+    """The MLP with the GELU kernel (its dropout inside) and cheap dropout masks (CPU);
+    torch's ops on CUDA."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch_dropout(x):
             return super().forward(x)
         p = self.drop.p if self.training else 0.0
         s = 1.0 / (1.0 - p)  # both dropout rescales folded into fc2
-        act = gelu_tanh if self.act.approximate == "tanh" else self.act
-        h = masked(act(self.fc1(x)), p)
+        h = self.fc1(x)
+        h = gelu_tanh(h, p) if self.act.approximate == "tanh" else masked(self.act(h), p)
         return masked(F.linear(h, self.fc2.weight * (s * s), self.fc2.bias * s), p)
 
 

@@ -7,7 +7,9 @@
  * common.h), exact in the tails where torch's go through tanh itself. bfloat16 tensors go
  * through a small fp32 buffer per thread, 256 elements at a time (in and out in bf16, the
  * arithmetic in fp32, as torch's own bf16 GELU); on AVX-512 the forward runs 16 at a time
- * in registers (forward16). Built by
+ * in registers (forward16, backward16). With a dropout threshold t > 0 the result (and the gradient)
+ * is dropped in the same pass where the counter-based draws of common.h (seeds s1, s2) say
+ * so: the MLP's dropout after the activation, without a pass of its own each way. Built by
  * eanet.models.native (see double_normalize.c); *(..., n, i0, i1) does elements [i0, i1)
  * of n, split over OpenMP threads where the library has them, and returns 0.
  */
@@ -57,12 +59,46 @@ static inline __m512 forward16(__m512 v) {
     __m512 half_opt = _mm512_mask_mul_ps(r, negative, e, r);
     return _mm512_mul_ps(v, half_opt);
 }
+
+/* The backward of 16 values: g * dy/dx with (1 + t) / 2 as in forward16 and
+ * (1 - t^2) / 2 = 2 e r^2, so dy/dx = (1 + t) / 2 + 2 e r^2 K x (1 + 3 C x^2). */
+static inline __m512 backward16(__m512 g, __m512 v) {
+    __m512 v2 = _mm512_mul_ps(v, v);
+    __m512 u = _mm512_mul_ps(_mm512_set1_ps(K), _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(C), v), v2, v));
+    __m512 e = exp16(_mm512_mul_ps(_mm512_set1_ps(-2.0f), _mm512_abs_ps(u)));
+    __m512 r = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+    __mmask16 negative = _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_LT_OQ);
+    __m512 half_opt = _mm512_mask_mul_ps(r, negative, e, r);
+    __m512 slope = _mm512_fmadd_ps(_mm512_set1_ps(3.0f * C), v2, _mm512_set1_ps(1.0f));
+    __m512 half_omt2 = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(2.0f), e), _mm512_mul_ps(r, r));
+    __m512 d = _mm512_fmadd_ps(_mm512_mul_ps(half_omt2, _mm512_set1_ps(K)), _mm512_mul_ps(v, slope), half_opt);
+    return _mm512_mul_ps(g, d);
+}
 #define GELU16 1
 #else
 #define GELU16 0
 #endif
 
-int gelu_forward(const void *x, void *y, int bf16, long n, long i0, long i1) {
+/* GELU of elements [i, i + m) of x, m <= CHUNK, into the fp32 row ys (xs: scratch). */
+static inline void forward_chunk(const void *x, int bf16, long i, long m, float *R xs,
+                                 float *R ys) {
+    long j = 0;
+#if GELU16
+    for (; j + 16 <= m; j += 16) _mm512_storeu_ps(ys + j, forward16(load16(x, bf16, i + j)));
+#endif
+    if (j == m) return;
+    if (bf16) {
+        from_bf16((const uint16_t *)x + i + j, xs, m - j);
+        forward_f32(xs, ys + j, m - j);
+    } else {
+        forward_f32((const float *)x + i + j, ys + j, m - j);
+    }
+}
+
+/* y = GELU(x), each element then dropped where the draws of (s1, s2) say so (t > 0: the
+ * dropout of `masked` after the activation, as dropout.c draws it; t = 0: none). */
+int gelu_forward(const void *x, void *y, int bf16, uint32_t s1, uint32_t s2, uint32_t t,
+                 long n, long i0, long i1) {
     (void)n;
     PARALLEL {
         long lo, hi;
@@ -70,24 +106,41 @@ int gelu_forward(const void *x, void *y, int bf16, long n, long i0, long i1) {
         float xs[CHUNK], ys[CHUNK];
         long i = lo;
 #if GELU16
-        for (; i + 16 <= hi; i += 16) store16(y, bf16, i, forward16(load16(x, bf16, i)));
+        if (!t) /* straight from the registers */
+            for (; i + 16 <= hi; i += 16) store16(y, bf16, i, forward16(load16(x, bf16, i)));
 #endif
         for (; i < hi; i += CHUNK) {
             long m = hi - i < CHUNK ? hi - i : CHUNK;
-            if (!bf16) {
-                forward_f32((const float *)x + i, (float *)y + i, m);
-                continue;
-            }
-            from_bf16((const uint16_t *)x + i, xs, m);
-            forward_f32(xs, ys, m);
-            to_bf16(ys, (uint16_t *)y + i, m);
+            float *R out = bf16 ? ys : (float *)y + i;
+            forward_chunk(x, bf16, i, m, xs, out);
+            if (t) drop_row(out, (uint32_t)i, m, s1, s2, t);
+            if (bf16) to_bf16(ys, (uint16_t *)y + i, m);
         }
     }
     return 0;
 }
 
-int gelu_backward(const void *g, const void *x, void *gx, int bf16, long n, long i0,
-                  long i1) {
+/* dL/dx of elements [i, i + m), m <= CHUNK, into the fp32 row o (gs, xs: scratch). */
+static inline void backward_chunk(const void *g, const void *x, int bf16, long i, long m,
+                                  float *R gs, float *R xs, float *R o) {
+    long j = 0;
+#if GELU16
+    for (; j + 16 <= m; j += 16)
+        _mm512_storeu_ps(o + j, backward16(load16(g, bf16, i + j), load16(x, bf16, i + j)));
+#endif
+    if (j == m) return;
+    if (bf16) {
+        from_bf16((const uint16_t *)g + i + j, gs, m - j);
+        from_bf16((const uint16_t *)x + i + j, xs, m - j);
+        backward_f32(gs, xs, o + j, m - j);
+    } else {
+        backward_f32((const float *)g + i + j, (const float *)x + i + j, o + j, m - j);
+    }
+}
+
+/* dL/dx from dL/dy = g, 0 where the forward's draws (s1, s2, t) dropped the element. */
+int gelu_backward(const void *g, const void *x, void *gx, int bf16, uint32_t s1, uint32_t s2,
+                  uint32_t t, long n, long i0, long i1) {
     (void)n;
     PARALLEL {
         long lo, hi;
@@ -95,14 +148,10 @@ int gelu_backward(const void *g, const void *x, void *gx, int bf16, long n, long
         float gs[CHUNK], xs[CHUNK], out[CHUNK];
         for (long i = lo; i < hi; i += CHUNK) {
             long m = hi - i < CHUNK ? hi - i : CHUNK;
-            if (!bf16) {
-                backward_f32((const float *)g + i, (const float *)x + i, (float *)gx + i, m);
-                continue;
-            }
-            from_bf16((const uint16_t *)g + i, gs, m);
-            from_bf16((const uint16_t *)x + i, xs, m);
-            backward_f32(gs, xs, out, m);
-            to_bf16(out, (uint16_t *)gx + i, m);
+            float *R o = bf16 ? out : (float *)gx + i;
+            backward_chunk(g, x, bf16, i, m, gs, xs, o);
+            if (t) drop_row(o, (uint32_t)i, m, s1, s2, t);
+            if (bf16) to_bf16(out, (uint16_t *)gx + i, m);
         }
     }
     return 0;
