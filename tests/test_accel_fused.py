@@ -139,7 +139,6 @@ def test_native_tanh_gelu_matches_torch(build, dtype):
     torch.testing.assert_close(a.grad.float(), b.grad.float(), **tol)
 
 
-
 @pytest.mark.parametrize(("n", "dtype"), [(1001, torch.float32), (4099, torch.bfloat16)])
 def test_native_gelu_applies_the_dropout_of_its_seeds(build, n, dtype):
     """The MLP's dropout inside the GELU kernel (vector rows and odd tails, both thread
@@ -162,6 +161,7 @@ def test_native_gelu_applies_the_dropout_of_its_seeds(build, n, dtype):
     grad = _native_gelu_backward(g, x, seeds, p)
     masked_g = torch.where(keep, g, torch.zeros_like(g))
     assert torch.equal(grad, _native_gelu_backward(masked_g, x, none, 0.0))
+
 
 def _layer_norm_both_ways(dim, rows, grad_dtype):
     """(fused.layer_norm, torch's LayerNorm cast to bf16) under CPU bf16 autocast: outputs
