@@ -136,6 +136,33 @@ def test_hooks_on_a_block_see_what_they_see_in_the_plain_model():
     torch.testing.assert_close(seen["fast"], seen["plain"], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["eanet-cifar", "vit-cifar"])
+def test_dropouts_drawn_inside_the_adds_are_the_layers_own(name):
+    """In CPU bf16 training FusedBlocks draws each branch's last dropout (projection, MLP)
+    inside the residual add + LayerNorm; the blocks run one by one (a hook on the sequence's
+    first block) draw it in the layers themselves. Under one torch seed both draw the same
+    masks: the same logits and gradients, to bf16's rounding (other masks differ by far more)."""
+    _, fast = _pair(name, "bf16")
+    fast.train()
+    x = _images(fast, 4)
+    results = []
+    for one_by_one in (False, True):
+        hook = fast.blocks[0].register_forward_hook(lambda *a: None) if one_by_one else None
+        fast.zero_grad()
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = fast(x).float()
+        logits.logsumexp(1).sum().backward()
+        results.append((logits, [p.grad.clone() for p in fast.parameters()]))
+        if hook:
+            hook.remove()
+    (a, grads_a), (b, grads_b) = results
+    torch.testing.assert_close(a, b, atol=0.02, rtol=0.02)
+    scale = max(g.abs().max() for g in grads_b)
+    gap = max((ga - gb).abs().max() for ga, gb in zip(grads_a, grads_b, strict=True))
+    assert gap < 0.02 * scale
+
+
 def test_the_plain_model_runs_torchs_ops_and_the_applied_one_the_kernels():
     plain, fast = _pair("eanet-cifar", "bf16")
     x = _images(plain, 2)
@@ -385,7 +412,7 @@ def test_bf16_inference_adds_in_place_but_never_into_the_input(monkeypatch):
         in_place = fast.blocks(tokens)
         assert torch.equal(tokens, before) and len(calls) == 2  # the second block's two adds
         monkeypatch.setattr(
-            modules, "add_layer_norm", lambda n, x, r, in_place: fused.add_layer_norm(n, x, r)
+            modules, "add_layer_norm", lambda n, x, r, in_place, p: fused.add_layer_norm(n, x, r)
         )
         fresh = fast.blocks(tokens)
     assert torch.equal(in_place, fresh) and len(calls) == 2

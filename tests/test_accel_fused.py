@@ -239,6 +239,31 @@ def test_native_add_layer_norm_matches_torch(build):
     torch.testing.assert_close(gb, ref[5], atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize(("rows", "dim"), [(300, 64), (7, 33)])
+def test_native_add_layer_norm_applies_the_dropout_of_its_seeds(build, rows, dim):
+    """The branch's dropout inside the residual add + LayerNorm (rows of 64 sixteen at a
+    time in registers and a tail group; rows of 33 starting at odd elements): s and the norm
+    are those of the undropped kernel given h zeroed where the hash of common.h drops it, and
+    the residual's gradient is the undropped one zeroed there too."""
+    from eanet.accel.fused import _native_add_layer_norm, _native_layer_norm_backward, _threshold
+
+    torch.manual_seed(0)
+    x, h = torch.randn(rows, dim) * 2 + 1, torch.randn(rows, dim).bfloat16()
+    w, b, p = torch.randn(dim), torch.randn(dim), 0.3
+    g_y, g_s = torch.randn(rows, dim).bfloat16(), torch.randn(rows, dim)
+    s, y, mean, rstd, seeds = _native_add_layer_norm(x, h, w, b, 1e-6, p)
+    keep = _reference_keep(rows * dim, *(int(v) for v in seeds), _threshold(p)).view(rows, dim)
+    assert abs(keep.float().mean().item() - 0.7) < 0.07
+    s0, y0, mean0, rstd0, none = _native_add_layer_norm(x, h * keep, w, b, 1e-6, 0.0)
+    assert torch.equal(none, torch.zeros(2, dtype=torch.int64))
+    assert torch.equal(s, s0) and torch.equal(y, y0)
+    assert torch.equal(mean, mean0) and torch.equal(rstd, rstd0)
+    back = _native_layer_norm_backward(g_y, g_s, s, w, mean, rstd, True, seeds, p)
+    back0 = _native_layer_norm_backward(g_y, g_s, s, w, mean, rstd, True, none, 0.0)
+    assert torch.equal(back[0], back0[0]) and torch.equal(back[2], back0[2])
+    assert torch.equal(back[1], torch.where(keep, back0[1], torch.zeros_like(back0[1])))
+
+
 @pytest.mark.parametrize("shape", [(4, 4, 256, 256), (3, 5, 48), (2, 7), (2, 300), (3, 1)])
 def test_native_softmax_matches_torch(build, shape):
     """The softmax kernel of self-attention's weights (bf16 in and out, fp32 inside) against

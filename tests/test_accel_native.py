@@ -383,8 +383,8 @@ def test_the_ctypes_signatures_are_read_from_the_c_prototypes():
     }
     assert native.signatures("layer_norm") == threaded | {
         "ln_block_rows": ([], _I),
-        "ln_forward": ([_P] * 8 + [_I, _L, _F, _L, _L], _I),
-        "ln_backward": ([_P] * 9 + [_I, _L, _L, _L, _L], _I),
+        "ln_forward": ([_P] * 8 + [_I, _L, _F, _U, _U, _U, _L, _L], _I),
+        "ln_backward": ([_P] * 9 + [_I, _L, _L, _U, _U, _U, _L, _L], _I),
     }
     assert native.signatures("dropout") == threaded | {
         "keep_32bit": ([_P, _P, _U, _U, _U, _L, _L, _L], _I),
@@ -438,6 +438,13 @@ def _dn_backward(ops, grad_shape: tuple, stats_shape: tuple):
     return ops.double_normalize_cpu_backward(torch.randn(grad_shape), z, stats, stats, _SEEDS, 0.0)
 
 
+def _ln_backward(ops, grad_shape: tuple, stats_rows: int, seeds: torch.Tensor):
+    """LayerNorm's backward of (3, 8) rows, gradient, statistics and seeds as given."""
+    stats = torch.zeros(stats_rows), torch.ones(stats_rows)
+    x, w = torch.randn(3, 8), torch.ones(8)
+    return ops.layer_norm_cpu_backward(torch.randn(grad_shape), None, x, w, *stats, 0, seeds, 0.1)
+
+
 _REFUSED = {
     "layer_norm: weight (4,) for rows of 8": lambda o: o.layer_norm_cpu(
         torch.randn(3, 8), torch.ones(4), torch.zeros(4), 1e-5, True
@@ -446,17 +453,17 @@ _REFUSED = {
         torch.randn(3, 8).double(), torch.ones(8), torch.zeros(8), 1e-5, True
     ),
     "add_layer_norm: residual of another shape": lambda o: o.add_layer_norm_cpu(
-        torch.randn(3, 8), torch.zeros(3, 4, dtype=_bf16), torch.ones(8), torch.zeros(8), 1e-5
+        torch.randn(3, 8), torch.zeros(3, 4, dtype=_bf16), torch.ones(8), torch.zeros(8), 1e-5, 0.0
     ),
     "add_layer_norm: fp32 residual": lambda o: o.add_layer_norm_cpu(
-        torch.randn(3, 8), torch.zeros(3, 8), torch.ones(8), torch.zeros(8), 1e-5
+        torch.randn(3, 8), torch.zeros(3, 8), torch.ones(8), torch.zeros(8), 1e-5, 0.0
     ),
-    "layer_norm backward: gradient of another shape": lambda o: o.layer_norm_cpu_backward(
-        torch.randn(3, 4), None, torch.randn(3, 8), torch.ones(8), torch.zeros(3), torch.ones(3), 0
+    "add_layer_norm: dropout p = 1": lambda o: o.add_layer_norm_cpu(
+        torch.randn(3, 8), torch.zeros(3, 8, dtype=_bf16), torch.ones(8), torch.zeros(8), 1e-5, 1.0
     ),
-    "layer_norm backward: statistics of 2 rows": lambda o: o.layer_norm_cpu_backward(
-        torch.randn(3, 8), None, torch.randn(3, 8), torch.ones(8), torch.zeros(2), torch.ones(2), 0
-    ),
+    "layer_norm backward: gradient of another shape": lambda o: _ln_backward(o, (3, 4), 3, _SEEDS),
+    "layer_norm backward: statistics of 2 rows": lambda o: _ln_backward(o, (3, 8), 2, _SEEDS),
+    "layer_norm backward: 1 seed": lambda o: _ln_backward(o, (3, 8), 3, torch.zeros(1, dtype=_i64)),
     "double_normalize: 3-d logits": lambda o: o.double_normalize_cpu(
         torch.randn(2, 4, 4), _SEEDS, 0.0
     ),

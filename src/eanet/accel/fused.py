@@ -509,9 +509,12 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _norm_forward(x, residual, weight, bias, eps: float, bf16_out: bool, in_place: bool = False):
+def _norm_forward(
+    x, residual, weight, bias, eps: float, bf16_out: bool, in_place: bool = False, drop=(0, 0, 0)
+):
     """(x + residual or None, y, mean, 1/std) by kernels/layer_norm.c; with `in_place`, the
-    sum is written over x itself (contiguous x), which is returned as the stream."""
+    sum is written over x itself (contiguous x), which is returned as the stream; `drop`,
+    the kernels' (seed 1, seed 2, threshold) of the residual's dropout (`_drop_args`)."""
     _check_norm(x, weight, bias)
     fits = residual is None or (residual.shape == x.shape and residual.dtype == torch.bfloat16)
     _check("layer_norm", fits, "a bf16 residual shaped as x", x, residual)
@@ -525,7 +528,8 @@ def _norm_forward(x, residual, weight, bias, eps: float, bf16_out: bool, in_plac
     rstd = torch.empty_like(mean)
     tensors = (x, residual, weight.contiguous(), bias.contiguous(), stream, y, mean, rstd)
     lib = native.library("layer_norm")
-    native.split_batch(lib, lib.ln_forward, rows, *map(_ptr, tensors), int(bf16_out), D, eps)
+    args = (*map(_ptr, tensors), int(bf16_out), D, eps, *drop)
+    native.split_batch(lib, lib.ln_forward, rows, *args)
     return stream, y, mean, rstd
 
 
@@ -557,17 +561,28 @@ def _(x, weight, bias, eps, bf16_out):
     return _norm_fake(x, bf16_out)
 
 
-@torch.library.custom_op("eanet::add_layer_norm_cpu", mutates_args=())
+@torch.library.custom_op(
+    "eanet::add_layer_norm_cpu", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
+)
 def _native_add_layer_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(s = x + residual in fp32, LayerNorm(s) in bf16, mean, 1/std), in one pass."""
-    return _norm_forward(x, residual, weight, bias, eps, True)
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(s = x + masked(residual, p) in fp32, LayerNorm(s) in bf16, mean, 1/std, the two
+    seeds of the residual's dropout), in one pass."""
+    seeds = torch.randint(0, 2**32, (2,), dtype=torch.int64) if p > 0.0 else _no_seeds()
+    _check("layer_norm", seeds.numel() == 2 and 0.0 <= p < 1.0, "0 <= p < 1", residual)
+    drop = _drop_args(seeds, p)
+    return (*_norm_forward(x, residual, weight, bias, eps, True, drop=drop), seeds)
 
 
 @_native_add_layer_norm.register_fake
-def _(x, residual, weight, bias, eps):
-    return (torch.empty_like(x), *_norm_fake(x, True))
+def _(x, residual, weight, bias, eps, p):
+    return (torch.empty_like(x), *_norm_fake(x, True), torch.empty(2, dtype=torch.int64))
 
 
 @torch.library.custom_op("eanet::layer_norm_cpu_backward", mutates_args=())
@@ -579,16 +594,20 @@ def _native_layer_norm_backward(
     mean: torch.Tensor,
     rstd: torch.Tensor,
     residual_grad: bool,
+    seeds: torch.Tensor,
+    p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dL/dx, dL/dresidual in bf16 (empty without one), dL/dweight, dL/dbias) from
-    dL/dy (fp32 or bf16) and, for the add, the residual stream's own gradient (fp32)."""
+    """(dL/dx, dL/dresidual in bf16 (empty without one; 0 where the residual's dropout of
+    `seeds` and p dropped it), dL/dweight, dL/dbias) from dL/dy (fp32 or bf16) and, for the
+    add, the residual stream's own gradient (fp32)."""
     _check_norm(x, weight)
     rows = x.numel() // x.shape[-1]
     stats = all(t.shape == (rows,) and t.dtype == torch.float32 for t in (mean, rstd))
     grads = grad.shape == x.shape and (grad_stream is None or grad_stream.shape == x.shape)
-    fits = _cpu(grad, grad_stream, mean, rstd) and grads and stats
-    need = "CPU gradients shaped as x and fp32 statistics (rows,)"
-    _check("layer_norm", fits, need, grad, grad_stream, x, mean, rstd)
+    fits = _cpu(grad, grad_stream, mean, rstd, seeds) and grads and stats
+    fits = fits and seeds.numel() == 2 and 0.0 <= p < 1.0
+    need = "CPU gradients shaped as x, fp32 statistics (rows,), 2 seeds"
+    _check("layer_norm", fits, need, grad, grad_stream, x, mean, rstd, seeds)
     if grad.dtype != torch.bfloat16:
         grad = grad.float()
     grad, x, D = grad.contiguous(), x.contiguous(), x.shape[-1]
@@ -601,12 +620,13 @@ def _native_layer_norm_backward(
     tensors = (grad, grad_stream, x, weight.contiguous(), mean, rstd, grad_x)
     ptrs = [*map(_ptr, tensors), grad_h.data_ptr() if residual_grad else None, part.data_ptr()]
     g_bf16 = int(grad.dtype == torch.bfloat16)
-    native.split_batch(lib, lib.ln_backward, blocks, *ptrs, g_bf16, D, rows)
+    drop = _drop_args(seeds, p)
+    native.split_batch(lib, lib.ln_backward, blocks, *ptrs, g_bf16, D, rows, *drop)
     return grad_x, grad_h, part[:, 0].sum(0), part[:, 1].sum(0)
 
 
 @_native_layer_norm_backward.register_fake
-def _(grad, grad_stream, x, weight, mean, rstd, residual_grad):
+def _(grad, grad_stream, x, weight, mean, rstd, residual_grad, seeds, p):
     grad_h = torch.empty(x.shape if residual_grad else 0, dtype=torch.bfloat16)
     return torch.empty_like(x), grad_h, torch.empty_like(weight), torch.empty_like(weight)
 
@@ -617,7 +637,8 @@ def _norm_setup(ctx, inputs, output) -> None:
 
 
 def _norm_grad(ctx, grad, _grad_mean, _grad_rstd):
-    grad_x, _, grad_w, grad_b = _native_layer_norm_backward(grad, None, *ctx.saved_tensors, False)
+    saved, no_drop = ctx.saved_tensors, (_NO_SEEDS, 0.0)
+    grad_x, _, grad_w, grad_b = _native_layer_norm_backward(grad, None, *saved, False, *no_drop)
     return grad_x, grad_w, grad_b, None, None
 
 
@@ -625,15 +646,16 @@ _native_layer_norm.register_autograd(_norm_grad, setup_context=_norm_setup)
 
 
 def _add_norm_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(output[0], inputs[2], output[2], output[3])  # s, weight, mean, rstd
+    ctx.p = inputs[5]
+    ctx.save_for_backward(output[0], inputs[2], output[2], output[3], output[4])
 
 
-def _add_norm_grad(ctx, grad_stream, grad, _grad_mean, _grad_rstd):
-    s, weight, mean, rstd = ctx.saved_tensors
+def _add_norm_grad(ctx, grad_stream, grad, _grad_mean, _grad_rstd, _grad_seeds):
+    s, weight, mean, rstd, seeds = ctx.saved_tensors
     grad_x, grad_h, grad_w, grad_b = _native_layer_norm_backward(
-        grad, grad_stream, s, weight, mean, rstd, True
+        grad, grad_stream, s, weight, mean, rstd, True, seeds, ctx.p
     )
-    return grad_x, grad_h, grad_w, grad_b, None
+    return grad_x, grad_h, grad_w, grad_b, None, None
 
 
 _native_add_layer_norm.register_autograd(_add_norm_grad, setup_context=_add_norm_setup)
@@ -661,19 +683,24 @@ def layer_norm(norm: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 
 
 def add_layer_norm(
-    norm: torch.nn.LayerNorm, x: torch.Tensor, residual: torch.Tensor, in_place: bool = False
+    norm: torch.nn.LayerNorm,
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    in_place: bool = False,
+    p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, norm(s)) with s = x + residual: a block's residual add and the next pre-norm.
-    Under CPU bf16 autocast (fp32 stream x, bf16 branch output) in one kernel pass each way.
+    """(s, norm(s)) with s = x + masked(residual, p): a block's residual add (its branch's
+    dropout, no rescale, first) and the next pre-norm. Under CPU bf16 autocast (fp32 stream
+    x, bf16 branch output) in one kernel pass each way, the dropout inside.
     `in_place` lets it write s over x where no gradient is wanted (the caller owns x):
     about 30% less time for the pass where x is not in the cache (0.51 -> 0.36 ms for EANet's
     (32768, 64) rows on the AVX-512-bf16 EPYC)."""
     fused = residual.dtype == torch.bfloat16 and residual.shape == x.shape
     if fused and residual.device == x.device and _native_norm_applies(norm, x):
         w, b, eps = norm.weight, norm.bias, norm.eps
-        if in_place and x.is_contiguous() and not torch.is_grad_enabled():
+        if in_place and x.is_contiguous() and not torch.is_grad_enabled() and p == 0.0:
             return x, _native_add_layer_norm_(x, residual, w, b, eps)
-        s, y, _, _ = _native_add_layer_norm(x, residual, w, b, eps)
+        s, y, *_ = _native_add_layer_norm(x, residual, w, b, eps, p)
         return s, y
-    s = x + residual
+    s = x + masked(residual, p)
     return s, layer_norm(norm, s)

@@ -23,7 +23,8 @@ model's, and `restore` changes the class back. Each computes the plain layer's f
 - `FusedBlocks`: the block sequence with each block's last residual add left to the next
   block's LayerNorm, so that under CPU bf16 autocast the add and the norm run in one
   kernel pass (`fused.add_layer_norm`), in inference written over the stream the blocks
-  made themselves.
+  made themselves, and in training with the branch's last dropout (the projection's, the
+  MLP's) inside that pass each way (`branch` gives a layer's output before it).
 
 On the CPU the dropout masks are drawn differently from `nn.Dropout` (a counter-based
 generator, `fused.masked`): each run is deterministic under its seed, but the plain and
@@ -112,6 +113,11 @@ class FoldedExternalAttention(ExternalAttention):
         return cached_fold(self, self.folded_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return masked(*self.branch(x))
+
+    def branch(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(out, p): the forward is masked(out, p), p the dropout still to draw (0: none),
+        which `FusedBlocks` draws inside the next residual add instead."""
         B, N, _ = x.shape
         w_in, b_in, w_out, b_out = self.folded_weights_cached()
         # b_in shifts every token's logit in a column alike, which the softmax over the tokens
@@ -120,16 +126,17 @@ class FoldedExternalAttention(ExternalAttention):
         if torch.is_grad_enabled():
             b_out = b_out + 0.0 * b_in.sum()
         if not self.training and in_cache_chunks(x, N * self.heads * self.memory):
-            return external_attention_in_chunks(x, self.heads, self.memory, w_in, w_out, b_out)
+            out = external_attention_in_chunks(x, self.heads, self.memory, w_in, w_out, b_out)
+            return out, 0.0
         z = F.linear(x, w_in).view(B, N, self.heads, self.memory)  # (B, N, h, S)
         if torch_dropout(x):  # torch's dropout, which rescales by itself
             attn = double_normalize(z, token_dim=1).view(B, N, -1)  # (B, N, h*S)
-            return self.proj_drop(F.linear(self.attn_drop(attn), w_out, b_out))
+            return self.proj_drop(F.linear(self.attn_drop(attn), w_out, b_out)), 0.0
         p1 = self.attn_drop.p if self.training else 0.0
         p2 = self.proj_drop.p if self.training else 0.0
         s1, s2 = 1.0 / (1.0 - p1), 1.0 / (1.0 - p2)  # dropout rescales, folded into w_out
         attn = double_normalize(z, token_dim=1, p=p1).view(B, N, -1)  # dropout inside
-        return masked(F.linear(attn, w_out * (s1 * s2), b_out * s2), p2)
+        return F.linear(attn, w_out * (s1 * s2), b_out * s2), p2
 
 
 def chunk_images(x: torch.Tensor, logits_per_image: int) -> int:
@@ -228,17 +235,22 @@ class FastMlp(Mlp):
     torch's ops on CUDA."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return masked(*self.branch(x))
+
+    def branch(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(out, p): the forward is masked(out, p) (see FoldedExternalAttention.branch)."""
         if torch_dropout(x):
-            return super().forward(x)
+            return super().forward(x), 0.0
         p = self.drop.p if self.training else 0.0
         s = 1.0 / (1.0 - p)  # both dropout rescales folded into fc2
         h = self.fc1(x)
         h = gelu_tanh(h, p) if self.act.approximate == "tanh" else masked(self.act(h), p)
-        return masked(F.linear(h, self.fc2.weight * (s * s), self.fc2.bias * s), p)
+        return F.linear(h, self.fc2.weight * (s * s), self.fc2.bias * s), p
 
 
 class FusedBlocks(nn.Sequential):
-    """The blocks in sequence, each block's last residual add run inside the next LayerNorm.
+    """The blocks in sequence, each block's last residual add run inside the next LayerNorm,
+    and each branch's last dropout inside the residual add that follows it.
 
     Where a block carries hooks (a user watching its input or output), the blocks run one
     by one as plain modules, so the hooks see what they would see in the plain model.
@@ -247,33 +259,44 @@ class FusedBlocks(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if any(has_forward_hooks(block) for block in self):
             return super().forward(x)
-        pending = None  # the previous block's last branch, not yet added
+        pending = None  # the previous block's last branch and its dropout, not yet added
         for i, block in enumerate(self):
             x, pending = _block_parts(block, x, pending, owned=i > 0)
-        return x if pending is None else x + pending
+        return x if pending is None else x + masked(*pending)
+
+
+Branch = tuple[torch.Tensor, float]  # (out, p): a block's branch is masked(out, p)
 
 
 def _block_parts(
-    block: Block, x: torch.Tensor, pending: torch.Tensor | None, owned: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(stream, branch): `block` applied to x + pending is stream + branch. `owned`: x is a
-    stream this sequence made itself, which the adds may overwrite (never the input)."""
-    p, training = block.drop_path, block.training
+    block: Block, x: torch.Tensor, pending: Branch | None, owned: bool
+) -> tuple[torch.Tensor, Branch]:
+    """(stream, branch): `block` applied to x + masked(*pending) is stream + masked(*branch).
+    `owned`: x is a stream this sequence made itself, which the adds may overwrite (never
+    the input)."""
     x, h = _add_norm(block.norm1, x, pending, owned)
-    x, h = _add_norm(
-        block.norm2, x, drop_path(block.attn(h), p, training), owned or pending is not None
-    )
-    return x, drop_path(block.mlp(h), p, training)
+    x, h = _add_norm(block.norm2, x, _branch(block, block.attn, h), owned or pending is not None)
+    return x, _branch(block, block.mlp, h)
+
+
+def _branch(block: Block, module: nn.Module, h: torch.Tensor) -> Branch:
+    """(out, p) of `module` (the block's attention or MLP) on h, stochastic depth applied
+    (it commutes with the dropout: each multiplies elementwise by its own draws); a module
+    with hooks is called, so that they see its whole output."""
+    split = isinstance(module, FoldedExternalAttention | FastMlp)
+    out, p = module.branch(h) if split and not has_forward_hooks(module) else (module(h), 0.0)
+    return drop_path(out, block.drop_path, block.training), p
 
 
 def _add_norm(
-    norm: nn.LayerNorm, x: torch.Tensor, residual: torch.Tensor | None, owned: bool
+    norm: nn.LayerNorm, x: torch.Tensor, residual: Branch | None, owned: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + residual, norm(x + residual)), residual None meaning 0; the sum written over x
-    where this sequence owns x and no gradient is wanted."""
+    """(s, norm(s)), s = x + masked(*residual), residual None meaning 0; the sum written
+    over x where this sequence owns x and no gradient is wanted."""
     if residual is None:
         return x, layer_norm(norm, x)
-    return add_layer_norm(norm, x, residual, in_place=owned)
+    out, p = residual
+    return add_layer_norm(norm, x, out, in_place=owned, p=p)
 
 
 # plain layer -> its faster equivalent, and which devices it pays on

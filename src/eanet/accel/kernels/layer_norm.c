@@ -16,7 +16,9 @@
  * With a residual h (bf16, the output of the block's previous branch) the kernel also does
  * the residual add before the norm, s = x + h (fp32, as torch promotes it), writing s and
  * y in the one pass; its backward adds the stream's own gradient and writes dL/dh in bf16,
- * where torch would add and cast in two more passes.
+ * where torch would add and cast in two more passes. The branch's dropout (the block's
+ * projection or MLP dropout, drawn as dropout.c draws it) goes into the same passes: h's
+ * dropped elements are left out of s, and dL/dh is 0 there.
  *
  * The sums of dL/dw and dL/db over rows go by fixed blocks of BLOCK rows: block k writes its
  * partial sums to part[k] (2 x D floats) and the caller adds the blocks up, so threads never
@@ -40,15 +42,23 @@ static inline __attribute__((always_inline)) float row_sum(const float *R a, lon
     return s;
 }
 
+/* The dropout of the residual h: (s1, s2, t) as dropout.c draws it (t = 0: none). */
+typedef struct {
+    uint32_t s1, s2, t;
+} drops;
+
 /* Rows [i0, i0 + n), n <= G, of x, or of x + h where h (bf16) is given (then written to
- * s as fp32: the residual stream); out and sb are G x D floats of scratch. */
+ * s as fp32: the residual stream), h's elements dropped where `drop` says; out and sb are
+ * G x D floats of scratch. */
 static inline __attribute__((always_inline)) void forward_group(
     const float *x, const uint16_t *R h, const float *R w, const float *R b, float *s,
-    void *y, float *R mean, float *R rstd, int y_bf16, long D, float eps, long i0, long n,
-    float *R out, float *R sb) {
+    void *y, float *R mean, float *R rstd, int y_bf16, long D, float eps, drops drop,
+    long i0, long n, float *R out, float *R sb) {
     const float *R src = x + i0 * D;
     if (h) {
-        for (long j = 0; j < n * D; j++) sb[j] = x[i0 * D + j] + load_f32(h, 1, i0 * D + j);
+        from_bf16(h + i0 * D, sb, n * D);
+        if (drop.t) drop_row(sb, (uint32_t)(i0 * D), n * D, drop.s1, drop.s2, drop.t);
+        for (long j = 0; j < n * D; j++) sb[j] += x[i0 * D + j];
         for (long j = 0; j < n * D; j++) s[i0 * D + j] = sb[j];
         src = sb;
     }
@@ -77,15 +87,24 @@ static inline __attribute__((always_inline)) void forward_group(
  * registers (the scalar loops went through fp32 scratch); sb is 16 x 64 floats. */
 static inline __attribute__((always_inline)) void forward_group64(
     const float *x, const uint16_t *R h, const float *R w, const float *R b, float *s,
-    void *y, float *R mean, float *R rstd, int y_bf16, float eps, long i0, float *R sb) {
+    void *y, float *R mean, float *R rstd, int y_bf16, float eps, drops drop, long i0,
+    float *R sb) {
     __m512 acc[16], ww[4], bb[4];
     for (int k = 0; k < 16; k++) {
         __m512 a[4];
+        uint64_t keep = ~0ull; /* the row's 64 decisions */
+#if defined(__AVX512BW__)
+        if (h && drop.t) {
+            uint32_t at = (uint32_t)((i0 + k) * 64);
+            keep = (uint64_t)keep32(at, drop.s1, drop.s2, drop.t) |
+                   (uint64_t)keep32(at + 32, drop.s1, drop.s2, drop.t) << 32;
+        }
+#endif
         for (int j = 0; j < 4; j++) {
             long i = (i0 + k) * 64 + 16 * j;
             a[j] = _mm512_loadu_ps(x + i);
             if (h) {
-                a[j] = _mm512_add_ps(a[j], load16(h, 1, i));
+                a[j] = _mm512_mask_add_ps(a[j], (__mmask16)(keep >> (16 * j)), a[j], load16(h, 1, i));
                 _mm512_storeu_ps(s + i, a[j]);
             }
             _mm512_storeu_ps(sb + 64 * k + 16 * j, a[j]);
@@ -114,38 +133,45 @@ static inline __attribute__((always_inline)) void forward_group64(
         }
     }
 }
+#if defined(__AVX512BW__)
 #define VECTOR_ROWS 1
+#else /* keep32 needs AVX-512 BW: the residual's dropout goes by the loops */
+#define VECTOR_ROWS 0
+#endif
 #else
 #define VECTOR_ROWS 0
 static inline void forward_group64(const float *x, const uint16_t *R h, const float *R w,
                                    const float *R b, float *s, void *y, float *R mean,
-                                   float *R rstd, int y_bf16, float eps, long i0, float *R sb) {
+                                   float *R rstd, int y_bf16, float eps, drops drop, long i0,
+                                   float *R sb) {
     (void)x, (void)h, (void)w, (void)b, (void)s, (void)y, (void)mean, (void)rstd;
-    (void)y_bf16, (void)eps, (void)i0, (void)sb;
+    (void)y_bf16, (void)eps, (void)drop, (void)i0, (void)sb;
 }
 #endif
 
 static inline __attribute__((always_inline)) void forward_rows(
     const float *x, const uint16_t *R h, const float *R w, const float *R b, float *s,
-    void *y, float *R mean, float *R rstd, int y_bf16, long D, float eps, long r0, long r1,
-    float *R scratch) {
+    void *y, float *R mean, float *R rstd, int y_bf16, long D, float eps, drops drop, long r0,
+    long r1, float *R scratch) {
     for (long i = r0; i < r1; i += G) {
         long n = r1 - i < G ? r1 - i : G;
         if (VECTOR_ROWS && D == 64 && n == 16) {
-            forward_group64(x, h, w, b, s, y, mean, rstd, y_bf16, eps, i, scratch);
+            forward_group64(x, h, w, b, s, y, mean, rstd, y_bf16, eps, drop, i, scratch);
             continue;
         }
-        forward_group(x, h, w, b, s, y, mean, rstd, y_bf16, D, eps, i, n, scratch,
+        forward_group(x, h, w, b, s, y, mean, rstd, y_bf16, D, eps, drop, i, n, scratch,
                       scratch + G * D);
     }
 }
 
-/* y = LayerNorm(x), or with h (else NULL): s = x + h and y = LayerNorm(s); s may be x
+/* y = LayerNorm(x), or with h (else NULL): s = x + h and y = LayerNorm(s), h's elements
+ * dropped where the draws of (s1, s2) say so (t > 0: the branch's dropout); s may be x
  * itself (in place: each element of x is read before its sum is written, so x and s carry
  * no `restrict`). */
 int ln_forward(const float *x, const uint16_t *h, const float *w, const float *b, float *s,
-               void *y, float *mean, float *rstd, int y_bf16, long D, float eps, long r0,
-               long r1) {
+               void *y, float *mean, float *rstd, int y_bf16, long D, float eps, uint32_t s1,
+               uint32_t s2, uint32_t t, long r0, long r1) {
+    drops drop = {s1, s2, t};
     int failed = 0;
 #ifdef _OPENMP
 #pragma omp parallel reduction(| : failed)
@@ -157,20 +183,38 @@ int ln_forward(const float *x, const uint16_t *h, const float *w, const float *b
         if (!scratch)
             failed = 1;
         else if (D == 64 && y_bf16) /* EANet's and ViT's width under bf16: loops unrolled */
-            forward_rows(x, h, w, b, s, y, mean, rstd, 1, 64, eps, lo, hi, scratch);
+            forward_rows(x, h, w, b, s, y, mean, rstd, 1, 64, eps, drop, lo, hi, scratch);
         else
-            forward_rows(x, h, w, b, s, y, mean, rstd, y_bf16, D, eps, lo, hi, scratch);
+            forward_rows(x, h, w, b, s, y, mean, rstd, y_bf16, D, eps, drop, lo, hi, scratch);
         free(scratch);
     }
     return failed;
 }
 
+/* dst = src in bf16, [0, n) being elements at, at + 1, ... of the tensor, those the draws
+ * of `drop` dropped set to 0. */
+static inline void dropped_bf16(const float *R src, uint16_t *R dst, uint32_t at, long n,
+                                drops drop) {
+    if (!drop.t) {
+        to_bf16(src, dst, n);
+        return;
+    }
+    float buf[256];
+    for (long j = 0; j < n; j += 256) {
+        long m = n - j < 256 ? n - j : 256;
+        memcpy(buf, src + j, sizeof(float) * (size_t)m);
+        drop_row(buf, at + (uint32_t)j, m, drop.s1, drop.s2, drop.t);
+        to_bf16(buf, dst + j, m);
+    }
+}
+
 /* dL/dx of rows [i0, i0 + n), n <= G, plus gs (dL/dx from elsewhere, fp32) where given, and
- * a bf16 copy in gh where given; the rows' g * xh and g added into gw and gb. */
+ * a bf16 copy in gh where given (the residual's gradient: 0 where `drop` dropped it); the
+ * rows' g * xh and g added into gw and gb. */
 static inline __attribute__((always_inline)) void backward_group(
     const void *g, const float *R gs, const float *R x, const float *R w,
     const float *R mean, const float *R rstd, float *R gx, uint16_t *R gh, float *R gw,
-    float *R gb, int g_bf16, long D, long i0, long n) {
+    float *R gb, int g_bf16, long D, drops drop, long i0, long n) {
     float sg[G], sgx[G];
     for (long k = 0; k < n; k++) {
         long i = i0 + k;
@@ -194,25 +238,28 @@ static inline __attribute__((always_inline)) void backward_group(
             gx[i * D + d] = gs ? v + gs[i * D + d] : v;
         }
     }
-    if (gh) to_bf16(gx + i0 * D, gh + i0 * D, n * D);
+    if (gh) dropped_bf16(gx + i0 * D, gh + i0 * D, (uint32_t)(i0 * D), n * D, drop);
 }
 
 static inline __attribute__((always_inline)) void backward_block(
     const void *g, const float *R gs, const float *R x, const float *R w,
     const float *R mean, const float *R rstd, float *R gx, uint16_t *R gh, float *R gw,
-    float *R gb, int g_bf16, long D, long r0, long r1) {
+    float *R gb, int g_bf16, long D, drops drop, long r0, long r1) {
     for (long d = 0; d < D; d++) gw[d] = 0.0f, gb[d] = 0.0f;
     for (long i = r0; i < r1; i += G) {
         long n = r1 - i < G ? r1 - i : G;
-        backward_group(g, gs, x, w, mean, rstd, gx, gh, gw, gb, g_bf16, D, i, n);
+        backward_group(g, gs, x, w, mean, rstd, gx, gh, gw, gb, g_bf16, D, drop, i, n);
     }
 }
 
-/* From g = dL/dy: dL/dx (+ gs where given; a bf16 copy in gh where given) and the blocks'
- * partial sums of dL/dw, dL/db in part. x is LayerNorm's input (s of ln_forward). */
+/* From g = dL/dy: dL/dx (+ gs where given; a bf16 copy in gh where given, 0 where the
+ * forward's draws (s1, s2, t) dropped the residual) and the blocks' partial sums of dL/dw,
+ * dL/db in part. x is LayerNorm's input (s of ln_forward). */
 int ln_backward(const void *g, const float *gs, const float *x, const float *w,
                 const float *mean, const float *rstd, float *gx, uint16_t *gh, float *part,
-                int g_bf16, long D, long rows, long k0, long k1) {
+                int g_bf16, long D, long rows, uint32_t s1, uint32_t s2, uint32_t t, long k0,
+                long k1) {
+    drops drop = {s1, s2, t};
     PARALLEL {
         long lo, hi;
         share(k0, k1, &lo, &hi);
@@ -220,9 +267,9 @@ int ln_backward(const void *g, const float *gs, const float *x, const float *w,
             float *gw = part + k * 2 * D, *gb = gw + D;
             long r0 = k * BLOCK, r1 = r0 + BLOCK < rows ? r0 + BLOCK : rows;
             if (D == 64 && g_bf16)
-                backward_block(g, gs, x, w, mean, rstd, gx, gh, gw, gb, 1, 64, r0, r1);
+                backward_block(g, gs, x, w, mean, rstd, gx, gh, gw, gb, 1, 64, drop, r0, r1);
             else
-                backward_block(g, gs, x, w, mean, rstd, gx, gh, gw, gb, g_bf16, D, r0, r1);
+                backward_block(g, gs, x, w, mean, rstd, gx, gh, gw, gb, g_bf16, D, drop, r0, r1);
         }
     }
     return 0;
