@@ -162,7 +162,9 @@ def measure(
     images = after["images_served"] - before["images_served"]
     return {
         "max_batch": max_batch,
+        "requested_precision": precision,
         "precision": info["precision"],
+        "bf16_from_images": info.get("bf16_from_images"),
         "compiled": info["compiled"],
         "max_wait_ms": args.max_wait_ms,
         "server_torch_threads": threads,
@@ -181,6 +183,15 @@ def measure(
     }
 
 
+def _precision_cell(r: dict) -> str:
+    """'bf16', 'auto: bf16 from 4 images, fp32 below', 'auto: fp32', ' + compile'."""
+    cell = r.get("precision", "fp32")
+    if r.get("requested_precision") == "auto":
+        start = r.get("bf16_from_images")
+        cell = f"auto: bf16 from {start} images, fp32 below" if start else f"auto: {cell}"
+    return cell + (" + compile" if r.get("compiled") else "")
+
+
 def table(rows: list[dict], args: argparse.Namespace, env: dict, model: str) -> str:
     lines = [
         f"`eanet serve` load test: {args.requests} requests x {args.images_per_request} "
@@ -194,9 +205,8 @@ def table(rows: list[dict], args: argparse.Namespace, env: dict, model: str) -> 
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        compiled = " + compile" if r.get("compiled") else ""
         lines.append(
-            f"| {r.get('precision', 'fp32')}{compiled} | {r['max_batch']} "
+            f"| {_precision_cell(r)} | {r['max_batch']} "
             f"| {r['requests_per_s']} | {r['images_per_s']} | {r['p50_ms']} | {r['p95_ms']} "
             f"| {r['p99_ms']} | {r['errors']} | {r['forward_passes']} | {r['images_per_pass']} |"
         )

@@ -56,7 +56,8 @@ CHUNK_BYTES = 1 << 21  # attention weights (logits) of one chunk of images: abou
 def cached_fold(module: nn.Module, fold) -> tuple[torch.Tensor, ...]:
     """`fold()` (weights derived from `module`'s parameters), computed once while the
     parameters stay as they are, where no gradient is wanted (inference), and kept in the
-    autocast dtype where autocast is on (as autocast would cast them at every call); with
+    autocast dtype where autocast is on (as autocast would cast them at every call), one
+    copy per dtype (a server may run small passes in fp32 and large ones in bf16); with
     gradients, afresh (they flow through the fold), and under torch.compile (whose guards
     on the cache would recompile the graph). The fold itself runs in the parameters' fp32
     (autocast off: one rounding to bf16 at the end, not of each factor)."""
@@ -67,18 +68,18 @@ def cached_fold(module: nn.Module, fold) -> tuple[torch.Tensor, ...]:
             return fold()
     state = [(p.data_ptr(), tensor_version(p)) for p in params]
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    cached = module.__dict__.get("_folded")  # (parameters, pointers and versions, dtype, fold)
+    folds = module.__dict__.setdefault("_folded", {})  # dtype -> (parameters, state, fold)
+    cached = folds.get(dtype)
     if (
         cached is None
         or len(cached[0]) != len(params)
         or cached[1] != state
-        or cached[2] != dtype
         or any(a is not b for a, b in zip(cached[0], params, strict=True))
     ):
         with torch.autocast(device, enabled=False):
             folded = tuple(w.to(dtype) if dtype else w.clone() for w in fold())
-        module.__dict__["_folded"] = cached = (params, state, dtype, folded)
-    return cached[3]
+        folds[dtype] = cached = (params, state, folded)
+    return cached[2]
 
 
 def torch_dropout(x: torch.Tensor) -> bool:

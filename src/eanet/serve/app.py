@@ -48,7 +48,12 @@ class ServeState:
     def __init__(self, config: ServeConfig, served: ServedModel | None = None) -> None:
         self.config = config
         self.served = served or ServedModel(
-            config.checkpoint, config.device, config.precision, config.compile, config.accel
+            config.checkpoint,
+            config.device,
+            config.precision,
+            config.compile,
+            config.accel,
+            config.max_batch,
         )
         self.batcher = Batcher(self.served.forward, config.max_batch, config.max_wait_ms)
         self.decoder = ImageDecoder(
@@ -110,6 +115,7 @@ class ServeState:
             "class_names": s.class_names,
             "device": str(s.device),
             "precision": s.precision,
+            "bf16_from_images": s.bf16_from,
             "compiled": s.compiled,
             "server": self.server_info(),
             "stats": self.stats(),

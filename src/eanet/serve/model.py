@@ -1,6 +1,18 @@
-"""The served model: a checkpoint loaded once, its forward pass and its description."""
+"""The served model: a checkpoint loaded once, its forward pass and its description.
+
+Under `--precision auto` on a CPU where bf16 pays (`runtime.cpu_bf16_pays`: large
+matmuls), small forward passes may still be faster in fp32: bf16's casts and oneDNN's
+calls cost more than its matmuls save on a few images (the reference EANet on an AMX Xeon,
+2026-12-05: bf16 0.72x fp32's speed for one image, 0.98x for 4, 1.17x for 8, 2.35x for
+128; on an AVX-512-bf16 EPYC `--max-batch 1` served 18% fewer requests in bf16). So the
+served model times passes of 1, 2, 4, 8 and 16 images in both precisions once at start
+(`bf16_from`) and runs the passes below the size from which bf16 was faster in fp32.
+"""
 
 import hashlib
+import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -10,6 +22,29 @@ from eanet import __version__, checkpoint
 from eanet.inference import compiled_forward
 from eanet.models.registry import count_parameters
 from eanet.runtime import autocast, resolve_device, resolve_precision
+
+log = logging.getLogger(__name__)
+
+PROBE_SIZES = (1, 2, 4, 8, 16)  # images per pass timed in both precisions under 'auto'
+
+
+def bf16_from(seconds: Callable[[int, str], float], sizes: tuple[int, ...]) -> int | None:
+    """The smallest of `sizes` from which bf16 passes were faster than fp32 at every larger
+    size timed, by `seconds(images, precision)` (best of 3, alternating, after one pass
+    each to warm up); None where bf16 was not faster at the largest."""
+    faster = []
+    for n in sizes:
+        best = {"fp32": float("inf"), "bf16": float("inf")}
+        for _ in range(4):
+            for precision in best:
+                best[precision] = min(best[precision], seconds(n, precision))
+        faster.append(best["bf16"] < best["fp32"])  # the first round (warm-up) counts too
+    if not faster or not faster[-1]:
+        return None
+    k = len(faster) - 1
+    while k > 0 and faster[k - 1]:
+        k -= 1
+    return sizes[k]
 
 
 class ServedModel:
@@ -22,6 +57,7 @@ class ServedModel:
         precision: str = "fp32",
         compile: bool = False,
         accel: bool = True,
+        max_batch: int = 64,
     ) -> None:
         path = checkpoint.resolve(path)
         self.path = path
@@ -38,6 +74,9 @@ class ServedModel:
         self.parameters = count_parameters(self.model)
         self.compiled = compile
         self.runner = compiled_forward(self.model) if compile else self.model
+        self.bf16_from: int | None = None  # passes of fewer images run in fp32
+        if precision == "auto" and self.precision == "bf16" and self.device.type == "cpu":
+            self._choose_small_pass_precision(max_batch)
         if compile:  # batches of 1 then 2: torch then compiles one graph for every size
             for n in (1, 2):
                 self.forward(torch.zeros(n, 3, self.image_size, self.image_size, dtype=torch.uint8))
@@ -56,7 +95,39 @@ class ServedModel:
             "trained_with_eanet": self.meta.eanet_version,
         }
 
+    def pass_precision(self, images: int) -> str:
+        """The precision of a forward pass of `images` images."""
+        small = self.bf16_from is not None and images < self.bf16_from
+        return "fp32" if small else self.precision
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 images [B, 3, S, S] -> float logits [B, classes] on the CPU."""
-        with torch.inference_mode(), autocast(self.precision, self.device):
+        with torch.inference_mode(), autocast(self.pass_precision(len(x)), self.device):
             return self.runner(x.to(self.device)).float().cpu()
+
+    def _seconds(self, images: int, precision: str) -> float:
+        """Seconds of one forward pass of `images` blank images in `precision`."""
+        x = torch.zeros(images, 3, self.image_size, self.image_size, dtype=torch.uint8)
+        start = time.perf_counter()
+        with torch.inference_mode(), autocast(precision, self.device):
+            self.runner(x.to(self.device))
+        return time.perf_counter() - start
+
+    def _choose_small_pass_precision(self, max_batch: int) -> None:
+        """'auto' on a CPU: time small passes in both precisions (not compiled: each
+        precision would compile graphs of its own) and run in fp32 those where bf16 lost."""
+        if self.compiled:
+            return
+        sizes = tuple(n for n in PROBE_SIZES if n <= max_batch) or (1,)
+        start = time.perf_counter()
+        first = bf16_from(self._seconds, sizes)
+        if first is None:
+            self.precision = "fp32"
+        elif first > 1:
+            self.bf16_from = first
+        log.info(
+            "--precision auto: bf16 from passes of %s image(s), fp32 below (timed %s in %.1f s)",
+            first if first is not None else "(none timed)",
+            "/".join(map(str, sizes)),
+            time.perf_counter() - start,
+        )
