@@ -189,7 +189,8 @@ def _layer_norm_both_ways(dim, rows, grad_dtype):
 
 @pytest.mark.parametrize(
     ("dim", "rows", "grad_dtype"),
-    [(64, 700, torch.bfloat16), (48, 5, torch.bfloat16), (64, 9, torch.float32)],
+    [(64, 700, torch.bfloat16), (48, 5, torch.bfloat16), (64, 9, torch.float32)]
+    + [(64, 100, torch.float32)],  # fp32 gradients, 16 rows at a time and a tail
 )
 def test_native_layer_norm_matches_torch(build, dim, rows, grad_dtype):
     """The LayerNorm kernel against torch's LayerNorm + cast: the result in bf16 (the same

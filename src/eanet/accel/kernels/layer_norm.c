@@ -82,6 +82,19 @@ static inline __attribute__((always_inline)) void forward_group(
 }
 
 #if defined(__AVX512F__)
+/* The 64 keep decisions of row `row` of D = 64 under `drop` (all kept without a dropout). */
+static inline uint64_t row_keep64(drops drop, long row) {
+    uint64_t keep = ~0ull;
+#if defined(__AVX512BW__)
+    if (drop.t) {
+        uint32_t at = (uint32_t)(row * 64);
+        keep = (uint64_t)keep32(at, drop.s1, drop.s2, drop.t) |
+               (uint64_t)keep32(at + 32, drop.s1, drop.s2, drop.t) << 32;
+    }
+#endif
+    return keep;
+}
+
 /* forward_group for 16 rows of D = 64 in registers: each row is 4 vectors, the 16 rows'
  * sums come out as one vector from the tree, and y goes out in its type from the
  * registers (the scalar loops went through fp32 scratch); sb is 16 x 64 floats. */
@@ -92,14 +105,7 @@ static inline __attribute__((always_inline)) void forward_group64(
     __m512 acc[16], ww[4], bb[4];
     for (int k = 0; k < 16; k++) {
         __m512 a[4];
-        uint64_t keep = ~0ull; /* the row's 64 decisions */
-#if defined(__AVX512BW__)
-        if (h && drop.t) {
-            uint32_t at = (uint32_t)((i0 + k) * 64);
-            keep = (uint64_t)keep32(at, drop.s1, drop.s2, drop.t) |
-                   (uint64_t)keep32(at + 32, drop.s1, drop.s2, drop.t) << 32;
-        }
-#endif
+        uint64_t keep = h ? row_keep64(drop, i0 + k) : ~0ull;
         for (int j = 0; j < 4; j++) {
             long i = (i0 + k) * 64 + 16 * j;
             a[j] = _mm512_loadu_ps(x + i);
@@ -241,6 +247,66 @@ static inline __attribute__((always_inline)) void backward_group(
     if (gh) dropped_bf16(gx + i0 * D, gh + i0 * D, (uint32_t)(i0 * D), n * D, drop);
 }
 
+#if VECTOR_ROWS
+/* backward_group for 16 rows of D = 64 in registers: the 16 rows' two sums from the tree
+ * of shuffles (sums16), dL/dw and dL/db accumulated in registers, dL/dh rounded to bf16
+ * (and dropped) from the registers. */
+static inline __attribute__((always_inline)) void backward_group64(
+    const void *g, const float *R gs, const float *R x, const float *R w,
+    const float *R mean, const float *R rstd, float *R gx, uint16_t *R gh, float *R gw,
+    float *R gb, int g_bf16, drops drop, long i0) {
+    __m512 a1[16], a2[16], ww[4], gwv[4], gbv[4];
+    for (int j = 0; j < 4; j++) {
+        ww[j] = _mm512_loadu_ps(w + 16 * j);
+        gwv[j] = _mm512_loadu_ps(gw + 16 * j), gbv[j] = _mm512_loadu_ps(gb + 16 * j);
+    }
+    __m512 m = _mm512_loadu_ps(mean + i0), r = _mm512_loadu_ps(rstd + i0);
+    for (int k = 0; k < 16; k++) {
+        __m512 mk = lane(m, k), rk = lane(r, k), t1 = _mm512_setzero_ps(), t2 = t1;
+        for (int j = 0; j < 4; j++) {
+            long i = (i0 + k) * 64 + 16 * j;
+            __m512 gd = load16(g, g_bf16, i);
+            __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), mk), rk);
+            gwv[j] = _mm512_fmadd_ps(gd, xh, gwv[j]), gbv[j] = _mm512_add_ps(gbv[j], gd);
+            __m512 gdw = _mm512_mul_ps(gd, ww[j]);
+            t1 = _mm512_add_ps(t1, gdw), t2 = _mm512_fmadd_ps(gdw, xh, t2);
+        }
+        a1[k] = t1, a2[k] = t2;
+    }
+    for (int j = 0; j < 4; j++) {
+        _mm512_storeu_ps(gw + 16 * j, gwv[j]);
+        _mm512_storeu_ps(gb + 16 * j, gbv[j]);
+    }
+    __m512 sg = _mm512_div_ps(sums16(a1), _mm512_set1_ps(64.0f));
+    __m512 sgx = _mm512_div_ps(sums16(a2), _mm512_set1_ps(64.0f));
+    for (int k = 0; k < 16; k++) {
+        __m512 mk = lane(m, k), rk = lane(r, k), sgk = lane(sg, k), sgxk = lane(sgx, k);
+        uint64_t keep = gh ? row_keep64(drop, i0 + k) : ~0ull;
+        for (int j = 0; j < 4; j++) {
+            long i = (i0 + k) * 64 + 16 * j;
+            __m512 gd = load16(g, g_bf16, i);
+            __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), mk), rk);
+            __m512 v = _mm512_fnmadd_ps(xh, sgxk, _mm512_sub_ps(_mm512_mul_ps(gd, ww[j]), sgk));
+            v = _mm512_mul_ps(rk, v);
+            if (gs) v = _mm512_add_ps(v, _mm512_loadu_ps(gs + i));
+            _mm512_storeu_ps(gx + i, v);
+            if (gh) {
+                __m512 kept = _mm512_maskz_mov_ps((__mmask16)(keep >> (16 * j)), v);
+                _mm256_storeu_si256((__m256i *)(gh + i), bf16x16(kept));
+            }
+        }
+    }
+}
+#else
+static inline void backward_group64(const void *g, const float *R gs, const float *R x,
+                                    const float *R w, const float *R mean, const float *R rstd,
+                                    float *R gx, uint16_t *R gh, float *R gw, float *R gb,
+                                    int g_bf16, drops drop, long i0) {
+    (void)g, (void)gs, (void)x, (void)w, (void)mean, (void)rstd, (void)gx, (void)gh;
+    (void)gw, (void)gb, (void)g_bf16, (void)drop, (void)i0;
+}
+#endif
+
 static inline __attribute__((always_inline)) void backward_block(
     const void *g, const float *R gs, const float *R x, const float *R w,
     const float *R mean, const float *R rstd, float *R gx, uint16_t *R gh, float *R gw,
@@ -248,7 +314,10 @@ static inline __attribute__((always_inline)) void backward_block(
     for (long d = 0; d < D; d++) gw[d] = 0.0f, gb[d] = 0.0f;
     for (long i = r0; i < r1; i += G) {
         long n = r1 - i < G ? r1 - i : G;
-        backward_group(g, gs, x, w, mean, rstd, gx, gh, gw, gb, g_bf16, D, drop, i, n);
+        if (VECTOR_ROWS && D == 64 && n == 16)
+            backward_group64(g, gs, x, w, mean, rstd, gx, gh, gw, gb, g_bf16, drop, i);
+        else
+            backward_group(g, gs, x, w, mean, rstd, gx, gh, gw, gb, g_bf16, D, drop, i, n);
     }
 }
 
