@@ -267,7 +267,7 @@ class _DoubleNormalize(torch.autograd.Function):
     def forward(ctx, z: torch.Tensor, token_dim: int, native: bool, p: float) -> torch.Tensor:
         ctx.token_dim, ctx.native, ctx.in_dtype, ctx.p = token_dim, native, z.dtype, p
         if native:  # the dropout's seeds from torch's generator, as the dropout kernel's
-            seeds = torch.randint(0, 2**32, (2,), dtype=torch.int64) if p > 0.0 else _NO_SEEDS
+            seeds = _seeds(p)
             q, colmax, colinv = _native_forward(z, seeds, p)
             ctx.save_for_backward(z, colmax, colinv, seeds)
             return q
@@ -284,11 +284,12 @@ class _DoubleNormalize(torch.autograd.Function):
         return grad_z.to(ctx.in_dtype), None, None, None
 
 
-_NO_SEEDS = torch.zeros(2, dtype=torch.int64)
-
-
-def _no_seeds() -> torch.Tensor:
-    """The seeds of no dropout (p = 0), a tensor of the op's own to hand out."""
+def _seeds(p: float) -> torch.Tensor:
+    """The two 32-bit seeds of a kernel's dropout draws with probability p, drawn from
+    torch's generator; for p = 0 (nothing drawn, torch's generator untouched) zeros, a
+    tensor of the caller's own to save or hand out."""
+    if p > 0.0:
+        return torch.randint(0, 2**32, (2,), dtype=torch.int64)
     return torch.zeros(2, dtype=torch.int64)
 
 
@@ -309,9 +310,10 @@ def double_normalize(z: torch.Tensor, token_dim: int = 1, p: float = 0.0) -> tor
 
 
 def _native_gelu_applies(x: torch.Tensor) -> bool:
-    """Whether kernels/gelu.c computes the tanh GELU of `x`: float32 or bfloat16 on the CPU."""
+    """Whether kernels/gelu.c computes the tanh GELU of `x`: float32 or bfloat16 on the CPU,
+    < 2^31 elements."""
     cpu = x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-    return cpu and native.available("gelu")
+    return cpu and x.numel() < 2**31 and native.available("gelu")
 
 
 def _gelu_call(name: str, out: torch.Tensor, seeds, p: float, *tensors: torch.Tensor):
@@ -332,7 +334,7 @@ def _gelu_call(name: str, out: torch.Tensor, seeds, p: float, *tensors: torch.Te
 )
 def _native_gelu(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(GELU(x) with each element dropped with probability p, the two seeds of the draws)."""
-    seeds = torch.randint(0, 2**32, (2,), dtype=torch.int64) if p > 0.0 else _no_seeds()
+    seeds = _seeds(p)
     x = x.contiguous()
     return _gelu_call("gelu_forward", torch.empty_like(x), seeds, p, x), seeds
 
@@ -371,7 +373,7 @@ def gelu_tanh(x: torch.Tensor, p: float = 0.0) -> torch.Tensor:
     """masked(F.gelu(x, approximate="tanh"), p): the reference's GELU, each result then
     zeroed with probability p (the MLP's dropout, no 1/(1-p) rescale: the caller folds it).
     On the CPU (fp32, bf16) by kernels/gelu.c, the dropout inside its pass each way."""
-    if _native_gelu_applies(x) and x.numel() < 2**31:
+    if _native_gelu_applies(x):
         return _native_gelu(x, p)[0]
     return masked(torch.nn.functional.gelu(x, approximate="tanh"), p)
 
@@ -574,8 +576,8 @@ def _native_add_layer_norm(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(s = x + masked(residual, p) in fp32, LayerNorm(s) in bf16, mean, 1/std, the two
     seeds of the residual's dropout), in one pass."""
-    seeds = torch.randint(0, 2**32, (2,), dtype=torch.int64) if p > 0.0 else _no_seeds()
-    _check("layer_norm", seeds.numel() == 2 and 0.0 <= p < 1.0, "0 <= p < 1", residual)
+    _check("layer_norm", 0.0 <= p < 1.0, "a dropout 0 <= p < 1", residual)
+    seeds = _seeds(p)
     drop = _drop_args(seeds, p)
     return (*_norm_forward(x, residual, weight, bias, eps, True, drop=drop), seeds)
 
@@ -637,7 +639,7 @@ def _norm_setup(ctx, inputs, output) -> None:
 
 
 def _norm_grad(ctx, grad, _grad_mean, _grad_rstd):
-    saved, no_drop = ctx.saved_tensors, (_NO_SEEDS, 0.0)
+    saved, no_drop = ctx.saved_tensors, (_seeds(0.0), 0.0)
     grad_x, _, grad_w, grad_b = _native_layer_norm_backward(grad, None, *saved, False, *no_drop)
     return grad_x, grad_w, grad_b, None, None
 

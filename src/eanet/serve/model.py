@@ -30,8 +30,9 @@ PROBE_SIZES = (1, 2, 4, 8, 16)  # images per pass timed in both precisions under
 
 def bf16_from(seconds: Callable[[int, str], float], sizes: tuple[int, ...]) -> int | None:
     """The smallest of `sizes` from which bf16 passes were faster than fp32 at every larger
-    size timed, by `seconds(images, precision)` (best of 3, alternating, after one pass
-    each to warm up); None where bf16 was not faster at the largest."""
+    size timed, by `seconds(images, precision)` (the best of 4 passes each, alternating; the
+    first, which warms up, is slow if anything, so it can only lose the minimum); None
+    where bf16 was not faster at the largest."""
     faster = []
     for n in sizes:
         best = {"fp32": float("inf"), "bf16": float("inf")}
@@ -75,7 +76,8 @@ class ServedModel:
         self.compiled = compile
         self.runner = compiled_forward(self.model) if compile else self.model
         self.bf16_from: int | None = None  # passes of fewer images run in fp32
-        if precision == "auto" and self.precision == "bf16" and self.device.type == "cpu":
+        cpu_auto = precision == "auto" and self.device.type == "cpu"
+        if cpu_auto and self.precision == "bf16" and not compile:
             self._choose_small_pass_precision(max_batch)
         if compile:  # batches of 1 then 2: torch then compiles one graph for every size
             for n in (1, 2):
@@ -102,22 +104,22 @@ class ServedModel:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 images [B, 3, S, S] -> float logits [B, classes] on the CPU."""
-        with torch.inference_mode(), autocast(self.pass_precision(len(x)), self.device):
+        return self._run(x, self.pass_precision(len(x)))
+
+    def _run(self, x: torch.Tensor, precision: str) -> torch.Tensor:
+        with torch.inference_mode(), autocast(precision, self.device):
             return self.runner(x.to(self.device)).float().cpu()
 
     def _seconds(self, images: int, precision: str) -> float:
         """Seconds of one forward pass of `images` blank images in `precision`."""
         x = torch.zeros(images, 3, self.image_size, self.image_size, dtype=torch.uint8)
         start = time.perf_counter()
-        with torch.inference_mode(), autocast(precision, self.device):
-            self.runner(x.to(self.device))
+        self._run(x, precision)
         return time.perf_counter() - start
 
     def _choose_small_pass_precision(self, max_batch: int) -> None:
-        """'auto' on a CPU: time small passes in both precisions (not compiled: each
-        precision would compile graphs of its own) and run in fp32 those where bf16 lost."""
-        if self.compiled:
-            return
+        """'auto' on a CPU, not compiled (each precision would compile graphs of its own):
+        time small passes in both precisions and run in fp32 those where bf16 lost."""
         sizes = tuple(n for n in PROBE_SIZES if n <= max_batch) or (1,)
         start = time.perf_counter()
         first = bf16_from(self._seconds, sizes)

@@ -6,10 +6,11 @@
  * 1 + tanh(u) and 1 - tanh(u)^2 come from e = e^(-2|u|) (the vectorised exponential of
  * common.h), exact in the tails where torch's go through tanh itself. bfloat16 tensors go
  * through a small fp32 buffer per thread, 256 elements at a time (in and out in bf16, the
- * arithmetic in fp32, as torch's own bf16 GELU); on AVX-512 the forward runs 16 at a time
- * in registers (forward16, backward16). With a dropout threshold t > 0 the result (and the gradient)
- * is dropped in the same pass where the counter-based draws of common.h (seeds s1, s2) say
- * so: the MLP's dropout after the activation, without a pass of its own each way. Built by
+ * arithmetic in fp32, as torch's own bf16 GELU); on AVX-512 both ways run 16 at a time in
+ * registers (forward16, backward16). With a dropout threshold t > 0 the result (and the
+ * gradient) is dropped in the same pass where the counter-based draws of common.h (seeds
+ * s1, s2) say so: the MLP's dropout after the activation, without a pass of its own each
+ * way. Built by
  * eanet.models.native (see double_normalize.c); *(..., n, i0, i1) does elements [i0, i1)
  * of n, split over OpenMP threads where the library has them, and returns 0.
  */
@@ -47,30 +48,30 @@ static void backward_f32(const float *R g, const float *R x, float *R gx, long n
 }
 
 #if defined(__AVX512F__)
-/* The forward of 16 values: y = x (1 + t) / 2 with 1 + t = 2 r (u >= 0) or 2 e r (u < 0),
- * e = e^(-2|u|), r = 1 / (1 + e), as tanh_parts computes it. */
-static inline __m512 forward16(__m512 v) {
+/* tanh_parts of 16 values x, halved: (1 + t) / 2 = r (u >= 0) or e r (u < 0) and
+ * (1 - t^2) / 2 = 2 e r^2, with e = e^(-2|u|), r = 1 / (1 + e). */
+static inline void tanh_parts16(__m512 v, __m512 *half_opt, __m512 *half_omt2) {
     __m512 cubic = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(C), v), _mm512_mul_ps(v, v), v);
     __m512 u = _mm512_mul_ps(_mm512_set1_ps(K), cubic);
-    __m512 a = _mm512_abs_ps(u);
-    __m512 e = exp16(_mm512_mul_ps(_mm512_set1_ps(-2.0f), a));
-    __m512 r = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-    __mmask16 negative = _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_LT_OQ);
-    __m512 half_opt = _mm512_mask_mul_ps(r, negative, e, r);
-    return _mm512_mul_ps(v, half_opt);
-}
-
-/* The backward of 16 values: g * dy/dx with (1 + t) / 2 as in forward16 and
- * (1 - t^2) / 2 = 2 e r^2, so dy/dx = (1 + t) / 2 + 2 e r^2 K x (1 + 3 C x^2). */
-static inline __m512 backward16(__m512 g, __m512 v) {
-    __m512 v2 = _mm512_mul_ps(v, v);
-    __m512 u = _mm512_mul_ps(_mm512_set1_ps(K), _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(C), v), v2, v));
     __m512 e = exp16(_mm512_mul_ps(_mm512_set1_ps(-2.0f), _mm512_abs_ps(u)));
     __m512 r = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
     __mmask16 negative = _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_LT_OQ);
-    __m512 half_opt = _mm512_mask_mul_ps(r, negative, e, r);
-    __m512 slope = _mm512_fmadd_ps(_mm512_set1_ps(3.0f * C), v2, _mm512_set1_ps(1.0f));
-    __m512 half_omt2 = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(2.0f), e), _mm512_mul_ps(r, r));
+    *half_opt = _mm512_mask_mul_ps(r, negative, e, r);
+    *half_omt2 = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(2.0f), e), _mm512_mul_ps(r, r));
+}
+
+/* The forward of 16 values: y = x (1 + t) / 2. */
+static inline __m512 forward16(__m512 v) {
+    __m512 half_opt, half_omt2;
+    tanh_parts16(v, &half_opt, &half_omt2);
+    return _mm512_mul_ps(v, half_opt);
+}
+
+/* The backward of 16 values: g * dy/dx, dy/dx = (1 + t) / 2 + (1 - t^2) / 2 K x (1 + 3 C x^2). */
+static inline __m512 backward16(__m512 g, __m512 v) {
+    __m512 half_opt, half_omt2;
+    tanh_parts16(v, &half_opt, &half_omt2);
+    __m512 slope = _mm512_fmadd_ps(_mm512_set1_ps(3.0f * C), _mm512_mul_ps(v, v), _mm512_set1_ps(1.0f));
     __m512 d = _mm512_fmadd_ps(_mm512_mul_ps(half_omt2, _mm512_set1_ps(K)), _mm512_mul_ps(v, slope), half_opt);
     return _mm512_mul_ps(g, d);
 }
