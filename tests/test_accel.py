@@ -395,6 +395,45 @@ def test_external_attention_in_chunks_is_the_whole_batchs(monkeypatch, precision
     assert calls == []
 
 
+@pytest.mark.parametrize("name", ["eanet-cifar", "vit-cifar"])
+def test_inference_adds_the_branch_biases_inside_the_kernels(monkeypatch, name):
+    """CPU bf16 inference leaves fc1's bias to the GELU kernel and the last bias of each
+    branch (fc2's, external attention's output projection's in chunks) to the residual add
+    + LayerNorm kernel; with non-zero biases the logits are the plain model's to bf16's
+    rounding. Calls that take gradients or train leave every bias in its linear layer."""
+    from eanet.accel import fused, modules
+
+    plain, fast = _pair(name, "bf16", patch_size=4)
+    with torch.no_grad():
+        for module in plain.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0.0, 0.5)
+    fast.load_state_dict(plain.state_dict())
+    monkeypatch.setattr(modules, "CHUNK_BYTES", 3 * 64 * 4 * 64 * 2)  # EANet: 3 images a chunk
+    calls = {"gelu": 0, "norm": 0}
+
+    def counted(key, real, with_bias):
+        def call(*args):
+            calls[key] += with_bias(args)
+            return real(*args)
+
+        return call
+
+    gelu, norm = fused._native_gelu_bias, fused._native_add_layer_norm_
+    monkeypatch.setattr(fused, "_native_gelu_bias", counted("gelu", gelu, lambda a: True))
+    norm = counted("norm", norm, lambda a: a[2] is not None)  # (x, h, h's bias, w, b, eps)
+    monkeypatch.setattr(fused, "_native_add_layer_norm_", norm)
+    x = _images(plain, 7)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = fast.eval()(x).float(), plain.eval()(x).float()
+    assert calls["gelu"] == 2  # each block's fc1
+    assert calls["norm"] == (3 if name == "eanet-cifar" else 1)  # the biases left to the adds
+    assert (a - b).abs().max() <= 2**-6 * b.abs().max()
+    assert not modules.bias_later(fast.blocks[0].mlp, x)  # gradients on, outside inference
+    with torch.no_grad():
+        assert not modules.bias_later(fast.blocks[0].mlp.train(), x)
+
+
 def test_bf16_inference_adds_in_place_but_never_into_the_input(monkeypatch):
     """CPU bf16 inference writes each residual add over the stream the blocks made
     themselves (one pass less through memory), with the same logits as adding into fresh
@@ -412,7 +451,9 @@ def test_bf16_inference_adds_in_place_but_never_into_the_input(monkeypatch):
         in_place = fast.blocks(tokens)
         assert torch.equal(tokens, before) and len(calls) == 2  # the second block's two adds
         monkeypatch.setattr(
-            modules, "add_layer_norm", lambda n, x, r, in_place, p: fused.add_layer_norm(n, x, r)
+            modules,
+            "add_layer_norm",
+            lambda n, x, r, in_place, p, bias: fused.add_layer_norm(n, x, r, bias=bias),
         )
         fresh = fast.blocks(tokens)
-    assert torch.equal(in_place, fresh) and len(calls) == 2
+    assert torch.equal(in_place, fresh) and torch.equal(tokens, before)

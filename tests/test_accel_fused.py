@@ -139,6 +139,56 @@ def test_native_tanh_gelu_matches_torch(build, dtype):
     torch.testing.assert_close(a.grad.float(), b.grad.float(), **tol)
 
 
+@pytest.mark.parametrize("dim", [64, 20, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_gelu_adds_the_bias_its_linear_layer_left_out(build, dim, dtype):
+    """Inference: GELU(x + bias) by the kernel, bias (D,) on each row, for rows of 16-wide
+    vectors, with a tail (20) and longer than the kernel's 256-element chunk (300), against
+    torch's add and GELU in fp32; with gradients, torch's add then the GELU kernel."""
+    from eanet.accel import fused
+
+    torch.manual_seed(0)
+    x, bias = (torch.randn(37, dim) * 3).to(dtype)[:, :], torch.randn(dim)
+    expected = F.gelu(x.float() + bias, approximate="tanh")
+    with torch.no_grad():
+        direct = fused._native_gelu_bias(x, bias)
+        y = fused.gelu_tanh(x.t().contiguous().t(), 0.0, bias)  # strided rows: copied first
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-6, "rtol": 2**-7}
+    assert direct.dtype == dtype and torch.equal(direct, y)
+    torch.testing.assert_close(direct.float(), expected, **tol)
+    a = x.clone().requires_grad_()
+    fused.gelu_tanh(a, 0.0, bias).float().sum().backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(("rows", "dim"), [(300, 64), (7, 33)])
+def test_native_add_layer_norm_adds_the_branchs_bias_in_inference(build, rows, dim):
+    """s = x + (h + bias) in fp32 (the branch's last bias, left out by its linear layer) and
+    LayerNorm(s) in bf16, in the kernel's one pass: the sum exactly torch's, the norm to
+    bf16's rounding; in place over an owned stream and into a copy alike (the input left
+    as it was); with gradients, by torch's add first, in the branch's bf16."""
+    from eanet.accel.fused import add_layer_norm
+
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(dim, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x, h, bias = torch.randn(rows, dim) * 2 + 1, torch.randn(rows, dim).bfloat16(), torch.randn(dim)
+    before = x.clone()
+    expected_s = x + (h.float() + bias)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected_y = norm(expected_s).bfloat16()
+        s, y = add_layer_norm(norm, x.clone(), h, in_place=True, bias=bias)
+        s2, y2 = add_layer_norm(norm, x, h, bias=bias)
+    assert torch.equal(x, before) and torch.equal(s, expected_s) and torch.equal(s2, s)
+    assert y.dtype == torch.bfloat16 and torch.equal(y2, y)
+    torch.testing.assert_close(y.float(), expected_y.float(), atol=1e-6, rtol=2**-7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s3, y3 = add_layer_norm(norm, x.clone().requires_grad_(), h, bias=bias)
+    assert torch.equal(s3.detach(), x + (h + bias.bfloat16()))  # the bias added in bf16
+
+
 @pytest.mark.parametrize(("n", "dtype"), [(1001, torch.float32), (4099, torch.bfloat16)])
 def test_native_gelu_applies_the_dropout_of_its_seeds(build, n, dtype):
     """The MLP's dropout inside the GELU kernel (vector rows and odd tails, both thread

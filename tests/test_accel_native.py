@@ -380,10 +380,11 @@ def test_the_ctypes_signatures_are_read_from_the_c_prototypes():
     assert native.signatures("gelu") == threaded | {
         "gelu_forward": ([_P, _P, _I, _U, _U, _U, _L, _L, _L], _I),
         "gelu_backward": ([_P, _P, _P, _I, _U, _U, _U, _L, _L, _L], _I),
+        "gelu_bias_forward": ([_P, _P, _P, _I, _L, _L, _L, _L], _I),
     }
     assert native.signatures("layer_norm") == threaded | {
         "ln_block_rows": ([], _I),
-        "ln_forward": ([_P] * 8 + [_I, _L, _F, _U, _U, _U, _L, _L], _I),
+        "ln_forward": ([_P] * 9 + [_I, _L, _F, _U, _U, _U, _L, _L], _I),
         "ln_backward": ([_P] * 9 + [_I, _L, _L, _U, _U, _U, _L, _L], _I),
     }
     assert native.signatures("dropout") == threaded | {
@@ -495,7 +496,18 @@ _REFUSED = {
     "softmax: fp32": lambda o: o.softmax_cpu(torch.randn(2, 16)),
     "softmax: a 0-d tensor": lambda o: o.softmax_cpu(torch.tensor(1.0, dtype=_bf16)),
     "add_layer_norm in place: x not contiguous": lambda o: o.add_layer_norm_cpu_(
-        torch.randn(8, 4).t(), torch.randn(4, 8).bfloat16(), torch.ones(8), torch.zeros(8), 1e-6
+        *(torch.randn(8, 4).t(), torch.randn(4, 8).bfloat16(), None),
+        *(torch.ones(8), torch.zeros(8), 1e-6),
+    ),
+    "add_layer_norm in place: a bias of another width": lambda o: o.add_layer_norm_cpu_(
+        *(torch.randn(4, 8), torch.randn(4, 8).bfloat16(), torch.ones(4)),
+        *(torch.ones(8), torch.zeros(8), 1e-6),
+    ),
+    "gelu with a bias: a bias of another width": lambda o: o.gelu_tanh_bias_cpu(
+        torch.randn(4, 8), torch.ones(4)
+    ),
+    "gelu with a bias: an fp16 x": lambda o: o.gelu_tanh_bias_cpu(
+        torch.randn(4, 8).half(), torch.ones(8)
     ),
     "softmax dropout: fp32": lambda o: o.softmax_dropout_cpu(torch.randn(2, 16), 0.1),
     "softmax dropout backward: y of another shape": lambda o: o.softmax_dropout_cpu_backward(

@@ -369,13 +369,40 @@ def _gelu_grad(ctx, grad: torch.Tensor, _grad_seeds) -> tuple[torch.Tensor, None
 _native_gelu.register_autograd(_gelu_grad, setup_context=_gelu_setup)
 
 
-def gelu_tanh(x: torch.Tensor, p: float = 0.0) -> torch.Tensor:
-    """masked(F.gelu(x, approximate="tanh"), p): the reference's GELU, each result then
-    zeroed with probability p (the MLP's dropout, no 1/(1-p) rescale: the caller folds it).
-    On the CPU (fp32, bf16) by kernels/gelu.c, the dropout inside its pass each way."""
+def gelu_tanh(x: torch.Tensor, p: float = 0.0, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """masked(F.gelu(x + bias, approximate="tanh"), p): the reference's GELU (of a linear
+    layer's output and the bias it left out, where given), each result then zeroed with
+    probability p (the MLP's dropout, no 1/(1-p) rescale: the caller folds it). On the CPU
+    (fp32, bf16) by kernels/gelu.c, the dropout inside its pass each way, and in inference
+    the bias too."""
+    inference = bias is not None and p == 0.0 and not torch.is_grad_enabled() and x.dim()
+    if inference and _native_gelu_applies(x) and _fits_rows(bias, x):
+        return _native_gelu_bias(x, bias.float())
+    x = with_bias(x, bias)
     if _native_gelu_applies(x):
         return _native_gelu(x, p)[0]
     return masked(torch.nn.functional.gelu(x, approximate="tanh"), p)
+
+
+@torch.library.custom_op("eanet::gelu_tanh_bias_cpu", mutates_args=())
+def _native_gelu_bias(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU(x + bias) by kernels/gelu.c, bias fp32 (D,) on each of x's rows of D; no
+    gradient (inference)."""
+    D = x.shape[-1] if x.dim() else 0
+    fits = _cpu(x, bias) and x.dtype in _DTYPES and bias.dtype == torch.float32
+    fits = fits and D > 0 and bias.shape == (D,) and x.numel() < 2**31
+    _check("gelu", fits, "a CPU fp32 or bf16 x (..., D) and an fp32 bias (D,)", x, bias)
+    x, y = x.contiguous(), torch.empty_like(x, memory_format=torch.contiguous_format)
+    lib, rows = native.library("gelu"), x.numel() // D
+    bf16 = int(x.dtype == torch.bfloat16)
+    ptrs = (x.data_ptr(), bias.contiguous().data_ptr(), y.data_ptr())
+    native.split_batch(lib, lib.gelu_bias_forward, rows, *ptrs, bf16, D, rows)
+    return y
+
+
+@_native_gelu_bias.register_fake
+def _(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
 
 
 @torch.library.custom_op("eanet::softmax_cpu", mutates_args=())
@@ -512,11 +539,21 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _norm_forward(
-    x, residual, weight, bias, eps: float, bf16_out: bool, in_place: bool = False, drop=(0, 0, 0)
+    x,
+    residual,
+    weight,
+    bias,
+    eps: float,
+    bf16_out: bool,
+    in_place: bool = False,
+    drop=(0, 0, 0),
+    residual_bias=None,
 ):
     """(x + residual or None, y, mean, 1/std) by kernels/layer_norm.c; with `in_place`, the
     sum is written over x itself (contiguous x), which is returned as the stream; `drop`,
-    the kernels' (seed 1, seed 2, threshold) of the residual's dropout (`_drop_args`)."""
+    the kernels' (seed 1, seed 2, threshold) of the residual's dropout (`_drop_args`);
+    `residual_bias` (fp32, (D,)), a bias added to each of the residual's rows."""
+    _check_norm(x, weight, residual_bias)
     _check_norm(x, weight, bias)
     fits = residual is None or (residual.shape == x.shape and residual.dtype == torch.bfloat16)
     _check("layer_norm", fits, "a bf16 residual shaped as x", x, residual)
@@ -528,7 +565,10 @@ def _norm_forward(
     y = torch.empty(x.shape, dtype=torch.bfloat16 if bf16_out else x.dtype)
     mean = torch.empty(rows, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    tensors = (x, residual, weight.contiguous(), bias.contiguous(), stream, y, mean, rstd)
+    if residual_bias is not None:
+        residual_bias = residual_bias.contiguous()
+    tensors = (x, residual, residual_bias, weight.contiguous(), bias.contiguous(), stream, y)
+    tensors = (*tensors, mean, rstd)
     lib = native.library("layer_norm")
     args = (*map(_ptr, tensors), int(bf16_out), D, eps, *drop)
     native.split_batch(lib, lib.ln_forward, rows, *args)
@@ -665,14 +705,22 @@ _native_add_layer_norm.register_autograd(_add_norm_grad, setup_context=_add_norm
 
 @torch.library.custom_op("eanet::add_layer_norm_cpu_", mutates_args=("x",))
 def _native_add_layer_norm_(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    residual_bias: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
 ) -> torch.Tensor:
-    """LayerNorm(s) in bf16 with s = x + residual written over x (inference: no backward)."""
-    return _norm_forward(x, residual, weight, bias, eps, True, in_place=True)[1]
+    """LayerNorm(s) in bf16 with s = x + residual (+ residual_bias, fp32 (D,), on each row)
+    written over x (inference: no backward)."""
+    return _norm_forward(
+        x, residual, weight, bias, eps, True, in_place=True, residual_bias=residual_bias
+    )[1]
 
 
 @_native_add_layer_norm_.register_fake
-def _(x, residual, weight, bias, eps):
+def _(x, residual, residual_bias, weight, bias, eps):
     return _norm_fake(x, True)[0]
 
 
@@ -690,19 +738,38 @@ def add_layer_norm(
     residual: torch.Tensor,
     in_place: bool = False,
     p: float = 0.0,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, norm(s)) with s = x + masked(residual, p): a block's residual add (its branch's
-    dropout, no rescale, first) and the next pre-norm. Under CPU bf16 autocast (fp32 stream
-    x, bf16 branch output) in one kernel pass each way, the dropout inside.
+    """(s, norm(s)) with s = x + masked(residual + bias, p): a block's residual add (its
+    branch's last bias, where the branch left it out, and its dropout, no rescale, first) and
+    the next pre-norm. Under CPU bf16 autocast (fp32 stream x, bf16 branch output) in one
+    kernel pass each way, the dropout inside, and in inference the bias too.
     `in_place` lets it write s over x where no gradient is wanted (the caller owns x):
     about 30% less time for the pass where x is not in the cache (0.51 -> 0.36 ms for EANet's
     (32768, 64) rows on the AVX-512-bf16 EPYC)."""
     fused = residual.dtype == torch.bfloat16 and residual.shape == x.shape
     if fused and residual.device == x.device and _native_norm_applies(norm, x):
         w, b, eps = norm.weight, norm.bias, norm.eps
-        if in_place and x.is_contiguous() and not torch.is_grad_enabled() and p == 0.0:
-            return x, _native_add_layer_norm_(x, residual, w, b, eps)
-        s, y, *_ = _native_add_layer_norm(x, residual, w, b, eps, p)
+        owned = in_place and x.is_contiguous()
+        inference = not torch.is_grad_enabled() and p == 0.0 and _fits_rows(bias, x)
+        if inference and (owned or bias is not None):  # the bias inside (a copy of x if not owned)
+            x = x if owned else x.clone(memory_format=torch.contiguous_format)
+            return x, _native_add_layer_norm_(x, residual, _fp32(bias), w, b, eps)
+        s, y, *_ = _native_add_layer_norm(x, with_bias(residual, bias), w, b, eps, p)
         return s, y
-    s = x + masked(residual, p)
+    s = x + masked(with_bias(residual, bias), p)
     return s, layer_norm(norm, s)
+
+
+def with_bias(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x + bias in x's dtype (a linear layer's output and the bias it left out), or x."""
+    return x if bias is None else x + bias.to(x.dtype)
+
+
+def _fits_rows(bias: torch.Tensor | None, x: torch.Tensor) -> bool:
+    """Whether `bias` (or none) can go into a kernel over x's rows: (D,) on x's device."""
+    return bias is None or (bias.shape == x.shape[-1:] and bias.device == x.device)
+
+
+def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t if t is None else t.float()

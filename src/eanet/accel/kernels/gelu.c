@@ -121,6 +121,38 @@ int gelu_forward(const void *x, void *y, int bf16, uint32_t s1, uint32_t s2, uin
     return 0;
 }
 
+/* y = GELU(x + bias) over rows [r0, r1) of D elements, bias (fp32, D) added to each row: a
+ * linear layer's bias applied in the activation's pass (inference, no dropout), where the
+ * linear itself would first fill its whole output with the bias and then add the product
+ * to it. Rows split over OpenMP threads where the library has them; returns 0. */
+int gelu_bias_forward(const void *x, const float *bias, void *y, int bf16, long D, long rows,
+                      long r0, long r1) {
+    (void)rows;
+    PARALLEL {
+        long lo, hi;
+        share(r0, r1, &lo, &hi);
+        float xs[CHUNK], ys[CHUNK];
+        for (long r = lo; r < hi; r++)
+            for (long j = 0; j < D; j += CHUNK) {
+                long i = r * D + j, m = D - j < CHUNK ? D - j : CHUNK, k = 0;
+#if GELU16
+                for (; k + 16 <= m; k += 16) {
+                    __m512 v = _mm512_add_ps(load16(x, bf16, i + k), _mm512_loadu_ps(bias + j + k));
+                    store16(y, bf16, i + k, forward16(v));
+                }
+#endif
+                if (k == m) continue;
+                for (long e = k; e < m; e++) xs[e - k] = load_f32(x, bf16, i + e) + bias[j + e];
+                forward_f32(xs, ys, m - k);
+                if (bf16)
+                    to_bf16(ys, (uint16_t *)y + i + k, m - k);
+                else
+                    memcpy((float *)y + i + k, ys, sizeof(float) * (m - k));
+            }
+    }
+    return 0;
+}
+
 /* dL/dx of elements [i, i + m), m <= CHUNK, into the fp32 row o (gs, xs: scratch). */
 static inline void backward_chunk(const void *g, const void *x, int bf16, long i, long m,
                                   float *R gs, float *R xs, float *R o) {

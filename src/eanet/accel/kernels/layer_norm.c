@@ -48,15 +48,18 @@ typedef struct {
 } drops;
 
 /* Rows [i0, i0 + n), n <= G, of x, or of x + h where h (bf16) is given (then written to
- * s as fp32: the residual stream), h's elements dropped where `drop` says; out and sb are
- * G x D floats of scratch. */
+ * s as fp32: the residual stream), h's bias hb (fp32, D; or NULL) added to each of its rows
+ * and h's elements dropped where `drop` says; out and sb are G x D floats of scratch. */
 static inline __attribute__((always_inline)) void forward_group(
-    const float *x, const uint16_t *R h, const float *R w, const float *R b, float *s,
-    void *y, float *R mean, float *R rstd, int y_bf16, long D, float eps, drops drop,
-    long i0, long n, float *R out, float *R sb) {
+    const float *x, const uint16_t *R h, const float *R hb, const float *R w, const float *R b,
+    float *s, void *y, float *R mean, float *R rstd, int y_bf16, long D, float eps,
+    drops drop, long i0, long n, float *R out, float *R sb) {
     const float *R src = x + i0 * D;
     if (h) {
         from_bf16(h + i0 * D, sb, n * D);
+        if (hb)
+            for (long k = 0; k < n; k++)
+                for (long d = 0; d < D; d++) sb[k * D + d] += hb[d];
         if (drop.t) drop_row(sb, (uint32_t)(i0 * D), n * D, drop.s1, drop.s2, drop.t);
         for (long j = 0; j < n * D; j++) sb[j] += x[i0 * D + j];
         for (long j = 0; j < n * D; j++) s[i0 * D + j] = sb[j];
@@ -99,10 +102,11 @@ static inline uint64_t row_keep64(drops drop, long row) {
  * sums come out as one vector from the tree, and y goes out in its type from the
  * registers (the scalar loops went through fp32 scratch); sb is 16 x 64 floats. */
 static inline __attribute__((always_inline)) void forward_group64(
-    const float *x, const uint16_t *R h, const float *R w, const float *R b, float *s,
-    void *y, float *R mean, float *R rstd, int y_bf16, float eps, drops drop, long i0,
-    float *R sb) {
-    __m512 acc[16], ww[4], bb[4];
+    const float *x, const uint16_t *R h, const float *R hb, const float *R w, const float *R b,
+    float *s, void *y, float *R mean, float *R rstd, int y_bf16, float eps, drops drop,
+    long i0, float *R sb) {
+    __m512 acc[16], ww[4], bb[4], hv[4];
+    for (int j = 0; j < 4; j++) hv[j] = hb ? _mm512_loadu_ps(hb + 16 * j) : _mm512_setzero_ps();
     for (int k = 0; k < 16; k++) {
         __m512 a[4];
         uint64_t keep = h ? row_keep64(drop, i0 + k) : ~0ull;
@@ -110,7 +114,8 @@ static inline __attribute__((always_inline)) void forward_group64(
             long i = (i0 + k) * 64 + 16 * j;
             a[j] = _mm512_loadu_ps(x + i);
             if (h) {
-                a[j] = _mm512_mask_add_ps(a[j], (__mmask16)(keep >> (16 * j)), a[j], load16(h, 1, i));
+                __m512 hi = _mm512_add_ps(load16(h, 1, i), hv[j]);
+                a[j] = _mm512_mask_add_ps(a[j], (__mmask16)(keep >> (16 * j)), a[j], hi);
                 _mm512_storeu_ps(s + i, a[j]);
             }
             _mm512_storeu_ps(sb + 64 * k + 16 * j, a[j]);
@@ -146,37 +151,38 @@ static inline __attribute__((always_inline)) void forward_group64(
 #endif
 #else
 #define VECTOR_ROWS 0
-static inline void forward_group64(const float *x, const uint16_t *R h, const float *R w,
-                                   const float *R b, float *s, void *y, float *R mean,
-                                   float *R rstd, int y_bf16, float eps, drops drop, long i0,
-                                   float *R sb) {
-    (void)x, (void)h, (void)w, (void)b, (void)s, (void)y, (void)mean, (void)rstd;
+static inline void forward_group64(const float *x, const uint16_t *R h, const float *R hb,
+                                   const float *R w, const float *R b, float *s, void *y,
+                                   float *R mean, float *R rstd, int y_bf16, float eps,
+                                   drops drop, long i0, float *R sb) {
+    (void)x, (void)h, (void)hb, (void)w, (void)b, (void)s, (void)y, (void)mean, (void)rstd;
     (void)y_bf16, (void)eps, (void)drop, (void)i0, (void)sb;
 }
 #endif
 
 static inline __attribute__((always_inline)) void forward_rows(
-    const float *x, const uint16_t *R h, const float *R w, const float *R b, float *s,
-    void *y, float *R mean, float *R rstd, int y_bf16, long D, float eps, drops drop, long r0,
-    long r1, float *R scratch) {
+    const float *x, const uint16_t *R h, const float *R hb, const float *R w, const float *R b,
+    float *s, void *y, float *R mean, float *R rstd, int y_bf16, long D, float eps,
+    drops drop, long r0, long r1, float *R scratch) {
     for (long i = r0; i < r1; i += G) {
         long n = r1 - i < G ? r1 - i : G;
         if (VECTOR_ROWS && D == 64 && n == 16) {
-            forward_group64(x, h, w, b, s, y, mean, rstd, y_bf16, eps, drop, i, scratch);
+            forward_group64(x, h, hb, w, b, s, y, mean, rstd, y_bf16, eps, drop, i, scratch);
             continue;
         }
-        forward_group(x, h, w, b, s, y, mean, rstd, y_bf16, D, eps, drop, i, n, scratch,
+        forward_group(x, h, hb, w, b, s, y, mean, rstd, y_bf16, D, eps, drop, i, n, scratch,
                       scratch + G * D);
     }
 }
 
-/* y = LayerNorm(x), or with h (else NULL): s = x + h and y = LayerNorm(s), h's elements
- * dropped where the draws of (s1, s2) say so (t > 0: the branch's dropout); s may be x
- * itself (in place: each element of x is read before its sum is written, so x and s carry
- * no `restrict`). */
-int ln_forward(const float *x, const uint16_t *h, const float *w, const float *b, float *s,
-               void *y, float *mean, float *rstd, int y_bf16, long D, float eps, uint32_t s1,
-               uint32_t s2, uint32_t t, long r0, long r1) {
+/* y = LayerNorm(x), or with h (else NULL): s = x + h and y = LayerNorm(s), h's bias hb
+ * (fp32, D: the branch's last linear's bias, left to this pass; or NULL) added to its rows,
+ * and h's elements dropped where the draws of (s1, s2) say so (t > 0: the branch's
+ * dropout); s may be x itself (in place: each element of x is read before its sum is
+ * written, so x and s carry no `restrict`). */
+int ln_forward(const float *x, const uint16_t *h, const float *hb, const float *w,
+               const float *b, float *s, void *y, float *mean, float *rstd, int y_bf16, long D,
+               float eps, uint32_t s1, uint32_t s2, uint32_t t, long r0, long r1) {
     drops drop = {s1, s2, t};
     int failed = 0;
 #ifdef _OPENMP
@@ -189,9 +195,9 @@ int ln_forward(const float *x, const uint16_t *h, const float *w, const float *b
         if (!scratch)
             failed = 1;
         else if (D == 64 && y_bf16) /* EANet's and ViT's width under bf16: loops unrolled */
-            forward_rows(x, h, w, b, s, y, mean, rstd, 1, 64, eps, drop, lo, hi, scratch);
+            forward_rows(x, h, hb, w, b, s, y, mean, rstd, 1, 64, eps, drop, lo, hi, scratch);
         else
-            forward_rows(x, h, w, b, s, y, mean, rstd, y_bf16, D, eps, drop, lo, hi, scratch);
+            forward_rows(x, h, hb, w, b, s, y, mean, rstd, y_bf16, D, eps, drop, lo, hi, scratch);
         free(scratch);
     }
     return failed;
