@@ -161,6 +161,27 @@ def test_native_gelu_adds_the_bias_its_linear_layer_left_out(build, dim, dtype):
     assert a.grad is not None and a.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("shape", [(3, 20, 4, 16), (2, 256, 16, 16)])
+def test_inference_chunks_write_the_kernels_results_into_their_buffers(build, shape):
+    """The chunk loops' calls straight to the double normalisation and softmax kernels give
+    the custom ops' results, written into the caller's buffer; where the kernel does not
+    apply (fp32 softmax, a strided buffer) torch's op is copied in."""
+    from eanet.accel import fused
+
+    torch.manual_seed(0)
+    z = (torch.randn(shape) * 4).bfloat16()
+    with torch.no_grad():
+        out = torch.empty_like(z)
+        assert fused.double_normalize_into(z, out) is out
+        assert torch.equal(out, fused.double_normalize(z, token_dim=1))
+        assert fused.softmax_last_into(z, out) is out and torch.equal(out, fused.softmax_last(z))
+        strided = torch.empty(shape[::-1], dtype=z.dtype).permute(3, 2, 1, 0)
+        fused.double_normalize_into(z, strided)
+        assert torch.equal(strided, fused.double_normalize(z, token_dim=1))
+        x = z.float()
+        assert torch.equal(fused.softmax_last_into(x, torch.empty_like(x)), x.softmax(-1))
+
+
 @pytest.mark.parametrize(("rows", "dim"), [(300, 64), (7, 33)])
 def test_native_add_layer_norm_adds_the_branchs_bias_in_inference(build, rows, dim):
     """s = x + (h + bias) in fp32 (the branch's last bias, left out by its linear layer) and
