@@ -50,6 +50,15 @@ def _images(model, batch: int) -> torch.Tensor:
     return torch.randint(0, 256, (batch, *model.input_shape), dtype=torch.uint8)
 
 
+def _random_biases(model) -> None:
+    """Non-zero biases in every linear layer (they start at 0), so that where a bias goes
+    (a linear layer or a kernel after it) shows in the results."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0.0, 0.5)
+
+
 def _assert_same_function(plain, fast, x) -> None:
     a, b = fast(x), plain(x)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -141,8 +150,11 @@ def test_dropouts_drawn_inside_the_adds_are_the_layers_own(name):
     """In CPU bf16 training FusedBlocks draws each branch's last dropout (projection, MLP)
     inside the residual add + LayerNorm; the blocks run one by one (a hook on the sequence's
     first block) draw it in the layers themselves. Under one torch seed both draw the same
-    masks: the same logits and gradients, to bf16's rounding (other masks differ by far more)."""
+    masks: the same logits and gradients, to bf16's rounding (other masks differ by far more).
+    The fused blocks also add the branches' last biases (non-zero here) inside those kernels
+    and take their gradients from the LayerNorm backward; the layers, in their linears."""
     _, fast = _pair(name, "bf16")
+    _random_biases(fast)
     fast.train()
     x = _images(fast, 4)
     results = []
@@ -404,10 +416,7 @@ def test_inference_adds_the_branch_biases_inside_the_kernels(monkeypatch, name):
     from eanet.accel import fused, modules
 
     plain, fast = _pair(name, "bf16", patch_size=4)
-    with torch.no_grad():
-        for module in plain.modules():
-            if isinstance(module, torch.nn.Linear) and module.bias is not None:
-                module.bias.normal_(0.0, 0.5)
+    _random_biases(plain)
     fast.load_state_dict(plain.state_dict())
     monkeypatch.setattr(modules, "CHUNK_BYTES", 3 * 64 * 4 * 64 * 2)  # EANet: 3 images a chunk
     calls = {"gelu": 0, "norm": 0}
@@ -429,9 +438,9 @@ def test_inference_adds_the_branch_biases_inside_the_kernels(monkeypatch, name):
     assert calls["gelu"] == 2  # each block's fc1
     assert calls["norm"] == (3 if name == "eanet-cifar" else 1)  # the biases left to the adds
     assert (a - b).abs().max() <= 2**-6 * b.abs().max()
-    assert not modules.bias_later(fast.blocks[0].mlp, x)  # gradients on, outside inference
+    assert not modules.bias_in_gelu(fast.blocks[0].mlp, x)  # gradients on, outside inference
     with torch.no_grad():
-        assert not modules.bias_later(fast.blocks[0].mlp.train(), x)
+        assert not modules.bias_in_gelu(fast.blocks[0].mlp.train(), x)
 
 
 def test_bf16_inference_adds_in_place_but_never_into_the_input(monkeypatch):
@@ -449,7 +458,9 @@ def test_bf16_inference_adds_in_place_but_never_into_the_input(monkeypatch):
     monkeypatch.setattr(fused, "_native_add_layer_norm_", lambda *a: calls.append(1) or real(*a))
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         in_place = fast.blocks(tokens)
-        assert torch.equal(tokens, before) and len(calls) == 2  # the second block's two adds
+        # the second block's two adds, and the first block's second, whose attention left its
+        # bias to the kernel: into a copy of the input
+        assert torch.equal(tokens, before) and len(calls) == 3
         monkeypatch.setattr(
             modules,
             "add_layer_norm",

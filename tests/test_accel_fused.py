@@ -183,11 +183,12 @@ def test_inference_chunks_write_the_kernels_results_into_their_buffers(build, sh
 
 
 @pytest.mark.parametrize(("rows", "dim"), [(300, 64), (7, 33)])
-def test_native_add_layer_norm_adds_the_branchs_bias_in_inference(build, rows, dim):
+def test_native_add_layer_norm_adds_the_branchs_bias_each_way(build, rows, dim):
     """s = x + (h + bias) in fp32 (the branch's last bias, left out by its linear layer) and
     LayerNorm(s) in bf16, in the kernel's one pass: the sum exactly torch's, the norm to
     bf16's rounding; in place over an owned stream and into a copy alike (the input left
-    as it was); with gradients, by torch's add first, in the branch's bf16."""
+    as it was); in training too, with the bias's gradient (dL/dh's rows summed) from the
+    kernel's backward."""
     from eanet.accel.fused import add_layer_norm
 
     torch.manual_seed(0)
@@ -205,9 +206,23 @@ def test_native_add_layer_norm_adds_the_branchs_bias_in_inference(build, rows, d
     assert torch.equal(x, before) and torch.equal(s, expected_s) and torch.equal(s2, s)
     assert y.dtype == torch.bfloat16 and torch.equal(y2, y)
     torch.testing.assert_close(y.float(), expected_y.float(), atol=1e-6, rtol=2**-7)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        s3, y3 = add_layer_norm(norm, x.clone().requires_grad_(), h, bias=bias)
-    assert torch.equal(s3.detach(), x + (h + bias.bfloat16()))  # the bias added in bf16
+    g_s, g_y = torch.randn(rows, dim), torch.randn(rows, dim).bfloat16()
+
+    def grads(fused):  # training: the bias inside the kernel each way, or by torch
+        a, c = x.clone().requires_grad_(), bias.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fused:
+                s, y = add_layer_norm(norm, a, h, bias=c)
+            else:
+                s = a + (h.float() + c)
+                y = norm(s).bfloat16()
+        torch.autograd.backward([s, y], [g_s, g_y])
+        return s.detach(), a.grad, c.grad
+
+    (s3, gx, gc), ref = grads(True), grads(False)
+    assert torch.equal(s3, expected_s)
+    torch.testing.assert_close(gx, ref[1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gc, ref[2], atol=1e-3, rtol=1e-4)
 
 
 @pytest.mark.parametrize(("n", "dtype"), [(1001, torch.float32), (4099, torch.bfloat16)])
@@ -323,10 +338,10 @@ def test_native_add_layer_norm_applies_the_dropout_of_its_seeds(build, rows, dim
     x, h = torch.randn(rows, dim) * 2 + 1, torch.randn(rows, dim).bfloat16()
     w, b, p = torch.randn(dim), torch.randn(dim), 0.3
     g_y, g_s = torch.randn(rows, dim).bfloat16(), torch.randn(rows, dim)
-    s, y, mean, rstd, seeds = _native_add_layer_norm(x, h, w, b, 1e-6, p)
+    s, y, mean, rstd, seeds = _native_add_layer_norm(x, h, None, w, b, 1e-6, p)
     keep = _reference_keep(rows * dim, *(int(v) for v in seeds), _threshold(p)).view(rows, dim)
     assert abs(keep.float().mean().item() - 0.7) < 0.07
-    s0, y0, mean0, rstd0, none = _native_add_layer_norm(x, h * keep, w, b, 1e-6, 0.0)
+    s0, y0, mean0, rstd0, none = _native_add_layer_norm(x, h * keep, None, w, b, 1e-6, 0.0)
     assert torch.equal(none, torch.zeros(2, dtype=torch.int64))
     assert torch.equal(s, s0) and torch.equal(y, y0)
     assert torch.equal(mean, mean0) and torch.equal(rstd, rstd0)
@@ -334,6 +349,10 @@ def test_native_add_layer_norm_applies_the_dropout_of_its_seeds(build, rows, dim
     back0 = _native_layer_norm_backward(g_y, g_s, s, w, mean, rstd, True, none, 0.0)
     assert torch.equal(back[0], back0[0]) and torch.equal(back[2], back0[2])
     assert torch.equal(back[1], torch.where(keep, back0[1], torch.zeros_like(back0[1])))
+    # a bias on the residual: its gradient, the kept rows of dL/dh summed before rounding
+    kept_rows = torch.where(keep, back0[0], torch.zeros_like(back0[0])).sum(0)
+    torch.testing.assert_close(back[4], kept_rows, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(back0[4], back0[0].sum(0), atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(4, 4, 256, 256), (3, 5, 48), (2, 7), (2, 300), (3, 1)])

@@ -454,13 +454,19 @@ _REFUSED = {
         torch.randn(3, 8).double(), torch.ones(8), torch.zeros(8), 1e-5, True
     ),
     "add_layer_norm: residual of another shape": lambda o: o.add_layer_norm_cpu(
-        torch.randn(3, 8), torch.zeros(3, 4, dtype=_bf16), torch.ones(8), torch.zeros(8), 1e-5, 0.0
+        *(torch.randn(3, 8), torch.zeros(3, 4, dtype=_bf16), None),
+        *(torch.ones(8), torch.zeros(8), 1e-5, 0.0),
     ),
     "add_layer_norm: fp32 residual": lambda o: o.add_layer_norm_cpu(
-        torch.randn(3, 8), torch.zeros(3, 8), torch.ones(8), torch.zeros(8), 1e-5, 0.0
+        *(torch.randn(3, 8), torch.zeros(3, 8), None, torch.ones(8), torch.zeros(8), 1e-5, 0.0),
     ),
     "add_layer_norm: dropout p = 1": lambda o: o.add_layer_norm_cpu(
-        torch.randn(3, 8), torch.zeros(3, 8, dtype=_bf16), torch.ones(8), torch.zeros(8), 1e-5, 1.0
+        *(torch.randn(3, 8), torch.zeros(3, 8, dtype=_bf16), None),
+        *(torch.ones(8), torch.zeros(8), 1e-5, 1.0),
+    ),
+    "add_layer_norm: a residual bias of another width": lambda o: o.add_layer_norm_cpu(
+        *(torch.randn(3, 8), torch.zeros(3, 8, dtype=_bf16), torch.ones(3)),
+        *(torch.ones(8), torch.zeros(8), 1e-5, 0.0),
     ),
     "layer_norm backward: gradient of another shape": lambda o: _ln_backward(o, (3, 4), 3, _SEEDS),
     "layer_norm backward: statistics of 2 rows": lambda o: _ln_backward(o, (3, 8), 2, _SEEDS),

@@ -643,21 +643,24 @@ def _(x, weight, bias, eps, bf16_out):
 def _native_add_layer_norm(
     x: torch.Tensor,
     residual: torch.Tensor,
+    residual_bias: torch.Tensor | None,
     weight: torch.Tensor,
     bias: torch.Tensor,
     eps: float,
     p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(s = x + masked(residual, p) in fp32, LayerNorm(s) in bf16, mean, 1/std, the two
-    seeds of the residual's dropout), in one pass."""
+    """(s = x + masked(residual + residual_bias, p) in fp32, LayerNorm(s) in bf16, mean,
+    1/std, the two seeds of the residual's dropout), in one pass; residual_bias fp32 (D,) or
+    None."""
     _check("layer_norm", 0.0 <= p < 1.0, "a dropout 0 <= p < 1", residual)
     seeds = _seeds(p)
     drop = _drop_args(seeds, p)
-    return (*_norm_forward(x, residual, weight, bias, eps, True, drop=drop), seeds)
+    args = (x, residual, weight, bias, eps, True)
+    return (*_norm_forward(*args, drop=drop, residual_bias=residual_bias), seeds)
 
 
 @_native_add_layer_norm.register_fake
-def _(x, residual, weight, bias, eps, p):
+def _(x, residual, residual_bias, weight, bias, eps, p):
     return (torch.empty_like(x), *_norm_fake(x, True), torch.empty(2, dtype=torch.int64))
 
 
@@ -672,10 +675,11 @@ def _native_layer_norm_backward(
     residual_grad: bool,
     seeds: torch.Tensor,
     p: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dL/dx, dL/dresidual in bf16 (empty without one; 0 where the residual's dropout of
-    `seeds` and p dropped it), dL/dweight, dL/dbias) from dL/dy (fp32 or bf16) and, for the
-    add, the residual stream's own gradient (fp32)."""
+    `seeds` and p dropped it), dL/dweight, dL/dbias, dL/dresidual's rows summed in fp32 (the
+    gradient of a bias added to the residual; zeros without one)) from dL/dy (fp32 or bf16)
+    and, for the add, the residual stream's own gradient (fp32)."""
     _check_norm(x, weight)
     rows = x.numel() // x.shape[-1]
     stats = all(t.shape == (rows,) and t.dtype == torch.float32 for t in (mean, rstd))
@@ -691,20 +695,20 @@ def _native_layer_norm_backward(
     mean, rstd = mean.contiguous(), rstd.contiguous()
     lib = native.library("layer_norm")
     blocks = -(-rows // lib.ln_block_rows())
-    grad_x, part = torch.empty_like(x), torch.empty((blocks, 2, D), dtype=torch.float32)
+    grad_x, part = torch.empty_like(x), torch.empty((blocks, 3, D), dtype=torch.float32)
     grad_h = torch.empty(x.shape if residual_grad else 0, dtype=torch.bfloat16)
     tensors = (grad, grad_stream, x, weight.contiguous(), mean, rstd, grad_x)
     ptrs = [*map(_ptr, tensors), grad_h.data_ptr() if residual_grad else None, part.data_ptr()]
     g_bf16 = int(grad.dtype == torch.bfloat16)
     drop = _drop_args(seeds, p)
     native.split_batch(lib, lib.ln_backward, blocks, *ptrs, g_bf16, D, rows, *drop)
-    return grad_x, grad_h, part[:, 0].sum(0), part[:, 1].sum(0)
+    return grad_x, grad_h, *(part[:, j].sum(0) for j in range(3))  # three tensors, no views
 
 
 @_native_layer_norm_backward.register_fake
 def _(grad, grad_stream, x, weight, mean, rstd, residual_grad, seeds, p):
     grad_h = torch.empty(x.shape if residual_grad else 0, dtype=torch.bfloat16)
-    return torch.empty_like(x), grad_h, torch.empty_like(weight), torch.empty_like(weight)
+    return torch.empty_like(x), grad_h, *(torch.empty_like(weight) for _ in range(3))
 
 
 def _norm_setup(ctx, inputs, output) -> None:
@@ -714,7 +718,7 @@ def _norm_setup(ctx, inputs, output) -> None:
 
 def _norm_grad(ctx, grad, _grad_mean, _grad_rstd):
     saved, no_drop = ctx.saved_tensors, (_seeds(0.0), 0.0)
-    grad_x, _, grad_w, grad_b = _native_layer_norm_backward(grad, None, *saved, False, *no_drop)
+    grad_x, _, grad_w, grad_b, _ = _native_layer_norm_backward(grad, None, *saved, False, *no_drop)
     return grad_x, grad_w, grad_b, None, None
 
 
@@ -722,16 +726,17 @@ _native_layer_norm.register_autograd(_norm_grad, setup_context=_norm_setup)
 
 
 def _add_norm_setup(ctx, inputs, output) -> None:
-    ctx.p = inputs[5]
-    ctx.save_for_backward(output[0], inputs[2], output[2], output[3], output[4])
+    ctx.p, ctx.residual_bias = inputs[6], inputs[2] is not None
+    ctx.save_for_backward(output[0], inputs[3], output[2], output[3], output[4])
 
 
 def _add_norm_grad(ctx, grad_stream, grad, _grad_mean, _grad_rstd, _grad_seeds):
     s, weight, mean, rstd, seeds = ctx.saved_tensors
-    grad_x, grad_h, grad_w, grad_b = _native_layer_norm_backward(
+    grad_x, grad_h, grad_w, grad_b, grad_hb = _native_layer_norm_backward(
         grad, grad_stream, s, weight, mean, rstd, True, seeds, ctx.p
     )
-    return grad_x, grad_h, grad_w, grad_b, None, None
+    grad_hb = grad_hb if ctx.residual_bias else None
+    return grad_x, grad_h, grad_hb, grad_w, grad_b, None, None
 
 
 _native_add_layer_norm.register_autograd(_add_norm_grad, setup_context=_add_norm_setup)
@@ -785,11 +790,14 @@ def add_layer_norm(
     if fused and residual.device == x.device and _native_norm_applies(norm, x):
         w, b, eps = norm.weight, norm.bias, norm.eps
         owned = in_place and x.is_contiguous()
-        inference = not torch.is_grad_enabled() and p == 0.0 and _fits_rows(bias, x)
+        fits = _fits_rows(bias, x)
+        inference = not torch.is_grad_enabled() and p == 0.0 and fits
         if inference and (owned or bias is not None):  # the bias inside (a copy of x if not owned)
             x = x if owned else x.clone(memory_format=torch.contiguous_format)
             return x, _native_add_layer_norm_(x, residual, _fp32(bias), w, b, eps)
-        s, y, *_ = _native_add_layer_norm(x, with_bias(residual, bias), w, b, eps, p)
+        if not fits:
+            residual, bias = with_bias(residual, bias), None
+        s, y, *_ = _native_add_layer_norm(x, residual, _fp32(bias), w, b, eps, p)
         return s, y
     s = x + masked(with_bias(residual, bias), p)
     return s, layer_norm(norm, s)

@@ -123,9 +123,10 @@ class FoldedExternalAttention(ExternalAttention):
 
     def branch(self, x: torch.Tensor, split_bias: bool = True) -> Branch:
         """(out, p, bias): the forward is masked(out + bias, p), p the dropout still to draw
-        (0: none) and bias the output projection's bias still to add (None: none, as
-        always unless `split_bias` and `bias_later`), which `FusedBlocks` adds and draws
-        inside the next residual add instead."""
+        (0: none) and bias the output projection's bias still to add (None where not
+        `split_bias`, and on CUDA), which `FusedBlocks` adds and draws inside the next
+        residual add instead: there torch's linear would first fill its whole output with
+        the bias and, in training, sum its gradient in a pass of its own (`split_bias`)."""
         B, N, _ = x.shape
         w_in, b_in, w_out, b_out = self.folded_weights_cached()
         # b_in shifts every token's logit in a column alike, which the softmax over the tokens
@@ -134,10 +135,9 @@ class FoldedExternalAttention(ExternalAttention):
         if torch.is_grad_enabled():
             b_out = b_out + 0.0 * b_in.sum()
         if not self.training and in_cache_chunks(x, N * self.heads * self.memory):
-            later = split_bias and bias_later(self, x)
-            bias = None if later else b_out
+            bias = None if split_bias else b_out
             out = external_attention_in_chunks(x, self.heads, self.memory, w_in, w_out, bias)
-            return out, 0.0, b_out if later else None
+            return out, 0.0, b_out if split_bias else None
         z = F.linear(x, w_in).view(B, N, self.heads, self.memory)  # (B, N, h, S)
         if torch_dropout(x):  # torch's dropout, which rescales by itself
             attn = double_normalize(z, token_dim=1).view(B, N, -1)  # (B, N, h*S)
@@ -146,15 +146,24 @@ class FoldedExternalAttention(ExternalAttention):
         p2 = self.proj_drop.p if self.training else 0.0
         s1, s2 = 1.0 / (1.0 - p1), 1.0 / (1.0 - p2)  # dropout rescales, folded into w_out
         attn = double_normalize(z, token_dim=1, p=p1).view(B, N, -1)  # dropout inside
-        return F.linear(attn, w_out * (s1 * s2), b_out * s2), p2, None
+        out, bias = _last_linear(attn, w_out, b_out, s1 * s2, s2, split_bias)
+        return out, p2, bias
 
 
-def bias_later(module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether a branch's last linear layer leaves its bias to the kernel after it: CPU
-    inference (eval mode, no gradient, eager). There torch's linear first fills its whole
-    output with the bias and then adds the product to it, a pass that made up 5% of EANet's
-    bf16 inference on the AVX-512-bf16 EPYC; the GELU and add + LayerNorm kernels add the
-    bias in the pass they make anyway."""
+def _last_linear(h, weight, bias, weight_scale, bias_scale, split_bias):
+    """(linear(h), its bias) with the dropout rescales folded in (scale 1: the parameters
+    themselves), the bias left out where `split_bias`: (out, None) or (out without the bias,
+    the bias)."""
+    if weight_scale != 1.0 or bias_scale != 1.0:
+        weight, bias = weight * weight_scale, bias * bias_scale
+    return (F.linear(h, weight), bias) if split_bias else (F.linear(h, weight, bias), None)
+
+
+def bias_in_gelu(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the MLP leaves fc1's bias to the GELU kernel: CPU inference (eval mode, no
+    gradient, eager), where torch's linear would first fill its whole output with the bias
+    (with the last biases left to the add + LayerNorm kernel, 5% of EANet's bf16 inference
+    on the AVX-512-bf16 EPYC); the GELU kernel adds it in the pass it makes anyway."""
     eager = not torch.compiler.is_compiling()
     return not module.training and not torch.is_grad_enabled() and x.is_cpu and eager
 
@@ -278,21 +287,21 @@ class FastMlp(Mlp):
         return masked(out, p)
 
     def branch(self, x: torch.Tensor, split_bias: bool = True) -> Branch:
-        """(out, p, bias): the forward is masked(out + bias, p) (see
-        FoldedExternalAttention.branch); in CPU inference fc1's bias goes into the GELU
-        kernel, and fc2's is left to the caller where `split_bias`."""
+        """(out, p, bias): the forward is masked(out + bias, p), fc2's bias left to the
+        caller where `split_bias` (see FoldedExternalAttention.branch); in CPU inference
+        fc1's bias goes into the GELU kernel (`bias_in_gelu`)."""
         if torch_dropout(x):
             return super().forward(x), 0.0, None
         p = self.drop.p if self.training else 0.0
         s = 1.0 / (1.0 - p)  # both dropout rescales folded into fc2
-        if self.act.approximate == "tanh" and bias_later(self, x):
+        tanh = self.act.approximate == "tanh"
+        if tanh and bias_in_gelu(self, x):
             h = gelu_tanh(F.linear(x, self.fc1.weight), 0.0, self.fc1.bias)
-            if split_bias:
-                return F.linear(h, self.fc2.weight), 0.0, self.fc2.bias
-            return self.fc2(h), 0.0, None
-        h = self.fc1(x)
-        h = gelu_tanh(h, p) if self.act.approximate == "tanh" else masked(self.act(h), p)
-        return F.linear(h, self.fc2.weight * (s * s), self.fc2.bias * s), p, None
+        else:
+            h = self.fc1(x)
+            h = gelu_tanh(h, p) if tanh else masked(self.act(h), p)
+        out, bias = _last_linear(h, self.fc2.weight, self.fc2.bias, s * s, s, split_bias)
+        return out, p, bias
 
 
 class FusedBlocks(nn.Sequential):

@@ -18,7 +18,11 @@
  * y in the one pass; its backward adds the stream's own gradient and writes dL/dh in bf16,
  * where torch would add and cast in two more passes. The branch's dropout (the block's
  * projection or MLP dropout, drawn as dropout.c draws it) goes into the same passes: h's
- * dropped elements are left out of s, and dL/dh is 0 there.
+ * dropped elements are left out of s, and dL/dh is 0 there. The bias of the branch's last
+ * linear layer can be left to this kernel too (hb): added to h's rows on the way in, its
+ * gradient (dL/dh's rows summed, before the rounding) summed in the backward's blocks beside
+ * dL/dw and dL/db, where torch would fill the linear's output with it first and sum dL/dh
+ * in a pass of its own.
  *
  * The sums of dL/dw and dL/db over rows go by fixed blocks of BLOCK rows: block k writes its
  * partial sums to part[k] (2 x D floats) and the caller adds the blocks up, so threads never
@@ -221,12 +225,13 @@ static inline void dropped_bf16(const float *R src, uint16_t *R dst, uint32_t at
 }
 
 /* dL/dx of rows [i0, i0 + n), n <= G, plus gs (dL/dx from elsewhere, fp32) where given, and
- * a bf16 copy in gh where given (the residual's gradient: 0 where `drop` dropped it); the
- * rows' g * xh and g added into gw and gb. */
+ * a bf16 copy in gh where given (the residual's gradient: 0 where `drop` dropped it, its rows
+ * also added into gc: the gradient of the residual's bias); the rows' g * xh and g added
+ * into gw and gb. */
 static inline __attribute__((always_inline)) void backward_group(
     const void *g, const float *R gs, const float *R x, const float *R w,
     const float *R mean, const float *R rstd, float *R gx, uint16_t *R gh, float *R gw,
-    float *R gb, int g_bf16, long D, drops drop, long i0, long n) {
+    float *R gb, float *R gc, int g_bf16, long D, drops drop, long i0, long n) {
     float sg[G], sgx[G];
     for (long k = 0; k < n; k++) {
         long i = i0 + k;
@@ -250,17 +255,23 @@ static inline __attribute__((always_inline)) void backward_group(
             gx[i * D + d] = gs ? v + gs[i * D + d] : v;
         }
     }
-    if (gh) dropped_bf16(gx + i0 * D, gh + i0 * D, (uint32_t)(i0 * D), n * D, drop);
+    if (!gh) return;
+    dropped_bf16(gx + i0 * D, gh + i0 * D, (uint32_t)(i0 * D), n * D, drop);
+    for (long k = 0; k < n; k++)
+        for (long d = 0; d < D; d++) {
+            long i = (i0 + k) * D + d;
+            if (!drop.t || kept((uint32_t)i, drop.s1, drop.s2, drop.t)) gc[d] += gx[i];
+        }
 }
 
 #if VECTOR_ROWS
 /* backward_group for 16 rows of D = 64 in registers: the 16 rows' two sums from the tree
  * of shuffles (sums16), dL/dw and dL/db accumulated in registers, dL/dh rounded to bf16
- * (and dropped) from the registers. */
+ * (and dropped) from the registers and summed into gc. */
 static inline __attribute__((always_inline)) void backward_group64(
     const void *g, const float *R gs, const float *R x, const float *R w,
     const float *R mean, const float *R rstd, float *R gx, uint16_t *R gh, float *R gw,
-    float *R gb, int g_bf16, drops drop, long i0) {
+    float *R gb, float *R gc, int g_bf16, drops drop, long i0) {
     __m512 a1[16], a2[16], ww[4], gwv[4], gbv[4];
     for (int j = 0; j < 4; j++) {
         ww[j] = _mm512_loadu_ps(w + 16 * j);
@@ -285,6 +296,8 @@ static inline __attribute__((always_inline)) void backward_group64(
     }
     __m512 sg = _mm512_div_ps(sums16(a1), _mm512_set1_ps(64.0f));
     __m512 sgx = _mm512_div_ps(sums16(a2), _mm512_set1_ps(64.0f));
+    __m512 gcv[4];
+    for (int j = 0; j < 4; j++) gcv[j] = gh ? _mm512_loadu_ps(gc + 16 * j) : _mm512_setzero_ps();
     for (int k = 0; k < 16; k++) {
         __m512 mk = lane(m, k), rk = lane(r, k), sgk = lane(sg, k), sgxk = lane(sgx, k);
         uint64_t keep = gh ? row_keep64(drop, i0 + k) : ~0ull;
@@ -299,37 +312,41 @@ static inline __attribute__((always_inline)) void backward_group64(
             if (gh) {
                 __m512 kept = _mm512_maskz_mov_ps((__mmask16)(keep >> (16 * j)), v);
                 _mm256_storeu_si256((__m256i *)(gh + i), bf16x16(kept));
+                gcv[j] = _mm512_add_ps(gcv[j], kept);
             }
         }
     }
+    if (gh)
+        for (int j = 0; j < 4; j++) _mm512_storeu_ps(gc + 16 * j, gcv[j]);
 }
 #else
 static inline void backward_group64(const void *g, const float *R gs, const float *R x,
                                     const float *R w, const float *R mean, const float *R rstd,
                                     float *R gx, uint16_t *R gh, float *R gw, float *R gb,
-                                    int g_bf16, drops drop, long i0) {
+                                    float *R gc, int g_bf16, drops drop, long i0) {
     (void)g, (void)gs, (void)x, (void)w, (void)mean, (void)rstd, (void)gx, (void)gh;
-    (void)gw, (void)gb, (void)g_bf16, (void)drop, (void)i0;
+    (void)gw, (void)gb, (void)gc, (void)g_bf16, (void)drop, (void)i0;
 }
 #endif
 
 static inline __attribute__((always_inline)) void backward_block(
     const void *g, const float *R gs, const float *R x, const float *R w,
     const float *R mean, const float *R rstd, float *R gx, uint16_t *R gh, float *R gw,
-    float *R gb, int g_bf16, long D, drops drop, long r0, long r1) {
-    for (long d = 0; d < D; d++) gw[d] = 0.0f, gb[d] = 0.0f;
+    float *R gb, float *R gc, int g_bf16, long D, drops drop, long r0, long r1) {
+    for (long d = 0; d < D; d++) gw[d] = 0.0f, gb[d] = 0.0f, gc[d] = 0.0f;
     for (long i = r0; i < r1; i += G) {
         long n = r1 - i < G ? r1 - i : G;
         if (VECTOR_ROWS && D == 64 && n == 16)
-            backward_group64(g, gs, x, w, mean, rstd, gx, gh, gw, gb, g_bf16, drop, i);
+            backward_group64(g, gs, x, w, mean, rstd, gx, gh, gw, gb, gc, g_bf16, drop, i);
         else
-            backward_group(g, gs, x, w, mean, rstd, gx, gh, gw, gb, g_bf16, D, drop, i, n);
+            backward_group(g, gs, x, w, mean, rstd, gx, gh, gw, gb, gc, g_bf16, D, drop, i, n);
     }
 }
 
 /* From g = dL/dy: dL/dx (+ gs where given; a bf16 copy in gh where given, 0 where the
  * forward's draws (s1, s2, t) dropped the residual) and the blocks' partial sums of dL/dw,
- * dL/db in part. x is LayerNorm's input (s of ln_forward). */
+ * dL/db and (with gh) of dL/dh's rows, the residual bias's gradient, in part (3 x D floats
+ * a block). x is LayerNorm's input (s of ln_forward). */
 int ln_backward(const void *g, const float *gs, const float *x, const float *w,
                 const float *mean, const float *rstd, float *gx, uint16_t *gh, float *part,
                 int g_bf16, long D, long rows, uint32_t s1, uint32_t s2, uint32_t t, long k0,
@@ -339,12 +356,13 @@ int ln_backward(const void *g, const float *gs, const float *x, const float *w,
         long lo, hi;
         share(k0, k1, &lo, &hi);
         for (long k = lo; k < hi; k++) {
-            float *gw = part + k * 2 * D, *gb = gw + D;
+            float *gw = part + k * 3 * D, *gb = gw + D, *gc = gb + D;
             long r0 = k * BLOCK, r1 = r0 + BLOCK < rows ? r0 + BLOCK : rows;
             if (D == 64 && g_bf16)
-                backward_block(g, gs, x, w, mean, rstd, gx, gh, gw, gb, 1, 64, drop, r0, r1);
+                backward_block(g, gs, x, w, mean, rstd, gx, gh, gw, gb, gc, 1, 64, drop, r0, r1);
             else
-                backward_block(g, gs, x, w, mean, rstd, gx, gh, gw, gb, g_bf16, D, drop, r0, r1);
+                backward_block(g, gs, x, w, mean, rstd, gx, gh, gw, gb, gc, g_bf16, D, drop, r0,
+                               r1);
         }
     }
     return 0;
