@@ -196,17 +196,29 @@ def _native_forward(
     fits = _cpu(z, seeds) and z.dtype in _DTYPES and z.dim() == 4 and z.numel() < 2**31
     fits = fits and seeds.numel() == 2 and 0.0 <= p < 1.0
     _check("double_normalize", fits, "CPU fp32 or bf16 logits (B, N, h, S), 2 seeds", z, seeds)
+    q = torch.empty_like(z, memory_format=torch.contiguous_format)
+    colmax, colinv = _dn_stats(z)
+    _dn_forward(z, q, colmax, colinv, _drop_args(seeds, p))
+    return q, colmax, colinv
+
+
+def _dn_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two fp32 (B, h*S) tensors for the per-column max and 1/sum of z (B, N, h, S), which
+    the forward keeps for the backward."""
+    B, _, h, S = z.shape
+    colmax = torch.empty((B, h * S), dtype=torch.float32)
+    return colmax, torch.empty_like(colmax)
+
+
+def _dn_forward(z: torch.Tensor, q: torch.Tensor, colmax, colinv, drop) -> None:
+    """kernels/double_normalize.c's forward of z (B, N, h, S) into the contiguous q, its
+    statistics into colmax and colinv (`_dn_stats`), the dropout `drop` (`_drop_args`)."""
     B, N, h, S = z.shape
     z = z.contiguous()
-    q = torch.empty_like(z)
-    colmax = z.new_empty((B, h * S), dtype=torch.float32)
-    colinv = torch.empty_like(colmax)
     lib = native.library("double_normalize")
-    bf16 = int(z.dtype == torch.bfloat16)
     ptrs = (z.data_ptr(), q.data_ptr(), colmax.data_ptr(), colinv.data_ptr())
-    drop = _drop_args(seeds, p)
+    bf16 = int(z.dtype == torch.bfloat16)
     native.split_batch(lib, lib.dn_forward, B, *ptrs, bf16, N, h * S, S, *drop)
-    return q, colmax, colinv
 
 
 @_native_forward.register_fake
@@ -318,13 +330,7 @@ def double_normalize_into(z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     fits = out.shape == z.shape and out.dtype == z.dtype and out.is_contiguous()
     if not (fits and _runs_native(z, 1) and z.numel() < 2**31):
         return out.copy_(double_normalize(z, token_dim=1))
-    B, N, h, S = z.shape
-    z = z.contiguous()
-    stats = torch.empty((2, B, h * S), dtype=torch.float32)  # column max and 1/sum: unused
-    lib = native.library("double_normalize")
-    ptrs = (z.data_ptr(), out.data_ptr(), stats[0].data_ptr(), stats[1].data_ptr())
-    bf16 = int(z.dtype == torch.bfloat16)
-    native.split_batch(lib, lib.dn_forward, B, *ptrs, bf16, N, h * S, S, 0, 0, 0)
+    _dn_forward(z, out, *_dn_stats(z), (0, 0, 0))  # no dropout; the statistics unused
     return out
 
 
@@ -445,10 +451,17 @@ def _(x: torch.Tensor) -> torch.Tensor:
 def softmax_last(x: torch.Tensor) -> torch.Tensor:
     """torch.softmax(x, dim=-1) for bf16 x without gradients (attention weights in CPU bf16
     inference); on the CPU by kernels/softmax.c, where torch's bf16 softmax was slower."""
-    native_ok = x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.numel() > 0
-    if native_ok and not x.requires_grad and x.numel() < 2**31 and native.available("softmax"):
+    if _native_softmax_applies(x):
         return _native_softmax(x)
     return torch.softmax(x, dim=-1)
+
+
+def _native_softmax_applies(x: torch.Tensor) -> bool:
+    """Whether kernels/softmax.c computes softmax_last(x): CPU bf16 rows of L > 0, fewer
+    than 2^31 elements, no gradient wanted."""
+    native_ok = x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() >= 1
+    native_ok = native_ok and x.shape[-1] > 0 and 0 < x.numel() < 2**31
+    return native_ok and not x.requires_grad and native.available("softmax")
 
 
 def softmax_last_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -456,9 +469,7 @@ def softmax_last_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     straight, without the custom op's layer or a fresh tensor, for a loop of inference
     chunks (as `double_normalize_into`)."""
     fits = out.shape == x.shape and out.dtype == x.dtype and out.is_contiguous()
-    native_ok = x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() >= 1
-    native_ok = native_ok and x.shape[-1] > 0 and 0 < x.numel() < 2**31
-    if not (fits and native_ok and not x.requires_grad and native.available("softmax")):
+    if not (fits and _native_softmax_applies(x)):
         return out.copy_(softmax_last(x))
     x, L = x.contiguous(), x.shape[-1]
     lib = native.library("softmax")
@@ -587,8 +598,9 @@ def _norm_forward(
     sum is written over x itself (contiguous x), which is returned as the stream; `drop`,
     the kernels' (seed 1, seed 2, threshold) of the residual's dropout (`_drop_args`);
     `residual_bias` (fp32, (D,)), a bias added to each of the residual's rows."""
-    _check_norm(x, weight, residual_bias)
     _check_norm(x, weight, bias)
+    if residual_bias is not None:
+        _check_norm(x, residual_bias)
     fits = residual is None or (residual.shape == x.shape and residual.dtype == torch.bfloat16)
     _check("layer_norm", fits, "a bf16 residual shaped as x", x, residual)
     _check("layer_norm", not in_place or x.is_contiguous(), "a contiguous x in place", x)
