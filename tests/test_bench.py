@@ -96,3 +96,21 @@ def test_bad_bench_options():
 
     with pytest.raises(ConfigError, match="--precision"):
         bench_model(TrainConfig(precision="float16"))
+
+
+@pytest.mark.parametrize(("seconds", "side"), [(1.0, 256), (1e-3, 1024), (1e-6, 2048)])
+def test_matmul_peak_grows_only_while_a_product_fits_the_budget(monkeypatch, seconds, side):
+    """An emulated dtype (bf16 without avx512_bf16/AMX) must not be timed at 2048^2 for minutes:
+    the side doubles from 256 only while 8x one product's time stays under the budget."""
+    from eanet import bench
+
+    sides = []
+
+    def fake_time_calls(fn, device, warmup, repeats):
+        sides.append(fn().shape[0])
+        return [seconds * (sides[-1] / 256) ** 3] * repeats
+
+    monkeypatch.setattr(bench, "time_calls", fake_time_calls)
+    gflops = bench.matmul_peak_gflops(torch.device("cpu"), budget_s=0.25)
+    assert sides[-1] == side and max(sides) == side
+    assert gflops == pytest.approx(2 * 256**3 / seconds / 1e9)

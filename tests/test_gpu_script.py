@@ -43,7 +43,7 @@ def test_dry_run_writes_every_result_file(tmp_path):
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
-        ["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, env=env, timeout=400
+        ["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, env=env, timeout=2400
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     steps = dict(line.split("\t")[:2] for line in (out / "steps.tsv").read_text().splitlines())

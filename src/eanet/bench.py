@@ -64,14 +64,29 @@ def time_calls(
 
 
 def matmul_peak_gflops(
-    device: torch.device, n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32
+    device: torch.device,
+    n: int = 2048,
+    repeats: int = 5,
+    dtype: torch.dtype = torch.float32,
+    budget_s: float = 0.25,
 ) -> float:
-    """GFLOP/s of a large square matmul in `dtype`: this machine's practical ceiling."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    """GFLOP/s of a large square matmul in `dtype`: this machine's practical ceiling.
+
+    The side grows from 256 towards `n` while one product takes under `budget_s`, so a
+    dtype the CPU only emulates (bf16 without avx512_bf16 or AMX, about 100x slower) is
+    measured in seconds rather than minutes, at the largest size that fits the budget.
+    """
     with _tf32(device, enabled=False):
-        times = time_calls(lambda: a @ b, device, warmup=2, repeats=repeats)
-    return 2 * n**3 / statistics.median(times) / 1e9
+        side = min(256, n)
+        while True:
+            a = torch.randn(side, side, device=device).to(dtype)
+            b = torch.randn(side, side, device=device).to(dtype)
+            once = min(time_calls(lambda: a @ b, device, warmup=1, repeats=1))
+            if side >= n or once * 8 > budget_s:  # the next size costs 8x as much
+                break
+            side *= 2
+        times = time_calls(lambda: a @ b, device, warmup=1, repeats=repeats)
+    return 2 * side**3 / statistics.median(times) / 1e9
 
 
 @contextlib.contextmanager
