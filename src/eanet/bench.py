@@ -72,20 +72,22 @@ def matmul_peak_gflops(
 ) -> float:
     """GFLOP/s of a large square matmul in `dtype`: this machine's practical ceiling.
 
-    The side grows from 256 towards `n` while one product takes under `budget_s`, so a
-    dtype the CPU only emulates (bf16 without avx512_bf16 or AMX, about 100x slower) is
-    measured in seconds rather than minutes, at the largest size that fits the budget.
+    The side doubles from 256 towards `n` while the next product (8x the work) would fit in
+    `budget_s`, so a dtype the CPU only emulates (bf16 without avx512_bf16 or AMX, about 100x
+    slower) is measured in seconds rather than minutes, at the largest size that fits.
     """
+
+    def product(side: int) -> Callable[[], torch.Tensor]:
+        a = torch.randn(side, side, device=device).to(dtype)
+        b = torch.randn(side, side, device=device).to(dtype)
+        return lambda: a @ b
+
     with _tf32(device, enabled=False):
         side = min(256, n)
-        while True:
-            a = torch.randn(side, side, device=device).to(dtype)
-            b = torch.randn(side, side, device=device).to(dtype)
-            once = min(time_calls(lambda: a @ b, device, warmup=1, repeats=1))
-            if side >= n or once * 8 > budget_s:  # the next size costs 8x as much
-                break
+        # the next size costs 8x as much
+        while side < n and 8 * min(time_calls(product(side), device, 1, 1)) <= budget_s:
             side *= 2
-        times = time_calls(lambda: a @ b, device, warmup=1, repeats=repeats)
+        times = time_calls(product(side), device, warmup=1, repeats=repeats)
     return 2 * side**3 / statistics.median(times) / 1e9
 
 
