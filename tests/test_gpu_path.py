@@ -58,17 +58,21 @@ def _cfg(**kw) -> TrainConfig:
 # --------------------------------------------------------------------------- optimizer
 
 
-def test_cpu_adamw_is_torchs_default_bit_for_bit():
-    """make_optimizer on the CPU: no fused kernel, the same steps as a plain AdamW."""
+@pytest.mark.parametrize("rule", ["keras", "torch"])
+def test_cpu_adamw_is_torchs_default_bit_for_bit(rule):
+    """make_optimizer on the CPU: no fused kernel, the same steps as a plain AdamW (whose
+    epsilon, under the Keras rule, is set to 1e-7 / sqrt(1 - 0.999^t) before step t)."""
     a, b = _model(), _model()
-    cfg = _cfg()
+    cfg = _cfg(adam_eps_rule=rule)
     ours = step_mod.make_optimizer(a, cfg)
     assert ours.param_groups[0]["fused"] is None and ours.param_groups[0]["foreach"] is None
     plain = torch.optim.AdamW(b.parameters(), lr=1e-3, eps=1e-7, weight_decay=1e-4)
     x, y = _batch(4)
     for model, opt in ((a, ours), (b, plain)):
         torch.manual_seed(1)
-        for _ in range(2):
+        for t in (1, 2):
+            if opt is plain and rule == "keras":
+                plain.param_groups[0]["eps"] = 1e-7 / (1 - 0.999**t) ** 0.5
             step_mod.train_step(model, opt, x, y, cfg, AugmentConfig())
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q)

@@ -45,7 +45,9 @@ class TrainConfig:
     )
     dataset: str = option(
         "cifar100",
-        help="data set; 'folder': your images, one subfolder per class, in --data-path; "
+        help="data set; 'fashion-mnist': 70,000 real 28x28 grey clothing photos (padded to "
+        "32x32 RGB for the cifar models, native for eanet-fashion/vit-fashion); "
+        "'folder': your images, one subfolder per class, in --data-path; "
         "'digits': 1,797 real handwritten digits shipped with eanet, at 32x32, a fixed "
         "quarter as test; "
         "'synthetic': random CIFAR-100-shaped images, only for timing the recipe",
@@ -55,7 +57,8 @@ class TrainConfig:
     data_path: str | None = option(
         None,
         help="CIFAR: archive (.tar.gz), extracted folder, or a directory holding the "
-        "archive, downloaded there if missing; folder: the directory of class subfolders",
+        "archive, downloaded there if missing; fashion-mnist: the folder of its four idx "
+        "files; folder: the directory of class subfolders",
         shown_default="CIFAR: $EANET_DATA or ~/.cache/eanet",
         resume=CHANGE,
         results=False,
@@ -70,7 +73,8 @@ class TrainConfig:
     )
     verify: bool = option(
         True,
-        help="check the md5 of a local archive (--no-verify: one you trust)",
+        help="check the md5 of a local archive, or fashion-mnist's sha256 of its files' "
+        "contents (--no-verify: one you trust)",
         resume=CHANGE,
         results=False,
         group=DATA,
@@ -95,6 +99,14 @@ class TrainConfig:
     weight_decay: float = option(1e-4, help="AdamW decoupled weight decay", group=RECIPE)
     adam_eps: float = option(
         1e-7, help="AdamW epsilon (Keras's default, not torch's 1e-8)", group=RECIPE
+    )
+    adam_eps_rule: str = option(
+        "keras",
+        help="where AdamW adds its epsilon: 'keras' to sqrt(v) before the bias correction, "
+        "as the reference's Keras AdamW does; 'torch' to the bias-corrected sqrt(v), as "
+        "torch.optim.AdamW does",
+        choices=("keras", "torch"),
+        group=RECIPE,
     )
     label_smoothing: float = option(
         0.1, help="label smoothing of the cross-entropy", group=AUGMENTATION

@@ -23,6 +23,7 @@ from eanet.train import distributed
 from eanet.train import guard as guard_mod
 from eanet.train.config import REFERENCE_BATCH, TrainConfig
 from eanet.train.ema import EMA
+from eanet.train.optim import KerasAdamW
 from eanet.train.schedule import LRSchedule
 
 log = logging.getLogger(__name__)
@@ -135,11 +136,12 @@ def scaled_lr(cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: VisionTransformer, cfg: TrainConfig) -> torch.optim.AdamW:
-    """The reference's AdamW (decoupled decay on every trainable tensor, Keras's epsilon).
+    """The reference's AdamW: decoupled decay on every trainable tensor, Keras's epsilon.
 
-    --weight-decay-params matrices: two groups, decay on weight matrices only. On CUDA
-    torch's fused kernel (one launch for every tensor); elsewhere torch's default
-    implementation, exactly as before.
+    --adam-eps-rule keras (the default) places epsilon as Keras does (`train.optim`);
+    torch: torch.optim.AdamW's own rule. --weight-decay-params matrices: two groups, decay on
+    weight matrices only. On CUDA torch's fused kernel (one launch for every tensor);
+    elsewhere torch's default implementation.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     kernel = {"fused": True} if params and all(p.is_cuda for p in params) else {}
@@ -147,7 +149,8 @@ def make_optimizer(model: VisionTransformer, cfg: TrainConfig) -> torch.optim.Ad
         params = decay_groups(model, cfg.weight_decay)
     if cfg.lr_scaling != "none":
         log.info("learning rate %g (%s scaling of --lr %g)", scaled_lr(cfg), cfg.lr_scaling, cfg.lr)
-    optimizer = torch.optim.AdamW(
+    adamw = KerasAdamW if cfg.adam_eps_rule == "keras" else torch.optim.AdamW
+    optimizer = adamw(
         params,
         lr=scaled_lr(cfg),
         betas=(0.9, 0.999),
