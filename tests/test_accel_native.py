@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import hashlib
 import os
+import pwd
 import re
 import shutil
 import stat
 import subprocess
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -177,7 +182,10 @@ def test_native_dropout_draws_the_same_mask_for_fp32_and_bf16(n, fresh, monkeypa
 def _built(name: str = "gelu") -> Path:
     """kernels/<name>.c compiled into the cache but not loaded: a library loaded into this
     process stays mapped, and damaging it in place would kill the tests."""
-    return native._build(name, native._setup(os.environ.get("CC") or "cc", native.cache_dir()))
+    cache = native._setup(os.environ.get("CC") or "cc", native.cache_dir())
+    os.close(native._build(name, cache))  # opened and checked, not loaded
+    (library,) = cache.directory.glob(f"{name}-*.so")
+    return library
 
 
 def _record(library: Path) -> None:
@@ -297,7 +305,9 @@ def test_a_compiler_that_writes_nothing_leaves_nothing_cached(fresh, monkeypatch
     with caplog.at_level("WARNING", logger="eanet.accel.native"):
         assert native.library("gelu") is None
     assert "exited 0 but wrote no shared library" in caplog.text
-    assert [p.name for p in fresh.iterdir()] == [".lock"]
+    assert sorted(p.name.split("-")[0] for p in fresh.iterdir()) == [".lock", "gelu"]
+    (marker,) = fresh.glob("gelu-*")  # what says so to later runs, no library
+    assert marker.suffix == ".failed"
 
 
 def test_temporary_files_of_killed_compiles_are_removed(fresh):
@@ -364,6 +374,194 @@ def test_cc_may_carry_arguments(fresh, tmp_path, monkeypatch, caplog):
     assert lines[0] == "cc --version" and len(lines) == 3
     assert lines[1].startswith(f"cc {native.SOURCES / 'gelu.c'} -O3")
     assert caplog.text.count("compiling native kernels (first use)") == 1
+
+
+# The cache's hardening: what others can change on the way to it, what is loaded, the lock.
+
+
+@pytest.mark.parametrize(
+    "parent", ["writable by others", "another user's", "sticky but another user's"]
+)
+def test_a_cache_below_a_directory_others_can_change_is_not_used(
+    fresh, planted, monkeypatch, caplog, parent
+):
+    """Whoever can write to a directory above the cache can swap the cache for their own
+    between any check and any use (after the mkdir, after the digest check)."""
+    shared = fresh.parent / "shared"
+    shared.mkdir()
+    monkeypatch.setenv("EANET_KERNELS", str(shared / "kernels"))
+    target = _built()
+    os.replace(planted[0], target)  # what the other user put there
+    _record(target)
+    shared.chmod(0o777 if parent == "writable by others" else 0o1777)
+    if parent != "writable by others":
+        os.chown(shared, 12345, 12345)
+    native._setup.cache_clear()  # a new process
+    with caplog.at_level("WARNING", logger="eanet.accel.native"):
+        assert native.library("gelu") is None
+    assert not planted[1].exists()
+    assert caplog.text.count("WARNING") == 1
+    said = "is writable by others" if parent[0] == "w" else "belongs to another user"
+    assert f"{shared} {said}" in caplog.text
+
+
+def test_a_private_cache_in_a_sticky_directory_of_roots_is_used(fresh, monkeypatch):
+    """As in /tmp: no one else can rename a directory of this user's there."""
+    sticky = fresh.parent / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    monkeypatch.setenv("EANET_KERNELS", str(sticky / "kernels"))
+    assert native.library("gelu") is not None
+    assert _mode(sticky / "kernels") == 0o700
+
+
+@pytest.mark.parametrize("when", ["cached", "just compiled"])
+def test_what_is_loaded_is_the_file_checked_whatever_is_renamed_over_it(
+    fresh, planted, monkeypatch, caplog, when
+):
+    """The library is checked on the bytes of one open file and loaded through that file:
+    a library renamed over its name after the check (the race) is never loaded."""
+    if when == "cached":
+        _built()
+        native._setup.cache_clear()  # a new process
+    load, renamed = ctypes.CDLL, []
+
+    def rename_then_load(name, *args, **kwargs):
+        if not renamed:  # the other user's rename, between the check and dlopen
+            (target,) = fresh.glob("gelu-*.so")
+            os.replace(planted[0], target)
+            _record(target)
+            renamed.append(target)
+        return load(name, *args, **kwargs)
+
+    monkeypatch.setattr(ctypes, "CDLL", rename_then_load)
+    with caplog.at_level("WARNING", logger="eanet.accel.native"):
+        assert native.library("gelu") is not None
+    assert renamed and not planted[1].exists() and "WARNING" not in caplog.text
+    x = torch.randn(1000)
+    torch.testing.assert_close(fused.gelu_tanh(x), torch.nn.functional.gelu(x, approximate="tanh"))
+
+
+def test_a_relative_cache_path_is_made_absolute(fresh, tmp_path, monkeypatch):
+    """EANET_KERNELS=. gave dlopen a bare name, which it looked up on the library path."""
+    work = tmp_path / "work"
+    work.mkdir(mode=0o700)
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("EANET_KERNELS", ".")
+    assert native.cache_dir() == work
+    assert native.library("gelu") is not None
+    assert list(work.glob("gelu-*.so"))
+
+
+def _no_passwd_entry(uid: int):
+    raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+
+@pytest.mark.parametrize("xdg", [None, "cache"])
+def test_without_a_home_directory_the_cache_is_a_private_one_in_the_temporary_directory(
+    fresh, tmp_path, monkeypatch, xdg
+):
+    """No HOME and no passwd entry (a container's arbitrary uid): Path.home() raised."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("EANET_KERNELS", "HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    if xdg:
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / xdg))
+    monkeypatch.setattr(pwd, "getpwuid", _no_passwd_entry)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    expected = (
+        tmp_path / "cache/eanet/kernels" if xdg else tmp_path / f"eanet-kernels-{os.getuid()}"
+    )
+    assert native.cache_dir() == expected
+    assert native.library("gelu") is not None
+    assert _mode(expected) == 0o700 and list(expected.glob("gelu-*.so"))
+
+
+def test_without_any_cache_directory_the_kernels_are_off_with_one_line(fresh, monkeypatch, caplog):
+    monkeypatch.setenv("EANET_KERNELS", "~/kernels")
+    monkeypatch.delenv("HOME")
+    monkeypatch.setattr(pwd, "getpwuid", _no_passwd_entry)
+    with caplog.at_level("WARNING", logger="eanet.accel.native"):
+        assert native.library("gelu") is None
+    assert caplog.text.count("WARNING") == 1 and "EANET_KERNELS" in caplog.text
+
+
+def test_only_this_codes_temporary_files_are_removed(fresh):
+    """EANET_KERNELS may name a folder of the user's own: their .*.tmp files stay."""
+    fresh.mkdir(mode=0o700)
+    theirs = [fresh / ".notes.tmp", fresh / ".gelu.so.tmp", fresh / ".gelu-draft.so.x.tmp"]
+    for path in theirs:
+        path.write_text("keep me")
+    (fresh / ".gelu-0123456789abcdef.so.dir.tmp").mkdir()
+    stale = fresh / ".gelu-0123456789abcdef.so.sha256.Ab_12xyz.tmp"
+    stale.write_text("half a digest")
+    assert native.library("gelu") is not None
+    assert all(path.read_text() == "keep me" for path in theirs)
+    assert (fresh / ".gelu-0123456789abcdef.so.dir.tmp").is_dir() and not stale.exists()
+
+
+@contextlib.contextmanager
+def _held(lock: Path):
+    """The cache's lock held as another process would (a flock of another open file)."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _within(seconds: float, fn):
+    """fn() run in a thread; fails, rather than hangs, where it takes longer than `seconds`."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(fn()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still waiting after {seconds} s"
+    return result[0]
+
+
+def test_built_libraries_are_loaded_without_the_lock(fresh):
+    _built()
+    native._setup.cache_clear()  # a new process
+    with _held(fresh / ".lock"):
+        assert _within(20, lambda: native.library("gelu")) is not None
+
+
+def test_a_lock_held_too_long_turns_the_kernels_off_with_one_line(fresh, monkeypatch, caplog):
+    fresh.mkdir(mode=0o700)
+    monkeypatch.setattr(native, "LOCK_TIMEOUT", 0.5, raising=False)
+    start = time.monotonic()
+    with _held(fresh / ".lock"), caplog.at_level("WARNING", logger="eanet.accel.native"):
+        assert _within(20, lambda: native.library("gelu")) is None
+        assert _within(20, lambda: native.library("dropout")) is None  # no second wait
+    assert time.monotonic() - start < 5
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"held {fresh / '.lock'} for 0.5 s" in warning and "\n" not in warning
+    x = torch.randn(1000)
+    torch.testing.assert_close(fused.gelu_tanh(x), torch.nn.functional.gelu(x, approximate="tanh"))
+
+
+def test_a_failed_compile_is_not_tried_again_until_the_compiler_changes(
+    fresh, tmp_path, monkeypatch, caplog
+):
+    """A hanging compiler cost COMPILE_TIMEOUT per kernel in every run; now only in the first."""
+    calls = tmp_path / "calls"
+    broken = f'[ "$1" = --version ] && {{ echo brokencc 1; exit 0; }}\necho "$1" >> {calls}\n'
+    monkeypatch.setenv("CC", str(_script(tmp_path / "brokencc", broken + "exit 1\n")))
+    assert native.library("gelu") is None
+    _clear()  # a new process
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="eanet.accel.native"):
+        assert native.library("gelu") is None
+        assert native.library("dropout") is None
+    assert len(calls.read_text().splitlines()) == 1
+    (marker,) = fresh.glob("gelu-*.failed")
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "failed in an earlier run" in warning and f"delete {marker} to try again" in warning
+    monkeypatch.setenv("CC", "cc")  # another compiler: tried again
+    _clear()
+    assert native.library("gelu") is not None
 
 
 # The C interface: declared once, in the C prototypes; checked shapes before every call.
