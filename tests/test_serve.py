@@ -312,7 +312,9 @@ def test_config_validation():
         ServeConfig("x", max_upload_mb=0)
     with pytest.raises(ConfigError, match="--max-request-mp .* >= --max-image-mp"):
         ServeConfig("x", max_image_mp=8, max_request_mp=4)
-    for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s", "max_large_decodes"):
+    names = ("header_timeout_s", "body_timeout_s", "keep_alive_s", "max_large_decodes")
+    names += ("max_connections_per_ip", "max_connection_s", "decode_s_per_mp")
+    for name in names:
         flag = "--" + name.replace("_", "-")
         with pytest.raises(ConfigError, match=flag):
             ServeConfig("x", **{name: 0})

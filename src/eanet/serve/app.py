@@ -29,7 +29,13 @@ from eanet.errors import DataError, one_line, printable
 from eanet.predict import top_k_predictions
 from eanet.serve.batcher import Batcher
 from eanet.serve.config import ServeConfig, check_dependencies
-from eanet.serve.decode import ImageDecoder, Items, PixelBudgetError, decode_memory_bound
+from eanet.serve.decode import (
+    DecodeBudgetError,
+    ImageDecoder,
+    Items,
+    UnsupportedFormatError,
+    decode_memory_bound,
+)
 from eanet.serve.guard import RequestGuard
 from eanet.serve.model import ServedModel
 
@@ -57,7 +63,10 @@ class ServeState:
         )
         self.batcher = Batcher(self.served.forward, config.max_batch, config.max_wait_ms)
         self.decoder = ImageDecoder(
-            config.max_image_pixels, config.max_request_pixels, config.max_large_decodes
+            config.max_image_pixels,
+            config.max_request_pixels,
+            config.max_large_decodes,
+            config.decode_s_per_mp,
         )
         self.counters = {"requests_served": 0, "requests_refused": 0, "internal_errors": 0}
         self.counters |= {"client_disconnects": 0, "body_timeouts": 0}
@@ -127,6 +136,7 @@ class ServeState:
         keys = ("max_batch", "max_wait_ms", "max_upload_mb", "max_images", "workers")
         limits = ("max_image_mp", "max_request_mp", "max_large_decodes", "header_timeout_s")
         limits += ("body_timeout_s", "keep_alive_s", "max_header_kb", "max_connections")
+        limits += ("max_connections_per_ip", "max_connection_s", "decode_s_per_mp")
         bound = decode_memory_bound(c.max_image_pixels, c.max_large_decodes)
         return {
             **{k: getattr(c, k) for k in keys + limits},
@@ -182,8 +192,10 @@ class ServeState:
             raise self.refuse(413, msg)
         try:
             x = await self.decoder.decode(items, self.served.image_size)
-        except PixelBudgetError as exc:
+        except DecodeBudgetError as exc:
             raise self.refuse(413, str(exc)) from exc
+        except UnsupportedFormatError as exc:
+            raise self.refuse(415, str(exc)) from exc
         except DataError as exc:
             raise self.refuse(400, str(exc)) from exc
         request.state.images = len(items)

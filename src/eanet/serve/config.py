@@ -82,6 +82,21 @@ class ServeConfig:
         help="connections and requests in progress at once (uvicorn's limit_concurrency); "
         "a request above it is answered 503",
     )
+    max_connections_per_ip: int = option(
+        20,
+        help="connections one client address may hold open at once; one more is answered 429 "
+        "and closed (behind a reverse proxy every client has the proxy's address: raise it)",
+    )
+    max_connection_s: float = option(
+        120.0,
+        help="seconds any connection may stay open, whatever it sends, then it is closed",
+    )
+    decode_s_per_mp: float = option(
+        0.5,
+        help="CPU seconds a request's images may take to decode, per megapixel of their "
+        "header sizes (at least one megapixel's worth); beyond it the decode stops and the "
+        "request gets 413",
+    )
 
     def __post_init__(self) -> None:
         self.checkpoint = str(self.checkpoint)
@@ -101,6 +116,9 @@ class ServeConfig:
             "--keep-alive-s": (self.keep_alive_s > 0, "> 0"),
             "--max-header-kb": (self.max_header_kb >= 1, ">= 1"),
             "--max-connections": (self.max_connections >= 1, ">= 1"),
+            "--max-connections-per-ip": (self.max_connections_per_ip >= 1, ">= 1"),
+            "--max-connection-s": (self.max_connection_s > 0, "> 0"),
+            "--decode-s-per-mp": (self.decode_s_per_mp > 0, "> 0"),
         }
         for name, (ok, rule) in rules.items():
             if not ok:

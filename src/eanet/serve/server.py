@@ -36,11 +36,18 @@ def app_from_env() -> Any:
 
 def uvicorn_options(config: ServeConfig) -> dict:
     """uvicorn.run's arguments for `config`: address, limits and timeouts."""
-    from eanet.serve.protocol import HeaderTimeoutH11Protocol
+    from eanet.serve.protocol import ConnectionLimits, GuardedH11Protocol
 
-    # A partial of the protocol class carries the header deadline into uvicorn (and, being
-    # picklable, into each --workers process).
-    http = functools.partial(HeaderTimeoutH11Protocol, header_timeout=config.header_timeout_s)
+    # A partial of the protocol class carries the deadlines into uvicorn (and, being picklable,
+    # into each --workers process, which then counts its own connections per address).
+    limits = ConnectionLimits(
+        header_timeout_s=config.header_timeout_s,
+        body_timeout_s=config.body_timeout_s,
+        idle_timeout_s=config.keep_alive_s,
+        max_connection_s=config.max_connection_s,
+        max_per_ip=config.max_connections_per_ip,
+    )
+    http = functools.partial(GuardedH11Protocol, limits=limits)
     return {
         "host": config.host,
         "port": config.port,
