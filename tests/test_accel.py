@@ -468,3 +468,50 @@ def test_bf16_inference_adds_in_place_but_never_into_the_input(monkeypatch):
         )
         fresh = fast.blocks(tokens)
     assert torch.equal(in_place, fresh) and torch.equal(tokens, before)
+
+
+@pytest.mark.parametrize("name", ["eanet-cifar", "vit-cifar"])
+def test_weights_written_through_data_are_served_not_the_cached_fold(name):
+    """`p.data.copy_(new)` bumps no version counter; the cached folds (external attention's
+    memories, self-attention's q/k/v) must still follow it: the applied model's outputs
+    equal the plain model's after new weights are copied in place."""
+    plain, fast = _pair(name)
+    plain.eval(), fast.eval()
+    x = _images(fast, 3)
+    with torch.no_grad():
+        fast(x)  # fills the cache
+        torch.manual_seed(1)
+        new = create_model(name, depth=2).state_dict()
+        for model in (plain, fast):
+            for key, p in model.named_parameters():
+                p.data.copy_(new[key])
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast(x)  # the bf16 copy of the fold, then changed again
+        for model in (plain, fast):
+            for p in model.parameters():
+                p.data.mul_(0.5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(fast(x), plain(x), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["eanet-cifar", "vit-cifar"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_empty_batches_and_token_sequences_give_the_plain_models_outputs(name, precision, grad):
+    """0 images, and 0 tokens (the blocks alone), as the plain model: empty outputs of the
+    same shape and dtype, in inference and in training."""
+    plain, fast = _pair(name, precision)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    for training in (False, True):
+        plain.train(training), fast.train(training)
+        with torch.set_grad_enabled(grad), autocast:
+            images = torch.zeros(0, *fast.input_shape, dtype=torch.uint8)
+            want, got = plain(images), fast(images)
+            assert (got.shape, got.dtype) == (want.shape, want.dtype)
+            for batch in (0, 3):
+                tokens = torch.randn(batch, 0, fast.config.dim, requires_grad=grad)
+                want, got = plain.blocks(tokens), fast.blocks(tokens)
+                assert (got.shape, got.dtype) == (want.shape, want.dtype)
+                if grad:
+                    got.sum().backward()

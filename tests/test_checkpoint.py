@@ -198,3 +198,49 @@ def test_an_old_checkpoint_with_a_plain_dict_header_still_loads(tmp_path):
     save_file(tensors, str(tmp_path / "old.safetensors"), metadata=header)
     _, ckpt = checkpoint.load_model(tmp_path / "old.safetensors")
     assert ckpt.meta.epoch is None and ckpt.meta.model_name is None
+
+
+def _forge_meta_text(path, text: str) -> None:
+    """Replace a checkpoint's metadata JSON with `text`, the checksum recomputed."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        header = dict(f.metadata())
+    tensors = load_file(str(path))
+    header["meta"] = text
+    header.pop("sha256")
+    header["sha256"] = checkpoint.digest(tensors, header)
+    save_file(tensors, str(path), metadata=header)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[" * 200_000 + "]" * 200_000, "nested deeper than 64 levels"),
+        ('{"class_names": ' + "[" * 100 + "]" * 100 + "}", "nested deeper than 64 levels"),
+        ('{"x": "' + "a" * (17 << 20) + '"}', "more than 16,777,216"),
+    ],
+    ids=["200000-deep", "100-deep", "17-MB"],
+)
+def test_metadata_too_deep_or_too_large_is_a_one_line_error(tmp_path, capsys, text, message):
+    from eanet.cli.main import main
+
+    path = tmp_path / "m.safetensors"
+    _save(path)
+    _forge_meta_text(path, text)
+    with pytest.raises(CheckpointError, match=f"checkpoint metadata is damaged .*{message}"):
+        checkpoint.load(path)
+    for command in (["info", str(path)], ["predict", str(path), str(tmp_path)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_metadata_depth_ignores_brackets_inside_strings(tmp_path):
+    path = tmp_path / "m.safetensors"
+    _save(path)
+    names = ["[" * 100 + '\\"{', *(f"c{i}" for i in range(1, 10))]
+    model = create_model("eanet-cifar", depth=1, num_classes=10)
+    checkpoint.save(path, model, {**META, "class_names": names})
+    assert checkpoint.load(path).class_names == names

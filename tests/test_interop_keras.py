@@ -294,3 +294,150 @@ def test_repeated_class_names_are_a_one_line_error(tmp_path, capsys, names, mess
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and not out.exists()
+
+
+# --------------------------------------------------------------------------- hostile files
+
+HEAD_BIAS = "layers/dense_48/vars/1"  # the EANet fixture's head bias, (100,) float32
+HEAD_KERNEL = "layers/dense_48/vars/0"  # (64, 100)
+
+
+def _with(tmp_path: Path, name: str, make) -> Path:
+    """The EANet fixture with dataset `name` replaced by what `make(f, tmp_path)` puts there."""
+    path = tmp_path / "hostile.weights.h5"
+    shutil.copy(FIXTURE / "eanet.weights.h5", path)
+    with h5py.File(path, "r+") as f:
+        del f[name]
+        make(f, name, tmp_path)
+    return path
+
+
+def _secret(tmp_path: Path) -> Path:
+    """A local file a crafted weights file would exfiltrate: 100 float32s of marker bytes."""
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"SECRETKEY=hunter2;" * 22 + b"END!")  # 400 bytes
+    return secret
+
+
+def _external_storage(f, name, tmp):
+    f.create_dataset(name, (100,), "<f4", external=[(str(_secret(tmp)), 0, 400)])
+
+
+def _soft_link(f, name, tmp):
+    f["hidden"] = np.ones(100, np.float32)
+    f[name] = h5py.SoftLink("/hidden")
+
+
+def _external_link(f, name, tmp):
+    other = tmp / "other.h5"
+    with h5py.File(other, "w") as g:
+        g["data"] = np.frombuffer(_secret(tmp).read_bytes(), np.float32)
+    f[name] = h5py.ExternalLink(str(other), "/data")
+
+
+def _virtual(f, name, tmp):
+    other = tmp / "other.h5"
+    with h5py.File(other, "w") as g:
+        g["data"] = np.frombuffer(_secret(tmp).read_bytes(), np.float32)
+    layout = h5py.VirtualLayout((100,), "<f4")
+    layout[:] = h5py.VirtualSource(str(other), "data", shape=(100,))
+    f.create_virtual_dataset(name, layout)
+
+
+def _huge_unwritten(f, name, tmp):  # a few KB on disk, 2**46 float32s when read
+    f.create_dataset(name, (64, 2**40), "<f4", chunks=(1, 4096), compression="gzip")
+
+
+def _claims_more_classes(f, name, tmp):  # 256 MB when read; the bias still says 100
+    f.create_dataset(name, (64, 1_000_000), "<f4", chunks=(1, 4096), compression="gzip")
+
+
+def _strings(f, name, tmp):
+    f[name] = np.array([b"x" * 8] * 100)
+
+
+HOSTILE = {
+    "external-storage": (HEAD_BIAS, _external_storage, "HDF5 external storage"),
+    "soft-link": (HEAD_BIAS, _soft_link, "is a soft link"),
+    "external-link": (HEAD_BIAS, _external_link, "is an external link"),
+    "virtual-dataset": (HEAD_BIAS, _virtual, "is a virtual dataset"),
+    "huge-shape": (HEAD_KERNEL, _huge_unwritten, "has shape (64, 1099511627776)"),
+    "wrong-shape": (HEAD_KERNEL, _claims_more_classes, "shapes do not fit the model"),
+    "strings": (HEAD_BIAS, _strings, "values, not numbers"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_weight_files_are_refused_before_reading(case, tmp_path, capsys, monkeypatch):
+    """External storage, links and virtual datasets would put other files' bytes into the
+    checkpoint; shapes and dtypes are checked before any tensor is read (a few-KB file
+    claiming terabytes is refused at once); each refusal is one line and exit status 2."""
+    name, make, words = HOSTILE[case]
+    source = _with(tmp_path, name, make)
+    assert source.stat().st_size < 2_000_000
+    reads = []
+    original = h5py.Dataset.__getitem__
+    monkeypatch.setattr(
+        h5py.Dataset, "__getitem__", lambda ds, key: reads.append(ds.name) or original(ds, key)
+    )
+    with pytest.raises(CheckpointError) as info:
+        K.read_keras_model(source)
+    message = str(info.value)
+    assert words in message and str(source) in message and "\n" not in message
+    if case in ("huge-shape", "wrong-shape"):
+        assert reads == []  # refused from the shapes alone
+    out = tmp_path / "out.safetensors"
+    assert cli.main(["import-keras", str(source), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eanet: error: ") and err.count("\n") == 1 and words in err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_only_the_tensors_the_model_needs_are_read(monkeypatch):
+    reads = []
+    original = h5py.Dataset.__getitem__
+    monkeypatch.setattr(
+        h5py.Dataset, "__getitem__", lambda ds, key: reads.append(ds.name) or original(ds, key)
+    )
+    K.read_keras_model(FIXTURE / "eanet.weights.h5")
+    state = K.read_keras_model(FIXTURE / "eanet.weights.h5").state
+    assert len(reads) == 2 * len(state)  # two imports, one read per mapped tensor
+    assert all(r.startswith("/layers/") for r in reads)
+
+
+def test_weights_over_the_byte_bound_are_refused(monkeypatch):
+    monkeypatch.setattr(K, "MAX_BYTES", 100_000)  # the fixture's tensors: 1.4 MB
+    with pytest.raises(CheckpointError, match=r"its weights hold 1,445,.* more than eanet"):
+        K.read_keras_model(FIXTURE / "eanet.weights.h5")
+
+
+def test_too_many_objects_are_refused(monkeypatch):
+    monkeypatch.setattr(K, "MAX_OBJECTS", 50)
+    with pytest.raises(CheckpointError, match="holds more than 50 objects"):
+        K.read_keras_model(FIXTURE / "eanet.weights.h5")
+
+
+def test_a_keras_zip_bomb_is_refused_before_unpacking(tmp_path, monkeypatch, capsys):
+    """A weights member that unpacks far beyond the bound (here 24 MB of zeros in a ~25 KB
+    zip, with the bound lowered to 4 MB) is refused from its declared size, before anything
+    is decompressed."""
+    bomb = tmp_path / "bomb.keras"
+    with (
+        zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z,
+        z.open(K.WEIGHTS_MEMBER, "w") as member,
+    ):
+        for _ in range(24):
+            member.write(bytes(1 << 20))
+    assert bomb.stat().st_size < 100_000
+    monkeypatch.setattr(K, "MAX_BYTES", 4 << 20)
+    opened = []
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda *a, **k: opened.append(a) or 1 / 0)
+    with pytest.raises(CheckpointError, match=r"model.weights.h5 unpacks to 25,165,824 bytes"):
+        K.read_keras_model(bomb)
+    assert opened == []  # refused before decompressing anything
+    monkeypatch.undo()
+    monkeypatch.setattr(K, "MAX_BYTES", 4 << 20)
+    out = tmp_path / "out.safetensors"
+    assert cli.main(["import-keras", str(bomb), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "unpacks to 25,165,824 bytes" in err and err.count("\n") == 1 and not out.exists()

@@ -399,3 +399,43 @@ def test_docs_swap_example_prints_what_the_page_shows(capsys):
     assert out.splitlines()[:3] == shown.splitlines()[:3]  # the report, to the parameter
     accuracy = float(out.split("held-out top-1 ")[1].split("%")[0])
     assert accuracy > 75, out  # the page says 87.9%; chance is 10%
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_external_attention_2d_can_be_scripted():
+    """torch.jit.script compiles it; the scripted module computes the same, in training
+    (batch statistics) and in eval mode, and refuses maps of the wrong width in one line."""
+    torch.manual_seed(0)
+    m = ExternalAttention2d(8, memory=5)
+    scripted = torch.jit.script(m)
+    x = torch.randn(2, 8, 3, 5)
+    for train in (True, False):
+        m.train(train), scripted.train(train)
+        torch.testing.assert_close(scripted(x), m(x), rtol=0, atol=0)
+    torch.testing.assert_close(scripted.attention_map(x), m.attention_map(x), rtol=0, atol=0)
+    with pytest.raises(Exception, match=r"takes feature maps \(B, 8, H, W\), got shape \(1, 3"):
+        scripted(torch.zeros(1, 3, 4, 4))
+
+
+def test_a_module_shared_under_two_paths_is_replaced_at_both():
+    """One SelfAttention object at two paths (tied layers): both paths get one new module,
+    still shared, and the report names both paths."""
+    shared = SelfAttention(ModelConfig(attention="self"))
+    model = nn.ModuleDict({"a": nn.Sequential(shared), "b": nn.Sequential(nn.Identity(), shared)})
+    mha = nn.MultiheadAttention(16, 2, batch_first=True)
+    model["c"], model["d"] = mha, mha
+    report = swap_attention(model)
+    assert report.paths == ["a.0", "b.1", "c", "d"]
+    assert isinstance(model["a"][0], ExternalAttention) and model["a"][0] is model["b"][1]
+    assert isinstance(model["c"], MultiheadExternalAttention) and model["c"] is model["d"]
+    assert not any(isinstance(m, SelfAttention | nn.MultiheadAttention) for m in model.modules())
+    assert report.params_after == sum(p.numel() for p in model.parameters())
+
+
+def test_a_shared_module_refused_at_one_path_changes_nothing():
+    decoder = nn.TransformerDecoderLayer(16, 2, 32)
+    model = nn.ModuleDict({"tied": nn.Sequential(decoder.multihead_attn), "dec": decoder})
+    with pytest.raises(ConfigError, match="cannot replace dec.multihead_attn: it is a decoder"):
+        swap_attention(model)
+    assert model["tied"][0] is decoder.multihead_attn
+    assert isinstance(decoder.self_attn, nn.MultiheadAttention)

@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,12 @@ EMA_PREFIX = "ema."  # extra tensors holding the moving average of the weights
 # Far above any model of this project (the reference has 0.36 M): a header claiming more is
 # refused before anything is built.
 MAX_PARAMETERS = 2_000_000_000
+# The metadata JSON, bounded before it is parsed: a checkpoint's is a few KB (a long run's
+# history included); nesting 200,000 deep made json.loads raise RecursionError.
+MAX_META_BYTES = 16 << 20
+MAX_META_DEPTH = 64  # eanet writes 4 levels (optimizer param_groups, history rows)
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]")
 
 
 @dataclass
@@ -267,12 +274,24 @@ def load(path: str | Path) -> Checkpoint:
             f"not supported (this eanet reads {FORMAT_VERSION})"
         )
     try:
-        meta = CheckpointMeta.from_dict(json.loads(header["meta"]))
+        meta = CheckpointMeta.from_dict(parse_meta(header["meta"]))
         model = {k.removeprefix("model."): t for k, t in tensors.items() if k.startswith("model.")}
         check_structure(meta.model_config, {k: tuple(t.shape) for k, t in model.items()})
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise CheckpointError(f"{path}: checkpoint metadata is damaged ({one_line(exc)})") from exc
     return _unpack(path, meta, tensors)
+
+
+def parse_meta(text: str) -> object:
+    """The metadata JSON parsed, its size and nesting depth checked first (ValueError)."""
+    if len(text) > MAX_META_BYTES:
+        raise ValueError(f"{len(text):,} characters of metadata, more than {MAX_META_BYTES:,}")
+    depth = 0
+    for bracket in _NOT_BRACKET.sub("", _JSON_STRING.sub('""', text)):
+        depth += 1 if bracket in "[{" else -1
+        if depth > MAX_META_DEPTH:
+            raise ValueError(f"metadata nested deeper than {MAX_META_DEPTH} levels")
+    return json.loads(text)
 
 
 def _unpack(path: Path, meta: CheckpointMeta, tensors: dict[str, torch.Tensor]) -> Checkpoint:

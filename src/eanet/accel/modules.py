@@ -48,7 +48,7 @@ from eanet.accel.fused import (
     softmax_last_into,
     with_bias,
 )
-from eanet.accel.upstream import has_forward_hooks, tensor_version
+from eanet.accel.upstream import has_forward_hooks
 from eanet.models.layers import Block, ExternalAttention, Mlp, SelfAttention, drop_path
 from eanet.runtime import cpu_info
 
@@ -59,31 +59,46 @@ Branch = tuple[torch.Tensor, float, torch.Tensor | None]
 
 def cached_fold(module: nn.Module, fold) -> tuple[torch.Tensor, ...]:
     """`fold()` (weights derived from `module`'s parameters), computed once while the
-    parameters stay as they are, where no gradient is wanted (inference), and kept in the
-    autocast dtype where autocast is on (as autocast would cast them at every call), one
-    copy per dtype (a server may run small passes in fp32 and large ones in bf16); with
-    gradients, afresh (they flow through the fold), and under torch.compile (whose guards
-    on the cache would recompile the graph). The fold itself runs in the parameters' fp32
-    (autocast off: one rounding to bf16 at the end, not of each factor)."""
+    parameters hold the same values, in CPU inference, and kept in the autocast dtype where
+    autocast is on (as autocast would cast them at every call), one copy per dtype (a server
+    may run small passes in fp32 and large ones in bf16); afresh with gradients (they flow
+    through the fold), under torch.compile (whose guards on the cache would recompile the
+    graph) and on CUDA (see below). The fold itself runs in the parameters' fp32 (autocast
+    off: one rounding to bf16 at the end, not of each factor).
+
+    The cache is checked against a copy of the parameters' values at every call, not
+    against their version counters: a write through `p.data` (`p.data.copy_(new)`) changes
+    the values but bumps no counter, and the model served the old weights. On CUDA that
+    check would synchronise the device once per layer, so the fold (a few small kernels)
+    runs afresh there instead."""
     params = tuple(module.parameters())
     device = params[0].device.type
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or device != "cpu":
         with torch.autocast(device, enabled=False):
             return fold()
-    state = [(p.data_ptr(), tensor_version(p)) for p in params]
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    folds = module.__dict__.setdefault("_folded", {})  # dtype -> (parameters, state, fold)
+    folds = module.__dict__.setdefault("_folded", {})  # dtype -> (parameter values, fold)
     cached = folds.get(dtype)
-    if (
-        cached is None
-        or len(cached[0]) != len(params)
-        or cached[1] != state
-        or any(a is not b for a, b in zip(cached[0], params, strict=True))
-    ):
+    if cached is None or not _same_values(cached[0], params):
         with torch.autocast(device, enabled=False):
             folded = tuple(w.to(dtype) if dtype else w.clone() for w in fold())
-        folds[dtype] = cached = (params, state, folded)
-    return cached[2]
+        values = tuple(p.detach().clone() for p in params)
+        folds[dtype] = cached = (values, folded)
+    return cached[1]
+
+
+def _same_values(values: tuple[torch.Tensor, ...], params: tuple[torch.Tensor, ...]) -> bool:
+    """Whether the parameters still hold `values` (shapes, dtypes and every element)."""
+    return len(values) == len(params) and all(
+        v.dtype == p.dtype and torch.equal(v, p) for v, p in zip(values, params, strict=True)
+    )
+
+
+def empty(x: torch.Tensor) -> bool:
+    """Whether `x` has no element (no image, or no token): the faster layers then run the
+    plain layer's ops, which give the plain model's empty outputs, where the kernels, the
+    chunk sizes and views with an inferred (-1) width assume at least one element."""
+    return x.numel() == 0
 
 
 def torch_dropout(x: torch.Tensor) -> bool:
@@ -127,6 +142,8 @@ class FoldedExternalAttention(ExternalAttention):
         `split_bias`, and on CUDA), which `FusedBlocks` adds and draws inside the next
         residual add instead: there torch's linear would first fill its whole output with
         the bias and, in training, sum its gradient in a pass of its own (`split_bias`)."""
+        if empty(x):
+            return ExternalAttention.forward(self, x), 0.0, None  # see `empty`
         B, N, _ = x.shape
         w_in, b_in, w_out, b_out = self.folded_weights_cached()
         # b_in shifts every token's logit in a column alike, which the softmax over the tokens
@@ -172,7 +189,7 @@ def chunk_images(x: torch.Tensor, logits_per_image: int) -> int:
     """Images per chunk of CPU inference over `x`: about CHUNK_BYTES of logits."""
     autocast = torch.is_autocast_enabled("cpu")
     dtype = torch.get_autocast_dtype("cpu") if autocast and x.is_floating_point() else x.dtype
-    return max(1, CHUNK_BYTES // (logits_per_image * dtype.itemsize))
+    return max(1, CHUNK_BYTES // max(1, logits_per_image * dtype.itemsize))
 
 
 def in_cache_chunks(x: torch.Tensor, logits_per_image: int) -> bool:
@@ -226,6 +243,8 @@ class FastSelfAttention(SelfAttention):
         return weight, torch.cat([self.q.bias * s, self.k.bias, self.v.bias])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if empty(x):
+            return super().forward(x)  # see `empty`
         B, N, _ = x.shape
         qkv = F.linear(x, *cached_fold(self, self.fused_qkv))  # (B, N, 3*h*kd)
         qkv = qkv.view(B, N, 3, self.heads, self.key_dim).permute(2, 0, 3, 1, 4)
@@ -290,7 +309,7 @@ class FastMlp(Mlp):
         """(out, p, bias): the forward is masked(out + bias, p), fc2's bias left to the
         caller where `split_bias` (see FoldedExternalAttention.branch); in CPU inference
         fc1's bias goes into the GELU kernel (`bias_in_gelu`)."""
-        if torch_dropout(x):
+        if torch_dropout(x) or empty(x):  # empty: see `empty`
             return super().forward(x), 0.0, None
         p = self.drop.p if self.training else 0.0
         s = 1.0 / (1.0 - p)  # both dropout rescales folded into fc2
@@ -313,8 +332,8 @@ class FusedBlocks(nn.Sequential):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if any(has_forward_hooks(block) for block in self):
-            return super().forward(x)
+        if empty(x) or any(has_forward_hooks(block) for block in self):
+            return super().forward(x)  # empty: see `empty`
         pending = None  # the previous block's last branch, its bias and dropout not yet added
         for i, block in enumerate(self):
             x, pending = _block_parts(block, x, pending, owned=i > 0)

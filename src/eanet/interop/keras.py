@@ -14,6 +14,7 @@ its output kernel (heads, key_dim, dim).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -21,6 +22,7 @@ import re
 import unicodedata
 import zipfile
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,12 @@ _KNOWN = {
     "normalization",
     "sequential",
 }
+# What an import reads at most: the weights member of a `.keras` zip (unpacked), and the
+# tensors in all. The reference models hold under 3 MB; a crafted file that claims more is
+# refused from its declared sizes, before anything is unpacked or read.
+MAX_BYTES = 1 << 30
+MAX_OBJECTS = 100_000  # groups and datasets in the file (the reference's: about 600)
+MAX_DEPTH = 16  # levels of groups (the reference's: 5)
 
 
 def _require_h5py() -> Any:
@@ -63,29 +71,28 @@ def _require_h5py() -> Any:
 
 
 def read_keras_weights(path: str | Path) -> dict[str, np.ndarray]:
-    """Every tensor of a `.weights.h5` file, or of the weights inside a `.keras` zip, by path."""
-    h5py = _require_h5py()
+    """Every tensor of a `.weights.h5` file, or of the weights inside a `.keras` zip, by path.
+
+    Bounded as the import is: no external storage, links or virtual datasets, no dataset
+    over `MAX_BYTES`, and at most `MAX_BYTES` read in all (`read_keras_model` reads only
+    the tensors the model needs, after checking their shapes)."""
     path = Path(path)
+    with _open_weights(path) as f:
+        datasets = _datasets(path, f)
+        _check_bytes(path, datasets.values())
+        return {name: _read(path, name, ds) for name, ds in datasets.items()}
+
+
+@contextlib.contextmanager
+def _open_weights(path: Path) -> Iterator[Any]:
+    """The open HDF5 file of a `.weights.h5`, or of a `.keras` zip's weights member (read
+    into memory with a bound); errors of reading it are one-line CheckpointErrors."""
+    h5py = _require_h5py()
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file; pass a Keras 3 .keras or .weights.h5 file")
-    tensors: dict[str, np.ndarray] = {}
-
-    def visit(name: str, obj: object) -> None:
-        if isinstance(obj, h5py.Dataset):
-            tensors[name] = np.asarray(obj[()])
-
     try:
-        source: Path | io.BytesIO = path
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                if WEIGHTS_MEMBER not in archive.namelist():
-                    raise CheckpointError(
-                        f"{path}: a zip file without {WEIGHTS_MEMBER}; "
-                        "pass a Keras 3 .keras file or a .weights.h5 file"
-                    )
-                source = io.BytesIO(archive.read(WEIGHTS_MEMBER))
-        with h5py.File(source, "r") as f:
-            f.visititems(visit)
+        with h5py.File(_weights_source(path), "r") as f:
+            yield f
     except CheckpointError:
         raise
     except (OSError, zipfile.BadZipFile, zlib.error, EOFError, ValueError, KeyError) as exc:
@@ -94,10 +101,130 @@ def read_keras_weights(path: str | Path) -> dict[str, np.ndarray]:
             "it may be truncated "
             "or another format: save it again with Keras 3 model.save_weights or model.save"
         ) from exc
-    return tensors
+
+
+def _weights_source(path: Path) -> Path | io.BytesIO:
+    """The weights file itself, or a `.keras` zip's weights member in memory; the member's
+    declared size is checked before it is decompressed, and the decompression is bounded
+    (a zip bomb is refused, not extracted)."""
+    if not zipfile.is_zipfile(path):
+        return path
+    with zipfile.ZipFile(path) as archive:
+        try:
+            info = archive.getinfo(WEIGHTS_MEMBER)
+        except KeyError:
+            raise CheckpointError(
+                f"{path}: a zip file without {WEIGHTS_MEMBER}; "
+                "pass a Keras 3 .keras file or a .weights.h5 file"
+            ) from None
+        if info.file_size > MAX_BYTES:
+            raise _too_big(path, f"{WEIGHTS_MEMBER} unpacks to {info.file_size:,} bytes")
+        with archive.open(info) as member:
+            data = member.read(MAX_BYTES + 1)  # the declared size may lie
+        if len(data) > MAX_BYTES:
+            raise _too_big(path, f"{WEIGHTS_MEMBER} unpacks to more than {MAX_BYTES:,} bytes")
+    return io.BytesIO(data)
+
+
+def _too_big(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: {what}, more than eanet imports ({MAX_BYTES:,} bytes; the reference "
+        "models hold under 3 MB); the file is not the Keras example's EANet/ViT"
+    )
+
+
+def _datasets(path: Path, f: Any) -> dict[str, Any]:
+    """Every dataset of the open file by path, none of it read. Refused (one-line
+    CheckpointError): soft and external links (they reach outside the file's own objects),
+    external storage and virtual datasets (their bytes come from other files), more than
+    MAX_OBJECTS objects or MAX_DEPTH levels of groups, a dataset without a shape."""
+    h5py = _require_h5py()
+    found: dict[str, Any] = {}
+    pending: list[tuple[str, Any, int]] = [("", f, 0)]
+    seen = 0
+    while pending:
+        prefix, group, depth = pending.pop()
+        if depth > MAX_DEPTH:
+            raise _refuse(path, prefix, f"is nested deeper than {MAX_DEPTH} groups")
+        for name in group:
+            seen += 1
+            if seen > MAX_OBJECTS:
+                raise _refuse(path, "", f"holds more than {MAX_OBJECTS:,} objects")
+            full = f"{prefix}{name}"
+            link = group.get(name, getlink=True)
+            if not isinstance(link, h5py.HardLink):
+                kind = {h5py.SoftLink: "a soft link", h5py.ExternalLink: "an external link"}.get(
+                    type(link), "a link of another kind"
+                )
+                raise _refuse(path, full, f"is {kind}, which eanet does not follow")
+            obj = group[name]
+            if isinstance(obj, h5py.Group):
+                pending.append((f"{full}/", obj, depth + 1))
+            elif isinstance(obj, h5py.Dataset):
+                _check_storage(path, full, obj)
+                found[full] = obj
+    return found
+
+
+def _check_storage(path: Path, name: str, ds: Any) -> None:
+    """Refuse a dataset whose bytes live outside the file, or that has no shape."""
+    if ds.id.get_create_plist().get_external_count() > 0:
+        raise _refuse(path, name, "has HDF5 external storage (its bytes are another file's)")
+    if ds.is_virtual:
+        raise _refuse(path, name, "is a virtual dataset (its bytes are other datasets')")
+    if ds.shape is None:
+        raise _refuse(path, name, "has no shape (an empty dataspace)")
+
+
+def _refuse(path: Path, name: str, problem: str) -> CheckpointError:
+    where = f"{name} " if name else ""
+    return CheckpointError(
+        f"{path}: {where}{problem}; eanet imports only the weights a Keras 3 "
+        "model.save_weights/model.save writes"
+    )
+
+
+def _nbytes(ds: Any) -> int:
+    return math.prod(ds.shape) * ds.dtype.itemsize
+
+
+def _check_bytes(path: Path, datasets: Iterable[Any]) -> None:
+    """Refuse to read more than MAX_BYTES in all (known from the shapes, before reading)."""
+    total = sum(_nbytes(ds) for ds in datasets)
+    if total > MAX_BYTES:
+        raise _too_big(path, f"its weights hold {total:,} bytes")
+
+
+def _check_dtype(path: Path, name: str, ds: Any) -> None:
+    """Refuse a dataset that does not hold plain numbers (strings, compound types, ...)."""
+    if ds.dtype.kind not in "fiu":
+        raise _refuse(path, name, f"holds {ds.dtype} values, not numbers")
+
+
+def _read(path: Path, name: str, ds: Any) -> np.ndarray:
+    """One dataset's values, which must be numbers (checked before reading)."""
+    _check_dtype(path, name, ds)
+    value = np.asarray(ds[()])
+    if value.shape != ds.shape:  # h5py promises it; the checks before relied on it
+        raise _refuse(path, name, f"read as shape {value.shape}, declared {ds.shape}")
+    return value
+
+
+def _placeholder(path: Path, name: str, ds: Any) -> np.ndarray:
+    """An array of the dataset's shape that holds no memory (zeros, all strides 0), so that
+    the architecture is inferred and checked from the shapes before any data is read."""
+    if math.prod(ds.shape) > MAX_BYTES:
+        raise _too_big(path, f"{name} has shape {ds.shape}")
+    return np.broadcast_to(np.float32(0.0), ds.shape)
 
 
 # --------------------------------------------------------------------------- structure
+
+
+def _is_layer_weight(key: str) -> bool:
+    """Whether a dataset path is a layer's weight, `layers/<layer>/...`."""
+    parts = key.split("/")
+    return parts[0] == "layers" and len(parts) >= 3
 
 
 def _split_name(name: str) -> tuple[str, int]:
@@ -119,10 +246,9 @@ class _Layers:
     def parse(cls, path: Path, tensors: dict[str, np.ndarray]) -> _Layers:
         groups: dict[str, dict[str, np.ndarray]] = {}
         for key, value in tensors.items():
-            parts = key.split("/")
-            if parts[0] != "layers" or len(parts) < 3:
-                continue  # top-level `vars`, optimizer state
-            groups.setdefault(parts[1], {})["/".join(parts[2:])] = value
+            if _is_layer_weight(key):  # not top-level `vars`, nor optimizer state
+                _, group, rest = key.split("/", 2)
+                groups.setdefault(group, {})[rest] = value
         if not groups:
             raise CheckpointError(
                 f"{path}: holds no Keras layer weights (no 'layers/' group); "
@@ -244,6 +370,15 @@ def _infer(layers: _Layers) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     return config, state
 
 
+def _check_layout(layers: _Layers, config: ModelConfig, state: dict[str, np.ndarray]) -> None:
+    """Every mapped tensor's shape must be the one the inferred model has (checked on the
+    meta device, where nothing is allocated, before any tensor is read)."""
+    try:
+        checkpoint.check_structure(config, {k: tuple(v.shape) for k, v in state.items()})
+    except (ValueError, ConfigError) as exc:
+        raise _fail(layers, f"its shapes do not fit the model they imply ({exc})") from exc
+
+
 def _fail(layers: _Layers, what: str) -> CheckpointError:
     return CheckpointError(f"{layers.path}: {what}; the file is not the Keras example's EANet/ViT")
 
@@ -361,7 +496,19 @@ def _map_mlps_and_head(layers: _Layers, state: dict, mlps: list, head: str) -> N
 def read_keras_model(path: str | Path) -> KerasModel:
     """Read a Keras reference EANet/ViT file: the inferred config and the mapped tensors."""
     path = Path(path)
-    tensors = read_keras_weights(path)
+    with _open_weights(path) as f:
+        datasets = {k: v for k, v in _datasets(path, f).items() if _is_layer_weight(k)}
+        # First from the shapes alone: the architecture, and every tensor it needs checked
+        # against the model it implies; only then are those tensors (and no others) read.
+        shapes = {k: _placeholder(path, k, ds) for k, ds in datasets.items()}
+        layers = _Layers.parse(path, shapes)
+        config, state = _infer(layers)
+        _check_layout(layers, config, state)
+        needed = {f"layers/{name}": datasets[f"layers/{name}"] for name in layers.used}
+        _check_bytes(path, needed.values())
+        for name, ds in needed.items():
+            _check_dtype(path, name, ds)
+        tensors = {name: _read(path, name, ds) for name, ds in needed.items()}
     config, state = _infer(_Layers.parse(path, tensors))
     container = ".keras" if zipfile.is_zipfile(path) else ".weights.h5"
     return KerasModel(config, state, path, container)

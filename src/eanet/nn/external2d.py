@@ -24,6 +24,8 @@ class ExternalAttention2d(nn.Module):
     M_v's weight N(0, 2 / C) and M_k's its transpose. (The official code makes M_v's
     weight a transposed view of M_k's, one storage for both, so the two stay tied under an
     optimiser that updates in place; here they start equal and train apart, two memories.)
+
+    Scriptable (`torch.jit.script`): the forward uses TorchScript's subset of Python only.
     """
 
     def __init__(self, channels: int, memory: int = 64) -> None:
@@ -53,7 +55,8 @@ class ExternalAttention2d(nn.Module):
 
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> each unit's doubly normalised attention over the pixels (B, S, H, W)."""
-        B, C, H, W = self._check(x)
+        self._check(x)
+        B, H, W = x.shape[0], x.shape[2], x.shape[3]
         attn = self.mk(self.proj_in(x).flatten(2))  # (B, S, N)
         attn = attn.softmax(dim=-1)  # softmax over the N pixels
         attn = attn / (1e-9 + attn.sum(dim=1, keepdim=True))  # L1 over the S memory units
@@ -64,11 +67,11 @@ class ExternalAttention2d(nn.Module):
         out = self.mv(attn).view(x.shape)  # (B, C, N) -> (B, C, H, W)
         return F.relu(x + self.norm(self.proj(out)))
 
-    def _check(self, x: torch.Tensor) -> tuple[int, int, int, int]:
+    def _check(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.channels:
             c = self.channels
+            shape = ", ".join([str(d) for d in x.shape])  # tuple(x.shape) is not TorchScript
             raise ValueError(
                 f"ExternalAttention2d(channels={c}) takes feature maps (B, {c}, H, W), got "
-                f"shape {tuple(x.shape)}; build it with the channels of the maps it gets"
+                f"shape ({shape}); build it with the channels of the maps it gets"
             )
-        return x.shape

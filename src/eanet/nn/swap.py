@@ -128,19 +128,27 @@ def swap_attention(
     are ExternalAttention's; `heads` defaults to the replaced module's heads * coefficient
     (the Keras example's rule), `attn_drop` to its attention dropout. The new modules are
     freshly initialised, on the replaced one's device and dtype. Nothing is changed when
-    one module cannot be replaced (ConfigError naming it). torch's TransformerEncoder is
-    set not to convert inputs to nested tensors (its fused path runs torch's own attention).
+    one module cannot be replaced (ConfigError naming it). A module shared under several
+    paths (one object, as in weight-tied layers) becomes one new module, shared the same
+    way, at every path, each path in the report. torch's TransformerEncoder is set not to
+    convert inputs to nested tensors (its fused path runs torch's own attention).
     """
     options = dict(coefficient=coefficient, memory=memory, bias=bias, proj_drop=proj_drop)
-    found = [(p, m) for p, m in model.named_modules() if isinstance(m, ATTENTION_TYPES)]
+    # every path, a shared module's too (named_modules lists a module at its first only)
+    modules = list(model.named_modules(remove_duplicate=False))
+    found = [(p, m) for p, m in modules if isinstance(m, ATTENTION_TYPES)]
     if not found:
         raise ConfigError(
             f"{type(model).__name__} has no self-attention module to replace; swap_attention "
             "replaces nn.MultiheadAttention and eanet's SelfAttention"
         )
-    parents = dict(model.named_modules())
-    # every replacement is built (or refused) before the model is touched
-    plan = [(p, m, _replacement(p, m, parents, heads, attn_drop, options)) for p, m in found]
+    parents = dict(modules)
+    # every replacement is built (or refused, at every path) before the model is touched
+    built: dict[int, ExternalAttention] = {}  # id(replaced module) -> its one replacement
+    plan = []
+    for path, old in found:
+        new = _replacement(path, old, parents, heads, attn_drop, options, built.get(id(old)))
+        plan.append((path, old, built.setdefault(id(old), new)))
     before = _count(model)
     replaced = []
     for path, old, new in plan:
@@ -162,11 +170,15 @@ def _replacement(
     heads: int | None,
     attn_drop: float | None,
     options: dict,
+    built: ExternalAttention | None = None,
 ) -> ExternalAttention:
-    """The external attention that replaces `old` at `path`; ConfigError if there is none."""
+    """The external attention that replaces `old` at `path` (`built`, where `old` was met at
+    another path already); ConfigError if there is none."""
     refusal = _refusal(path, old, parents)
     if refusal:
         raise ConfigError(f"cannot replace {path or 'the model itself'}: {refusal}")
+    if built is not None:
+        return built
     if isinstance(old, nn.MultiheadAttention):
         cls, dim, n, p = MultiheadExternalAttention, old.embed_dim, old.num_heads, old.dropout
         extra = {"batch_first": old.batch_first}
