@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -177,3 +179,60 @@ def test_docs_python_example_runs(checkpoints, tmp_path, monkeypatch, capsys):
     assert lines[0].startswith("external ") and lines[0].endswith("(2, 16, 64, 8)")
     assert lines[1] == "(2, 8, 8, 8)"
     assert (tmp_path / "maps" / "digit-4.png").is_file()
+
+
+def test_the_command_refuses_to_replace_maps_without_overwrite(
+    checkpoints, images, tmp_path, capsys
+):
+    """`eanet attention` replaced an existing OUT/NAME-attention.* silently."""
+    out = tmp_path / "maps"
+    out.mkdir()
+    (out / "b-attention.safetensors").write_bytes(b"the user's")
+    argv = [
+        "attention",
+        str(checkpoints["eanet-cifar"]),
+        str(images / "a.png"),
+        str(images / "b.png"),
+    ]
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"eanet: error: {out / 'b-attention.safetensors'} exists; pass --overwrite to replace "
+        "it, or choose another --out"
+    ]
+    assert [p.name for p in out.iterdir()] == ["b-attention.safetensors"]  # nothing drawn
+    assert (
+        main(
+            [
+                "attention",
+                str(checkpoints["eanet-cifar"]),
+                str(images / "b.png"),
+                "--out",
+                str(out),
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
+    assert (out / "b-attention.safetensors").read_bytes() != b"the user's"
+
+
+def test_many_memory_units_are_drawn_quickly_and_kept_whole(images, tmp_path, caplog):
+    """4,096 memory units: one axes each drew nothing in 300 s; the first MAX_DRAWN_UNITS
+    are drawn, a line says so, and the tensors hold every unit."""
+    from eanet.attention_maps import MAX_DRAWN_UNITS
+
+    torch.manual_seed(0)
+    model = create_model(
+        "eanet-cifar", depth=1, dim=32, mlp_dim=32, patch_size=4, num_classes=3, memory_size=4096
+    )
+    ckpt = tmp_path / "many.safetensors"
+    checkpoint.save(ckpt, model, {"class_names": NAMES, "epoch": 1})
+    out = tmp_path / "maps"
+    t0 = time.perf_counter()
+    with caplog.at_level(logging.INFO, logger="eanet"):
+        assert main(["attention", str(ckpt), str(images / "b.png"), "--out", str(out)]) == 0
+    assert time.perf_counter() - t0 < 60
+    assert f"drawing the first {MAX_DRAWN_UNITS} of the 4096 memory units" in caplog.text
+    with safe_open(out / "b-attention.safetensors", "pt") as f:
+        assert f.get_slice("unit_maps").get_shape() == [1, 4096, 8, 8]

@@ -1,6 +1,7 @@
 """`eanet demo`: offline, it visibly learns the shipped digits, then runs the CIFAR-100 slice."""
 
 import re
+import shutil
 
 import pytest
 
@@ -46,3 +47,46 @@ def test_the_help_says_where_the_demo_goes_and_how_long_it_takes():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     text = " ".join(sub.choices["demo"].format_help().split())
     assert "(default: runs/demo, or runs/demo-2" in text and "145-275 s on a 2-core" in text
+
+
+@pytest.fixture
+def no_demo_training(monkeypatch):
+    """Record the parts the demo would train instead of training them."""
+    import eanet.demo
+
+    parts = []
+    monkeypatch.setattr(eanet.demo, "run_cifar", lambda out, *a: parts.append(out))
+    monkeypatch.setattr(eanet.demo, "run_digits", lambda out, *a: parts.append(out))
+    return parts
+
+
+def test_an_explicit_out_holding_a_run_is_replaced_only_with_overwrite(
+    tiny_run, tmp_path, capsys, no_demo_training
+):
+    """`eanet demo --out RUN` replaced the run in RUN (the demo trained with overwrite)."""
+    out = tmp_path / "demo"
+    shutil.copytree(tiny_run, out)  # an earlier demo: a run in OUT and one in OUT/digits
+    shutil.copytree(tiny_run, out / "digits")
+    before = (out / "checkpoint.safetensors").read_bytes()
+    assert main(["demo", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"eanet: error: {out} holds a run (an earlier demo's?); "
+        "pass --overwrite to replace it, or choose another --out"
+    ]
+    assert no_demo_training == []  # refused before anything was trained
+    assert (out / "checkpoint.safetensors").read_bytes() == before
+    with pytest.raises(AttributeError):  # the recording stand-ins return no part to print
+        main(["demo", "--out", str(out), "--no-progress", "--overwrite"])
+    assert no_demo_training == [out, out / "digits"]
+
+
+def test_an_out_folder_that_is_no_run_is_refused(tmp_path, capsys, no_demo_training):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "cat.png").write_bytes(b"the user's")
+    for overwrite in ([], ["--overwrite"]):
+        assert main(["demo", "--out", str(out), "--no-progress", *overwrite]) == 2
+        err = capsys.readouterr().err
+        assert f"{out} is not an eanet run and is not empty (cat.png)" in err
+    assert no_demo_training == [] and [p.name for p in out.iterdir()] == ["cat.png"]

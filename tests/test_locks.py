@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from eanet.cli.main import main
 from eanet.data.cifar import SAMPLE_ARCHIVE, SAMPLE_MD5
 from eanet.errors import EANetError
 from eanet.locks import RUN_LOCK, directory_lock
+from eanet.train import rundir
 
 TINY_CLI = [
     *("--data-path", str(SAMPLE_ARCHIVE), "--md5", SAMPLE_MD5),
@@ -119,3 +122,58 @@ def test_a_second_train_or_resume_on_a_run_in_use_is_refused(tmp_path, capsys):
     assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
     assert _stray(run) == []  # the stale lock and the killed save's temporary file are gone
     assert checkpoint.load(run).meta.epoch == 2
+
+
+def test_two_claims_at_once_never_delete_the_winners_directory(tmp_path, monkeypatch):
+    """Two `claim_run_dir` of a new directory at the same instant: both pass the start before
+    the lock, then one takes it and starts its run; the loser is refused in one line and
+    leaves the winner's directory and files alone (it deleted them in 46 of 200 tries)."""
+    out = tmp_path / "run"
+    both_started, won, lost = threading.Barrier(2), threading.Event(), threading.Event()
+    real_lock = rundir.directory_lock
+
+    def lock_in_turn(path, *args):  # the window made certain: the loser locks second
+        both_started.wait(timeout=30)
+        if threading.current_thread().name == "loser":
+            assert won.wait(timeout=30)
+        return real_lock(path, *args)
+
+    monkeypatch.setattr(rundir, "directory_lock", lock_in_turn)
+    errors: dict[str, str] = {}
+
+    def claim() -> None:
+        me = threading.current_thread().name
+        try:
+            with contextlib.ExitStack() as held:
+                rundir.claim_run_dir(held, out, resume=False, overwrite=False)
+                (out / "config.json").write_text("{}")  # the winner's run has begun
+                won.set()
+                assert lost.wait(timeout=30)
+                assert (out / "config.json").is_file() and (out / RUN_LOCK).is_file()
+        except EANetError as exc:
+            errors[me] = str(exc)
+        finally:
+            if me == "loser":
+                lost.set()
+
+    threads = [threading.Thread(target=claim, name=name) for name in ("winner", "loser")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert list(errors) == ["loser"] and "run directory in use by PID" in errors["loser"]
+    assert (out / "config.json").is_file()  # the winner's run is still there
+    assert not (out / RUN_LOCK).exists()  # released by the winner at its end
+
+
+def test_a_failed_start_removes_only_a_directory_it_created(tmp_path):
+    """The clean-up after a failed start: the directory this process made goes; one that
+    was there already stays with what it holds."""
+    made, there = tmp_path / "made", tmp_path / "there"
+    there.mkdir()
+    for out in (made, there):
+        with pytest.raises(RuntimeError), contextlib.ExitStack() as held:
+            rundir.claim_run_dir(held, out, resume=False, overwrite=False)
+            raise RuntimeError("a bad option found after the claim")
+    assert not made.exists()
+    assert there.is_dir() and list(there.iterdir()) == []

@@ -35,6 +35,9 @@ AXES = {
     "self": "attention (block, head, query token, key token): softmax over the keys; rollout "
     "(block, row, col): the attention rollout up to that block, mean over the queries",
 }
+# One map (a matplotlib axes) per memory unit and block: drawing 4,096 units x 8 blocks took
+# minutes; the figure shows the first units, the tensors hold them all (eanet-cifar-s64: 64).
+MAX_DRAWN_UNITS = 64
 
 
 @dataclass
@@ -77,7 +80,8 @@ class AttentionMaps:
         return {"image": self.image, "attention": self.attention, "rollout": self.rollout()}
 
     def save(self, out: str | Path, name: str) -> tuple[Path, Path]:
-        """Write OUT/NAME.png (the image beside its maps) and OUT/NAME.safetensors."""
+        """Write OUT/NAME.png (the image beside its maps; EANet: the first MAX_DRAWN_UNITS
+        memory units) and OUT/NAME.safetensors (every unit)."""
         from eanet.attention_plots import plot_rollout, plot_units  # matplotlib when drawing
 
         out = Path(out)
@@ -85,7 +89,10 @@ class AttentionMaps:
         picture = self.image.permute(1, 2, 0).numpy()  # (H, W, 3) uint8
         caption = f"predicted: {self.label} ({self.probability:.0%})"
         if self.kind == "external":
-            plot_units(picture, self.unit_maps().numpy(), self.source, caption, png)
+            units = self.unit_maps()
+            if units.shape[1] > MAX_DRAWN_UNITS:
+                caption += f"\nunits 1-{MAX_DRAWN_UNITS} of {units.shape[1]} drawn"
+            plot_units(picture, units[:, :MAX_DRAWN_UNITS].numpy(), self.source, caption, png)
         else:
             plot_rollout(picture, self.rollout().numpy(), self.source, caption, png)
         meta = {
@@ -130,7 +137,8 @@ def maps_of_tensors(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    x = model.patch_embed(model.normalize(images.to(device).float()))  # (B, N, dim)
+    pixels = imgs.to_channels(images, model.config.in_chans)  # grey for a 1-channel model
+    x = model.patch_embed(model.normalize(pixels.to(device).float()))  # (B, N, dim)
     per_block = []
     for block in model.blocks:
         per_block.append(block.attn.attention_map(block.norm1(x)).float().cpu())

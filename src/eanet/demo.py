@@ -19,11 +19,13 @@ from eanet import checkpoint
 from eanet.data.cifar import SAMPLE_ARCHIVE, SAMPLE_MD5
 from eanet.data.dataset import ImageData
 from eanet.data.load import load_dataset
+from eanet.errors import EANetError
 from eanet.evaluate import evaluate_checkpoint
 from eanet.inference import predict_logits
 from eanet.runtime import resolve_device
 from eanet.train.config import TrainConfig
 from eanet.train.loop import fit
+from eanet.train.rundir import check_new_run, is_run
 
 DEMO_EPOCHS = 4  # CIFAR part
 # The digits part: the learning check's configuration (97.6% held-out top-1 in 27 s there).
@@ -91,21 +93,29 @@ def _predict(
     ]
 
 
-def _part(cfg: TrainConfig, out: Path, data: ImageData, progress: bool) -> DemoPart:
-    """Train one part's run (replacing an earlier one in `out`) and time it."""
+def _part(
+    cfg: TrainConfig, out: Path, data: ImageData, overwrite: bool, progress: bool
+) -> DemoPart:
+    """Train one part's run (replacing an earlier run in `out` only with `overwrite`), timed."""
     t0 = time.perf_counter()
-    metrics = fit(cfg, out, data=data, overwrite=True, progress=progress)
+    metrics = fit(cfg, out, data=data, overwrite=overwrite, progress=progress)
     seconds = time.perf_counter() - t0
     return DemoPart(out, metrics, len(data.train_images), 1 / data.num_classes, seconds)
 
 
 def run_digits(
-    out: Path, show: int, seed: int, device: str, threads: int | None, progress: bool
+    out: Path,
+    show: int,
+    seed: int,
+    device: str,
+    threads: int | None,
+    progress: bool,
+    overwrite: bool = False,
 ) -> DemoPart:
     """Part 1: train the reduced EANet on the real digits; predict `show` held-out ones."""
     cfg = TrainConfig(dataset="digits", seed=seed, device=device, threads=threads, **DIGITS_RECIPE)
     data = load_dataset("digits")
-    part = _part(cfg, out, data, progress)
+    part = _part(cfg, out, data, overwrite, progress)
     part.predictions = _predict(out, data, list(range(show)), device, k=1)
     return part
 
@@ -118,6 +128,7 @@ def run_cifar(
     device: str,
     threads: int | None,
     progress: bool,
+    overwrite: bool = False,
 ) -> DemoPart:
     """Part 2: the reference EANet and recipe on the CIFAR-100 slice, with evaluation reports."""
     cfg = TrainConfig(
@@ -130,7 +141,7 @@ def run_cifar(
         threads=threads,
     )
     data = load_dataset("cifar100", SAMPLE_ARCHIVE, md5=SAMPLE_MD5, progress=progress)
-    part = _part(cfg, out, data, progress)
+    part = _part(cfg, out, data, overwrite, progress)
     part.evaluation = evaluate_checkpoint(out, device=device, progress=progress, data=data)
     part.predictions = _predict(out, data, list(range(show)), device, k=3)
     return part
@@ -144,14 +155,24 @@ def run_demo(
     device: str = "auto",
     threads: int | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> DemoResult:
     """Part 1 in OUT/digits, part 2 in OUT itself; `epochs` is the CIFAR part's.
 
     OUT is the CIFAR-100 run, so `eanet predict/serve/export OUT` and `--init-from OUT`
-    get a 100-class checkpoint, as the docs use it (a new run only replaces run files, so
-    OUT/digits stays).
+    get a 100-class checkpoint, as the docs use it. OUT and OUT/digits must be new or
+    empty, or (with `overwrite`) an earlier demo's runs, whose run files alone are
+    replaced; both are checked before anything is trained. Part 2 trains first, so that
+    OUT is a run (or nothing) when OUT/digits is made inside it.
     """
     out = Path(out)
-    digits = run_digits(out / "digits", show, seed, device, threads, progress)
-    cifar = run_cifar(out, epochs, show, seed, device, threads, progress)
+    for run_dir in (out, out / "digits"):
+        if is_run(run_dir) and not overwrite:
+            raise EANetError(
+                f"{run_dir} holds a run (an earlier demo's?); pass --overwrite to replace "
+                "it, or choose another --out"
+            )
+        check_new_run(run_dir, overwrite)  # a folder that is not a run: refused
+    cifar = run_cifar(out, epochs, show, seed, device, threads, progress, overwrite)
+    digits = run_digits(out / "digits", show, seed, device, threads, progress, overwrite)
     return DemoResult(digits, cifar, torch.get_num_threads())

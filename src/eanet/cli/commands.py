@@ -146,12 +146,23 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     config, out, resume = train_config_from_args(args)
+    out = Path(out)
     log.info("run directory: %s", out)
     from eanet.train.loop import fit
+    from eanet.train.rundir import finished_epochs, refuse_input_in_run
 
+    done = finished_epochs(out, config.epochs) if resume else None
+    if done is not None:  # nothing to train: the test is not run again
+        print(
+            f"{out} is complete: {done} epochs trained and tested (metrics.json); to train "
+            f"it longer: eanet train --resume {out} --epochs N, with N > {done}"
+        )
+        return 0
+    if not resume and args.config:
+        refuse_input_in_run(out, [args.config], "--config")
     # --auto-resume starting a run again replaces what a kill before epoch 1 left (its
     # config.json was found equal to the options asked for)
-    restart = args.auto_resume and not resume and (Path(out) / "config.json").is_file()
+    restart = args.auto_resume and not resume and (out / "config.json").is_file()
     overwrite = args.overwrite or restart
     metrics = fit(config, out, resume=resume, overwrite=overwrite, progress=args.progress)
     print(score_lines(metrics, out))
@@ -230,6 +241,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         device=args.device,
         threads=args.threads,
         progress=args.progress,
+        overwrite=args.overwrite,
     )
     _print_demo_digits(r.digits)
     _print_demo_cifar(r.cifar)
@@ -526,22 +538,30 @@ def unused_dir(base: Path) -> Path:
 
 def cmd_attention(args: argparse.Namespace) -> int:
     from eanet import checkpoint
-    from eanet.attention_maps import iter_file_maps
+    from eanet.attention_maps import MAX_DRAWN_UNITS, iter_file_maps
     from eanet.predict import Failure, expand_inputs
     from eanet.runtime import resolve_device
 
     model, ckpt = checkpoint.load_model(args.checkpoint, resolve_device(args.device), args.weights)
     files, failures = expand_inputs(args.inputs)
+    names = _attention_names(files, args.out, args.overwrite)
     for f in failures:
         print(f"eanet: error: {f.source}: {f.reason}", file=sys.stderr)
-    taken: set[str] = set()  # two inputs with the same file name get NAME and NAME-2
     drawn = 0
     for r in iter_file_maps(model, ckpt.class_names, files):
         if isinstance(r, Failure):
             failures.append(r)
             print(f"eanet: error: {r.source}: {r.reason}", file=sys.stderr)
             continue
-        png, raw = r.save(args.out, _unique(f"{Path(r.source).stem}-attention", taken))
+        units = r.attention.shape[-1] if r.kind == "external" else 0
+        if drawn == 0 and units > MAX_DRAWN_UNITS:
+            log.info(
+                "drawing the first %d of the %d memory units of each block (all of them are "
+                "in the .safetensors files)",
+                MAX_DRAWN_UNITS,
+                units,
+            )
+        png, raw = r.save(args.out, names[r.source].pop(0))
         label = printable(r.label)
         print(f"{printable(r.source)}: {label} {r.probability:.1%}  ->  {png}, {raw.name}")
         drawn += 1
@@ -549,6 +569,24 @@ def cmd_attention(args: argparse.Namespace) -> int:
         print(f"eanet: {drawn} image(s) drawn, {len(failures)} failed", file=sys.stderr)
         return 1
     return 0
+
+
+def _attention_names(files: list[Path], out: Path, overwrite: bool) -> dict[str, list[str]]:
+    """NAME-attention of each input file, in order (NAME-attention-2, ... for a repeated
+    name); an existing output file is refused, before anything is drawn, unless `overwrite`."""
+    from eanet.errors import EANetError
+
+    taken: set[str] = set()
+    names: dict[str, list[str]] = {}
+    for f in files:
+        names.setdefault(str(f), []).append(_unique(f"{f.stem}-attention", taken))
+    for name in () if overwrite else sorted(taken):
+        for path in (out / f"{name}.png", out / f"{name}.safetensors"):
+            if path.exists() or path.is_symlink():
+                raise EANetError(
+                    f"{path} exists; pass --overwrite to replace it, or choose another --out"
+                )
+    return names
 
 
 def _unique(name: str, taken: set[str]) -> str:

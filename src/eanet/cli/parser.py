@@ -171,6 +171,11 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
         help="the CIFAR-100 run's directory; the digits run goes to OUT/digits (default: "
         "runs/demo, or runs/demo-2, -3, ... when it exists)",
     )
+    m.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the runs of an earlier demo in --out (their run files only)",
+    )
     m.add_argument("--epochs", type=int, default=None, help="CIFAR part: epochs (default: 4)")
     m.add_argument("--seed", type=int, default=0, help="seed of both runs (default: 0)")
     add_config_flags(m, TrainConfig, only=["device", "threads"], fill_defaults=True)
@@ -306,6 +311,11 @@ def _add_attention_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("checkpoint", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
     a.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     a.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write")
+    a.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing OUT/NAME-attention.png and .safetensors files",
+    )
     _weights_flag(a)
     add_config_flags(a, TrainConfig, only=["device"], fill_defaults=True)
 

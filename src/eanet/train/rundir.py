@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from eanet import __version__, checkpoint
 from eanet.errors import ConfigError, EANetError
 from eanet.fileio import read_json, remove_stale_temp_files, write_csv, write_json, write_text
-from eanet.locks import RUN_LOCK, directory_lock
+from eanet.locks import COMPARE_LOCK, RUN_LOCK, directory_lock
 from eanet.options import to_yaml
 from eanet.plots import plot_curves
 from eanet.train.config import TrainConfig
@@ -43,14 +45,30 @@ def claim_run_dir(held: contextlib.ExitStack, out: Path, resume: bool, overwrite
 
     A second eanet on the same directory is refused in one line ("run directory in use by
     PID N"); only the lock's holder cleans up temporary files, so a second `--resume` can
-    never delete the first one's save in progress.
+    never delete the first one's save in progress. The directory is removed after a failed
+    start only by the process that created it (an atomic mkdir says which) and holds its
+    lock: a process refused by the lock never deletes the winner's run.
     """
     if resume:
         _check_resumable(out)  # before the lock creates the directory
-    if not out.exists():  # pushed first, so it runs after the lock is released
-        held.push(lambda kind, exc, tb: _remove_unstarted(out, exc))
+    created = _make_dir(out)
     held.enter_context(directory_lock(out, RUN_LOCK))
+    if created:  # pushed after the lock: it runs while the lock is still held
+        held.push(lambda kind, exc, tb: _remove_unstarted(out, exc))
     prepare_run_dir(out, resume, overwrite)
+
+
+def _make_dir(out: Path) -> bool:
+    """Create `out` (and its parents); True if this call created it, False if it was there."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir()
+        except FileExistsError:
+            return False
+    except OSError as exc:
+        raise EANetError(f"cannot write to run directory {out}: {exc.strerror or exc}") from exc
+    return True
 
 
 def _remove_unstarted(out: Path, exc: BaseException | None) -> bool:
@@ -68,13 +86,39 @@ def _remove_unstarted(out: Path, exc: BaseException | None) -> bool:
 
 def refuse_run_file(path: str | Path) -> None:
     """Refuse to write anything else over a file of a training run (its checkpoint, config,
-    history, ...), even with --overwrite: evaluate, --resume and compare read them."""
+    history, ...) or over a lock file, even with --overwrite: evaluate, --resume and compare
+    read the one, and the other is what keeps a second process out of a directory."""
     path = Path(path)
+    if path.name in (RUN_LOCK, COMPARE_LOCK):
+        raise EANetError(
+            f"{path} is the lock file of the directory {path.parent}; replacing it would let "
+            "a second process in: choose another file name"
+        )
     if path.name in RUN_FILES and (path.parent / "config.json").is_file():
         raise EANetError(
             f"{path} is the {path.name} of the run in {path.parent}; replacing it would break "
             "the run (evaluate, --resume): choose a file outside the run's own names"
         )
+
+
+def is_run(out: Path) -> bool:
+    """Whether `out` holds a training run: its config.json or its checkpoint."""
+    return (out / "config.json").is_file() or (out / checkpoint.CHECKPOINT_NAME).is_file()
+
+
+def refuse_input_in_run(out: Path, inputs: Iterable[str | Path], flag: str) -> None:
+    """Refuse a new run in `out` that would replace one of the files it reads (`--config
+    RUN/config.yaml --out RUN --overwrite`): read first, then deleted with the old run. (A
+    folder that is no run is refused whole by `check_new_run`.)"""
+    if not is_run(Path(out)):
+        return
+    for source in inputs:
+        path = Path(source)
+        if path.name in RUN_FILES and path.resolve().parent == Path(out).resolve():
+            raise EANetError(
+                f"{flag} {source} is the {path.name} of {out}, which a new run there replaces: "
+                f"copy it outside {out} first, or choose another --out"
+            )
 
 
 def _check_resumable(out: Path) -> None:
@@ -83,6 +127,18 @@ def _check_resumable(out: Path) -> None:
             f"{out}: nothing to resume (no {checkpoint.CHECKPOINT_NAME}); "
             "start a new run with --out"
         )
+
+
+def finished_epochs(out: Path, epochs: int) -> int | None:
+    """The epochs of a run that trained and tested at least `epochs`: its metrics.json and
+    its training checkpoint say the same epoch; None when it has more to do."""
+    try:
+        done = read_json(out / "metrics.json").get("epochs")
+        saved = checkpoint.load(out).meta.epoch  # a weights-only file has none
+    except EANetError:  # no metrics yet, or a damaged file: the run goes on (and says why)
+        return None
+    finished = isinstance(done, int) and done == saved and done >= epochs
+    return done if finished else None
 
 
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -94,15 +150,7 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if resume:
         _check_resumable(out)
     else:
-        names = (*RUN_FILES, *RUN_DIRS, *EVALUATION_FILES)
-        existing = [name for name in names if (out / name).exists()]
-        if existing and not overwrite:
-            raise EANetError(
-                f"{out} already holds a run ({', '.join(existing)}); pass --resume "
-                f"{out} to continue it, --overwrite to start over, or another --out"
-            )
-        for name in existing:  # everything the previous run wrote: no mixed runs
-            _remove(out / name)
+        _clear_for_new_run(out, overwrite)
     remove_stale_temp_files(out, RUN_FILES)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -111,6 +159,47 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
         probe.unlink()
     except OSError as exc:
         raise EANetError(f"cannot write to run directory {out}: {exc.strerror or exc}") from exc
+
+
+def check_new_run(out: Path, overwrite: bool) -> list[str]:
+    """Refuse a new run in `out` unless it is new or empty, or a run and `overwrite` is
+    given; the names of the old run's files that the new run replaces (none are deleted)."""
+    if not is_run(out):
+        found = sorted(_foreign(out))
+        if found:
+            shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+            raise EANetError(
+                f"{out} is not an eanet run and is not empty ({shown}); a new run goes into a "
+                "new or empty directory: choose another --out"
+            )
+        return []
+    names = (*RUN_FILES, *RUN_DIRS, *EVALUATION_FILES)
+    existing = [name for name in names if os.path.lexists(out / name)]
+    if not overwrite:
+        raise EANetError(
+            f"{out} already holds a run ({', '.join(existing)}); pass --resume "
+            f"{out} to continue it, --overwrite to start over, or another --out"
+        )
+    return existing
+
+
+def _clear_for_new_run(out: Path, overwrite: bool) -> None:
+    """Delete the old run's own files (never anything else: a folder that is not a run is
+    refused), after `check_new_run`."""
+    for name in check_new_run(out, overwrite):  # no mixed runs
+        _remove(out / name)
+
+
+def _foreign(out: Path) -> list[str]:
+    """The entries of `out` other than its lock and a killed writer's temporary files."""
+    if not out.is_dir():
+        return []
+    return [
+        p.name
+        for p in out.iterdir()
+        if p.name not in (RUN_LOCK, ".write-test")
+        and not (p.name.startswith(".") and p.name.endswith(".tmp"))
+    ]
 
 
 def _remove(path: Path) -> None:
