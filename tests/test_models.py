@@ -34,9 +34,9 @@ def test_eanet_and_vit_classes_force_their_attention():
 def test_forward_backward_every_parameter_gets_a_gradient(name):
     torch.manual_seed(0)
     model = create_model(name, depth=2)
-    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    x = torch.randint(0, 256, (3, *model.input_shape), dtype=torch.uint8)
     logits = model(x)
-    assert logits.shape == (3, 100)
+    assert logits.shape == (3, model.config.num_classes)
     assert torch.isfinite(logits).all()
     logits.logsumexp(1).sum().backward()
     for pname, p in model.named_parameters():

@@ -5,6 +5,7 @@ dataclasses) without loading torch; the modules that act on a value import it fr
 """
 
 PRECISIONS = ("fp32", "bf16", "auto")  # how forward passes compute (eanet.runtime)
-DATASET_NAMES = ("cifar100", "cifar10", "folder", "digits", "synthetic")  # eanet.data.load
+# eanet.data.load
+DATASET_NAMES = ("cifar100", "cifar10", "fashion-mnist", "folder", "digits", "synthetic")
 WEIGHTS = ("last", "best", "ema")  # which weights of a run `checkpoint.load_model` rebuilds
 ON_NONFINITE = ("stop", "skip")  # what a NaN/inf training loss does (eanet.train.guard)

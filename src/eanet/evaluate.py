@@ -56,11 +56,11 @@ def evaluate_checkpoint(
         verify = train_cfg.get("verify", True) if verify is None else verify
     if data is None:
         verify = True if verify is None else verify
-        # A folder is resized to the size the model was trained at.
+        # A folder is resized to the size the model was trained at; fashion-mnist comes as
+        # the model's channels (grey 28x28, or padded to RGB 32x32).
         size = model.config.image_size if dataset == "folder" else None
-        data = load_dataset(
-            dataset, data_path, md5=md5, verify=verify, progress=progress, image_size=size
-        )
+        shape = {"image_size": size, "channels": model.config.in_chans}
+        data = load_dataset(dataset, data_path, md5=md5, verify=verify, progress=progress, **shape)
     if data.class_names != ckpt.class_names:
         raise ConfigError(
             f"{path} was trained on {len(ckpt.class_names)} classes that are not "

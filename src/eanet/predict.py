@@ -96,7 +96,7 @@ def predict_batch(
 ) -> list[Prediction]:
     """Predict in-memory images or files; the first unusable one raises DataError."""
     size = model.config.image_size
-    x = imgs.prepare(images, size)
+    x = imgs.to_channels(imgs.prepare(images, size), model.config.in_chans)
     logits = predict_logits(model, x, batch_size, precision=precision)
     sources = [str(i) if isinstance(i, (str, Path)) else None for i in images]
     return top_k_predictions(logits, class_names, top_k, sources)
@@ -154,7 +154,7 @@ def iter_predict_files(
             except DataError as exc:
                 results.append(Failure(str(path), _reason(exc, path)))
         if decoded:
-            x = torch.stack([t for _, t in decoded])
+            x = imgs.to_channels(torch.stack([t for _, t in decoded]), model.config.in_chans)
             logits = predict_logits(model, x, batch_size, precision=precision)
             chunk = files[start : start + batch_size]
             srcs = [str(chunk[i]) for i, _ in decoded]

@@ -252,3 +252,18 @@ def prepare(images: Iterable[ImageLike], size: int) -> torch.Tensor:
     if not tensors:
         return torch.empty(0, 3, size, size, dtype=torch.uint8)
     return torch.stack(tensors)
+
+
+def to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """uint8 images [B, C, H, W] for a model of `channels` inputs: as they are, or RGB as grey.
+
+    Grey is Pillow's "L" (ITU-R 601 luma, 0.299 R + 0.587 G + 0.114 B, rounded), so a grey
+    picture, which step 2 expanded to three equal channels, comes back bit-exact.
+    """
+    if images.shape[1] == channels:
+        return images
+    if channels != 1 or images.shape[1] != 3:
+        raise ValueError(f"{images.shape[1]}-channel images cannot feed {channels} channels")
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    grey = (images.float() * weights).sum(dim=1, keepdim=True)
+    return grey.round().clamp(0, 255).to(torch.uint8)  # (B, 1, H, W)

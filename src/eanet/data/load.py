@@ -1,4 +1,4 @@
-"""One entry point for every data set by name: CIFAR archives, image folders, digits, synthetic."""
+"""One entry point for every data set by name: CIFAR, Fashion-MNIST, folders, digits, synthetic."""
 
 from __future__ import annotations
 
@@ -17,13 +17,18 @@ def load_dataset(
     *,
     image_size: int | None = None,
     synthetic_images: int = 50_000,
+    channels: int | None = None,
     **kwargs: Any,
 ) -> ImageData:
     """Load a data set by name (DATASET_NAMES); kwargs go to the specific loader.
 
     `image_size` is the side a folder's images are resized to (default 32); CIFAR is 32 only.
     `synthetic_images`: the training images of 'synthetic' (and a fifth as many to test).
+    `channels`: the model's input channels; fashion-mnist gives 1 its native grey 28x28 and
+    3 (or None) the reference's 32x32 RGB (padded); the other sets are RGB whatever it says.
     """
+    if name == "fashion-mnist":
+        return _fashion(data_path, image_size, channels or 3, **kwargs)
     if name == "folder":
         from eanet.data.folders import load_folder
 
@@ -44,3 +49,18 @@ def load_dataset(
         )
     spec = _spec(name)
     return load_cifar(spec.name, data_path, **kwargs)
+
+
+def _fashion(
+    data_path: str | Path | None, image_size: int | None, channels: int, **kwargs: Any
+) -> ImageData:
+    """Fashion-MNIST at 28x28 (1 channel) or padded to 32x32 (3), as the model takes it."""
+    from eanet.data.fashion import load_fashion_mnist
+
+    side = 28 if channels == 1 else 32
+    if image_size not in (None, side):
+        raise ConfigError(
+            f"--image-size {image_size} applies to --dataset folder or digits; fashion-mnist "
+            f"images are {side}x{side} for a {channels}-channel model"
+        )
+    return load_fashion_mnist(data_path, channels=channels, **kwargs)

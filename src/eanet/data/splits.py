@@ -33,9 +33,9 @@ def compute_normalization(
     images: torch.Tensor, batch: int = 4096
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-channel mean and population variance in pixel space (0..255), plus the pixel count."""
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+    if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(
-            f"expected uint8 [N, 3, H, W] images, got {images.dtype} {tuple(images.shape)}"
+            f"expected uint8 [N, C, H, W] images, got {images.dtype} {tuple(images.shape)}"
         )
     if batch < 1:
         raise ValueError(f"batch must be positive, got {batch}")
@@ -44,8 +44,8 @@ def compute_normalization(
         raise DataError("no images to compute the normalization from; the data set is empty")
     # Pixel values are integers, so float64 sums stay exact (255^2 * 5e7 pixels is far below
     # 2^53) and E[x^2] - E[x]^2 loses nothing; chunks keep the float copy small.
-    total = torch.zeros(3, dtype=torch.float64)
-    squares = torch.zeros(3, dtype=torch.float64)
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    squares = torch.zeros(images.shape[1], dtype=torch.float64)
     for start in range(0, images.shape[0], batch):
         chunk = images[start : start + batch].to(torch.float64)
         total += chunk.sum(dim=(0, 2, 3))

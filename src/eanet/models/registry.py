@@ -19,6 +19,11 @@ class ModelSpec:
     description: str
 
 
+# Fashion-MNIST's own input: 28x28, one channel; 4x4 patches give 7x7 = 49 tokens (2x2 would
+# give 196, four times the attention cost of CIFAR's 64). Depth and widths stay the reference's.
+_FASHION: dict = {"image_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10}
+
+
 MODELS: dict[str, ModelSpec] = {
     "eanet-cifar": ModelSpec(
         ModelConfig(), "EANet of the Keras example (external attention, S=16), 361,380 params"
@@ -30,6 +35,14 @@ MODELS: dict[str, ModelSpec] = {
     "eanet-cifar-s64": ModelSpec(
         ModelConfig(memory_size=64, memory_bias=False, init="trunc_normal"),
         "paper-style EANet: memory size S=64, bias-free memories, truncated-normal init",
+    ),
+    "eanet-fashion": ModelSpec(
+        ModelConfig(**_FASHION),
+        "EANet of the Keras example for 28x28 grey images (4x4 patches, 49 tokens), 342,538 params",
+    ),
+    "vit-fashion": ModelSpec(
+        ModelConfig(attention="self", **_FASHION),
+        "ViT baseline for 28x28 grey images (4x4 patches, 49 tokens), 604,426 params",
     ),
 }
 

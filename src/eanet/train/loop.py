@@ -28,7 +28,7 @@ from eanet.errors import ConfigError, EANetError
 from eanet.fileio import atomic_path, write_json
 from eanet.inference import evaluate_tensors
 from eanet.metrics import Metrics
-from eanet.models.registry import build_model, model_config
+from eanet.models.registry import MODELS, build_model, model_config
 from eanet.models.transformer import VisionTransformer
 from eanet.runtime import environment, resolve_precision, set_threads, tune_cpu_allocator
 from eanet.train import distributed, finetune
@@ -56,7 +56,7 @@ def _fmt(prefix: str, m: Metrics) -> str:
 
 
 def load_data(cfg: TrainConfig, progress: bool = True) -> ImageData:
-    """The data set a training config names (archive, folder, digits or synthetic)."""
+    """The data set a training config names, shaped for its model (fashion-mnist's channels)."""
     return load_dataset(
         cfg.dataset,
         cfg.data_path,
@@ -65,7 +65,13 @@ def load_data(cfg: TrainConfig, progress: bool = True) -> ImageData:
         progress=progress,
         image_size=cfg.image_size,
         synthetic_images=cfg.synthetic_images,
+        channels=_model_channels(cfg),
     )
+
+
+def _model_channels(cfg: TrainConfig) -> int:
+    """The input channels the named model asks for (its registered config or --model-arg)."""
+    return int(cfg.model_args.get("in_chans", MODELS[cfg.model].config.in_chans))
 
 
 def build_for_data(cfg: TrainConfig, data: ImageData) -> VisionTransformer:
