@@ -146,6 +146,8 @@ def measure(
     opts = ["--max-batch", str(max_batch), "--max-wait-ms", str(args.max_wait_ms)]
     opts += ["--precision", precision] + (["--compile"] if compiled else [])
     opts += ["--device", "cpu", "--max-images", str(max(64, args.images_per_request))]
+    # every client connects from 127.0.0.1: the per-address limit must admit them all
+    opts += ["--max-connections-per-ip", str(max(20, 2 * args.concurrency))]
     if args.threads:
         opts += ["--threads", str(args.threads)]
     with server_process(ckpt, *opts, timeout=600.0 if compiled else 120.0) as url:

@@ -165,7 +165,14 @@ class Soak:
 
 def soak(ckpt: Path, args: argparse.Namespace, log: Path) -> dict:
     with server_process(
-        ckpt, "--device", "cpu", "--threads", str(args.threads), log_path=log
+        ckpt,
+        "--device",
+        "cpu",
+        "--threads",
+        str(args.threads),
+        "--max-connections-per-ip",  # stalled and normal clients all come from 127.0.0.1
+        "1000",
+        log_path=log,
     ) as url:
         info = httpx.get(f"{url}/info").json()
         pid = info["server"]["pid"]

@@ -102,6 +102,25 @@ def test_predict_raw_bytes_matches_the_python_api(client, pngs, tiny_ckpt):
     )
 
 
+def test_a_one_channel_model_is_served_grey_as_the_api_predicts(tmp_path, pngs):
+    """eanet-fashion takes 28x28 grey images: colour uploads become grey, as in predict."""
+    torch.manual_seed(0)
+    model = create_model("eanet-fashion", depth=1)
+    path = tmp_path / "fashion.safetensors"
+    names = [f"class{i}" for i in range(10)]
+    checkpoint.save(path, model, {"class_names": names, "model_name": "eanet-fashion"})
+    with TestClient(create_app(make_config(path))) as c:
+        r = c.post("/predict", content=pngs[0], headers={"Content-Type": "image/png"})
+    assert r.status_code == 200, r.text
+    (got,) = r.json()["predictions"]
+    loaded, ckpt = checkpoint.load_model(path)
+    want = Classifier(loaded, ckpt.class_names).predict(pngs[0], top_k=5)
+    assert [q["class"] for q in got["predictions"]] == want.classes
+    assert [q["probability"] for q in got["predictions"]] == pytest.approx(
+        want.probabilities, abs=1e-5
+    )
+
+
 def test_info_and_health(client, tiny_ckpt, sample_data):
     info = client.get("/info").json()
     model, _ = checkpoint.load_model(tiny_ckpt)

@@ -11,17 +11,6 @@ import torch
 from torch import nn
 
 
-def tensor_version(t: torch.Tensor) -> int:
-    """The in-place modification counter of `t` (`Tensor._version`).
-
-    Why: the folded memory weights are cached for inference while the weights stay
-    unchanged; an optimizer step or `load_state_dict` writes into the same storage, so the
-    data pointer alone cannot tell, and the counter (which autograd itself relies on to
-    detect modified saved tensors) can.
-    """
-    return t._version
-
-
 def softmax_backward(
     grad: torch.Tensor, out: torch.Tensor, dim: int, dtype: torch.dtype
 ) -> torch.Tensor:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from eanet import __version__
+from eanet.data.images import to_channels
 from eanet.errors import DataError, one_line, printable
 from eanet.predict import top_k_predictions
 from eanet.serve.batcher import Batcher
@@ -192,6 +193,7 @@ class ServeState:
             raise self.refuse(413, msg)
         try:
             x = await self.decoder.decode(items, self.served.image_size)
+            x = to_channels(x, self.served.config.in_chans)  # grey for a 1-channel model
         except DecodeBudgetError as exc:
             raise self.refuse(413, str(exc)) from exc
         except UnsupportedFormatError as exc:

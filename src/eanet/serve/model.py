@@ -81,7 +81,12 @@ class ServedModel:
             self._choose_small_pass_precision(max_batch)
         if compile:  # batches of 1 then 2: torch then compiles one graph for every size
             for n in (1, 2):
-                self.forward(torch.zeros(n, 3, self.image_size, self.image_size, dtype=torch.uint8))
+                self.forward(self._blank(n))
+
+    def _blank(self, n: int) -> torch.Tensor:
+        """`n` black images in the model's input layout (uint8 [n, C, H, W])."""
+        size = self.image_size
+        return torch.zeros(n, self.config.in_chans, size, size, dtype=torch.uint8)
 
     @property
     def image_size(self) -> int:
@@ -112,7 +117,7 @@ class ServedModel:
 
     def _seconds(self, images: int, precision: str) -> float:
         """Seconds of one forward pass of `images` blank images in `precision`."""
-        x = torch.zeros(images, 3, self.image_size, self.image_size, dtype=torch.uint8)
+        x = self._blank(images)
         start = time.perf_counter()
         self._run(x, precision)
         return time.perf_counter() - start

@@ -15,7 +15,7 @@
  * the whole tensor kept as `kept` in common.h decides, from two seeds) and g is read with
  * the same mask: no pass of its own either way.
  *
- * C, compiled at first use with -O3 -march=native by eanet.models.native; exp is a
+ * C, compiled at first use with -O3 -march=native by eanet.accel.native; exp is a
  * polynomial (Cephes' expf, about 1 ulp) that the compiler vectorises; on AVX-512 the sums
  * over the memory slots use intrinsics (below). Threads: built with
  * -fopenmp (against the OpenMP runtime torch itself runs on, so that the two share one

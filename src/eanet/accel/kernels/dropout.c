@@ -9,7 +9,7 @@
  * selection, whatever x was (x * 0 would keep a NaN, or make one of an inf). At most 2^31
  * elements per call.
  *
- * Built by eanet.models.native (see double_normalize.c); keep_*(..., n, p0, p1) does the
+ * Built by eanet.accel.native (see double_normalize.c); keep_*(..., n, p0, p1) does the
  * pairs of elements [p0, p1) of n, split over OpenMP threads where the library has them,
  * and returns 0 (as every kernel here: nonzero would be a failure). On AVX-512 (with BW) 32
  * elements at a time from 16 hashes; for fp32 on AVX2, 16 from 8; elsewhere loops that the

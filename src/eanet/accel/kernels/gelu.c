@@ -11,7 +11,7 @@
  * gradient) is dropped in the same pass where the counter-based draws of common.h (seeds
  * s1, s2) say so: the MLP's dropout after the activation, without a pass of its own each
  * way. Built by
- * eanet.models.native (see double_normalize.c); *(..., n, i0, i1) does elements [i0, i1)
+ * eanet.accel.native (see double_normalize.c); *(..., n, i0, i1) does elements [i0, i1)
  * of n, split over OpenMP threads where the library has them, and returns 0.
  */
 #include "common.h"

@@ -27,7 +27,7 @@
  * The sums of dL/dw, dL/db (and the residual bias's gradient) over rows go by fixed blocks
  * of BLOCK rows: block k writes its partial sums to part[k] (3 x D floats) and the caller
  * adds the blocks up, so threads never share an accumulator and the result does not depend
- * on the number of threads. Built by eanet.models.native (see double_normalize.c);
+ * on the number of threads. Built by eanet.accel.native (see double_normalize.c);
  * ln_forward's range is of rows, ln_backward's of blocks; both split it over OpenMP threads
  * where the library has them, and return 0.
  */
