@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from eanet.errors import ConfigError, preview
@@ -12,6 +13,22 @@ ATTENTIONS = ("external", "self")
 
 
 INITS = ("keras", "trunc_normal")
+
+#: the largest value of each integer option: far beyond any model this package trains, and
+#: small enough that a typo (dim=100000, depth=1e9) is one line, not an out-of-memory crash
+INT_BOUNDS = {
+    "image_size": 4096,
+    "patch_size": 4096,
+    "in_chans": 64,
+    "dim": 16384,
+    "depth": 1024,
+    "num_heads": 1024,
+    "dim_coefficient": 64,
+    "mlp_dim": 65536,
+    "num_classes": 1_000_000,
+}
+MAX_MEMORY = 65536
+MAX_PARAMETERS = 2_000_000_000
 
 
 @dataclass
@@ -47,24 +64,20 @@ class ModelConfig:
         _choice("attention", self.attention, ATTENTIONS)
         _choice("init", self.init, INITS)
         _choice("gelu", self.gelu, ("tanh", "erf"))
-        for name in (
-            "image_size",
-            "patch_size",
-            "in_chans",
-            "dim",
-            "depth",
-            "num_heads",
-            "dim_coefficient",
-            "mlp_dim",
-            "num_classes",
-        ):
+        for name, most in INT_BOUNDS.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"model option {name}={value!r} must be a positive integer")
+            if value > most:
+                raise ConfigError(f"model option {name}={value!r} is over its bound of {most:,}")
         if self.memory_size is not None and (
-            not isinstance(self.memory_size, int) or self.memory_size < 1
+            not isinstance(self.memory_size, int)
+            or isinstance(self.memory_size, bool)
+            or not 1 <= self.memory_size <= MAX_MEMORY
         ):
-            raise ConfigError(f"model option memory_size={self.memory_size!r} must be >= 1")
+            raise ConfigError(
+                f"model option memory_size={self.memory_size!r} must be in [1, {MAX_MEMORY:,}]"
+            )
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"patch_size={self.patch_size} does not divide image_size={self.image_size}; "
@@ -79,9 +92,23 @@ class ModelConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"model option {name}={value!r} must be in [0, 1)")
-        if not self.ln_eps > 0:
-            raise ConfigError(f"model option ln_eps={self.ln_eps!r} must be > 0")
+        if not (math.isfinite(self.ln_eps) and self.ln_eps > 0):
+            raise ConfigError(f"model option ln_eps={self.ln_eps!r} must be a finite number > 0")
         self._check_memory()
+        self._check_size()
+
+    def _check_size(self) -> None:
+        """Refuse a model whose weights alone would not fit a machine (before allocating)."""
+        inner = self.dim * (self.dim_coefficient if self.attention == "external" else 4)
+        per_block = 2 * self.dim * inner + 2 * self.dim * self.mlp_dim + self.memory_slots**2
+        total = self.depth * per_block + self.num_patches * self.dim
+        total += self.patch_dim * self.dim + self.dim * self.num_classes
+        if total > MAX_PARAMETERS:
+            raise ConfigError(
+                f"model options give about {total:,} parameters, over the bound of "
+                f"{MAX_PARAMETERS:,} ({4 * MAX_PARAMETERS / 2**30:.0f} GiB in fp32); choose "
+                "smaller dim, depth, mlp_dim or num_classes"
+            )
 
     def _check_memory(self) -> None:
         """External attention's memory S (memory_size, or dim // dim_coefficient) must be > 0;

@@ -16,6 +16,8 @@ AUGMENT_MODES = ("fixed", "reference-bug", "none", "crop-flip")
 COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")  # torch.compile's modes
 LR_SCALINGS = ("none", "linear")
 REFERENCE_BATCH = 128  # the batch the reference's learning rate was chosen for
+MAX_COUNT = 1_000_000  # epochs, batch sizes: a typo (1e12) is one line, not an endless run
+MAX_SYNTHETIC = 1_000_000  # synthetic images (3 KB each at 32x32x3)
 DECAY_PARAMS = ("all", "matrices")
 LOGGERS = ("none", "tensorboard")
 
@@ -296,10 +298,12 @@ class TrainConfig:
         check_choices(self)  # --model is checked by `check_model`: the registry loads torch
         for name in ("epochs", "batch_size", "eval_batch_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or not 1 <= value <= MAX_COUNT:
                 raise ConfigError(
-                    f"--{name.replace('_', '-')} {value!r} must be a positive integer"
+                    f"--{name.replace('_', '-')} {value!r} must be an integer in [1, {MAX_COUNT:,}]"
                 )
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
+            raise ConfigError(f"--seed {self.seed!r} must be an integer in [0, 2**63)")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"--lr {self.lr!r} must be a positive number")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
@@ -308,8 +312,8 @@ class TrainConfig:
             raise ConfigError(f"--label-smoothing {self.label_smoothing!r} must be in [0, 1)")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"--val-fraction {self.val_fraction!r} must be in [0, 1)")
-        if not self.adam_eps > 0:
-            raise ConfigError(f"adam_eps {self.adam_eps!r} must be > 0")
+        if not (math.isfinite(self.adam_eps) and self.adam_eps > 0):
+            raise ConfigError(f"--adam-eps {self.adam_eps!r} must be a finite number > 0")
         if self.image_size is not None and (
             isinstance(self.image_size, bool)
             or not isinstance(self.image_size, int)
@@ -332,8 +336,10 @@ class TrainConfig:
                 f"--compile-mode {self.compile_mode} applies to torch.compile; add --compile"
             )
         n = self.synthetic_images
-        if isinstance(n, bool) or not isinstance(n, int) or n < 5:
-            raise ConfigError(f"--synthetic-images {n!r} must be an integer >= 5")
+        if isinstance(n, bool) or not isinstance(n, int) or not 5 <= n <= MAX_SYNTHETIC:
+            raise ConfigError(
+                f"--synthetic-images {n!r} must be an integer in [5, {MAX_SYNTHETIC:,}]"
+            )
         if n != 50_000 and self.dataset != "synthetic":
             raise ConfigError(
                 f"--synthetic-images applies to --dataset synthetic, not {self.dataset}; drop it"
@@ -366,13 +372,17 @@ class TrainConfig:
             )
 
     def check_model(self) -> None:
-        """Raise ConfigError unless --model names a registered model (imports torch)."""
-        from eanet.models.registry import MODELS
+        """Raise ConfigError unless --model names a registered model and --model-arg's
+        options make a valid one (imports torch): before any data is downloaded."""
+        from eanet.models.registry import MODELS, model_config
 
         if self.model not in MODELS:
             raise ConfigError(
                 f"--model {preview(self.model)} is unknown; choose one of {', '.join(MODELS)}"
             )
+        if not isinstance(self.model_args, dict):
+            raise ConfigError(f"model_args {preview(self.model_args)} must be a mapping")
+        model_config(self.model, **self.model_args)
 
     @property
     def uses_pixel_extras(self) -> bool:
