@@ -180,18 +180,26 @@ def test_bf16_training_learns_as_fp32_does_on_real_digits(tmp_path, digits_data)
     The learning check's configuration (depth 2, 4x4 patches, lr 2e-3, 8 epochs; at 4
     epochs the model is still at ~60%); the figures of each seed are in the assertion
     message. The spread has a floor of 2 points (9 of 449 images): three seeds that agree
-    closely would otherwise demand bit-level agreement of two numerics.
+    closely would otherwise demand bit-level agreement of two numerics. On a CPU that only
+    emulates bf16 (no avx512_bf16 or AMX: several times slower than fp32) one bf16 seed
+    runs, and it must reach the worst fp32 seed less the spread; the numerics are the same
+    bf16 roundings either way.
     """
+    cpu = torch.device("cpu")
+    seeds = {"fp32": 3, "bf16": 3 if runtime.native_bf16(cpu) else 1}
     results: dict[str, list[float]] = {"fp32": [], "bf16": []}
     for precision in results:
-        for seed in range(3):
+        for seed in range(seeds[precision]):
             cfg = TrainConfig(**DIGITS_RECIPE, device="cpu", seed=seed, precision=precision)
             out = tmp_path / f"{precision}-{seed}"
             results[precision].append(fit(cfg, out, data=digits_data, progress=False)["test_top1"])
     fp32, bf16 = results["fp32"], results["bf16"]
     spread = max(max(fp32) - min(fp32), 0.02)
     assert min(fp32) >= 0.9, results  # both learn: chance is 10%
-    assert statistics.mean(bf16) >= statistics.mean(fp32) - spread, results
+    if len(bf16) == 1:
+        assert bf16[0] >= min(fp32) - spread, results
+    else:
+        assert statistics.mean(bf16) >= statistics.mean(fp32) - spread, results
 
 
 @pytest.mark.parametrize("name", ["eanet-cifar", "vit-cifar"])
