@@ -186,7 +186,7 @@ def test_torchrun_restarts_a_group_whose_rank_died_and_ends_as_uninterrupted(tmp
     run = tmp_path / "run"
     record = tmp_path / "record"
     record.mkdir()
-    steps_per_epoch = 13  # 389 training images of the slice, global batch 32
+    steps_per_epoch = 13  # 388 training images of the slice, global batch 32
     worker = [str(HERE / "ddp_restart_worker.py"), str(steps_per_epoch + 5), str(record)]
     proc = _launch(
         tmp_path,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import os
 import pickle
 import re
@@ -461,7 +462,7 @@ def test_split_validation_bad_fraction(fraction: float) -> None:
 def test_split_validation_property(n: int, fraction: float) -> None:
     labels = torch.arange(n)
     tr_x, tr_y, va_x, va_y = split_validation(labels.view(n, 1), labels, fraction)
-    assert len(va_y) == int(n * fraction)
+    assert len(tr_y) == math.floor(n * (1.0 - fraction))  # Keras's train_validation_split
     assert torch.equal(torch.cat([tr_y, va_y]), labels)
     assert torch.equal(tr_x.view(-1), tr_y) and torch.equal(va_x.view(-1), va_y)
 

@@ -242,9 +242,9 @@ def _close(a: dict, b: dict, keys: tuple[str, ...]) -> None:
 def test_torchrun_two_processes_match_one_process(tmp_path, sample_data):
     """2 gloo processes on the CLI path: same weights as one process, global metrics, rank 0 files.
 
-    Global batch 32 (16 per rank) on the 389 training images of the shipped slice: 12 full
-    steps and a short last batch of 5 (3 + 2 images, weighted). Epoch 1 runs fresh under
-    torchrun, epoch 2 is a torchrun `--resume`, which every rank restores.
+    Global batch 32 (16 per rank) on the 437 training images of the shipped slice (a tenth
+    held out): 13 full steps and a short last batch of 21 (11 + 10 images, weighted). Epoch
+    1 runs fresh under torchrun, epoch 2 is a torchrun `--resume`, which every rank restores.
     """
     threads = torch.get_num_threads()
     cfg = TrainConfig(
@@ -252,6 +252,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, sample_data):
         epochs=2,
         batch_size=32,
         augment="none",
+        val_fraction=0.1,  # an odd training set: the last batch splits unevenly
         device="cpu",
         threads=1,  # as each torchrun process (OMP_NUM_THREADS=1)
     )
@@ -272,6 +273,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, sample_data):
             *("--data-path", str(SAMPLE_ARCHIVE), "--md5", SAMPLE_MD5),
             *model_args,
             *("--augment", "none", "--batch-size", "32", "--epochs", "1", "--device", "cpu"),
+            *("--val-fraction", "0.1"),
             *("--out", str(run), *common),
         ],
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from eanet.data.dataset import ImageData
@@ -20,12 +22,13 @@ def train_val_split(
 def split_validation(
     images: torch.Tensor, labels: torch.Tensor, fraction: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split off the last int(N * fraction) samples as validation, like Keras validation_split."""
+    """The first floor(N * (1 - fraction)) samples train, the rest validate, in order: Keras's
+    `validation_split` (`train_validation_split`), float rounding included."""
     if not 0.0 <= fraction < 1.0:  # also rejects NaN
         raise ConfigError(f"validation fraction must be in [0, 1), got {fraction}")
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    split = len(images) - int(len(images) * fraction)
+    split = math.floor(len(images) * (1.0 - fraction))
     return images[:split], labels[:split], images[split:], labels[split:]
 
 
