@@ -38,12 +38,21 @@ SHAPES = [
 
 def _pair(name: str, precision: str = "fp32", **overrides):
     """(plain, applied) copies of one freshly initialised model, depth 2."""
+    plain, fast, _ = _applied(name, precision, **overrides)
+    return plain, fast
+
+
+def _applied(name: str, precision: str = "fp32", change=None, **overrides):
+    """(plain, applied, report): copies of one freshly initialised model, depth 2, first
+    changed by `change(model)` where given (a user's edit of the model)."""
     torch.manual_seed(0)
     plain = create_model(name, depth=2, **overrides)
     plain.normalize.set_stats(*STATS)
+    if change is not None:
+        change(plain)
     fast = copy.deepcopy(plain)
-    accel.apply(fast, "cpu", precision)
-    return plain, fast
+    report = accel.apply(fast, "cpu", precision)
+    return plain, fast, report
 
 
 def _images(model, batch: int) -> torch.Tensor:
@@ -59,8 +68,15 @@ def _random_biases(model) -> None:
                 module.bias.normal_(0.0, 0.5)
 
 
-def _assert_same_function(plain, fast, x) -> None:
-    a, b = fast(x), plain(x)
+def _assert_same_function(plain, fast, x, seed: int | None = None) -> None:
+    """Outputs and gradients agree; `seed`: torch's seed before each forward pass (the
+    stochastic depth's draws, the only random numbers with the dropout rates at 0)."""
+    outs = []
+    for model in (fast, plain):
+        if seed is not None:
+            torch.manual_seed(seed)
+        outs.append(model(x))
+    a, b = outs
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     a.logsumexp(1).sum().backward()
     b.logsumexp(1).sum().backward()
@@ -83,6 +99,63 @@ def test_applied_model_computes_the_plain_function_in_training(name, batch, shap
     no_dropout = {"attn_drop": 0.0, "proj_drop": 0.0, "mlp_drop": 0.0}
     plain, fast = _pair(name, **shape, **no_dropout)
     _assert_same_function(plain.train(), fast.train(), _images(plain, batch))
+
+
+NO_DROPOUT = {"attn_drop": 0.0, "proj_drop": 0.0, "mlp_drop": 0.0}
+
+
+def _users_changes(model) -> None:
+    """A user's edit of the first block: the MLP's GELU swapped for SiLU, and the attention's
+    input projection (EANet's proj_in, ViT's q) replaced by one without a bias, the same
+    weight. Neither fits its faster class, which reads the GELU's `approximate` and that
+    bias."""
+    block = model.blocks[0]
+    block.mlp.act = torch.nn.SiLU()
+    name = "proj_in" if isinstance(block.attn, ExternalAttention) else "q"
+    old = getattr(block.attn, name)
+    new = torch.nn.Linear(old.in_features, old.out_features, bias=False)
+    with torch.no_grad():
+        new.weight.copy_(old.weight)
+    setattr(block.attn, name, new)
+
+
+ODD_OPTIONS = [
+    pytest.param({"gelu": "erf"}, None, id="erf-gelu"),  # the MLP's act runs as torch's GELU
+    pytest.param({}, _random_biases, id="odd-biases"),  # b_in left out, b_out split off
+    pytest.param({"drop_path": 0.3}, None, id="drop-path"),
+    pytest.param({"drop_path": 0.3}, _users_changes, id="users-block"),
+]
+
+
+@pytest.mark.parametrize("name", ["eanet-cifar", "vit-cifar"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize(("options", "change"), ODD_OPTIONS)
+def test_applied_model_computes_the_plain_function_with_odd_options(
+    name, precision, options, change
+):
+    """The erf GELU, non-zero biases everywhere, stochastic depth in training, and a user's
+    changed block: outputs and gradients of the plain function, in fp32 on the CPU, in eval
+    mode and in training mode under one seed (stochastic depth draws its per-sample keeps
+    from torch's generator in the same order both ways; the dropout rates are 0, since the
+    applied model draws its dropout masks from another generator, see internals.md). Applied
+    for bf16 the blocks are `FusedBlocks`, whose fp32 path is torch's ops: the same function
+    as `Block.forward`, which it writes out (this pins that write-out to the plain block)."""
+    plain, fast, report = _applied(name, precision, change, **options, **NO_DROPOUT)
+    x = _images(plain, 3)
+    _assert_same_function(plain.eval(), fast.eval(), x)
+    plain.zero_grad(), fast.zero_grad()
+    _assert_same_function(plain.train(), fast.train(), x, seed=7)
+    assert isinstance(fast.blocks, FusedBlocks) is (precision == "bf16")
+    if change is _users_changes:
+        attention = "FoldedExternalAttention" if name == "eanet-cifar" else "FastSelfAttention"
+        projection = "proj_in" if name == "eanet-cifar" else "q"
+        assert report.plain == {
+            "blocks.0.attn": f"{attention}: {projection} has no bias",
+            "blocks.0.mlp": "FastMlp: act is SiLU, not GELU",
+        }
+        assert type(fast.blocks[0].mlp) is Mlp and type(fast.blocks[1].mlp) is FastMlp
+    else:
+        assert report.plain == {}
 
 
 def test_dropout_in_training_takes_the_plain_rates():
@@ -197,16 +270,130 @@ def test_the_plain_model_runs_torchs_ops_and_the_applied_one_the_kernels():
     assert not {k for k in ops(plain) if k.startswith("eanet::")}
 
 
-def test_the_plain_model_reads_as_two_residual_lines():
-    """Block.forward is the reference's two residual lines and returns a tensor."""
-    import inspect
+class _LayerScaleBlock(Block):
+    """A user's block with its own forward (a layer scale on each branch)."""
 
-    body = inspect.getsource(Block.forward).splitlines()[1:]
-    assert [line.strip() for line in body] == [
-        "x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)",
-        "x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)",
-        "return x",
-    ]
+    def forward(self, x):
+        x = x + 0.5 * self.attn(self.norm1(x))
+        return x + 0.5 * self.mlp(self.norm2(x))
+
+
+def _set(path: str, make):
+    """A change of the model: the module at `path` (dotted) replaced by make(old)."""
+
+    def change(model):
+        *parents, last = path.split(".")
+        parent = model.get_submodule(".".join(parents))
+        setattr(parent, last, make(getattr(parent, last)))
+
+    return change
+
+
+def _hook_on(path: str):
+    def change(model):
+        model.get_submodule(path).register_forward_hook(lambda *a: None)
+
+    return change
+
+
+def _own_forward(model):
+    import types
+
+    mlp = model.blocks[0].mlp
+    mlp.forward = types.MethodType(Mlp.forward, mlp)  # a deep copy binds it to the copy
+
+
+def _layer_scale(model):
+    old = model.blocks[1]
+    new = _LayerScaleBlock(model.config, old.drop_path)
+    new.load_state_dict(old.state_dict())
+    model.blocks[1] = new
+
+
+class _MyMlp(Mlp):
+    """A user's subclass (its code may differ from the plain class's)."""
+
+
+UNSUPPORTED = [
+    (
+        _set("blocks.0.attn.attn_drop", lambda d: torch.nn.Identity()),
+        "blocks.0.attn",
+        "FoldedExternalAttention: attn_drop is Identity, not Dropout",
+    ),
+    (
+        _set("blocks.0.mlp.drop", lambda d: torch.nn.AlphaDropout(0.0)),
+        "blocks.0.mlp",
+        "FastMlp: drop is AlphaDropout, not Dropout",
+    ),
+    (
+        _set("blocks.0.mlp.fc2", lambda f: torch.nn.Linear(f.in_features, f.out_features, False)),
+        "blocks.0.mlp",
+        "FastMlp: fc2 has no bias",
+    ),
+    (_set("blocks.0.mlp.act", lambda a: torch.nn.GELU()), None, None),  # erf: supported
+    (
+        _set("blocks.0.mlp", lambda m: _MyMlp(_mlp_config())),
+        "blocks.0.mlp",
+        "FastMlp: _MyMlp is not the plain Mlp (its own code)",
+    ),
+    (_own_forward, "blocks.0.mlp", "FastMlp: forward set on the instance"),
+    (
+        _hook_on("blocks.0.attn.mk"),
+        "blocks.0.attn",
+        "FoldedExternalAttention: mk has hooks, which the fast path would skip",
+    ),
+    (
+        _set("blocks.1.norm2", lambda n: torch.nn.RMSNorm(n.normalized_shape)),
+        "blocks",
+        "FusedBlocks: block 1: norm2 is RMSNorm, not LayerNorm",
+    ),
+    (_layer_scale, "blocks", "FusedBlocks: block 1: _LayerScaleBlock has its own forward"),
+]
+
+
+def _mlp_config() -> ModelConfig:
+    """eanet-cifar's MLP sizes."""
+    return ModelConfig(dim=64, mlp_dim=64, **NO_DROPOUT)
+
+
+@pytest.mark.parametrize(("change", "path", "reason"), UNSUPPORTED)
+def test_apply_leaves_what_a_layer_does_not_support_plain_and_says_why(change, path, reason):
+    """Each faster class supports exactly the plain class with the children and attributes
+    its fast path reads (`FastLayer.unsupported`): another dropout, a linear layer without
+    the bias it reads, a subclass, a forward of the instance's own, a hook on a child the
+    fast path skips, another norm or a block with its own forward stay plain (the sequence
+    of blocks then runs block by block), reported with the reason; the model computes the
+    plain model's function (fp32 run of the bf16-applied model: torch's ops, exact)."""
+    plain, fast, report = _applied("eanet-cifar", "bf16", change, **NO_DROPOUT)
+    assert report.plain == ({} if path is None else {path: reason})
+    if path is not None:
+        assert "left plain: " + path in report.summary()
+        assert type(fast.get_submodule(path)) is type(plain.get_submodule(path))
+    assert report.to_dict()["plain"] == report.plain
+    _assert_same_function(plain.eval(), fast.eval(), _images(plain, 2))
+
+
+def test_fused_blocks_write_out_the_plain_block():
+    """FusedBlocks runs a sequence of blocks with `Block.forward` written out (norm1, attn,
+    drop_path, norm2, mlp, in that order); it takes exactly those children: plain LayerNorms,
+    any attention and MLP modules, and a numeric drop_path, in a block of the plain class.
+    (The function itself is pinned by the parity tests above, the bf16-applied model in
+    fp32, and by test_dropouts_drawn_inside_the_adds_are_the_layers_own.)"""
+    from eanet.accel.modules import FastLayer
+
+    model = create_model("eanet-cifar", depth=2)
+    assert issubclass(FusedBlocks, FastLayer) and FusedBlocks.supports(model.blocks)
+    block = model.blocks[0]
+    assert {n for n, _ in block.named_children()} == {"norm1", "attn", "norm2", "mlp"}
+    assert type(block.norm1) is type(block.norm2) is torch.nn.LayerNorm
+    assert isinstance(block.drop_path, float)
+    for fast in (FoldedExternalAttention, FastMlp):
+        assert fast.supports(getattr(block, "attn" if fast is FoldedExternalAttention else "mlp"))
+    block.drop_path = torch.tensor(0.1)
+    assert FusedBlocks.unsupported(model.blocks).startswith("block 0: drop_path=tensor(")
+    assert FusedBlocks.unsupported(torch.nn.Sequential()) == "no blocks"
+    mixed = torch.nn.Sequential(model.blocks[1], torch.nn.Identity())
+    assert FusedBlocks.unsupported(mixed) == "block 1: Identity is not a Block"
 
 
 def test_folded_memories_are_cached_for_inference_until_the_weights_change():

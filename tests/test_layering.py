@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "eanet"
 
 # Along the data flow, lowest first; the first dotted part below `eanet` names the layer.
 LAYERS: list[set[str]] = [
-    {"choices", "errors", "fileio", "locks", "options", "runtime"},  # foundations
+    {"choices", "compat", "errors", "fileio", "locks", "options", "runtime"},  # foundations
     {"models", "data"},  # the model; archives/folders -> uint8 tensors -> augmentation
     {"nn"},  # external attention for the user's own models; swap_attention
     {"accel"},  # the model's speed: faster layers swapped in, native kernels

@@ -26,6 +26,12 @@ model's, and `restore` changes the class back. Each computes the plain layer's f
   made themselves, and in training with the branch's last dropout (the projection's, the
   MLP's) inside that pass each way (`branch` gives a layer's output before it).
 
+Each class states what it supports (`FastLayer`: `unsupported(module)` gives the reason a
+module must stay plain, `supports(module)` the yes or no): the exact plain class, and the
+children and attributes its fast path reads in place of calling them (a MLP's GELU and its
+`approximate`, the linear layers and the biases folded or split off, `nn.Dropout`'s `p`,
+a block's LayerNorms). `apply` swaps only what is supported and reports the rest.
+
 On the CPU the dropout masks are drawn differently from `nn.Dropout` (a counter-based
 generator, `fused.masked`): each run is deterministic under its seed, but the plain and
 the applied model draw different masks from the same seed.
@@ -48,13 +54,87 @@ from eanet.accel.fused import (
     softmax_last_into,
     with_bias,
 )
-from eanet.accel.upstream import has_forward_hooks
+from eanet.accel.upstream import has_forward_hooks, has_hooks
 from eanet.models.layers import Block, ExternalAttention, Mlp, SelfAttention, drop_path
 from eanet.runtime import cpu_info
 
 CHUNK_BYTES = 1 << 21  # attention weights (logits) of one chunk of images: about 2 MB
 # (out, p, bias): a block's branch is masked(out + bias, p), bias None meaning none
 Branch = tuple[torch.Tensor, float, torch.Tensor | None]
+
+
+class FastLayer:
+    """The contract of a faster class with `apply`: which modules it computes the function of.
+
+    A faster class subclasses one plain class (`plain_class`) and reads some of a module's
+    children and attributes instead of calling them (folded weights, split-off biases, a dropout's
+    `p`); `unsupported` checks exactly those, so that a module a user changed (another
+    activation, a linear layer without its bias, a subclass with its own forward, a hook on
+    a child the fast path skips) stays plain instead of computing something else.
+    """
+
+    plain_class: type[nn.Module]  # the plain class this one stands in for
+
+    @classmethod
+    def unsupported(cls, module: nn.Module) -> str | None:
+        """Why `module` must stay plain (the first reason found); None where it is supported."""
+        plain = cls.plain_class
+        if type(module) is not plain:
+            return f"{type(module).__name__} is not the plain {plain.__name__} (its own code)"
+        own = sorted(n for n in vars(module) if callable(getattr(plain, n, None)))
+        if own:
+            return f"{', '.join(own)} set on the instance"
+        return cls.unsupported_parts(module)
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        """Whether this class computes `module`'s function (`unsupported` gives the reason)."""
+        return cls.unsupported(module) is None
+
+    @classmethod
+    def unsupported_parts(cls, module: nn.Module) -> str | None:
+        """The class's own checks of the children and attributes its fast path reads."""
+        raise NotImplementedError
+
+
+def _exactly(module: nn.Module, name: str, kind: type[nn.Module]) -> str | None:
+    """None where `module.<name>` is exactly a `kind` without hooks (the fast paths read
+    its attributes instead of calling it, so a subclass or a hook would be skipped)."""
+    child = getattr(module, name, None)
+    if type(child) is not kind:
+        return f"{name} is {type(child).__name__}, not {kind.__name__}"
+    if has_hooks(child):
+        return f"{name} has hooks, which the fast path would skip"
+    return None
+
+
+def _linear(
+    module: nn.Module, name: str, sizes: tuple[int, int] | None = None, bias: bool = False
+) -> str | None:
+    """None where `module.<name>` is a plain nn.Linear mapping sizes (in, out) where given,
+    with a bias where `bias` (the fast path reads it)."""
+    if reason := _exactly(module, name, nn.Linear):
+        return reason
+    linear = getattr(module, name)
+    shape = tuple(linear.weight.shape[::-1])
+    if sizes is not None and shape != sizes:
+        return f"{name} maps {shape[0]} -> {shape[1]}, not {sizes[0]} -> {sizes[1]}"
+    if bias and linear.bias is None:
+        return f"{name} has no bias"
+    return None
+
+
+def _sizes(module: nn.Module, *names: str) -> str | None:
+    """None where each of `module`'s `names` is a positive int (the views' axis sizes)."""
+    for name in names:
+        value = getattr(module, name, None)
+        if type(value) is not int or value < 1:
+            return f"{name}={value!r} is not a positive int"
+    return None
+
+
+def _first(*reasons: str | None) -> str | None:
+    return next((r for r in reasons if r is not None), None)
 
 
 def cached_fold(module: nn.Module, fold) -> tuple[torch.Tensor, ...]:
@@ -112,8 +192,30 @@ def torch_dropout(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
-class FoldedExternalAttention(ExternalAttention):
+class FoldedExternalAttention(ExternalAttention, FastLayer):
     """External attention with M_k and M_v folded into the projections (same function)."""
+
+    plain_class = ExternalAttention
+
+    @classmethod
+    def unsupported_parts(cls, module: nn.Module) -> str | None:
+        """The four linear layers (folded, so never called; proj_in's and proj's biases
+        read), both dropouts' `p`, and the head and memory sizes of the views."""
+        if reason := _sizes(module, "heads", "head_dim", "memory", "inner"):
+            return reason
+        h, d, S, inner = module.heads, module.head_dim, module.memory, module.inner
+        if h * d != inner:
+            return f"heads * head_dim = {h * d}, not inner = {inner}"
+        dim = getattr(getattr(module, "proj_in", None), "in_features", None)
+        out = getattr(getattr(module, "proj", None), "out_features", None)
+        return _first(
+            _linear(module, "proj_in", (dim, inner), bias=True),
+            _linear(module, "mk", (d, S)),
+            _linear(module, "mv", (S, d)),
+            _linear(module, "proj", (inner, out), bias=True),
+            _exactly(module, "attn_drop", nn.Dropout),
+            _exactly(module, "proj_drop", nn.Dropout),
+        )
 
     def folded_weights(self) -> tuple[torch.Tensor, ...]:
         """(w_in, b_in, w_out, b_out): proj_in then M_k, and M_v then proj, as single linears."""
@@ -231,10 +333,27 @@ def external_attention_in_chunks(x, heads, memory, w_in, w_out, b_out=None) -> t
     return out.view(B, N, -1)
 
 
-class FastSelfAttention(SelfAttention):
+class FastSelfAttention(SelfAttention, FastLayer):
     """Self-attention with q, k, v as one linear (the 1/sqrt(key_dim) scale folded into q's
     weights), by torch's fused kernel, with cheap dropout masks in CPU training, or in
     chunks of images in CPU bf16 inference where the CPU has no AMX (`chunked_attention`)."""
+
+    plain_class = SelfAttention
+
+    @classmethod
+    def unsupported_parts(cls, module: nn.Module) -> str | None:
+        """q, k, v (stacked into one linear, biases included), proj (its weight and bias
+        read), the dropout's `p`, and the head sizes of the views."""
+        if reason := _sizes(module, "heads", "key_dim"):
+            return reason
+        inner = module.heads * module.key_dim
+        dim = getattr(getattr(module, "q", None), "in_features", None)
+        out = getattr(getattr(module, "proj", None), "out_features", None)
+        return _first(
+            *(_linear(module, name, (dim, inner), bias=True) for name in ("q", "k", "v")),
+            _linear(module, "proj", (inner, out)),
+            _exactly(module, "attn_drop", nn.Dropout),
+        )
 
     def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, bias) of the q (scaled), k and v projections stacked: (3*h*kd, dim)."""
@@ -297,9 +416,29 @@ def attention_in_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     return out
 
 
-class FastMlp(Mlp):
+class FastMlp(Mlp, FastLayer):
     """The MLP with the GELU kernel (its dropout inside) and cheap dropout masks (CPU);
     torch's ops on CUDA."""
+
+    plain_class = Mlp
+
+    @classmethod
+    def unsupported_parts(cls, module: nn.Module) -> str | None:
+        """fc1 (its weight and bias read in inference), the GELU (its `approximate` read:
+        the tanh one runs as a kernel), fc2 (its weight and bias read, rescaled) and the
+        dropout's `p`."""
+        hidden = getattr(getattr(module, "fc1", None), "out_features", None)
+        out = getattr(getattr(module, "fc2", None), "out_features", None)
+        if reason := _first(
+            _linear(module, "fc1"),
+            _exactly(module, "act", nn.GELU),
+            _linear(module, "fc2", (hidden, out), bias=True),
+            _exactly(module, "drop", nn.Dropout),
+        ):
+            return reason
+        if module.act.approximate not in ("tanh", "none"):
+            return f"act.approximate={module.act.approximate!r} is neither 'tanh' nor 'none'"
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, p, _ = self.branch(x, split_bias=False)
@@ -323,13 +462,28 @@ class FastMlp(Mlp):
         return out, p, bias
 
 
-class FusedBlocks(nn.Sequential):
+class FusedBlocks(nn.Sequential, FastLayer):
     """The blocks in sequence, each block's last residual add run inside the next LayerNorm,
     and each branch's last dropout inside the residual add that follows it.
 
     Where a block carries hooks (a user watching its input or output), the blocks run one
     by one as plain modules, so the hooks see what they would see in the plain model.
     """
+
+    plain_class = nn.Sequential
+
+    @classmethod
+    def unsupported_parts(cls, module: nn.Module) -> str | None:
+        """Every element a `Block` computing `Block.forward` (which `_block_parts` writes out:
+        x + drop_path(attn(norm1(x))), then the same with mlp and norm2), with plain
+        LayerNorms (their weight, bias and eps read by the kernels), a numeric `drop_path`,
+        and its attention and MLP modules (any: a plain one is called)."""
+        if len(module) == 0:
+            return "no blocks"
+        for i, block in enumerate(module):
+            if reason := _block_unsupported(block):
+                return f"block {i}: {reason}"
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if empty(x) or any(has_forward_hooks(block) for block in self):
@@ -341,6 +495,19 @@ class FusedBlocks(nn.Sequential):
             return x
         out, p, bias = pending
         return x + masked(with_bias(out, bias), p)
+
+
+def _block_unsupported(block: nn.Module) -> str | None:
+    """Why `FusedBlocks` cannot write out `block`'s forward (None where it can)."""
+    if not isinstance(block, Block):
+        return f"{type(block).__name__} is not a Block"
+    if type(block).forward is not Block.forward or "forward" in vars(block):
+        return f"{type(block).__name__} has its own forward"
+    if type(block.drop_path) not in (int, float):
+        return f"drop_path={block.drop_path!r} is not a number"
+    if not all(isinstance(getattr(block, n, None), nn.Module) for n in ("attn", "mlp")):
+        return "attn or mlp is not a module"
+    return _first(_exactly(block, "norm1", nn.LayerNorm), _exactly(block, "norm2", nn.LayerNorm))
 
 
 def _block_parts(
@@ -355,12 +522,16 @@ def _block_parts(
 
 
 def _branch(block: Block, module: nn.Module, h: torch.Tensor) -> Branch:
-    """(out, p) of `module` (the block's attention or MLP) on h, stochastic depth applied
-    (it commutes with the dropout: each multiplies elementwise by its own draws); a module
-    with hooks is called, so that they see its whole output."""
+    """(out, p, bias) of `module` (the block's attention or MLP) on h, stochastic depth
+    applied (it commutes with the dropout: each multiplies elementwise by its own draws); a
+    module with hooks is called, so that they see its whole output. Where stochastic depth
+    draws (training, drop_path > 0) it scales the whole branch, its last bias too, so the
+    bias stays in the linear layer (split off, it had been added unscaled: another function
+    and another bias gradient than the plain block's)."""
     split = isinstance(module, FoldedExternalAttention | FastMlp)
     if split and not has_forward_hooks(module):
-        out, p, bias = module.branch(h)
+        depth = block.training and block.drop_path != 0.0
+        out, p, bias = module.branch(h, split_bias=not depth)
     else:
         out, p, bias = module(h), 0.0, None
     return drop_path(out, block.drop_path, block.training), p, bias

@@ -1,8 +1,9 @@
 """The private upstream interfaces the accel layer relies on, each in one place with its reason.
 
-Nothing else in eanet touches a private name of torch or of the operating system; if one
-of these changes upstream, this file is the one to mend (the tests of `eanet.accel` fail
-on it first).
+Nothing else in eanet touches a private name of torch or of the operating system but
+`eanet.compat` (the training and data code's two, each with a public fallback;
+tests/test_upstream.py scans the package for any other); if one of these changes
+upstream, this file is the one to mend (the tests of `eanet.accel` fail on it first).
 """
 
 from __future__ import annotations
@@ -44,3 +45,13 @@ def has_forward_hooks(module: nn.Module) -> bool:
     hooks on a block; torch has no public way to ask whether a module has any.
     """
     return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether `module` has hooks of its own: forward, forward pre, backward or backward pre.
+
+    Why: the faster layers read some children's weights instead of calling them (a folded
+    linear layer, a LayerNorm run by a kernel), which would skip a user's hooks on them;
+    `accel.apply` leaves such a module plain. torch has no public way to ask.
+    """
+    return has_forward_hooks(module) or bool(module._backward_hooks or module._backward_pre_hooks)

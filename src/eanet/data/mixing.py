@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from eanet.compat import standard_gamma
+
 
 @dataclass(frozen=True)
 class MixConfig:
@@ -34,7 +36,7 @@ class MixConfig:
 
 def _beta(alpha: float, device: torch.device) -> Tensor:
     a = torch.tensor([alpha, alpha], device=device, dtype=torch.float32)
-    g = torch._standard_gamma(a)  # Beta(a, a) = G1 / (G1 + G2) with G1, G2 ~ Gamma(a)
+    g = standard_gamma(a)  # Beta(a, a) = G1 / (G1 + G2) with G1, G2 ~ Gamma(a)
     return g[:1] / g.sum()
 
 

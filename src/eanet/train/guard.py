@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import torch
 
 from eanet.choices import ON_NONFINITE
+from eanet.compat import max_abs_each
 from eanet.errors import EANetError
 from eanet.train.distributed import launched_by_torchrun
 
@@ -107,7 +108,7 @@ def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     if not tensors:
         return torch.tensor(True)
     # max |x| per tensor (fused on GPUs): NaN or inf iff the tensor holds one; no overflow
-    norms = torch._foreach_norm(tensors, ord=float("inf"))
+    norms = max_abs_each(tensors)
     return torch.isfinite(torch.stack([n.float() for n in norms]).max())
 
 
