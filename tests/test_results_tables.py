@@ -1,0 +1,155 @@
+"""The results tables of README.md and docs/speed.md are what the committed JSON gives.
+
+`tools/results_tables.py --check` fails when a page's tables differ from the runs under
+benchmarks/results/cpu/; the renderer is checked on a tiny run of its own: the latest run of
+a class wins, variant files are skipped, a class without runs is left out, and a missing
+bf16 run says so.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "tools" / "results_tables.py"
+
+
+@pytest.fixture(scope="module")
+def tables():
+    spec = importlib.util.spec_from_file_location("results_tables", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_the_pages_tables_match_the_committed_json():
+    run = subprocess.run(
+        [sys.executable, str(TOOL), "--check"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert run.returncode == 0, run.stderr
+
+
+def test_both_pages_carry_the_speed_table(tables):
+    for page in tables.PAGES:
+        assert "speed-table" in tables.table_names((ROOT / page).read_text("utf-8")), page
+
+
+def _row(model: str, precision: str | None, train: float, infer: float, steps: int = 5) -> dict:
+    run = {"steps": steps, "warmup": 2, "batch_size": 128}
+    row = {
+        "model": model,
+        "eanet_train_img_s": 100.0 * train,
+        "eanet_infer_img_s": 300.0 * infer,
+        "keras_train_img_s": 100.0,
+        "keras_infer_img_s": 300.0,
+        "train_ratio": train,
+        "infer_ratio": infer,
+        "matmul_peak_gflops": 150.0,
+        "eanet_train_fraction_of_peak": 0.5,
+        "eanet_infer_fraction_of_peak": 0.6,
+        "environment": {"cpu_model": "Test(R) CPU(TM) Processor", "cpu_count": 2},
+        "runs": {"eanet": [run, run], "keras": [run, run]},
+    }
+    if precision:  # runs from before --precisions have no precision field: fp32
+        row |= {"precision": precision, "asked_precision": precision, "compile": False}
+    return row
+
+
+def _write(folder: Path, name: str, rows: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(json.dumps(rows))
+
+
+@pytest.fixture
+def results(tmp_path) -> Path:
+    cpu = tmp_path / "cpu"
+    _write(cpu / "avx2", "20260101-000000-reference.json", [_row("eanet", None, 4.0, 3.0)])
+    _write(cpu / "amx-bf16", "20260102-000000-reference.json", [_row("eanet", "fp32", 1.0, 1.0)])
+    newer = [_row("eanet", "fp32", 2.5, 2.25), _row("eanet", "bf16", 5.0, 4.5)]
+    newer.append(_row("eanet", "bf16", 9.0, 9.0) | {"compile": True})  # not the eager row
+    _write(cpu / "amx-bf16", "20260103-120000-reference.json", newer)
+    # a run on the code before a change, kept for the record: never the latest result
+    bad = [_row("eanet", "fp32", 0.1, 0.1), _row("eanet", "bf16", 0.1, 0.1)]
+    _write(cpu / "amx-bf16", "20260104-000000-reference-before-change.json", bad)
+    return tmp_path
+
+
+def test_the_latest_run_per_class_and_only_classes_that_ran(tables, results, tmp_path):
+    table = tables.speed_table(tables.load_runs(results), tmp_path)
+    lines = table.splitlines()
+    assert len(lines) == 2 + 2  # header, rule, one row per class that has a run
+    avx2, amx = lines[2], lines[3]
+    assert avx2.startswith("| Test CPU, AVX2 only, 2 cores | [2026-01-01](cpu/avx2/")
+    args = "--rounds 2 --steps 5 --warmup 2 --precisions fp32 --models eanet"
+    assert f"`compare_reference.py {args}`" in avx2
+    assert "| EANet | 4.00x, 3.00x | not run (bf16 is emulated there" in avx2
+    assert "| Test CPU, AMX (avx512_bf16, amx_bf16), 2 cores | [2026-01-03](" in amx
+    assert "20260103-120000-reference.json" in amx
+    assert amx.endswith("| EANet | 2.50x, 2.25x | 5.00x, 4.50x |")
+    assert "--precisions fp32 bf16 --models eanet --compiled" in amx
+    # classes without a run (avx512, avx512-bf16) and models without one (ViT) are left out
+    assert "AVX-512" not in table and "ViT" not in table and "0.10x" not in table
+
+
+def test_a_class_with_native_bf16_but_no_bf16_run_says_not_run(tables, tmp_path):
+    cpu = tmp_path / "cpu"
+    _write(cpu / "avx512-bf16", "20260101-000000-reference.json", [_row("vit", "fp32", 1, 1)])
+    (row,) = tables.speed_table(tables.load_runs(tmp_path), tmp_path).splitlines()[2:]
+    assert row.endswith("| ViT | 1.00x, 1.00x | not run |")
+    assert "--models vit" in row
+
+
+def test_no_runs_no_rows(tables, tmp_path):
+    assert tables.speed_table({}, tmp_path).count("\n") == 2
+    assert tables.speed_rates({}, tmp_path).count("\n") == 2
+    assert tables.serve_table({}, tmp_path).count("\n") == 2
+
+
+def test_pages_are_rewritten_between_their_markers_and_checked(tables, results, tmp_path):
+    page = tmp_path / "page.md"
+    begin, end = "<!-- results:speed-table begin -->", "<!-- results:speed-table end -->"
+    text = f"before\n{begin}\nstale\n{end}\nafter\n"
+    page.write_text(text)
+    argv = ["--results", str(results), str(page)]
+    assert tables.main(["--check", *argv]) == 1
+    assert page.read_text() == text  # --check changes nothing
+    assert tables.main(argv) == 0
+    new = page.read_text()
+    assert new.startswith("before\n<!-- results:speed-table begin -->\n| CPU class |")
+    assert new.endswith("|\n<!-- results:speed-table end -->\nafter\n") and "stale" not in new
+    assert tables.main(["--check", *argv]) == 0
+
+
+def test_an_unknown_table_name_is_an_error(tables, tmp_path):
+    text = "<!-- results:nope begin -->\n<!-- results:nope end -->\n"
+    with pytest.raises(ValueError, match="nope"):
+        tables.render_page(text, tmp_path, tmp_path)
+
+
+def test_the_serving_table_names_each_class_once_and_what_auto_chose(tables, tmp_path):
+    settings = {"precisions": ["fp32", "auto"], "requests": 300, "concurrency": 8}
+    rows = [
+        {"requested_precision": "fp32", "precision": "fp32", "max_batch": 64},
+        {"requested_precision": "auto", "precision": "bf16", "max_batch": 64}
+        | {"bf16_from_images": 2},
+        {"requested_precision": "auto", "precision": "fp32", "max_batch": 1},
+    ]
+    for row in rows:
+        row |= {"requests_per_s": 200.0, "p99_ms": 40.0, "images_per_pass": 6.0}
+    env = {"cpu_model": "Test CPU", "cpu_count": 2}
+    result = {"settings": settings, "rows": rows, "environment": env, "date": "2026-01-02 10:00"}
+    _write(tmp_path / "serve" / "amx-bf16", "serve_load.json", result)
+    table = tables.serve_table(tables.load_serving(tmp_path), tmp_path).splitlines()
+    assert len(table) == 2 + 3 and "Test CPU, AMX" in table[2] and "Test CPU" not in table[3]
+    assert "[2026-01-02](serve/amx-bf16/serve_load.json)" in table[2]
+    assert "`serve_load.py --precisions fp32 auto --requests 300 --concurrency 8`" in table[2]
+    assert "| auto (bf16 from 2 images, fp32 below) | 64 | 200.0 | 40.0 | 6.0 |" in table[3]
+    assert "| auto (fp32) | 1 |" in table[4]

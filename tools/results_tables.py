@@ -1,0 +1,306 @@
+"""The results tables of README.md and docs/speed.md, rendered from the committed JSON.
+
+Each table sits between two marker comments in a page:
+
+    <!-- results:speed-table begin -->
+    ...
+    <!-- results:speed-table end -->
+
+and is made from the side-by-side runs against the Keras example that
+`benchmarks/compare_reference.py` writes to
+benchmarks/results/cpu/<CPU class>/<stamp>-reference.json: per CPU class, each model's
+latest run. Variants whose name says what they were run against
+(`<stamp>-reference-before-<change>.json`) are not results of the current code and are
+skipped; a class with no run is left out, never filled in.
+
+    python tools/results_tables.py           # rewrite the tables in README.md and docs/speed.md
+    python tools/results_tables.py --check   # exit 1 if a page's tables differ from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PAGES = ("README.md", "docs/speed.md")
+
+# compare_reference.machine_class's folders, in this order in the tables.
+CLASSES = {
+    "avx2": "AVX2 only",
+    "avx512": "AVX-512, no avx512_bf16",
+    "avx512-bf16": "AVX-512 with avx512_bf16, no AMX",
+    "amx-bf16": "AMX (avx512_bf16, amx_bf16)",
+}
+NATIVE_BF16 = {"avx512-bf16", "amx-bf16"}
+MODELS = {"eanet": "EANet", "vit": "ViT"}
+PRECISIONS = ("fp32", "bf16", "auto")
+DEFAULT_BATCH = 128  # compare_reference.py's --batch-size default
+
+RUN_FILE = re.compile(r"^(?P<date>\d{8})-(?P<time>\d{6})-reference\.json$")
+MARKERS = re.compile(
+    r"(?P<begin><!-- results:(?P<name>[\w-]+) begin -->\n)(?P<body>.*?)"
+    r"(?P<end><!-- results:(?P=name) end -->)",
+    re.S,
+)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One compare_reference.py run: its file and its rows (one per model and precision)."""
+
+    path: Path
+    rows: list[dict]
+
+    @property
+    def stamp(self) -> str:
+        return self.path.name[: len("YYYYmmdd-HHMMSS")]
+
+    @property
+    def date(self) -> str:
+        s = self.stamp
+        return f"{s[:4]}-{s[4:6]}-{s[6:8]}"
+
+
+@dataclass(frozen=True)
+class Latest:
+    """A model's rows from the latest run of a class that timed it (eager rows only)."""
+
+    cpu_class: str
+    model: str
+    run: Run
+    by_precision: dict[str, dict]
+
+
+def load_runs(results: Path) -> dict[str, list[Run]]:
+    """Every run under results/cpu/ per known CPU class, oldest first; variants skipped."""
+    runs: dict[str, list[Run]] = {}
+    for cpu_class in CLASSES:
+        folder = results / "cpu" / cpu_class
+        files = sorted(p for p in folder.glob("*.json") if RUN_FILE.match(p.name))
+        loaded = [Run(p, json.loads(p.read_text(encoding="utf-8"))) for p in files]
+        if loaded:
+            runs[cpu_class] = loaded
+    return runs
+
+
+def precision(row: dict) -> str:
+    """The row's precision (runs from before the --precisions option are fp32)."""
+    return row.get("precision", "fp32")
+
+
+def latest(runs: dict[str, list[Run]]) -> list[Latest]:
+    """Per class and model, the rows of the latest run that has that model."""
+    found = []
+    for cpu_class, class_runs in runs.items():
+        for model in MODELS:
+            for run in reversed(class_runs):
+                rows = [r for r in run.rows if r["model"] == model and not r.get("compile")]
+                if rows:
+                    found.append(Latest(cpu_class, model, run, {precision(r): r for r in rows}))
+                    break
+    return found
+
+
+def command(run: Run) -> str:
+    """The compare_reference.py arguments that reproduce the run (Keras's interpreter aside)."""
+    first = run.rows[0]["runs"]["eanet"]
+    args = [f"--rounds {len(first)}"] if len(first) != 1 else []
+    args += [f"--steps {first[0]['steps']}", f"--warmup {first[0]['warmup']}"]
+    if first[0]["batch_size"] != DEFAULT_BATCH:
+        args.append(f"--batch-size {first[0]['batch_size']}")
+    asked = {r.get("asked_precision", precision(r)) for r in run.rows}
+    args.append("--precisions " + " ".join(p for p in PRECISIONS if p in asked))
+    models = [m for m in MODELS if any(r["model"] == m for r in run.rows)]
+    if len(models) != len(MODELS):
+        args.append("--models " + " ".join(models))
+    if any(r.get("compile") for r in run.rows):
+        args.append("--compiled")
+    return "compare_reference.py " + " ".join(args)
+
+
+def class_label(cpu_class: str, row: dict) -> str:
+    """'AMD EPYC, AVX2 only, 2 cores': the CPU's name as it gives it, its class, its cores."""
+    env = row["environment"]
+    name = re.sub(r"\((R|TM)\)", "", env.get("cpu_model") or env.get("processor", "CPU"))
+    name = " ".join(name.removesuffix(" Processor").split())
+    return f"{name}, {CLASSES[cpu_class]}, {env['cpu_count']} cores"
+
+
+def link(path: Path, page_dir: Path) -> str:
+    return Path(os.path.relpath(path, page_dir)).as_posix()
+
+
+def _ratios(row: dict | None) -> str:
+    return f"{row['train_ratio']:.2f}x, {row['infer_ratio']:.2f}x" if row else ""
+
+
+def speed_table(runs: dict[str, list[Run]], page_dir: Path) -> str:
+    """eanet's speed as a multiple of the Keras example's fp32, per CPU class and model."""
+    lines = [
+        "| CPU class | date, command | model | fp32 / Keras: train, inference "
+        "| bf16 / Keras: train, inference |",
+        "|---|---|---|---|---|",
+    ]
+    shown_class, shown_run = None, None
+    for item in latest(runs):
+        fp32, bf16 = item.by_precision.get("fp32"), item.by_precision.get("bf16")
+        if bf16 is None:
+            bf16_cell = "not run"
+            if item.cpu_class not in NATIVE_BF16:
+                bf16_cell += " (bf16 is emulated there; `auto` picks fp32)"
+        else:
+            bf16_cell = _ratios(bf16)
+        any_row = fp32 or bf16
+        cls = class_label(item.cpu_class, any_row) if item.cpu_class != shown_class else ""
+        when = ""
+        if item.run is not shown_run or cls:
+            when = f"[{item.run.date}]({link(item.run.path, page_dir)}), `{command(item.run)}`"
+        lines.append(f"| {cls} | {when} | {MODELS[item.model]} | {_ratios(fp32)} | {bf16_cell} |")
+        shown_class, shown_run = item.cpu_class, item.run
+    return "\n".join(lines) + "\n"
+
+
+def speed_rates(runs: dict[str, list[Run]], page_dir: Path) -> str:
+    """The images per second behind the ratios, and eanet's share of the matmul peak."""
+    lines = [
+        "| CPU class | model | precision | training step: eanet / Keras fp32 img/s "
+        "| inference: eanet / Keras fp32 img/s | share of the matmul peak: train, inference |",
+        "|---|---|---|---|---|---|",
+    ]
+    shown_class = None
+    for item in latest(runs):
+        for name in PRECISIONS:
+            row = item.by_precision.get(name)
+            if row is None:
+                continue
+            cls = "" if item.cpu_class == shown_class else class_label(item.cpu_class, row)
+            shown_class = item.cpu_class
+            peak = row.get("matmul_peak_bf16_gflops") if name == "bf16" else None
+            peak = peak or row["matmul_peak_gflops"]
+            lines.append(
+                f"| {cls} | {MODELS[item.model]} | {name} "
+                f"| {row['eanet_train_img_s']:.1f} / {row['keras_train_img_s']:.1f} "
+                f"| {row['eanet_infer_img_s']:.1f} / {row['keras_infer_img_s']:.1f} "
+                f"| {row['eanet_train_fraction_of_peak']:.0%}, "
+                f"{row['eanet_infer_fraction_of_peak']:.0%} of {peak:.0f} GFLOP/s |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def load_serving(results: Path) -> dict[str, tuple[Path, dict]]:
+    """Per known CPU class, the serve_load.py result under results/serve/<class>/."""
+    found = {}
+    for cpu_class in CLASSES:
+        path = results / "serve" / cpu_class / "serve_load.json"
+        if path.is_file():
+            found[cpu_class] = (path, json.loads(path.read_text(encoding="utf-8")))
+    return found
+
+
+def serve_command(settings: dict) -> str:
+    """The serve_load.py arguments of a result (its --out aside)."""
+    args = [f"--precisions {' '.join(settings['precisions'])}"]
+    args += [f"--requests {settings['requests']}", f"--concurrency {settings['concurrency']}"]
+    if settings.get("images_per_request", 1) != 1:
+        args.append(f"--images-per-request {settings['images_per_request']}")
+    if settings.get("compiled"):
+        args.append("--compiled")
+    return "serve_load.py " + " ".join(args)
+
+
+def _served_precision(row: dict) -> str:
+    name = row["requested_precision"]
+    if name == "auto":
+        n = row.get("bf16_from_images")
+        name += f" (bf16 from {n} images, fp32 below)" if n else f" ({row['precision']})"
+    return name + (" + compile" if row.get("compiled") else "")
+
+
+def serve_table(serving: dict[str, tuple[Path, dict]], page_dir: Path) -> str:
+    """`eanet serve` under load: requests/s and p99 per precision, with and without batching."""
+    lines = [
+        "| CPU class | date, command | --precision | --max-batch | requests/s | p99 ms "
+        "| images/pass |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for cpu_class, (path, result) in serving.items():
+        for i, row in enumerate(result["rows"]):
+            cls = when = ""
+            if i == 0:
+                cls = class_label(cpu_class, result)
+                date = result["date"][:10]
+                when = f"[{date}]({link(path, page_dir)}), `{serve_command(result['settings'])}`"
+            lines.append(
+                f"| {cls} | {when} | {_served_precision(row)} | {row['max_batch']} "
+                f"| {row['requests_per_s']:.1f} | {row['p99_ms']:.1f} "
+                f"| {row['images_per_pass']:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+TABLES: dict[str, Callable[[Path, Path], str]] = {
+    "speed-table": lambda results, page_dir: speed_table(load_runs(results), page_dir),
+    "speed-rates": lambda results, page_dir: speed_rates(load_runs(results), page_dir),
+    "serve-table": lambda results, page_dir: serve_table(load_serving(results), page_dir),
+}
+
+
+def render_page(text: str, results: Path, page_dir: Path) -> str:
+    """The page with every marked table replaced by what the results under `results` give."""
+
+    def replace(match: re.Match) -> str:
+        name = match["name"]
+        if name not in TABLES:
+            raise ValueError(f"unknown results table {name!r} (known: {', '.join(TABLES)})")
+        return match["begin"] + TABLES[name](results, page_dir) + match["end"]
+
+    return MARKERS.sub(replace, text)
+
+
+def table_names(text: str) -> list[str]:
+    return [m["name"] for m in MARKERS.finditer(text)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--check", action="store_true", help="change nothing; exit 1 if a table is out of date"
+    )
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, help="the folder holding cpu/ and serve/"
+    )
+    parser.add_argument(
+        "pages", nargs="*", type=Path, default=[ROOT / p for p in PAGES], help="pages to render"
+    )
+    args = parser.parse_args(argv)
+    stale = []
+    for page in args.pages:
+        text = page.read_text(encoding="utf-8")
+        new = render_page(text, args.results, page.resolve().parent)
+        if new == text:
+            continue
+        stale.append(page)
+        if not args.check:
+            page.write_text(new, encoding="utf-8")
+            print(f"updated {page}")
+    if args.check and stale:
+        for page in stale:
+            print(
+                f"{page}: its results tables differ from {args.results} "
+                "(run python tools/results_tables.py)",
+                file=sys.stderr,
+            )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
