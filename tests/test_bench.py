@@ -91,6 +91,28 @@ def test_scaling_cli_writes_table_and_plot(tmp_path, capsys):
     assert "| 64 | 16x16 | vit-cifar |" in (tmp_path / "scaling.md").read_text()
 
 
+def test_scaling_writes_nothing_without_out(tmp_path, monkeypatch, capsys):
+    import eanet.bench
+
+    row = {"tokens": 16, "image_size": 8, "model": "eanet-cifar", "infer_ms_per_image": 1.0}
+    row |= {"train_ms_per_image": 2.0, "activation_mb_per_image": 0.5}
+    row |= {"forward_gmacs_per_image": 0.001}
+    monkeypatch.setattr(eanet.bench, "scaling", lambda sizes, **kw: [row])
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--scaling", "--sizes", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "| 16 | 8x8 | eanet-cifar |" in out and "not written: --out DIR" in out
+    assert list(tmp_path.iterdir()) == []  # no benchmarks/results/ where it happened to run
+    assert "--out" in _bench_help() and "write nothing, print the table" in _bench_help()
+
+
+def _bench_help() -> str:
+    from eanet.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return " ".join(sub.choices["bench"].format_help().split())
+
+
 def test_bad_bench_options():
     from eanet.errors import ConfigError
 

@@ -165,6 +165,7 @@ def test_models_lists_the_registry(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "eanet-cifar" in out and "361,380" in out and "623,268" in out
+    assert out.count("361,380") == 1 and out.count("623,268") == 1  # said once, not twice
 
 
 def test_train_evaluate_resume_end_to_end(tmp_path, capsys):
@@ -202,7 +203,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
     [
         (["train", "--data-path", "/nonexistent/cifar.tar.gz"], "/nonexistent/cifar.tar.gz"),
         (["train", "--data-path", str(SAMPLE_ARCHIVE)], "does not match the expected"),
-        (["train", *SLICE, "--batch-size", "0"], "--batch-size 0 must be a positive integer"),
+        (["train", *SLICE, "--batch-size", "0"], "--batch-size 0 must be an integer in [1,"),
         (["train", *SLICE, "--model-arg", "patch_size=3"], "patch_size=3 does not divide"),
         (["evaluate", "/nonexistent/run"], "no checkpoint there"),
     ],
@@ -224,3 +225,56 @@ def test_corrupt_archive_names_the_file(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert str(bad) in result.stderr
     assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+
+
+def _bad_arguments(tmp_path: Path) -> list[tuple[list[str], str, bool]]:
+    """Arguments each command refuses, what its one line says, and whether before torch."""
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"\xff\xd8\xff\xe0 a JPEG's first bytes")
+    ckpt = tmp_path / "run.safetensors"  # found; what it holds is read later
+    ckpt.write_bytes(b"")
+    early = [
+        (["predict", "/nonexistent/run", str(photo)], "/nonexistent/run: no checkpoint there"),
+        (["predict", str(photo), str(ckpt)], "photo.jpg is an image, not a run or checkpoint"),
+        (["predict", str(ckpt), str(photo), "--top-k", "0"], "--top-k 0 must be a positive"),
+        (["predict", str(ckpt), str(photo), "--weights", "best"], "no best.safetensors there"),
+        (["evaluate", "/nonexistent/run"], "no checkpoint there"),
+        (["evaluate", str(ckpt), "--batch-size", "0"], "--batch-size 0 must be a positive"),
+        (["evaluate", str(ckpt), "--data-path", "/nonexistent/d"], "/nonexistent/d: no such"),
+        (["train", "--data-path", "/nonexistent/cifar.tar.gz"], "/nonexistent/cifar.tar.gz"),
+        (["train", "--epochs", "0"], "--epochs 0"),
+        (["compare", "--seeds", "0", "--out", str(tmp_path / "c")], "--seeds 0 must be"),
+    ]
+    # compare checks its model names (the registry loads torch) before the data path
+    late = [(["compare", "--data-path", "/nonexistent/d", "--out", str(tmp_path / "c")], "no such")]
+    return [(argv, message, True) for argv, message in early] + [(*c, False) for c in late]
+
+
+def test_bad_arguments_are_refused_first_in_one_line_without_torch(tmp_path):
+    """Checked before anything is said or loaded: one line, exit 2, torch never imported."""
+    for argv, message, torch_free in _bad_arguments(tmp_path):
+        result = tmp_path / "result"
+        code = (
+            "import sys\nfrom eanet.cli.main import main\n"
+            f"rc = main({argv!r})\n"
+            f"open({str(result)!r}, 'w').write(repr((rc, 'torch' in sys.modules)))\n"
+        )
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert run.stdout == "", (argv, run.stdout)
+        err = run.stderr.splitlines()
+        assert len(err) == 1 and err[0].startswith("eanet: error: "), (argv, run.stderr)
+        assert message in err[0], (argv, err[0])
+        assert result.read_text() == f"(2, {not torch_free})", argv
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_the_interruption_starts_its_own_line(monkeypatch, capsys, terminal):
+    def interrupted(args):
+        sys.stderr.write("epoch 1/5:  40%|####      | 4/10")  # a bar, cut by Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands, "cmd_models", interrupted)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal, raising=False)
+    assert main(["models"]) == 130
+    bar = "epoch 1/5:  40%|####      | 4/10"
+    assert capsys.readouterr().err == bar + ("\n" if terminal else "") + "eanet: interrupted\n"

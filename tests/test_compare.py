@@ -115,6 +115,27 @@ def test_second_call_skips_finished_runs(compared, small_sample):
     assert not (out / ".compare.lock").exists()
 
 
+def test_a_second_call_on_finished_runs_measures_nothing_again(compared, small_sample, monkeypatch):
+    """Nothing to train: no timing, no forward pass through the blocks (only the first
+    layer's inputs are histogrammed), so the call takes seconds, not a minute."""
+    import eanet.compare.run as compare_run
+    from eanet.models.layers import Block
+
+    out, first = compared
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    for name in ("bench_model", "matmul_peak_gflops"):
+        monkeypatch.setattr(compare_run, name, measured)
+    monkeypatch.setattr(Block, "forward", measured)
+    report = run_compare(tiny_compare(), out, data=small_sample, progress=False)
+    assert set(report["runs"].values()) == {"skipped"}
+    for old, new in zip(first["groups"], report["groups"], strict=True):
+        assert new["speed"] == old["speed"] and new["macs_per_image"] == old["macs_per_image"]
+    assert report["input_distribution"]["stats"] == first["input_distribution"]["stats"]
+
+
 def test_a_directory_in_use_is_refused(compared, small_sample):
     out, _ = compared
     (out / ".compare.lock").write_text(str(os.getpid()))  # a live process holds it
@@ -202,7 +223,7 @@ def test_cli_end_to_end_and_rerun(tmp_path, capsys):
         (["--seeds", "0"], "--seeds 0 must be a positive integer"),
         (["--models", "vit-cifar", "vit-cifar"], "--models lists 'vit-cifar' twice"),
         (["--augment-orders", "fixed", "heavy"], "--augment-orders 'heavy' is unknown"),
-        (["--epochs", "0"], "--epochs 0 must be a positive integer"),
+        (["--epochs", "0"], "--epochs 0 must be an integer in [1,"),
         (["--bench-steps", "-1"], "--bench-steps -1 must be >= 0"),
         (["--dataset", "digits", "--data-path", "x.tar.gz"], "does not apply to --dataset digits"),
     ],

@@ -1,6 +1,7 @@
 """`eanet info`: parameter counts of the reference, multiply-adds checked by FlopCounterMode."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from eanet import checkpoint
 from eanet.cli.main import main
 from eanet.info import describe, model_info
 from eanet.models.registry import create_model
+from eanet.runtime import CPU_FLAGS
 
 HOSTILE = "\x1b[2J\x1b[H\x1b]0;TITLE\x07FAKE: all good\r"  # issue 25's model_name
 
@@ -66,6 +68,21 @@ def test_cli_text_and_json(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["config"]["depth"] == 2 and info["model"] == "vit-cifar"
     assert {r["layer"] for r in info["layers"]} >= {"blocks.1.attn", "head", "normalize"}
+
+
+def test_info_alone_describes_this_machine(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"torch {torch.__version__}" in out and "threads" in out and "flags:" in out
+    assert re.search(r"--precision auto -> (fp32|bf16)", out)
+    assert "native CPU kernels (--accel): " in out
+    assert "kernel cache: " in out and "EANET_KERNELS" in out
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["torch"] == torch.__version__ and info["precision_auto"] in ("fp32", "bf16")
+    assert set(info["cpu_flags"]) <= set(CPU_FLAGS)
+    assert main(["info", "eanet-cifar"]) == 0
+    assert "on this machine: --precision auto -> " in capsys.readouterr().out
 
 
 def test_cli_on_a_checkpoint(tiny_run, capsys):

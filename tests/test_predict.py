@@ -142,6 +142,38 @@ def test_bad_options_are_one_line_errors(tiny_run, image_folder, args, message, 
     assert message in capsys.readouterr().err
 
 
+ORDER = "the order is eanet predict RUN_DIR_OR_CHECKPOINT IMAGE_OR_DIR [IMAGE_OR_DIR ...]"
+
+
+def test_swapped_arguments_say_the_order(tiny_run, image_folder, tmp_path, capsys):
+    image = next((image_folder / "test" / "apple").glob("*.png"))
+    assert main(["predict", str(image), str(tiny_run)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == [
+        f"eanet: error: {image} is an image, not a run or checkpoint: {ORDER}"
+    ]
+    unnamed = tmp_path / "IMG_0001"  # no extension: known by its first bytes
+    for head in (image.read_bytes(), b"\xff\xd8\xff\xe0", b"GIF89a", b"BM", b"RIFF\0\0\0\0WEBPVP8"):
+        unnamed.write_bytes(head)
+        assert main(["predict", str(unnamed), str(image)]) == 2
+        assert "is an image, not a run or checkpoint" in capsys.readouterr().err
+    for other in (tiny_run, tiny_run / "checkpoint.safetensors"):  # a run among the images
+        assert main(["predict", str(tiny_run), str(image), str(other)]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert err == [
+            f"eanet: error: {other} is a run or checkpoint, not an image: {ORDER} (one run)"
+        ]
+
+
+def test_no_table_header_when_every_file_failed(tiny_run, tmp_path, capsys):
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    assert main(["predict", str(tiny_run), str(bad)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "corrupt.png: cannot decode it" in err and "0 image(s) predicted, 1 failed" in err
+
+
 def test_bad_checkpoint_is_one_line_error(tmp_path, image_folder):
     result = subprocess.run(
         [sys.executable, "-m", "eanet", "predict", str(tmp_path), str(image_folder)],

@@ -11,9 +11,11 @@ computes it; a forward pass that folds consecutive linear maps together executes
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from eanet import checkpoint
@@ -22,6 +24,7 @@ from eanet.models.config import ModelConfig
 from eanet.models.layers import SelfAttention
 from eanet.models.registry import MODELS, count_parameters, create_model
 from eanet.models.transformer import VisionTransformer
+from eanet.runtime import cpu_info, resolve_device, resolve_precision
 
 
 def _rows_of(name: str, cfg: ModelConfig) -> int:
@@ -153,9 +156,64 @@ def format_info(info: dict) -> str:
         f"{'multiply-adds per image (forward)':<{total_w}}{'':>12}{info['macs_per_image']:>14,}"
         f"  ({info['macs_per_image'] / 1e9:.3f} G)"
     )
+    if "machine" in info:
+        m = info["machine"]
+        native = m["native_kernels"]
+        kernels = ", ".join(native["on"]) or "none" if native else "none (GPU)"
+        lines.append(
+            f"on this machine: --precision auto -> {m['precision_auto']} on "
+            f"{m['device']}; native kernels (--accel): {kernels}"
+        )
     lines.append("")
     config = ", ".join(f"{k}={v}" for k, v in cfg.items())
     lines.append(
         textwrap.fill(config, width=100, initial_indent="config: ", subsequent_indent="  ")
     )
+    return "\n".join(lines)
+
+
+def machine_info() -> dict:
+    """What this machine computes with: torch, CPU flags, threads, precision, native kernels."""
+    from eanet.accel import native
+
+    device = resolve_device("auto")
+    model, flags = cpu_info()
+    cache = native.cache_dir()
+    return {
+        "torch": torch.__version__,
+        "cpu_model": model,
+        "cpu_flags": list(flags),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "device": str(device),
+        "precision_auto": resolve_precision("auto", device),
+        "native_kernels": native.status() if device.type == "cpu" else None,
+        "kernel_cache": str(cache) if cache else None,
+        "kernel_cache_from": "EANET_KERNELS" if os.environ.get("EANET_KERNELS") else "default",
+    }
+
+
+def format_machine(m: dict) -> str:
+    """machine_info as lines of text."""
+    flags = " ".join(m["cpu_flags"]) or "none of avx2, avx512f, avx512_bf16, amx"
+    lines = [
+        f"torch {m['torch']}, {m['torch_threads']} threads, kernels {m['cpu_capability']}",
+        f"CPU {printable(m['cpu_model'] or 'unknown')}; flags: {flags}",
+        f"GPU {printable(m['cuda'])}" if m["cuda"] else "GPU none (CUDA not available)",
+        f"--device auto -> {m['device']}; --precision auto -> {m['precision_auto']}",
+    ]
+    native = m["native_kernels"]
+    if native is None:
+        lines.append("native CPU kernels: not used on a GPU")
+    else:
+        threads = " (OpenMP)" if native["openmp"] else ""
+        on = ", ".join(native["on"]) + threads if native["on"] else "off (torch's ops)"
+        lines.append(f"native CPU kernels (--accel): {on}")
+    if m["kernel_cache"] is None:
+        lines.append("kernel cache: none (set EANET_KERNELS to a directory of your own)")
+    elif m["kernel_cache_from"] == "EANET_KERNELS":
+        lines.append(f"kernel cache: {printable(m['kernel_cache'])} (from EANET_KERNELS)")
+    else:
+        lines.append(f"kernel cache: {printable(m['kernel_cache'])} (EANET_KERNELS moves it)")
     return "\n".join(lines)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from eanet.cli.checks import check_checkpoint, check_data_path, check_image_inputs, check_positive
 from eanet.cli.flags import given
 from eanet.errors import ConfigError, one_line, preview, printable
 from eanet.options import CHANGE, declared, flag, from_mapping, read_config_file, resume_merge
@@ -146,6 +148,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     config, out, resume = train_config_from_args(args)
+    check_data_path(config.dataset, config.data_path)
     out = Path(out)
     log.info("run directory: %s", out)
     from eanet.train.loop import fit
@@ -188,6 +191,9 @@ def score_lines(metrics: dict, out: Path) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    check_checkpoint(args.checkpoint, args.weights, "eanet evaluate RUN_DIR_OR_CHECKPOINT")
+    check_positive("--batch-size", args.batch_size)
+    check_data_path(args.dataset, args.data_path)
     data = args.dataset or "its data set"
     log.info(
         "evaluating %s (%s weights) on %s, %s split",
@@ -298,7 +304,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     from eanet.models.registry import MODELS, count_parameters, create_model
 
     for name, spec in MODELS.items():
-        print(f"{name:<18} {count_parameters(create_model(name)):>9,} params  {spec.description}")
+        # The count is computed here: a description that also states it says it once only.
+        about = re.sub(r",? *[\d,]+ params$", "", spec.description)
+        print(f"{name:<18} {count_parameters(create_model(name)):>9,} params  {about}")
     return 0
 
 
@@ -316,6 +324,7 @@ def cmd_import_keras(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    check_checkpoint(args.checkpoint, args.weights, "eanet export RUN_DIR_OR_CHECKPOINT --out FILE")
     log.info(
         "exporting %s (%s weights) to %s: %s", args.checkpoint, args.weights, args.format, args.out
     )
@@ -334,14 +343,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+PREDICT_USAGE = "eanet predict RUN_DIR_OR_CHECKPOINT IMAGE_OR_DIR [IMAGE_OR_DIR ...]"
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
+    check_checkpoint(args.checkpoint, args.weights, PREDICT_USAGE)
+    check_image_inputs(args.inputs, PREDICT_USAGE)
+    check_positive("--top-k", args.top_k)
+    check_positive("--batch-size", args.batch_size)
     log.info("predicting with %s (%s weights)", args.checkpoint, args.weights)
     from eanet import accel, checkpoint
     from eanet.inference import compiled_forward
-    from eanet.predict import Failure, check_top_k, expand_inputs, iter_predict_files
+    from eanet.predict import Failure, expand_inputs, iter_predict_files
     from eanet.runtime import resolve_device
 
-    check_top_k(args.top_k)
     model, ckpt = checkpoint.load_model(args.checkpoint, resolve_device(args.device), args.weights)
     if args.accel:
         accel.apply(model, precision=args.precision)
@@ -355,9 +370,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     shown = {n: printable(n) for n in names}  # an escape sequence, a newline: as escapes
     file_w = max((len(printable(str(f))) for f in files), default=4) + 2
     cell_w = max(len(n) for n in shown.values()) + 9
-    if files and not args.json:
-        header = "".join(f"{f'top-{j + 1}':<{cell_w}}" for j in range(k))
-        print(f"{'file':<{file_w}}{header}".rstrip())
+    header = "".join(f"{f'top-{j + 1}':<{cell_w}}" for j in range(k))
     done = 0
     for r in iter_predict_files(model, names, files, args.top_k, args.batch_size, args.precision):
         if isinstance(r, Failure):
@@ -367,6 +380,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(json.dumps(r.to_dict()), flush=True)
             done += 1
         else:
+            if not done:  # the header over the first row: none when every file failed
+                print(f"{'file':<{file_w}}{header}".rstrip())
             cells = (f"{shown[c]} {p:.1%}" for c, p in zip(r.classes, r.probabilities, strict=True))
             source = printable(r.source)
             print(f"{source:<{file_w}}" + "".join(f"{c:<{cell_w}}" for c in cells).rstrip())
@@ -378,9 +393,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from eanet.info import describe, format_info
+    from eanet.info import describe, format_info, format_machine, machine_info
 
+    if args.target is None:  # the machine itself
+        if args.model_args:
+            raise ConfigError("--model-arg needs a MODEL_NAME_OR_CHECKPOINT to apply to")
+        machine = machine_info()
+        print(json.dumps(machine, indent=2) if args.json else format_machine(machine))
+        return 0
     info = describe(args.target, **dict(args.model_args or []))
+    info["machine"] = machine_info()
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
 
@@ -409,7 +431,14 @@ def cmd_sample_images(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.scaling:
+        for size in args.sizes:
+            check_positive("--sizes", size)
         return _bench_scaling(args)
+    if args.out is not None:
+        raise ConfigError("--out applies to --scaling (the step timing prints, or --json)")
+    check_positive("--steps", args.steps)
+    if args.warmup < 0:
+        raise ConfigError(f"--warmup {args.warmup} must be >= 0")
     cfg = TrainConfig(**{**TrainConfig().to_dict(), **given(args, TrainConfig)})
     log.info(
         "timing %s, batch %d: %d warm-up and %d timed steps",
@@ -465,10 +494,11 @@ def compare_config_from_args(args: argparse.Namespace):
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    cfg = compare_config_from_args(args)  # validated (CompareConfig.__post_init__)
+    check_data_path(cfg.train.dataset, cfg.train.data_path)
     log.info("comparison directory: %s", args.out)
     from eanet.compare.run import run_compare
 
-    cfg = compare_config_from_args(args)
     report = run_compare(cfg, args.out, progress=args.progress)
     done = list(report["runs"].values())
     print(
@@ -507,10 +537,13 @@ def _bench_scaling(args: argparse.Namespace) -> int:
             f"{r['activation_mb_per_image']:.1f} | {r['forward_gmacs_per_image']:.3f} |"
         )
     table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out is None:  # nothing written where the command happens to run
+        print("(not written: --out DIR keeps scaling.json, scaling.md and scaling.png)")
+        return 0
     write_json(args.out / "scaling.json", {"rows": rows, "environment": environment()})
     write_text(args.out / "scaling.md", table)
     plot_scaling(rows, args.out / "scaling.png")
-    print(table)
     print(f"wrote {args.out}/scaling.json, scaling.md, scaling.png")
     return 0
 
@@ -519,6 +552,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from eanet.serve.config import ServeConfig, check_dependencies
 
     check_dependencies()
+    check_checkpoint(args.checkpoint, "last", "eanet serve RUN_DIR_OR_CHECKPOINT")
     log.info("serving %s on http://%s:%d", args.checkpoint, args.host, args.port)
     from eanet.serve.server import serve
 
@@ -537,6 +571,9 @@ def unused_dir(base: Path) -> Path:
 
 
 def cmd_attention(args: argparse.Namespace) -> int:
+    usage = "eanet attention RUN_DIR_OR_CHECKPOINT IMAGE_OR_DIR [IMAGE_OR_DIR ...] --out DIR"
+    check_checkpoint(args.checkpoint, args.weights, usage)
+    check_image_inputs(args.inputs, usage)
     from eanet import checkpoint
     from eanet.attention_maps import MAX_DRAWN_UNITS, iter_file_maps
     from eanet.predict import Failure, expand_inputs

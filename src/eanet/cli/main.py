@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eanet: error: {one_line(exc)}", file=sys.stderr)  # may quote a file's text
         return 2
     except KeyboardInterrupt as exc:  # training's own says how to resume
-        print(f"eanet: {printable(str(exc)) or 'interrupted'}", file=sys.stderr)
+        # On a terminal the cursor is still on a progress bar's line (or after "^C").
+        start = "\n" if sys.stderr.isatty() else ""
+        print(f"{start}eanet: {printable(str(exc)) or 'interrupted'}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader went away (`eanet predict DIR | head`): stop quietly, as Unix tools do;

@@ -219,7 +219,8 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
         "--scaling",
         action="store_true",
         help="instead: time and activation memory per image of EANet vs ViT as the token "
-        "count grows (patch 2, image sizes --sizes); writes a table and a log-log plot",
+        "count grows (patch 2, image sizes --sizes); prints a table, and with --out DIR "
+        "writes it with a log-log plot",
     )
     b.add_argument(
         "--sizes",
@@ -231,8 +232,10 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument(
         "--out",
         type=Path,
-        default=Path("benchmarks/results/scaling"),
-        help="directory for the --scaling table and plot (default: %(default)s)",
+        metavar="DIR",
+        help="--scaling only: write DIR/scaling.json, scaling.md and scaling.png (default: "
+        "write nothing, print the table; the repository's figures are in "
+        "benchmarks/results/scaling)",
     )
 
 
@@ -272,11 +275,15 @@ def _add_use_parsers(sub: argparse._SubParsersAction) -> None:
 
     i = sub.add_parser(
         "info",
-        help="parameters per layer, multiply-adds per image, configuration",
-        description="Describe a registered model or a checkpoint: parameters per layer "
-        "(and the 7 normalization statistics), multiply-adds per image, its config.",
+        help="this machine's facts, or a model's parameters per layer and multiply-adds",
+        description="Without an argument: this machine's torch version, CPU flags (avx2, "
+        "avx512f, avx512_bf16, amx), threads, what --device auto and --precision auto "
+        "resolve to, and which native CPU kernels run (compiled into $EANET_KERNELS). With "
+        "one: describe a registered model or a checkpoint: parameters per layer (and the 7 "
+        "normalization statistics), multiply-adds per image, its config, and the precision "
+        "and kernels this machine would use.",
     )
-    i.add_argument("target", metavar="MODEL_NAME_OR_CHECKPOINT")
+    i.add_argument("target", nargs="?", metavar="MODEL_NAME_OR_CHECKPOINT")
     add_config_flags(i, TrainConfig, only=["model_args"])
     i.add_argument("--json", action="store_true", help="print the result as JSON")
 

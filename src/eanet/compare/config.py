@@ -63,16 +63,11 @@ class CompareConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ConfigError naming the first impossible option."""
-        from eanet.models.registry import MODELS  # torch: not at import, for `--help`
-
+        """Raise ConfigError naming the first impossible option; the model names last (the
+        registry loads torch): a value out of range is refused at once."""
         check_field_types(self, lambda name, shown: f"{flag(name)} {shown}")
         if not self.models:
             raise ConfigError("--models is empty; name at least one model, e.g. eanet-cifar")
-        for name in self.models:
-            if name not in MODELS:
-                raise ConfigError(f"--models {name!r} is unknown; choose from {', '.join(MODELS)}")
-        _no_duplicates("--models", self.models)
         if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
             raise ConfigError(f"--seeds {self.seeds!r} must be a positive integer (runs per model)")
         if not self.augment_orders:
@@ -85,6 +80,12 @@ class CompareConfig:
         _no_duplicates("--augment-orders", self.augment_orders)
         if not isinstance(self.bench_steps, int) or self.bench_steps < 0:
             raise ConfigError(f"--bench-steps {self.bench_steps!r} must be >= 0 (0: no timing)")
+        from eanet.models.registry import MODELS  # torch: not at import, for `--help`
+
+        for name in self.models:
+            if name not in MODELS:
+                raise ConfigError(f"--models {name!r} is unknown; choose from {', '.join(MODELS)}")
+        _no_duplicates("--models", self.models)
         self.train_config(self.models[0], self.augment_orders[0], 0)  # the recipe's own checks
 
     def train_config(self, model: str, augment: str, seed: int) -> TrainConfig:

@@ -9,6 +9,7 @@ Speed comes from `eanet.bench.bench_model` (a few steps, cached in `OUT/bench.js
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from eanet import __version__, checkpoint
-from eanet.bench import bench_model, macs_per_image, matmul_peak_gflops
+from eanet.bench import bench_model, matmul_peak_gflops
 from eanet.compare.config import CURVE_FIELDS, CompareConfig, run_name
 from eanet.compare.report import format_report, summarize_group, value_stats
 from eanet.data.augment import AugmentConfig
@@ -27,6 +28,7 @@ from eanet.data.dataset import ImageData
 from eanet.data.splits import train_val_split
 from eanet.errors import ConfigError, EANetError, preview, printable
 from eanet.fileio import read_json, write_json, write_text
+from eanet.info import model_info
 from eanet.locks import COMPARE_LOCK, directory_lock
 from eanet.models.registry import count_parameters
 from eanet.options import declared
@@ -133,7 +135,9 @@ def model_cost(cfg: CompareConfig, model: str, data: ImageData) -> dict:
     net = build_for_data(cfg.train_config(model, "fixed", 0), data)
     return {
         "params": count_parameters(net),
-        "macs_per_image": macs_per_image(net, torch.device("cpu")),
+        # Counted from the layers' shapes, no forward pass (tests/test_info.py checks the
+        # count against FlopCounterMode's, which `bench.macs_per_image` runs).
+        "macs_per_image": model_info(net)["macs_per_image"],
         "model_config": net.config.to_dict(),
     }
 
@@ -168,24 +172,41 @@ def measure_speed(cfg: CompareConfig, out: Path, data: ImageData) -> dict[str, d
     return results
 
 
+class _Seen(Exception):
+    """Raised by the hook on `patch_embed`: what it receives is all that is wanted."""
+
+
 def first_layer_inputs(cfg: CompareConfig, data: ImageData) -> dict[str, torch.Tensor]:
-    """What `patch_embed` receives: in training under each order, and at inference."""
+    """What `patch_embed` receives: in training under each order, and at inference.
+
+    Each forward pass stops at `patch_embed` (its hook raises): the blocks' work, most of a
+    pass, would be thrown away, and it made a re-run on finished runs take most of a minute.
+    """
     torch.manual_seed(0)
     model = build_for_data(cfg.train_config(cfg.models[0], "fixed", 0), data)
     train_x = train_val_split(data, cfg.train.val_fraction)[0][:HIST_IMAGES]
     seen: list[torch.Tensor] = []
-    hook = model.patch_embed.register_forward_hook(lambda m, i, o: seen.append(i[0].flatten()))
+
+    def stop(module, inputs, *_):
+        seen.append(inputs[0].flatten())
+        raise _Seen
+
+    def first_layer(forward, *args) -> torch.Tensor:
+        with contextlib.suppress(_Seen):
+            forward(*args)
+        return seen.pop()
+
+    hook = model.patch_embed.register_forward_pre_hook(stop)
     out = {}
     try:
         with torch.no_grad():
             model.train()
             for order in ("fixed", "reference-bug"):
                 torch.manual_seed(0)  # the same augmentation draws for both orders
-                forward_train(model, train_x, order, AugmentConfig())
-                out[f"{order} / training"] = seen.pop()
+                x = first_layer(forward_train, model, train_x, order, AugmentConfig())
+                out[f"{order} / training"] = x
             model.eval()
-            model(train_x)
-            out["inference (both orders)"] = seen.pop()
+            out["inference (both orders)"] = first_layer(model, train_x)
     finally:
         hook.remove()
     return out
