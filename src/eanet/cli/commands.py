@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 import time
 from pathlib import Path
@@ -304,9 +303,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     from eanet.models.registry import MODELS, count_parameters, create_model
 
     for name, spec in MODELS.items():
-        # The count is computed here: a description that also states it says it once only.
-        about = re.sub(r",? *[\d,]+ params$", "", spec.description)
-        print(f"{name:<18} {count_parameters(create_model(name)):>9,} params  {about}")
+        print(f"{name:<18} {count_parameters(create_model(name)):>9,} params  {spec.description}")
     return 0
 
 

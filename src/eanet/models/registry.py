@@ -26,11 +26,11 @@ _FASHION: dict = {"image_size": 28, "patch_size": 4, "in_chans": 1, "num_classes
 
 MODELS: dict[str, ModelSpec] = {
     "eanet-cifar": ModelSpec(
-        ModelConfig(), "EANet of the Keras example (external attention, S=16), 361,380 params"
+        ModelConfig(), "EANet of the Keras example (external attention, S=16)"
     ),
     "vit-cifar": ModelSpec(
         ModelConfig(attention="self"),
-        "ViT baseline of the Keras example (4 heads of width 64), 623,268 params",
+        "ViT baseline of the Keras example (4 heads of width 64)",
     ),
     "eanet-cifar-s64": ModelSpec(
         ModelConfig(memory_size=64, memory_bias=False, init="trunc_normal"),
@@ -38,11 +38,11 @@ MODELS: dict[str, ModelSpec] = {
     ),
     "eanet-fashion": ModelSpec(
         ModelConfig(**_FASHION),
-        "EANet of the Keras example for 28x28 grey images (4x4 patches, 49 tokens), 342,538 params",
+        "EANet of the Keras example for 28x28 grey images (4x4 patches, 49 tokens)",
     ),
     "vit-fashion": ModelSpec(
         ModelConfig(attention="self", **_FASHION),
-        "ViT baseline for 28x28 grey images (4x4 patches, 49 tokens), 604,426 params",
+        "ViT baseline for 28x28 grey images (4x4 patches, 49 tokens)",
     ),
 }
 
