@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING
 
 from eanet.cli.checks import check_checkpoint, check_data_path, check_image_inputs, check_positive
 from eanet.cli.flags import given
-from eanet.errors import ConfigError, one_line, preview, printable
-from eanet.options import CHANGE, declared, flag, from_mapping, read_config_file, resume_merge
+from eanet.errors import ConfigError, one_line, printable
+from eanet.options import declared
 from eanet.train.config import TrainConfig
-from eanet.train.recipes import DEFAULT_RECIPE, apply_recipe, load_recipe
+from eanet.train.recipes import load_recipe
+from eanet.train.resolve import recipe_values, resolve_config
 
 if TYPE_CHECKING:  # the demo's modules load only when `eanet demo` runs
     from eanet.demo import DemoPart
@@ -28,109 +29,16 @@ log = logging.getLogger("eanet")
 
 
 def train_config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Path, bool]:
-    """(config, run directory, resume?) from flags over --config FILE over --recipe over defaults.
-
-    With --resume the run's saved options apply (its recipe's values among them) and each
-    given option is merged by its resume rule (`eanet.options.resume_merge`): applied, or
-    refused in one line.
-    """
-    file = read_config_file(args.config) if args.config else {}
-    if file:
-        from_mapping(TrainConfig, file, str(args.config))  # unknown keys, bad values
-    flags = given(args, TrainConfig)
-    if args.resume is not None:
-        requested = {**file, **flags}
-    else:
-        requested = recipe_values(flags.get("recipe", file.get("recipe")), file, flags)
-    named = {*file, *flags}  # by the user, not a recipe or a default
-    named_model = bool({"model", "model_args"} & named)
-    if args.auto_resume:
-        return _auto_resume(args, requested, named)
-    if args.resume is not None:
-        if args.out is not None and Path(args.out) != Path(args.resume):
-            raise ConfigError(
-                f"--out {args.out} and --resume {args.resume} name two runs; give one"
-            )
-        from eanet.train.rundir import load_run_config
-
-        saved = load_run_config(args.resume)
-        return resume_merge(saved, requested, str(args.resume)), args.resume, True
-    cfg = _new_run_config(args, requested, named_model)
-    out = args.out or Path("runs") / f"{cfg.model}-{cfg.dataset}-{_stamp()}"
-    return cfg, out, False
-
-
-def _new_run_config(args: argparse.Namespace, requested: dict, named_model: bool) -> TrainConfig:
-    """The options of a new run: `requested` over the defaults (+ an --init-from model).
-
-    Without --model/--model-arg (from the command line or --config), --init-from builds the
-    checkpoint's architecture; a recipe's model options (e.g. drop_path) apply on top.
-    """
-    if args.init_from is not None and not named_model:
-        from eanet.train.finetune import inherited_model
-
-        # Fine-tune the checkpoint's own architecture; stored, so --resume rebuilds it.
-        requested["model"], inherited, size = inherited_model(args.init_from)
-        requested["model_args"] = {**inherited, **requested.get("model_args", {})}
-        if requested.get("dataset", "cifar100") == "folder" and "image_size" not in requested:
-            requested["image_size"] = size
-    return TrainConfig(**{**TrainConfig().to_dict(), **requested})
-
-
-def _auto_resume(
-    args: argparse.Namespace, requested: dict, named: set[str]
-) -> tuple[TrainConfig, Path, bool]:
-    """--auto-resume: resume --out when it holds a checkpoint, else start it afresh.
-
-    The options asked for (flags over --config over the defaults, as for a new run) are
-    compared with the run's saved ones: an option that differs is merged by its resume rule,
-    so a MATCH or KEEP option that differs is refused in one line, never silently dropped.
-    """
-    if args.out is None or args.resume is not None or args.overwrite:
-        raise ConfigError(
-            "--auto-resume needs --out RUN_DIR and neither --resume nor --overwrite: "
-            "it resumes RUN_DIR when it holds a checkpoint and starts it otherwise"
-        )
-    from eanet.checkpoint import CHECKPOINT_NAME
-    from eanet.train.rundir import load_run_config
-
-    out = Path(args.out)
-    wanted = _new_run_config(args, requested, bool({"model", "model_args"} & named))
-    if not (out / "config.json").is_file():
-        return wanted, out, False
-    saved = load_run_config(out)
-    old, new = saved.to_dict(), wanted.to_dict()
-    # The recipe first: the options it sets differ with it, and it is what to repeat.
-    order = sorted(old, key=lambda name: name != "recipe")
-    differs = {k: new[k] for k in order if new[k] != old[k]}
-    _refuse_unrepeated(out, saved, differs, named)
-    cfg = resume_merge(saved, differs, str(out))
-    # A run killed before its first epoch was saved has a config but no checkpoint:
-    # it starts again (its partial files are replaced, see cmd_train).
-    return cfg, out, (out / CHECKPOINT_NAME).is_file()
-
-
-def _refuse_unrepeated(out: Path, saved: TrainConfig, differs: dict, named: set[str]) -> None:
-    """Another recipe, or an option of the run that this command leaves at another value (a
-    default, or its recipe's) without naming it: say which value to repeat, not "drop the
-    flag" (`resume_merge` words the options given)."""
-    fields = declared(TrainConfig)
-    for name, value in differs.items():
-        if name != "recipe" and (name in named or fields[name].metadata["resume"] == CHANGE):
-            continue
-        raise ConfigError(
-            f"{out} was trained with {flag(name)} {preview(getattr(saved, name))}, not "
-            f"{preview(value)}: repeat the run's {flag(name)} to continue it with "
-            "--auto-resume, or choose another --out"
-        )
-
-
-def recipe_values(name: str | None, *layers: dict) -> dict:
-    """The options of recipe `name` (default: the reference) overridden by `layers` in turn."""
-    name = name or DEFAULT_RECIPE
-    values = load_recipe(name)
-    from_mapping(TrainConfig, values, f"recipe {name}")  # a broken recipe file: one line
-    return {**apply_recipe(values, *layers), "recipe": name}
+    """(config, run directory, resume?) of `eanet train`: `eanet.train.resolve.resolve_config`
+    of the flags given, --config FILE, --out, --resume and --auto-resume."""
+    return resolve_config(
+        given(args, TrainConfig),
+        args.config or None,
+        out=args.out,
+        resume=args.resume,
+        auto_resume=args.auto_resume,
+        overwrite=args.overwrite,
+    )
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
@@ -436,7 +344,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_positive("--steps", args.steps)
     if args.warmup < 0:
         raise ConfigError(f"--warmup {args.warmup} must be >= 0")
-    cfg = TrainConfig(**{**TrainConfig().to_dict(), **given(args, TrainConfig)})
+    cfg = TrainConfig().with_overrides(given(args, TrainConfig))
     log.info(
         "timing %s, batch %d: %d warm-up and %d timed steps",
         cfg.model,
@@ -483,7 +391,7 @@ def compare_config_from_args(args: argparse.Namespace):
     from eanet.compare.config import CompareConfig
 
     flags = given(args, TrainConfig)
-    recipe = TrainConfig(**{**TrainConfig().to_dict(), **recipe_values(flags.get("recipe"), flags)})
+    recipe = TrainConfig().with_overrides(recipe_values(flags.get("recipe"), flags))
     compare = given(args, CompareConfig)
     if "augment_orders" not in compare:  # the recipe's own augmentation (modern: crop-flip)
         compare["augment_orders"] = [recipe.augment]
@@ -631,7 +539,3 @@ def _unique(name: str, taken: set[str]) -> str:
         candidate = f"{name}-{k}"
     taken.add(candidate)
     return candidate
-
-
-def _stamp() -> str:
-    return time.strftime("%Y%m%d-%H%M%S")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from eanet.choices import DATASET_NAMES, ON_NONFINITE, PRECISIONS
@@ -392,6 +393,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def with_overrides(self, overrides: Mapping[str, object]) -> TrainConfig:
+        """A new, validated config: these options with `overrides` (field names) applied."""
+        return type(self)(**{**self.to_dict(), **overrides})
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
