@@ -600,7 +600,9 @@ def test_inference_adds_the_branch_biases_inside_the_kernels(monkeypatch, name):
     branch (fc2's, external attention's output projection's in chunks) to the residual add
     + LayerNorm kernel; with non-zero biases the logits are the plain model's to bf16's
     rounding. Calls that take gradients or train leave every bias in its linear layer."""
-    from eanet.accel import fused, modules
+    from eanet.accel import modules
+    from eanet.accel.ops import gelu as gelu_ops
+    from eanet.accel.ops import layer_norm as norm_ops
 
     plain, fast = _pair(name, "bf16", patch_size=4)
     _random_biases(plain)
@@ -615,10 +617,10 @@ def test_inference_adds_the_branch_biases_inside_the_kernels(monkeypatch, name):
 
         return call
 
-    gelu, norm = fused._native_gelu_bias, fused._native_add_layer_norm_
-    monkeypatch.setattr(fused, "_native_gelu_bias", counted("gelu", gelu, lambda a: True))
+    gelu, norm = gelu_ops._native_gelu_bias, norm_ops._native_add_layer_norm_
+    monkeypatch.setattr(gelu_ops, "_native_gelu_bias", counted("gelu", gelu, lambda a: True))
     norm = counted("norm", norm, lambda a: a[2] is not None)  # (x, h, h's bias, w, b, eps)
-    monkeypatch.setattr(fused, "_native_add_layer_norm_", norm)
+    monkeypatch.setattr(norm_ops, "_native_add_layer_norm_", norm)
     x = _images(plain, 7)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         a, b = fast.eval()(x).float(), plain.eval()(x).float()
@@ -635,14 +637,15 @@ def test_bf16_inference_adds_in_place_but_never_into_the_input(monkeypatch):
     themselves (one pass less through memory), with the same logits as adding into fresh
     memory; the tensor handed to the blocks stays as it was."""
     from eanet.accel import fused, modules
+    from eanet.accel.ops import layer_norm as norm_ops
 
     _, fast = _pair("eanet-cifar", "bf16", patch_size=4)
     fast.eval()
     tokens = torch.randn(5, 64, 64)
     before = tokens.clone()
     calls = []
-    real = fused._native_add_layer_norm_
-    monkeypatch.setattr(fused, "_native_add_layer_norm_", lambda *a: calls.append(1) or real(*a))
+    real = norm_ops._native_add_layer_norm_
+    monkeypatch.setattr(norm_ops, "_native_add_layer_norm_", lambda *a: calls.append(1) or real(*a))
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         in_place = fast.blocks(tokens)
         # the second block's two adds, and the first block's second, whose attention left its

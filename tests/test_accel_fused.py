@@ -123,7 +123,7 @@ def test_native_double_normalize_max_starts_at_minus_infinity(build, monkeypatch
 def test_native_tanh_gelu_matches_torch(build, dtype):
     """The GELU kernel against F.gelu(approximate="tanh"): values and gradients, for a
     non-contiguous input of odd length and the tails of tanh (|x| up to 30)."""
-    from eanet.accel.fused import _native_gelu_applies, gelu_tanh
+    from eanet.accel.ops.gelu import _native_gelu_applies, gelu_tanh
 
     torch.manual_seed(0)
     base = torch.cat([torch.randn(2, 1001) * 3, torch.linspace(-30, 30, 2002).view(2, -1)], 1)
@@ -146,12 +146,13 @@ def test_native_gelu_adds_the_bias_its_linear_layer_left_out(build, dim, dtype):
     vectors, with a tail (20) and longer than the kernel's 256-element chunk (300), against
     torch's add and GELU in fp32; with gradients, torch's add then the GELU kernel."""
     from eanet.accel import fused
+    from eanet.accel.ops import gelu as gelu_ops
 
     torch.manual_seed(0)
     x, bias = (torch.randn(37, dim) * 3).to(dtype)[:, :], torch.randn(dim)
     expected = F.gelu(x.float() + bias, approximate="tanh")
     with torch.no_grad():
-        direct = fused._native_gelu_bias(x, bias)
+        direct = gelu_ops._native_gelu_bias(x, bias)
         y = fused.gelu_tanh(x.t().contiguous().t(), 0.0, bias)  # strided rows: copied first
     tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-6, "rtol": 2**-7}
     assert direct.dtype == dtype and torch.equal(direct, y)
@@ -230,7 +231,8 @@ def test_native_gelu_applies_the_dropout_of_its_seeds(build, n, dtype):
     """The MLP's dropout inside the GELU kernel (vector rows and odd tails, both thread
     halves starting anywhere): the result is the undropped GELU where the hash of common.h
     keeps it, else 0, and the gradient the undropped one of the masked gradient."""
-    from eanet.accel.fused import _native_gelu, _native_gelu_backward, _threshold
+    from eanet.accel.ops.dropout import threshold
+    from eanet.accel.ops.gelu import _native_gelu, _native_gelu_backward
 
     torch.manual_seed(0)
     x, g = (torch.randn(n) * 3).to(dtype), torch.randn(n).to(dtype)
@@ -241,7 +243,7 @@ def test_native_gelu_applies_the_dropout_of_its_seeds(build, n, dtype):
     assert torch.equal(seeds, torch.randint(0, 2**32, (2,), dtype=torch.int64))  # torch's RNG
     y0, none = _native_gelu(x, 0.0)
     assert torch.equal(none, torch.zeros(2, dtype=torch.int64))
-    keep = _reference_keep(n, *(int(s) for s in seeds), _threshold(p))
+    keep = _reference_keep(n, *(int(s) for s in seeds), threshold(p))
     assert abs(keep.float().mean().item() - 0.75) < 0.05
     assert torch.equal(y, torch.where(keep, y0, torch.zeros_like(y0)))
     grad = _native_gelu_backward(g, x, seeds, p)
@@ -252,7 +254,7 @@ def test_native_gelu_applies_the_dropout_of_its_seeds(build, n, dtype):
 def _layer_norm_both_ways(dim, rows, grad_dtype):
     """(fused.layer_norm, torch's LayerNorm cast to bf16) under CPU bf16 autocast: outputs
     and the gradients of x, weight and bias for the same upstream gradient."""
-    from eanet.accel.fused import _native_norm_applies, layer_norm
+    from eanet.accel.ops.layer_norm import _native_norm_applies, layer_norm
 
     torch.manual_seed(0)
     norm = torch.nn.LayerNorm(dim, eps=1e-6)
@@ -332,14 +334,15 @@ def test_native_add_layer_norm_applies_the_dropout_of_its_seeds(build, rows, dim
     time in registers and a tail group; rows of 33 starting at odd elements): s and the norm
     are those of the undropped kernel given h zeroed where the hash of common.h drops it, and
     the residual's gradient is the undropped one zeroed there too."""
-    from eanet.accel.fused import _native_add_layer_norm, _native_layer_norm_backward, _threshold
+    from eanet.accel.ops.dropout import threshold
+    from eanet.accel.ops.layer_norm import _native_add_layer_norm, _native_layer_norm_backward
 
     torch.manual_seed(0)
     x, h = torch.randn(rows, dim) * 2 + 1, torch.randn(rows, dim).bfloat16()
     w, b, p = torch.randn(dim), torch.randn(dim), 0.3
     g_y, g_s = torch.randn(rows, dim).bfloat16(), torch.randn(rows, dim)
     s, y, mean, rstd, seeds = _native_add_layer_norm(x, h, None, w, b, 1e-6, p)
-    keep = _reference_keep(rows * dim, *(int(v) for v in seeds), _threshold(p)).view(rows, dim)
+    keep = _reference_keep(rows * dim, *(int(v) for v in seeds), threshold(p)).view(rows, dim)
     assert abs(keep.float().mean().item() - 0.7) < 0.07
     s0, y0, mean0, rstd0, none = _native_add_layer_norm(x, h * keep, None, w, b, 1e-6, 0.0)
     assert torch.equal(none, torch.zeros(2, dtype=torch.int64))
@@ -383,7 +386,8 @@ def test_native_softmax_dropout_matches_torch(build, shape):
     """Attention weights in bf16 training: softmax, dropout mask and backward in one kernel
     pass each way, against torch's softmax under the dropout kernel's mask for the same
     seeds (the same draws), and torch's gradient through both."""
-    from eanet.accel.fused import _keep, softmax_dropout
+    from eanet.accel.ops.dropout import _keep
+    from eanet.accel.ops.softmax import softmax_dropout
 
     torch.manual_seed(0)
     x = (torch.randn(shape) * 4).bfloat16().requires_grad_()
@@ -431,16 +435,16 @@ def _reference_keep(n: int, s1: int, s2: int, threshold: int):
 def test_native_dropout_masks_are_the_hash_of_common_h(build, n, dtype):
     """Every build (vector paths, scalar tails, either element size, the softmax kernel's
     mask) draws exactly the decisions of the hash as written down in Python."""
-    from eanet.accel.fused import _keep, _threshold
+    from eanet.accel.ops.dropout import _keep, threshold
 
     seeds, p = torch.tensor([123456789, 4000000000]), 0.3
-    expected = _reference_keep(n, 123456789, 4000000000, _threshold(p))
+    expected = _reference_keep(n, 123456789, 4000000000, threshold(p))
     assert torch.equal(_keep(torch.ones(n, dtype=dtype), seeds, p) != 0, expected)
     if dtype == torch.bfloat16 and n % 16 == 0:  # rows of 64, 16: registers; 8, 1024: scratch
         for length in (64, 16, 8, 1024 if n % 1024 == 0 else 8):
             x = torch.zeros(n // length, length, dtype=dtype)  # every softmax weight > 0
             d, _, drawn = torch.ops.eanet.softmax_dropout_cpu(x, p)
-            mask = _reference_keep(n, *(int(v) for v in drawn), _threshold(p))
+            mask = _reference_keep(n, *(int(v) for v in drawn), threshold(p))
             assert torch.equal(d != 0, mask.view_as(d))
 
 
@@ -458,14 +462,15 @@ def test_native_double_normalize_applies_the_dropout_of_its_seeds(build, shape, 
     """The attention dropout inside the double normalisation's kernel (S = 16 on intrinsics,
     other S by the loops): the result is the undropped one where the hash of common.h keeps
     it, else 0, and the backward is the undropped backward of the masked gradient."""
-    from eanet.accel.fused import _native_backward, _native_forward, _threshold
+    from eanet.accel.ops.double_normalize import _native_backward, _native_forward
+    from eanet.accel.ops.dropout import threshold
 
     torch.manual_seed(0)
     z, g = (torch.randn(shape) * 3).to(dtype), torch.randn(shape).to(dtype)
     seeds, p, none = torch.tensor([987654321, 123]), 0.2, torch.zeros(2, dtype=torch.int64)
     q, colmax, colinv = _native_forward(z, seeds, p)
     q0, *_ = _native_forward(z, none, 0.0)
-    keep = _reference_keep(z.numel(), 987654321, 123, _threshold(p)).view(shape)
+    keep = _reference_keep(z.numel(), 987654321, 123, threshold(p)).view(shape)
     assert abs(keep.float().mean().item() - 0.8) < 0.05
     assert torch.equal(q, torch.where(keep, q0, torch.zeros_like(q0)))
     grad = _native_backward(g, z, colmax, colinv, seeds, p)

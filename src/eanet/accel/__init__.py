@@ -4,8 +4,9 @@
 without changing what it computes: `apply` swaps faster equivalents in for the model's
 layers (`modules`: folded memories, fused attention, the MLP and the LayerNorm with the
 residual add on hand-written kernels), and says what it did. The layers run their ops
-through `fused` (custom autograd ops), whose CPU kernels `native` compiles at first use
-from `kernels/*.c` into a cache it owns. The private upstream names it relies on are in
+through `fused`, which re-exports `ops` (one module of custom autograd ops per kernel,
+beside its `kernels/<name>.c`), whose CPU kernels `native` compiles at first use into a
+cache it owns. The private upstream names it relies on are in
 `upstream`, each with its reason. Each faster class says which modules it supports
 (`modules.FastLayer`: the exact plain class, and the children and attributes its fast path
 reads); `apply` leaves any other module plain and lists it with the reason in the report

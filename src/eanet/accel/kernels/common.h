@@ -12,10 +12,15 @@
 #endif
 
 #define R restrict
+/* The parallel region of a kernel's entry point: OpenMP threads where the library has them
+ * (else one pass on the caller's thread); the _OR_FAILED form ORs each thread's `failed`
+ * (an int the entry point declares before it: a scratch buffer not allocated) into it. */
 #ifdef _OPENMP
 #define PARALLEL _Pragma("omp parallel")
+#define PARALLEL_OR_FAILED _Pragma("omp parallel reduction(| : failed)")
 #else
 #define PARALLEL
+#define PARALLEL_OR_FAILED
 #endif
 
 static inline void from_bf16(const uint16_t *R src, float *R dst, long n) {

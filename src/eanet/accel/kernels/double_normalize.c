@@ -274,9 +274,7 @@ int dn_forward(const void *z, void *q, float *colmax, float *colinv, int bf16, l
                long C, long S, uint32_t s1, uint32_t s2, uint32_t t, long b0, long b1) {
     struct drop d = {0, s1, s2, t};
     int failed = 0;
-#ifdef _OPENMP
-#pragma omp parallel reduction(| : failed)
-#endif
+    PARALLEL_OR_FAILED
     {
         long lo, hi;
         share(b0, b1, &lo, &hi);
@@ -290,9 +288,7 @@ int dn_backward(const void *g, const void *z, const float *colmax, const float *
                 uint32_t t, long b0, long b1) {
     struct drop d = {0, s1, s2, t};
     int failed = 0;
-#ifdef _OPENMP
-#pragma omp parallel reduction(| : failed)
-#endif
+    PARALLEL_OR_FAILED
     {
         long lo, hi;
         share(b0, b1, &lo, &hi);

@@ -190,9 +190,7 @@ int ln_forward(const float *x, const uint16_t *h, const float *hb, const float *
                float eps, uint32_t s1, uint32_t s2, uint32_t t, long r0, long r1) {
     drops drop = {s1, s2, t};
     int failed = 0;
-#ifdef _OPENMP
-#pragma omp parallel reduction(| : failed)
-#endif
+    PARALLEL_OR_FAILED
     {
         long lo, hi;
         share(r0, r1, &lo, &hi);

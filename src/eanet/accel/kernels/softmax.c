@@ -127,9 +127,7 @@ static inline void grad_row_scalar(const uint16_t *R g, const uint16_t *R y, uin
 static int rows(const uint16_t *x, const uint16_t *y, uint16_t *out, uint16_t *out2,
                       uint32_t s1, uint32_t s2, uint32_t t, long L, long r0, long r1) {
     int failed = 0;
-#ifdef _OPENMP
-#pragma omp parallel reduction(| : failed)
-#endif
+    PARALLEL_OR_FAILED
     {
         long lo, hi;
         share(r0, r1, &lo, &hi);
