@@ -46,7 +46,7 @@ def test_the_default_output_is_runs_demo_then_a_free_suffix(tmp_path):
 def test_the_help_says_where_the_demo_goes_and_how_long_it_takes():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     text = " ".join(sub.choices["demo"].format_help().split())
-    assert "(default: runs/demo, or runs/demo-2" in text and "145-275 s on a 2-core" in text
+    assert "(default: runs/demo, or runs/demo-2" in text and "a few minutes on 2 CPU cores" in text
 
 
 @pytest.fixture

@@ -20,8 +20,7 @@ def compiled_forward(model: VisionTransformer) -> nn.Module:
 
     Its attributes (config, parameters, eval) are the model's. The first batch of each new
     size compiles (tens of seconds); after a second size torch compiles one graph for any
-    batch size. On the AMX Xeon of 2026-12-02 EANet's bf16 inference ran 1.9x eager's
-    (docs/speed.md).
+    batch size. What it gains per CPU class: docs/speed.md.
     """
     log.info("compiling the forward pass with torch.compile (the first batches are slow)")
     return torch.compile(model)

@@ -32,9 +32,9 @@ def tune_cpu_allocator(mmap_threshold: int = 1 << 30) -> bool:
     """Keep big tensors on the reusable heap instead of fresh mmap pages (glibc only).
 
     glibc serves allocations above 32 MiB with mmap and returns them at free, so every
-    (128, 256, 256) float tensor of a training step (33.5 MB) is page-faulted in anew:
-    on the 2-core development machine a fresh 33.5 MB multiply took 30 ms against 7 ms
-    with reused memory. Raising the mmap and trim thresholds makes freed blocks reusable.
+    (128, 256, 256) float tensor of a training step (33.5 MB) is page-faulted in anew,
+    several times slower than a multiply into reused memory. Raising the mmap and trim
+    thresholds makes freed blocks reusable.
     The price: the process keeps its peak memory instead of returning it to the system.
     """
     global _allocator_tuned
@@ -207,9 +207,8 @@ def _warn_emulated_bf16() -> None:
         return
     _warned.add("bf16")
     log.warning(
-        "--precision bf16 on this CPU runs emulated (%s): expect it slower than fp32 "
-        "(measured with the AVX2 emulation on an AVX-512 EPYC: EANet training 29 vs 73 "
-        "img/s, inference 5x slower); --precision auto or fp32 is faster here",
+        "--precision bf16 on this CPU runs emulated (%s): expect it several times slower "
+        "than fp32; --precision auto or fp32 is faster here",
         why,
     )
 

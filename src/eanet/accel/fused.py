@@ -4,7 +4,7 @@ On a CPU the EANet training step is dominated not by matmuls but by passes over
 (B, N, 256) tensors: dropout masks drawn with `bernoulli_`, and the double normalisation
 with its autograd backward. These functions compute the same values in fewer passes, each
 on its own kernel, and live beside it in `eanet.accel.ops` (one module per kernel, with
-its measured reasons); this module re-exports them:
+its reasons); this module re-exports them:
 
 - `masked`, `keep_mask` (ops/dropout.py): dropout masks without the 1/(1-p) rescale, 4
   decisions per 64-bit random word, on the CPU kernels/dropout.c;

@@ -281,8 +281,8 @@ def _last_linear(h, weight, bias, weight_scale, bias_scale, split_bias):
 def bias_in_gelu(module: nn.Module, x: torch.Tensor) -> bool:
     """Whether the MLP leaves fc1's bias to the GELU kernel: CPU inference (eval mode, no
     gradient, eager), where torch's linear would first fill its whole output with the bias
-    (with the last biases left to the add + LayerNorm kernel, 5% of EANet's bf16 inference
-    on the AVX-512-bf16 EPYC); the GELU kernel adds it in the pass it makes anyway."""
+    (a pass of its own, as for the last biases, left to the add + LayerNorm kernel); the GELU
+    kernel adds it in the pass it makes anyway."""
     eager = not torch.compiler.is_compiling()
     return not module.training and not torch.is_grad_enabled() and x.is_cpu and eager
 
@@ -312,8 +312,8 @@ def external_attention_in_chunks(x, heads, memory, w_in, w_out, b_out=None) -> t
     would add the same to every token's logit in a column, which the softmax over the
     tokens takes out again; the output projection's, b_out, is left to the caller where
     None. One chunk's logits and weights go into buffers reused by the next, the double
-    normalisation's kernel called straight (`fused.double_normalize_into`): EANet's bf16
-    inference 1129 -> 1205 img/s (the AVX-512-bf16 EPYC, alternating in one process)."""
+    normalisation's kernel called straight (`fused.double_normalize_into`), without an
+    autograd function's or a fresh tensor's overhead per chunk."""
     B, N, D = x.shape
     step = chunk_images(x, N * heads * memory)
     x = x.to(w_in.dtype)
@@ -384,9 +384,9 @@ class FastSelfAttention(SelfAttention, FastLayer):
 
 def chunked_attention(q: torch.Tensor) -> bool:
     """Whether `attention_in_chunks` is faster than torch's fused kernel for `q`: bf16 on a
-    CPU without AMX. Measured side by side in the ViT's inference (batch 128): on an
-    AVX-512-bf16 EPYC the fused kernel ran bf16 slower than fp32 and the chunks won; on an
-    AMX Xeon the fused kernel was 12% faster than the chunks (docs/speed.md)."""
+    CPU without AMX. Measured side by side in the ViT's inference (batch 128): without AMX
+    the fused kernel ran bf16 slower than fp32 and the chunks won; with AMX the fused kernel
+    was faster than the chunks."""
     return q.dtype == torch.bfloat16 and q.is_cpu and "amx_bf16" not in cpu_info()[1]
 
 
@@ -396,9 +396,8 @@ def attention_in_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
 
     The plain model's ops under CPU bf16 autocast (bf16 logits, softmax in fp32 inside and
     bf16 out, by `fused.softmax_last_into`), where torch's fused attention (SDPA) was slower
-    in bf16 than in fp32 on an AVX-512-bf16 CPU without AMX (docs/speed.md); one chunk's
-    logits and weights in buffers reused by the next (ViT bf16 inference 268 -> 277 img/s
-    with the softmax kernel called straight into them, the EPYC, alternating in one process).
+    in bf16 than in fp32 on a CPU with avx512_bf16 but without AMX; one chunk's logits and
+    weights in buffers reused by the next, the softmax kernel called straight into them.
     """
     B, h, N, _ = q.shape
     step = chunk_images(q, h * N * N)
@@ -407,8 +406,7 @@ def attention_in_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     weights = torch.empty_like(logits)
     for i in range(0, B, step):
         # k's rows made contiguous first (they are every third slice of the qkv output): the
-        # batched q k^T ran at 306 GFLOP/s on the strided k and 364 on the copy (AVX-512-bf16
-        # EPYC, a (4, 4, 256, 64) chunk), the ViT's bf16 inference 3.5% faster.
+        # batched q k^T runs faster on the copy than on the strided k.
         kt = k[i : i + step].contiguous().transpose(-2, -1)
         w = torch.matmul(q[i : i + step], kt, out=logits[: len(kt)])
         w = softmax_last_into(w, weights[: len(w)])

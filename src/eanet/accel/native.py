@@ -72,7 +72,7 @@ FLAGS = (
 )
 OPENMP_RUNTIMES = ("libgomp",)  # what gcc's -fopenmp code calls (GOMP_parallel, ...)
 ENABLED = {"native": True}  # one switch (tests turn the kernels off to run torch's ops)
-COMPILE_TIMEOUT = 60  # seconds per kernel (each takes under 3 s on the development CPU)
+COMPILE_TIMEOUT = 60  # seconds per kernel (each normally takes a few seconds)
 LOCK_TIMEOUT = 30  # seconds to wait for another process's compile, then torch's ops
 VERSION_TIMEOUT = 10  # seconds for `$CC --version`
 
@@ -259,7 +259,7 @@ def openmp_runtime() -> str | None:
     """The path of the OpenMP runtime torch runs on, where it is gcc's (libgomp), else None.
 
     Kernels built with -fopenmp against it share torch's threads; against a second runtime
-    they would spin beside torch's threads (measured: the kernel took 2x as long). Other
+    they would spin beside torch's threads (the kernel then takes about twice as long). Other
     packages bring their own libgomp (scikit-learn's wheels do): torch's is the one in its
     own lib directory, or else the only one loaded.
     """

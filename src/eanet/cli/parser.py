@@ -162,8 +162,7 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
         help="offline demo: learn real handwritten digits, then the CIFAR-100 pipeline",
         description="Offline: train EANet on 1,797 real handwritten digits shipped in the "
         "package until it works, and show its predictions; then run the reference recipe on "
-        "the shipped CIFAR-100 slice. It takes a few minutes: 145-275 s on a 2-core AMD EPYC "
-        "shared with other jobs (245 s measured 2026-12-04, 2 threads, load average 3-6).",
+        "the shipped CIFAR-100 slice. It takes a few minutes on 2 CPU cores.",
     )
     m.add_argument(
         "--out",

@@ -67,7 +67,8 @@ ACCEPTED_FORMATS = {
     "GIF": "GIF",
 }
 # libjpeg's progressive scripts write about 10 scans; each scan costs a pass over all the
-# image's blocks (0.4 ms per megapixel here, so 100 scans of 16 MP take under a second).
+# image's blocks (a fraction of a millisecond per megapixel: 100 scans of 16 MP take about a
+# second).
 MAX_JPEG_SCANS = 100
 MEASURE_CPU_S = 0.25  # for Pillow to read the headers of a request (a real one: a few ms)
 MAX_JPEG_MARKERS = 500  # a real JPEG has a few dozen (restart markers are not counted)

@@ -2,9 +2,8 @@
 
 Under `--precision auto` on a CPU where bf16 pays (`runtime.cpu_bf16_pays`: large
 matmuls), small forward passes may still be faster in fp32: bf16's casts and oneDNN's
-calls cost more than its matmuls save on a few images (the reference EANet on an AMX Xeon,
-2026-12-05: bf16 0.72x fp32's speed for one image, 0.98x for 4, 1.17x for 8, 2.35x for
-128; on an AVX-512-bf16 EPYC `--max-batch 1` served 18% fewer requests in bf16). So the
+calls cost more than its matmuls save on a few images (measured per CPU class in
+`benchmarks/results/serve/`: bf16 slower than fp32 for one image, faster from a few). So the
 served model times passes of 1, 2, 4, 8 and 16 images in both precisions once at start
 (`bf16_from`) and runs the passes below the size from which bf16 was faster in fp32.
 """

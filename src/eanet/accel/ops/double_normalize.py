@@ -3,11 +3,10 @@ sum over the memory slots.
 
 On the CPU (fp32 or bf16) `double_normalize` runs the hand-written kernel of
 kernels/double_normalize.c: one pass per batch element inside the cache, forward and
-backward; measured on the AMX Xeon of 2026-12-02, EANet's bf16 inference 621 -> 1,206
-img/s, bf16 training 175 -> 241, fp32 533 -> 774 and 148 -> 172 (docs/speed.md).
-Elsewhere (CUDA, float64, no C compiler) the torch ops below, with a hand-written backward
-of three passes that reuses torch's softmax backward.
-"""
+backward, where torch's ops make several passes over memory (the measurements are in
+`benchmarks/results/` and the commits that chose it). Elsewhere (CUDA, float64, no C
+compiler) the torch ops below, with a hand-written backward of three passes that reuses
+torch's softmax backward."""
 
 from __future__ import annotations
 
@@ -168,8 +167,7 @@ def double_normalize_into(z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """double_normalize(z) of CPU logits (B, N, h, S) written into `out` (z's shape, dtype,
     contiguous), without gradient or dropout: a loop of inference chunks calls this once a
     chunk, and going straight to the kernel (no autograd function, custom op or fresh
-    tensors) saved about 40 us a call, 3% of EANet's bf16 inference in chunks of 16 images
-    (AVX-512-bf16 EPYC)."""
+    tensors) spares each call their overhead."""
     fits = out.shape == z.shape and out.dtype == z.dtype and out.is_contiguous()
     if not (fits and _runs_native(z, 1) and z.numel() < 2**31):
         return out.copy_(double_normalize(z, token_dim=1))

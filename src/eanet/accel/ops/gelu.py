@@ -1,8 +1,7 @@
 """The reference's GELU (tanh approximation), with the MLP's dropout after it where asked.
 
-`gelu_tanh` runs on the CPU kernels/gelu.c, one pass each way with the dropout inside (bf16
-inference 1,303 -> 1,455 img/s on the AMX Xeon, docs/speed.md), and in inference a linear
-layer's bias added in the same pass.
+`gelu_tanh` runs on the CPU kernels/gelu.c, one pass each way with the dropout inside, and
+in inference a linear layer's bias added in the same pass.
 """
 
 from __future__ import annotations

@@ -2,10 +2,8 @@
 
 `layer_norm` and `add_layer_norm` (the second with the residual add before it, and the
 branch's last bias and dropout inside) read the fp32 stream and write bf16 in one pass each
-way (EANet bf16 inference 1,270 -> 1,655 img/s, training 346 -> 374 on the AMX Xeon of
-2026-12-03, docs/speed.md); elsewhere torch's. They stay out of compiled graphs: inductor
-fuses the norm with its neighbours itself.
-"""
+way, where torch converts and normalises in passes of their own; elsewhere torch's. They
+stay out of compiled graphs: inductor fuses the norm with its neighbours itself."""
 
 from __future__ import annotations
 
@@ -249,9 +247,8 @@ def add_layer_norm(
     branch's last bias, where the branch left it out, and its dropout, no rescale, first) and
     the next pre-norm. Under CPU bf16 autocast (fp32 stream x, bf16 branch output) in one
     kernel pass each way, the dropout inside, and in inference the bias too.
-    `in_place` lets it write s over x where no gradient is wanted (the caller owns x):
-    about 30% less time for the pass where x is not in the cache (0.51 -> 0.36 ms for EANet's
-    (32768, 64) rows on the AVX-512-bf16 EPYC)."""
+    `in_place` lets it write s over x where no gradient is wanted (the caller owns x): no
+    second stream to write where x is not in the cache."""
     fused = residual.dtype == torch.bfloat16 and residual.shape == x.shape
     if fused and residual.device == x.device and _native_norm_applies(norm, x):
         w, b, eps = norm.weight, norm.bias, norm.eps
