@@ -126,7 +126,7 @@ def _forge(path, edit, checksum: str = "recompute", edit_tensors=None):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"dim": 65536, "depth": 1000}, "more than any eanet model"),
+        ({"dim": 65536, "depth": 1000}, "over its bound"),  # the model options' own bounds
         ({"depth": 2}, "implies"),  # plausible, but not what the file holds
         ({"mlp_dim": 128}, "implies"),
     ],
@@ -154,7 +154,7 @@ def test_a_header_claiming_another_model_is_refused_before_building_it(
     with pytest.raises(CheckpointError, match=f"checkpoint metadata is damaged .*{message}"):
         checkpoint.load_model(path)
     assert time.perf_counter() - t0 < 5  # milliseconds of work; generous for a busy CI
-    assert set(devices) == {"meta"}  # nothing was built with real memory
+    assert set(devices) <= {"meta"}  # nothing was built with real memory
     monkeypatch.undo()
     for command in (["info", str(path)], ["predict", str(path), str(tmp_path)]):
         assert main(command) == 2

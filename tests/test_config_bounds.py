@@ -54,11 +54,20 @@ def test_every_registered_model_is_within_the_bounds():
         entry.config.validate()  # raises if a registered model broke a bound
 
 
-def test_an_invalid_model_option_is_reported_before_the_data_is_looked_for(tmp_path, capsys):
-    """The data path does not exist: the model option's error must come first."""
+def test_an_invalid_model_option_is_reported_before_the_data_is_looked_for(
+    tmp_path, capsys, monkeypatch
+):
+    """No CIFAR-100 archive in the data cache: the model option's error must come before any
+    download is tried."""
+    import urllib.request
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was tried before the model options were checked")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_download)
+    monkeypatch.setenv("EANET_DATA", str(tmp_path / "data"))
     out = tmp_path / "run"
-    argv = ["train", "--model-arg", "dim=100000", "--data-path", str(tmp_path / "nowhere")]
-    assert main([*argv, "--out", str(out)]) == 2
+    assert main(["train", "--model-arg", "dim=100000", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "dim=100000 is over its bound" in err and "nowhere" not in err
+    assert "dim=100000 is over its bound" in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
