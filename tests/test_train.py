@@ -48,10 +48,10 @@ def test_run_directory_holds_every_artifact(tmp_path, small_sample):
     assert config["dataset"] == {
         "name": "cifar100",
         "classes": 100,
-        "train_images": 77,
-        "val_images": 19,
+        "train_images": 76,
+        "val_images": 20,
         "test_images": 64,
-    }  # last 20% held out
+    }  # Keras's split: the first floor(96 * 0.8) train, the rest validate
     ckpt = checkpoint.load(tmp_path)
     assert ckpt.meta.epoch == 2 and ckpt.class_names == small_sample.class_names
     assert ckpt.optimizer_state is not None and "cpu" in ckpt.rng_state
