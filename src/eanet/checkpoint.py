@@ -40,17 +40,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as serialize
 
-from eanet.choices import WEIGHTS
 from eanet.errors import CheckpointError, ConfigError, one_line
-from eanet.fileio import atomic_path
+from eanet.fileio import BEST_NAME, CHECKPOINT_NAME, atomic_path, resolve  # noqa: F401 (re-exported)
 from eanet.models.config import ModelConfig
 from eanet.models.registry import build_model
 from eanet.models.transformer import VisionTransformer
 
 FORMAT = "eanet-checkpoint"
 FORMAT_VERSION = 1
-CHECKPOINT_NAME = "checkpoint.safetensors"
-BEST_NAME = "best.safetensors"  # the weights of the best validation top-1, beside the last
 EMA_PREFIX = "ema."  # extra tensors holding the moving average of the weights
 # Far above any model of this project (the reference has 0.36 M): a header claiming more is
 # refused before anything is built.
@@ -154,29 +151,6 @@ class Checkpoint:
     @property
     def class_names(self) -> list[str]:
         return list(self.meta.class_names)
-
-
-def resolve(path: str | Path, weights: str = "last") -> Path:
-    """A run directory or a checkpoint file -> the checkpoint file (`best`: best.safetensors)."""
-    path = Path(path)
-    if weights not in WEIGHTS:
-        raise ConfigError(f"--weights {weights!r} must be one of {', '.join(WEIGHTS)}")
-    if weights == "best":
-        run = path if path.is_dir() else path.parent
-        if not (run / BEST_NAME).is_file():
-            raise CheckpointError(
-                f"{run}: no {BEST_NAME} there (written by `eanet train` when a run has "
-                "validation images); use --weights last"
-            )
-        return run / BEST_NAME
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
-    if not path.is_file():
-        raise CheckpointError(
-            f"{path}: no checkpoint there; pass a run directory written by "
-            "`eanet train` or a .safetensors checkpoint"
-        )
-    return path
 
 
 def save(

@@ -14,7 +14,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from eanet.errors import EANetError
+from eanet.choices import WEIGHTS
+from eanet.errors import CheckpointError, ConfigError, EANetError
 
 log = logging.getLogger(__name__)
 
@@ -198,3 +199,32 @@ def remove_stale_temp_files(out: Path, names: Iterable[str]) -> list[Path]:
             ", ".join(p.name for p in removed),
         )
     return removed
+
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+BEST_NAME = "best.safetensors"  # the weights of the best validation top-1, beside the last
+
+
+def resolve(path: str | Path, weights: str = "last") -> Path:
+    """A run directory or a checkpoint file -> the checkpoint file (`best`: best.safetensors).
+
+    Torch-free, so that the command line checks a checkpoint argument before torch loads."""
+    path = Path(path)
+    if weights not in WEIGHTS:
+        raise ConfigError(f"--weights {weights!r} must be one of {', '.join(WEIGHTS)}")
+    if weights == "best":
+        run = path if path.is_dir() else path.parent
+        if not (run / BEST_NAME).is_file():
+            raise CheckpointError(
+                f"{run}: no {BEST_NAME} there (written by `eanet train` when a run has "
+                "validation images); use --weights last"
+            )
+        return run / BEST_NAME
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: no checkpoint there; pass a run directory written by "
+            "`eanet train` or a .safetensors checkpoint"
+        )
+    return path

@@ -10,11 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from eanet.errors import CheckpointError, ConfigError, DataError
+from eanet.errors import ConfigError, DataError
+from eanet.fileio import BEST_NAME, CHECKPOINT_NAME, resolve
 
-# The names `eanet.checkpoint` uses (it loads torch, so they are repeated here).
-CHECKPOINT_NAME = "checkpoint.safetensors"
-BEST_NAME = "best.safetensors"
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"})
 _MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
 
@@ -41,27 +39,14 @@ def is_run_or_checkpoint(path: Path) -> bool:
 
 
 def check_checkpoint(path: Path, weights: str, usage: str) -> None:
-    """Refuse a checkpoint argument that is an image, or names no checkpoint file, as
-    `eanet.checkpoint.resolve` would (same words), without loading torch.
+    """Refuse a checkpoint argument that is an image, or names no checkpoint file
+    (`eanet.fileio.resolve`, which `eanet.checkpoint` uses too), without loading torch.
 
     `usage`: the command's order of arguments, said when an image stands first.
     """
     if is_image_file(path):
         raise ConfigError(f"{path} is an image, not a run or checkpoint: the order is {usage}")
-    if weights == "best":
-        run = path if path.is_dir() else path.parent
-        if not (run / BEST_NAME).is_file():
-            raise CheckpointError(
-                f"{run}: no {BEST_NAME} there (written by `eanet train` when a run has "
-                "validation images); use --weights last"
-            )
-        return
-    file = path / CHECKPOINT_NAME if path.is_dir() else path
-    if not file.is_file():
-        raise CheckpointError(
-            f"{file}: no checkpoint there; pass a run directory written by "
-            "`eanet train` or a .safetensors checkpoint"
-        )
+    resolve(path, weights)
 
 
 def check_image_inputs(inputs: Sequence[str | Path], usage: str) -> None:
