@@ -33,6 +33,13 @@ def test_bench_model_reports_throughput_and_machine():
     }
 
 
+def test_bench_model_times_a_grey_model():
+    # a 1-channel model (eanet-fashion) gets 1-channel statistics, not CIFAR's three
+    cfg = TrainConfig(batch_size=4, device="cpu", model="eanet-fashion", model_args={"depth": 1})
+    r = bench_model(cfg, warmup=0, steps=1, peak=100.0)
+    assert r.model == "eanet-fashion" and r.train_img_s > 0 and r.infer_img_s > 0
+
+
 def test_bench_cli_names_the_native_kernels(capsys, monkeypatch):
     from eanet.accel import native
 

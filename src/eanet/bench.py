@@ -172,6 +172,17 @@ def _bench_data(model: VisionTransformer, batch_size: int, dev: torch.device):
     return x, y
 
 
+def _set_realistic_stats(model: VisionTransformer) -> None:
+    """CIFAR-100-like normalization statistics (their grey mean for a 1-channel model), so
+    activations have realistic magnitudes."""
+    mean = torch.tensor([129.3, 124.1, 112.4])
+    var = torch.tensor([4597.0, 4231.0, 5013.0])
+    if model.config.in_chans != 3:
+        mean = mean.mean().expand(model.config.in_chans)
+        var = var.mean().expand(model.config.in_chans)
+    model.normalize.set_stats(mean, var, 1)
+
+
 def bench_model(
     cfg: TrainConfig,
     warmup: int = 3,
@@ -193,10 +204,7 @@ def bench_model(
     tune_cpu_allocator()
     torch.manual_seed(0)
     model = create_model(cfg.model, **cfg.model_args).to(dev)
-    # CIFAR-100-like statistics, so activations have realistic magnitudes
-    model.normalize.set_stats(
-        torch.tensor([129.3, 124.1, 112.4]), torch.tensor([4597.0, 4231.0, 5013.0]), 1
-    )
+    _set_realistic_stats(model)
     report = accel.apply(model, dev, precision) if cfg.accel else None
     optimizer = make_optimizer(model, cfg)
     runner = accelerate(model, cfg, dev)
