@@ -1,0 +1,199 @@
+"""The Fashion-MNIST results: named training runs on the full 60,000/10,000, resumable.
+
+Each experiment is one `eanet train --dataset fashion-mnist ...` run in RUNS/NAME. After
+every call its record, benchmarks/results/fashion-mnist/NAME.json, is rewritten from the run
+directory: the command, the history (validation top-1/top-5 and seconds per epoch), the
+test figures, minutes until validation top-1 first reached 90% and 92%, and on which
+machine (CPU class, threads) which epochs ran.
+
+    python benchmarks/fashion_mnist.py --list
+    python benchmarks/fashion_mnist.py reference eanet-s0 vit-s0   # run (or go on with) these
+    python benchmarks/fashion_mnist.py --record-only reference     # rewrite the JSON only
+
+Killed at any point, the same command goes on from the last complete epoch
+(`--auto-resume`). A `curve` experiment (constant learning rate only, where extending a run
+is the same run) trains one epoch per call, so that the test top-1 and top-5 of every
+epoch's weights are recorded too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "fashion-mnist"
+THRESHOLDS = (0.90, 0.92)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    what: str
+    args: tuple[str, ...]
+    epochs: int
+    curve: bool = False  # one call per epoch, test figures of every epoch
+
+
+def _seeds(name: str, what: str, args: tuple[str, ...], epochs: int, curve: bool) -> dict:
+    return {
+        f"{name}-s{s}": Experiment(f"{what}, seed {s}", (*args, "--seed", str(s)), epochs, curve)
+        for s in (0, 1)
+    }
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+    "reference": Experiment(
+        "the reference model and recipe unchanged (eanet-cifar on padded 32x32 RGB)",
+        ("--model", "eanet-cifar"),
+        10,
+        curve=True,
+    ),
+    **_seeds("eanet", "eanet-fashion, reference recipe", ("--model", "eanet-fashion"), 10, True),
+    **_seeds("vit", "vit-fashion, reference recipe", ("--model", "vit-fashion"), 10, True),
+    **_seeds(
+        "eanet-bug",
+        "eanet-fashion, reference recipe with the reference's augmentation order",
+        ("--model", "eanet-fashion", "--augment", "reference-bug"),
+        10,
+        True,
+    ),
+    "eanet-modern": Experiment(
+        "eanet-fashion, the modern recipe (cosine over the run's epochs)",
+        ("--model", "eanet-fashion", "--recipe", "modern"),
+        10,
+    ),
+}
+
+
+def machine() -> dict:
+    """CPU class and model of this machine (the classes of benchmarks/compare_reference.py)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from compare_reference import machine_class
+
+    from eanet.runtime import environment
+
+    env = environment()
+    return {
+        "class": machine_class(env),
+        "cpu_model": env.get("cpu_model"),
+        "cpu_count": env["cpu_count"],
+        "torch": env["torch"],
+    }
+
+
+def train_command(exp: Experiment, out: Path, epochs: int, threads: int | None) -> list[str]:
+    cmd = [sys.executable, "-m", "eanet", "train", "--dataset", "fashion-mnist", *exp.args]
+    cmd += ["--epochs", str(epochs), "--out", str(out), "--auto-resume", "--no-progress"]
+    return cmd + (["--threads", str(threads)] if threads else [])
+
+
+def _read(path: Path, default: object) -> object:
+    return json.loads(path.read_text()) if path.exists() else default
+
+
+def epochs_done(out: Path) -> int:
+    return len(_read(out / "history.json", []))
+
+
+def first_reached(history: list[dict], threshold: float) -> dict | None:
+    """Epoch and cumulative minutes (training + validation) when val top-1 first >= threshold."""
+    seconds = 0.0
+    for row in history:
+        seconds += row["epoch_seconds"]
+        if (row.get("val_top1") or 0.0) >= threshold:
+            return {"epoch": row["epoch"], "minutes": round(seconds / 60, 2)}
+    return None
+
+
+def record(name: str, exp: Experiment, out: Path, segments: list[dict]) -> dict:
+    """The experiment's JSON, from its run directory and the calls made so far."""
+    history = _read(out / "history.json", [])
+    rec = {
+        "experiment": name,
+        "what": exp.what,
+        "command": "python benchmarks/fashion_mnist.py " + name,
+        "train_args": list(exp.args),
+        "epochs_planned": exp.epochs,
+        "epochs_done": len(history),
+        "history": history,
+        "test": _read(out / "metrics.json", None),
+        "reached": {f"{t:.2f}": first_reached(history, t) for t in THRESHOLDS},
+        "segments": segments,
+    }
+    if exp.curve:
+        rec["test_per_epoch"] = _read(out / "test_per_epoch.json", [])
+    return rec
+
+
+def run(name: str, args: argparse.Namespace, mach: dict) -> None:
+    exp = EXPERIMENTS[name]
+    out = Path(args.runs) / name
+    path = RESULTS / f"{name}.json"
+    segments = _read(path, {}).get("segments", [])
+    target = args.epochs or exp.epochs
+    steps = range(epochs_done(out) + 1, target + 1) if exp.curve else [target]
+    for epochs in [] if args.record_only else steps:
+        before, t0 = epochs_done(out), time.time()
+        cmd = train_command(exp, out, epochs, args.threads)
+        print(f"[{name}] {' '.join(cmd[2:])}", flush=True)
+        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+            sys.exit(f"[{name}] training failed; the same command goes on from the last epoch")
+        if exp.curve:
+            _append_test(out)
+        segments.append(
+            {
+                "epochs": [before + 1, epochs_done(out)],
+                "wall_seconds": round(time.time() - t0, 1),
+                "threads": args.threads,
+                "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                **mach,
+            }
+        )
+        _write(path, record(name, exp, out, segments))
+    _write(path, record(name, exp, out, segments))
+
+
+def _append_test(out: Path) -> None:
+    """Keep the test figures of the epoch just trained (metrics.json: the last weights')."""
+    metrics = _read(out / "metrics.json", {})
+    if metrics.get("epochs") != epochs_done(out):
+        return  # killed before the test: the next call's run tests this epoch's weights again
+    rows = [r for r in _read(out / "test_per_epoch.json", []) if r["epoch"] < epochs_done(out)]
+    rows.append({"epoch": epochs_done(out), **{k: metrics[k] for k in ("test_top1", "test_top5")}})
+    (out / "test_per_epoch.json").write_text(json.dumps(rows, indent=1))
+
+
+def _write(path: Path, rec: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("names", nargs="*", help="experiments to run, in order (see --list)")
+    parser.add_argument("--list", action="store_true", help="list the experiments")
+    parser.add_argument("--runs", default="runs/fashion-mnist", help="run directories' parent")
+    parser.add_argument("--epochs", type=int, help="epochs (default: the experiment's)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: one per core)")
+    parser.add_argument("--record-only", action="store_true", help="only rewrite the JSON")
+    args = parser.parse_args()
+    unknown = [n for n in args.names if n not in EXPERIMENTS]
+    if args.list or not args.names or unknown:
+        for name, exp in EXPERIMENTS.items():
+            print(f"{name:14s} {exp.epochs:3d} epochs  {exp.what}")
+        sys.exit(f"unknown experiment(s): {', '.join(unknown)}" if unknown else 0)
+    mach = machine()
+    for name in args.names:
+        run(name, args, mach)
+
+
+if __name__ == "__main__":
+    main()
