@@ -18,15 +18,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-import eanet.accel
 from eanet import checkpoint
 from eanet.data.images import ImageLike
 from eanet.errors import DataError
-from eanet.inference import compiled_forward
+from eanet.inference import Runtime
 from eanet.models.config import ModelConfig
 from eanet.models.transformer import VisionTransformer
 from eanet.predict import Prediction, predict_batch
-from eanet.runtime import resolve_device, resolve_precision
 
 if TYPE_CHECKING:  # loaded when `attention` is called
     from eanet.attention_maps import AttentionMaps
@@ -123,11 +121,7 @@ def load(
     `accel`: the faster equivalents of the model's layers (`eanet.accel.apply`); False: the
     plain model's torch ops.
     """
-    dev = resolve_device(device)
-    resolve_precision(precision, dev)  # an impossible precision fails here, not at predict
-    model, ckpt = checkpoint.load_model(path, dev)
-    if accel:
-        eanet.accel.apply(model, dev, precision)
-    if compile:
-        model = compiled_forward(model)
-    return Classifier(model, ckpt.class_names, ckpt.meta.to_dict(), precision)
+    rt = Runtime.resolve(device, precision, accel, compile)  # fails here, not at predict
+    model, ckpt = checkpoint.load_model(path, rt.device)
+    ready = rt.prepare(model)
+    return Classifier(ready.runner, ckpt.class_names, ckpt.meta.to_dict(), rt.precision)

@@ -24,6 +24,7 @@ from eanet import accel
 from eanet.accel import native
 from eanet.data.augment import AugmentConfig
 from eanet.errors import ConfigError
+from eanet.inference import Runtime
 from eanet.models.registry import count_parameters, create_model
 from eanet.models.transformer import VisionTransformer
 from eanet.runtime import (
@@ -31,7 +32,6 @@ from eanet.runtime import (
     environment,
     native_bf16,
     resolve_device,
-    resolve_precision,
     set_threads,
     tune_cpu_allocator,
 )
@@ -199,13 +199,13 @@ def bench_model(
     if steps < 1 or warmup < 0:
         raise ConfigError(f"--steps {steps} must be >= 1 and --warmup {warmup} >= 0")
     set_threads(cfg.threads)
-    dev = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, dev)
+    rt = Runtime.resolve(cfg.device, cfg.precision, cfg.accel, cfg.compile, cfg.compile_mode)
+    dev, precision = rt.device, rt.precision
     tune_cpu_allocator()
     torch.manual_seed(0)
-    model = create_model(cfg.model, **cfg.model_args).to(dev)
+    model = create_model(cfg.model, **cfg.model_args)
     _set_realistic_stats(model)
-    report = accel.apply(model, dev, precision) if cfg.accel else None
+    report = rt.place(model)  # on the device, eanet.accel applied; compiled by `accelerate`
     optimizer = make_optimizer(model, cfg)
     runner = accelerate(model, cfg, dev)
     x, y = _bench_data(model, cfg.batch_size, dev)

@@ -5,17 +5,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import eanet.accel
 from eanet import checkpoint
 from eanet.data.dataset import ImageData
 from eanet.data.load import load_dataset
 from eanet.data.splits import train_val_split
 from eanet.errors import ConfigError
 from eanet.fileio import write_csv, write_json
-from eanet.inference import compiled_forward, predict_logits
+from eanet.inference import Runtime, predict_logits
 from eanet.metrics import confusion_matrix, metrics_from_logits
 from eanet.plots import plot_confusion
-from eanet.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +44,8 @@ def evaluate_checkpoint(
     `compile`: the forward pass under torch.compile (`inference.compiled_forward`).
     `accel`: the faster equivalents of the model's layers (`eanet.accel.apply`).
     """
-    dev = resolve_device(device)
-    model, ckpt = checkpoint.load_model(path, dev, weights)
+    rt = Runtime.resolve(device, precision, accel, compile)
+    model, ckpt = checkpoint.load_model(path, rt.device, weights)
     train_cfg = ckpt.meta.train_config or {}
     dataset = dataset or train_cfg.get("dataset", "cifar100")
     if data_path is None and dataset == train_cfg.get("dataset"):
@@ -73,10 +71,8 @@ def evaluate_checkpoint(
         _, _, images, labels = train_val_split(data, frac)
     else:
         raise ConfigError(f"split {split!r} must be 'test' or 'val'")
-    if accel:
-        eanet.accel.apply(model, dev, precision)
-    runner = compiled_forward(model) if compile else model
-    logits = predict_logits(runner, images, batch_size, progress, f"eval {split}", precision)
+    runner = rt.prepare(model).runner
+    logits = predict_logits(runner, images, batch_size, progress, f"eval {split}", rt.precision)
     m = metrics_from_logits(logits, labels, train_cfg.get("label_smoothing", 0.1))
     conf = confusion_matrix(logits.argmax(1), labels, data.num_classes)
     support = conf.sum(1)

@@ -257,16 +257,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     check_positive("--top-k", args.top_k)
     check_positive("--batch-size", args.batch_size)
     log.info("predicting with %s (%s weights)", args.checkpoint, args.weights)
-    from eanet import accel, checkpoint
-    from eanet.inference import compiled_forward
+    from eanet import checkpoint
+    from eanet.inference import Runtime
     from eanet.predict import Failure, expand_inputs, iter_predict_files
-    from eanet.runtime import resolve_device
 
-    model, ckpt = checkpoint.load_model(args.checkpoint, resolve_device(args.device), args.weights)
-    if args.accel:
-        accel.apply(model, precision=args.precision)
-    if args.compile:
-        model = compiled_forward(model)
+    rt = Runtime.resolve(args.device, args.precision, args.accel, args.compile)
+    model, ckpt = checkpoint.load_model(args.checkpoint, rt.device, args.weights)
+    runner = rt.prepare(model).runner
     names = ckpt.class_names
     files, failures = expand_inputs(args.inputs)
     for f in failures:
@@ -277,7 +274,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     cell_w = max(len(n) for n in shown.values()) + 9
     header = "".join(f"{f'top-{j + 1}':<{cell_w}}" for j in range(k))
     done = 0
-    for r in iter_predict_files(model, names, files, args.top_k, args.batch_size, args.precision):
+    for r in iter_predict_files(runner, names, files, args.top_k, args.batch_size, rt.precision):
         if isinstance(r, Failure):
             failures.append(r)
             print(f"eanet: error: {one_line(f'{r.source}: {r.reason}')}", file=sys.stderr)

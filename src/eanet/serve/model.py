@@ -16,11 +16,10 @@ from pathlib import Path
 
 import torch
 
-import eanet.accel
 from eanet import __version__, checkpoint
-from eanet.inference import compiled_forward
+from eanet.inference import Runtime
 from eanet.models.registry import count_parameters
-from eanet.runtime import autocast, resolve_device, resolve_precision
+from eanet.runtime import autocast
 
 log = logging.getLogger(__name__)
 
@@ -61,19 +60,20 @@ class ServedModel:
     ) -> None:
         path = checkpoint.resolve(path)
         self.path = path
-        self.model, ckpt = checkpoint.load_model(path, resolve_device(device))
+        rt = Runtime.resolve(device, precision, accel, compile)
+        self.model, ckpt = checkpoint.load_model(path, rt.device)
         self.meta = ckpt.meta
         self.class_names = ckpt.class_names
         self.config = self.model.config
         self.device = next(self.model.parameters()).device
-        self.precision = resolve_precision(precision, self.device)  # the forward pass's
-        self.accel = eanet.accel.apply(self.model, self.device, self.precision) if accel else None
+        self.precision = rt.precision  # the forward pass's
+        ready = rt.prepare(self.model)
+        self.accel, self.runner = ready.accel, ready.runner
         self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
         fallback = "eanet" if self.config.attention == "external" else "vit"
         self.name = str(self.meta.model_name or fallback)
         self.parameters = count_parameters(self.model)
         self.compiled = compile
-        self.runner = compiled_forward(self.model) if compile else self.model
         self.bf16_from: int | None = None  # passes of fewer images run in fp32
         cpu_auto = precision == "auto" and self.device.type == "cpu"
         if cpu_auto and self.precision == "bf16" and not compile:

@@ -26,11 +26,11 @@ from eanet.data.load import load_dataset
 from eanet.data.splits import compute_normalization, train_val_split
 from eanet.errors import ConfigError, EANetError
 from eanet.fileio import atomic_path, write_json
-from eanet.inference import evaluate_tensors
+from eanet.inference import Runtime, evaluate_tensors
 from eanet.metrics import Metrics
 from eanet.models.registry import MODELS, build_model, model_config
 from eanet.models.transformer import VisionTransformer
-from eanet.runtime import environment, resolve_precision, set_threads, tune_cpu_allocator
+from eanet.runtime import environment, set_threads, tune_cpu_allocator
 from eanet.train import distributed, finetune
 from eanet.train.config import TrainConfig
 from eanet.train.ema import EMA
@@ -112,6 +112,7 @@ class _Run:
     val_x: torch.Tensor
     val_y: torch.Tensor
     progress: bool
+    runtime: Runtime  # device (this rank's), resolved precision, accel, compile
     history: list[dict] = field(default_factory=list)
     start: int = 1  # the first epoch still to train
     extras: StepExtras | None = None  # schedule, clipping, EMA, logging (modern options)
@@ -201,18 +202,18 @@ def _build_run(
     progress: bool,
 ) -> _Run:
     """The model (fine-tuned or fresh), its optimizer and the split tensors on the device."""
-    device = dist.device
-    model = build_for_data(cfg, data).to(device)
+    rt = Runtime.resolve(dist.device, cfg.precision, cfg.accel, cfg.compile, cfg.compile_mode)
+    model = build_for_data(cfg, data).to(rt.device)
     if cfg.init_from and not resume:  # a resumed run has its own weights
         finetune.load_compatible(model, cfg.init_from, data.class_names)
     if cfg.freeze_backbone:
         finetune.freeze_backbone(model)
-    report = accel.apply(model, device, cfg.precision) if cfg.accel else None
+    report = rt.place(model)  # the training step is compiled by `accelerate`, in `fit`
     if report is not None:
         log.info("accel: %s", report.summary())
     optimizer = make_optimizer(model, cfg)
-    tensors = (t.to(device) for t in train_val_split(data, cfg.val_fraction))
-    run = _Run(cfg, out, dist, data, model, optimizer, *tensors, progress=progress)
+    tensors = (t.to(rt.device) for t in train_val_split(data, cfg.val_fraction))
+    run = _Run(cfg, out, dist, data, model, optimizer, *tensors, progress=progress, runtime=rt)
     run.accel = report
     _add_extras(run)
     return run
@@ -290,7 +291,7 @@ def _run_record(run: _Run) -> dict:
             "test_images": len(run.data.test_images),
         },
         "eanet_version": __version__,
-        "precision": resolve_precision(run.cfg.precision, run.dist.device),  # 'auto' resolved
+        "precision": run.runtime.precision,  # 'auto' resolved
         "accel": None if run.accel is None else run.accel.to_dict(),
         "environment": environment(),
         "distributed": run.dist.describe(),
@@ -324,7 +325,7 @@ def _train_and_validate(run: _Run, runner: torch.nn.Module, guard: StepGuard, ep
         *dist.eval_shard(run.val_x, run.val_y),
         cfg.eval_batch_size,
         cfg.label_smoothing,
-        precision=cfg.precision,
+        precision=run.runtime.precision,
     )
     va = dist.all_reduce(va)
     row = _history_row(epoch, tr, va, train_s, time.perf_counter() - t0)
@@ -351,7 +352,7 @@ def _evaluate(run: _Run, model: VisionTransformer, x: torch.Tensor, y: torch.Ten
         *dist.eval_shard(x, y),
         cfg.eval_batch_size,
         cfg.label_smoothing,
-        precision=cfg.precision,
+        precision=run.runtime.precision,
         **kw,
     )
     return dist.all_reduce(m)
@@ -432,7 +433,7 @@ def _test(run: _Run) -> dict:
         cfg.label_smoothing,
         progress=run.progress,
         desc="test",
-        precision=cfg.precision,
+        precision=run.runtime.precision,
     )
     test = dist.all_reduce(test)
     metrics = {
