@@ -1,6 +1,8 @@
 """One source of truth for options: flags, --help, config files and --resume from the fields."""
 
+import importlib
 import json
+import math
 import time
 
 import pytest
@@ -12,7 +14,22 @@ from eanet.cli.main import main
 from eanet.cli.parser import build_parser
 from eanet.data.cifar import SAMPLE_ARCHIVE, SAMPLE_MD5
 from eanet.errors import ConfigError
-from eanet.options import CHANGE, KEEP, MATCH, declared, read_config_file, resume_merge, to_argv
+from eanet.models.config import ModelConfig
+from eanet.models.registry import model_config
+from eanet.options import (
+    CHANGE,
+    KEEP,
+    MATCH,
+    Bounds,
+    check_known,
+    declared,
+    flag,
+    from_mapping,
+    option,
+    read_config_file,
+    resume_merge,
+    to_argv,
+)
 from eanet.train.config import GROUPS, TrainConfig
 
 SLICE = ["--data-path", str(SAMPLE_ARCHIVE), "--md5", SAMPLE_MD5]
@@ -156,3 +173,143 @@ def test_config_yaml_reproduces_the_run_bit_for_bit(tmp_path, capsys):
     assert err.count("\n") == 0 and "--precision 'bf16' differs from the run's 'fp32'" in err
     assert main(["train", "--resume", str(first), "--epochs", "2", "--no-progress"]) == 0
     assert checkpoint.load(first).meta.epoch == 2
+
+
+# --------------------------------------------------------------------------- declared ranges
+
+
+# Each word of `option()`'s range vocabulary: the bounds, whether the field is an integer,
+# values at the edges (admitted), values just outside (refused), the message, the --help text.
+SEED = Bounds(low=0, high=2**63, high_open=True)
+RANGES = [
+    (Bounds(low=1, high=10**6), True, [1, 10**6], [0, 10**6 + 1], "an integer in [1, 1,000,000]"),
+    (SEED, True, [0, 2**63 - 1], [-1, 2**63], "an integer in [0, 2**63)"),
+    (Bounds(low=0, high=1, high_open=True), False, [0.0, 0.999], [-0.001, 1.0], "in [0, 1)"),
+    (Bounds(low=0, high=10), False, [0.0, 10.0], [-0.5, 10.5], "in [0, 10]"),
+    (Bounds(low=0), True, [0, 5], [-1], ">= 0"),
+    (Bounds(positive=True), False, [1e-9, 3.0], [0.0, -1.0, math.nan], "a positive number"),
+    (Bounds(positive=True), True, [1], [0], "a positive integer"),
+    (Bounds(positive=True, cap=64), True, [1, 64], [0], "a positive integer"),
+]  # fmt: skip
+TEXTS = ["in [1, 1,000,000]", "in [0, 2**63)", "in [0, 1)", "in [0, 10]", ">= 0", "> 0", ">= 1"]
+
+
+@pytest.mark.parametrize(("bounds", "integer", "admitted", "refused", "wanted"), RANGES)
+def test_each_range_word_admits_its_edges_and_says_what_is_wrong(
+    bounds, integer, admitted, refused, wanted
+):
+    assert all(bounds.admits(v) for v in admitted)
+    for value in refused:
+        assert not bounds.admits(value)
+        assert bounds.problem(value, integer) == f"must be {wanted}"
+
+
+def test_a_cap_and_infinity_have_their_own_words_and_help_shows_each_range():
+    cap = Bounds(positive=True, cap=64)
+    assert not cap.admits(65) and cap.problem(65, True) == "is over its bound of 64"
+    positive = Bounds(positive=True)
+    assert positive.problem(math.inf, False) == "must be a finite number > 0"
+    texts = [bounds.text(integer) for bounds, integer, *_ in RANGES]
+    assert texts == [*TEXTS, "in [1, 64]"]
+
+
+def test_a_range_is_declared_with_a_clear_vocabulary():
+    assert declared(TrainConfig)["lr"].metadata["bounds"] == Bounds(positive=True)
+    assert declared(TrainConfig)["model"].metadata["bounds"] is None  # none declared
+    with pytest.raises(ValueError, match="high_open=True needs high="):
+        option(0.5, help="x", high_open=True)
+    with pytest.raises(ValueError, match="low= or positive=True"):
+        option(1, help="x", low=1, positive=True)
+
+
+def test_the_help_of_a_flag_shows_its_range():
+    text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    text = " ".join(text.split())
+    assert "label smoothing of the cross-entropy; in [0, 1) (default: 0.1)" in text
+    assert "cosine); > 0 (default: 0.001)" in text  # --lr
+    assert "; in [1, 1,000,000] (default: 50) [changeable]" in text
+
+
+# --------------------------------------------------------------------------- unknown keys
+
+
+@pytest.mark.parametrize(
+    ("module", "call", "what"),
+    [
+        ("eanet.options", lambda: from_mapping(TrainConfig, {"nope": 1}, "config"), "option"),
+        ("eanet.train.config", lambda: TrainConfig.from_dict({"nope": 1}), "training option"),
+        ("eanet.models.config", lambda: ModelConfig.from_dict({"nope": 1}), "model option"),
+        ("eanet.models.registry", lambda: model_config("vit-cifar", nope=1), "model option"),
+    ],
+)
+def test_every_kind_of_config_reports_an_unknown_key_through_check_known(
+    monkeypatch, module, call, what
+):
+    seen = []
+
+    def spy(keys, known, kind="option"):
+        seen.append(kind)
+        return check_known(keys, known, kind)
+
+    monkeypatch.setattr(importlib.import_module(module), "check_known", spy)
+    with pytest.raises(ConfigError) as info:
+        call()
+    assert seen == [what]
+    assert f"unknown {what} 'nope'; known: " in str(info.value)
+
+
+def test_check_known_names_the_first_unknown_key_and_the_known_ones():
+    check_known({"a": 1}, ["a", "b"])
+    with pytest.raises(
+        ConfigError, match=r"^unknown model option 'c' \(and 1 more\); known: a, b$"
+    ):
+        check_known({"d": 1, "c": 2, "a": 3}, ["b", "a"], "model option")
+    with pytest.raises(ConfigError, match="known: attention, attn_drop, depth"):
+        check_known(["x" * 10_000], ModelConfig)  # a dataclass: its fields; the key bounded
+
+
+# --------------------------------------------------------------------------- derived flags
+
+
+def _parser(command: str):
+    return build_parser()._subparsers._group_actions[0].choices[command]
+
+
+def _help_of(command: str, option_string: str) -> str:
+    (action,) = [a for a in _parser(command)._actions if option_string in a.option_strings]
+    return action.help
+
+
+def test_evaluate_and_demo_take_their_flags_from_the_training_options():
+    fields = declared(TrainConfig)
+    args = build_parser().parse_args(["evaluate", "RUN"])
+    assert args.batch_size == TrainConfig().eval_batch_size  # --batch-size: eval_batch_size
+    assert _help_of("evaluate", "--batch-size").startswith(
+        fields["eval_batch_size"].metadata["help"]
+    )
+    args = build_parser().parse_args(["demo"])
+    assert args.seed == 0 and args.epochs is None  # None: the demo's own CIFAR epochs
+    assert build_parser().parse_args(["demo", "--seed", "3", "--epochs", "2"]).seed == 3
+    for name in ("seed", "epochs", "device", "threads"):
+        assert _help_of("demo", flag(name)).startswith(fields[name].metadata["help"]), name
+
+
+# Flags that share a field's name but are their command's own: predict's images per forward
+# pass (64 by default: a few images answered at once, not a test set's 500 per pass).
+OWN_FLAGS = {("predict", "--batch-size")}
+
+
+def test_no_flag_is_a_hand_declared_copy_of_a_config_field():
+    """A flag named as a field's flag takes its help (and so its type and range) from a
+    declared field, not from an argparse call of its own."""
+    from eanet.compare.config import CompareConfig
+    from eanet.serve.config import ServeConfig
+
+    fields = [f for c in (TrainConfig, CompareConfig, ServeConfig) for f in declared(c).values()]
+    flags = {flag(f.name) for f in fields} | {"--model-arg"}
+    helps = tuple(f.metadata["help"].replace("%", "%%") for f in fields)
+    for command, sub in build_parser()._subparsers._group_actions[0].choices.items():
+        for action in sub._actions:
+            for option_string in set(action.option_strings) & flags:
+                if (command, option_string) not in OWN_FLAGS:
+                    assert action.help.startswith(helps), f"eanet {command} {option_string}"

@@ -402,7 +402,10 @@ def _copy_run(tiny_run: Path, tmp_path: Path) -> Path:
         ({"verify": "yes"}, "--verify 'yes' must be true or false, not str"),
         ({"model_args": [1]}, "--model-args [1] must be a JSON object, not list"),
         ({"data_path": 3}, "--data-path 3 must be a string or null, not int"),
-        ({"turbo": True}, "unknown training option(s) turbo"),
+        (
+            {"turbo": True},
+            f"unknown training option 'turbo'; known: {', '.join(sorted(vars(TrainConfig())))}",
+        ),
     ],
 )
 def test_hand_edited_config_is_a_one_line_error_on_resume(

@@ -12,7 +12,6 @@ computes it; a forward pass that folds consecutive linear maps together executes
 from __future__ import annotations
 
 import os
-import textwrap
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from eanet.models.config import ModelConfig
 from eanet.models.layers import SelfAttention
 from eanet.models.registry import MODELS, count_parameters, create_model
 from eanet.models.transformer import VisionTransformer
+from eanet.options import declared, range_text
 from eanet.runtime import cpu_info, resolve_device, resolve_precision
 
 
@@ -164,12 +164,21 @@ def format_info(info: dict) -> str:
             f"on this machine: --precision auto -> {m['precision_auto']} on "
             f"{m['device']}; native kernels (--accel): {kernels}"
         )
-    lines.append("")
-    config = ", ".join(f"{k}={v}" for k, v in cfg.items())
-    lines.append(
-        textwrap.fill(config, width=100, initial_indent="config: ", subsequent_indent="  ")
-    )
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *_config_lines(cfg)])
+
+
+def _config_lines(cfg: dict) -> list[str]:
+    """The model options, one a line: its value, what it means and its range."""
+    fields = declared(ModelConfig)
+    width = max(len(f"{k}={v}") for k, v in cfg.items()) + 2
+    lines = ["config (change a field with --model-arg KEY=VALUE):"]
+    for key, value in cfg.items():
+        about = ""
+        if key in fields:  # always, for a config this version reads
+            bounds = range_text(ModelConfig, key)
+            about = fields[key].metadata["help"] + (f"; {bounds}" if bounds else "")
+        lines.append(f"  {f'{key}={value}':<{width}}{about}".rstrip())
+    return lines
 
 
 def machine_info() -> dict:

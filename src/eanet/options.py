@@ -1,9 +1,10 @@
-"""Options declared once: config dataclass fields with help, choices and a resume rule.
+"""Options declared once: config dataclass fields with help, choices, range and resume rule.
 
-Every training option is a field of a config dataclass (`TrainConfig`, `CompareConfig`,
-...) declared with `option(...)`: its help text, its choices and how it behaves on
-`--resume`. The command line's flags, config files (YAML in, YAML out), resume merging,
-`compare` and `bench` are derived from those fields.
+Every option is a field of a config dataclass (`TrainConfig`, `CompareConfig`,
+`ServeConfig`, `ModelConfig`) declared with `option(...)`: its help text, its choices, the
+numbers it admits and how it behaves on `--resume`. The command line's flags, config files
+(YAML in, YAML out), resume merging, `compare`, `bench` and the checks of every value
+(`check_declared`, `check_known`) are derived from those fields.
 
 Type checks: configs are built from JSON/YAML (a run's config, a checkpoint's metadata, a
 config file) and from `--model-arg KEY=VALUE`; a value of the wrong type must not reach a
@@ -15,10 +16,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from eanet.errors import ConfigError, preview, printable
 
@@ -103,6 +105,78 @@ KEEP = "keep"  # kept from the run: the flag does not apply to a resumed run and
 RESUME_RULES = (CHANGE, MATCH, KEEP)
 
 
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The numbers an option admits, declared with `option(low=..., high=..., ...)`.
+
+    `low`, `high`: the least and the greatest value (`high_open`: below `high`, not up to
+    it); `positive`: above 0 (an integer: at least 1); `cap`: a sanity bound far past any
+    real use, so that a typo (depth=1e9) is one line, not an out-of-memory crash; a value
+    over it "is over its bound". A float must also be finite.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    high_open: bool = False
+    positive: bool = False
+    cap: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.high_open and self.high is None:
+            raise ValueError("high_open=True needs high=")
+        if self.positive and self.low is not None:
+            raise ValueError("give low= or positive=True, not both")
+
+    def admits(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):  # nan, inf
+            return False
+        if (self.positive and value <= 0) or (self.low is not None and value < self.low):
+            return False
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return False
+        return self.cap is None or value <= self.cap
+
+    def text(self, integer: bool) -> str:
+        """The range in a few characters, as `--help` shows it: 'in [0, 1)', '> 0', '>= 0'."""
+        upper = (self.high, self.high_open) if self.high is not None else (self.cap, False)
+        return _interval(*self._lower(integer), *upper)
+
+    def problem(self, value: float, integer: bool) -> str:
+        """What is wrong with `value`, not admitted: 'must be an integer in [1, 1,000,000]'."""
+        if isinstance(value, float) and math.isinf(value):
+            return f"must be a finite number {self.text(integer)}"
+        if self.cap is not None and value > self.cap:
+            return f"is over its bound of {_number(self.cap)}"
+        if self.high is not None:
+            return f"must be {'an integer ' if integer else ''}{self.text(integer)}"
+        if self.positive:
+            return f"must be a positive {'integer' if integer else 'number'}"
+        return f"must be {_interval(*self._lower(integer), None, False)}"
+
+    def _lower(self, integer: bool) -> tuple[float | None, bool]:
+        """The lower end and whether it is open: positive is (0, open), or 1 for an integer."""
+        if self.positive:
+            return (1, False) if integer else (0, True)
+        return self.low, False
+
+
+def _interval(low: float | None, low_open: bool, high: float | None, high_open: bool) -> str:
+    if high is None:
+        return f"{'>' if low_open else '>='} {_number(low)}"
+    if low is None:
+        return f"{'<' if high_open else '<='} {_number(high)}"
+    left, right = "(" if low_open else "[", ")" if high_open else "]"
+    return f"in {left}{_number(low)}, {_number(high)}{right}"
+
+
+def _number(value: float) -> str:
+    """A bound as messages write it: 1,000,000; 2**63; 0.5."""
+    if isinstance(value, int):
+        power = value > 2**32 and value & (value - 1) == 0
+        return f"2**{value.bit_length() - 1}" if power else f"{value:,}"
+    return f"{value:g}"
+
+
 def option(
     default: object = dataclasses.MISSING,
     *,
@@ -114,32 +188,89 @@ def option(
     results: bool = True,
     group: str | None = None,
     shown_default: str | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    high_open: bool = False,
+    positive: bool = False,
+    cap: float | None = None,
 ) -> typing.Any:
-    """A config dataclass field that carries its help text, choices and resume rule.
+    """A config dataclass field that carries its help text, choices, range and resume rule.
 
-    Flags (`eanet.cli.flags`), `--help`, resume merging, compare, bench and config files
-    are all derived from these fields; nothing re-declares them. `results=False` marks
-    an option that never changes what a run computes (where the data lie, the device), so
-    `compare` may reuse a run made with another value. `group`: the heading the option is
-    listed under in `--help`. `shown_default`: what `--help` says the default is, where the
-    value alone would not say it (e.g. None meaning "one per core").
+    Flags (`eanet.cli.flags`), `--help`, resume merging, compare, bench, config files and
+    `check_declared` are all derived from these fields; nothing re-declares them.
+    `results=False` marks an option that never changes what a run computes (where the data
+    lie, the device), so `compare` may reuse a run made with another value. `group`: the
+    heading the option is listed under in `--help`. `shown_default`: what `--help` says the
+    default is, where the value alone would not say it (e.g. None meaning "one per core").
+    `low`, `high`, `high_open`, `positive`, `cap`: the numbers it admits (`Bounds`; None,
+    where the type allows it, is always admitted).
     """
     if resume not in RESUME_RULES:
         raise ValueError(f"resume={resume!r} must be one of {RESUME_RULES}")
+    bounds = Bounds(low, high, high_open, positive, cap)
     meta = {"help": help, "resume": resume, "choices": choices, "metavar": metavar}
     meta.update(results=results, group=group, shown_default=shown_default)
+    meta["bounds"] = None if bounds == Bounds() else bounds
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
-def check_choices(obj: object) -> None:
+def as_flag(name: str, shown: str) -> str:
+    """How a message names an option and its value: `--lr 0.0`."""
+    return f"{flag(name)} {shown}"
+
+
+def check_declared(obj: object, describe: Callable[[str, object], str] = as_flag) -> None:
+    """Raise ConfigError naming the first field of `obj` of the wrong type, not one of its
+    choices, or out of its range (`describe(name, shown)` words the option)."""
+    check_field_types(obj, describe)
+    check_choices(obj, describe)
+    check_ranges(obj, describe)
+
+
+def check_choices(obj: object, describe: Callable[[str, object], str] = as_flag) -> None:
     """Raise ConfigError naming the first declared field whose value is not a choice."""
     for name, f in declared(type(obj)).items():
         choices = f.metadata["choices"]
         value = getattr(obj, name)
         if choices is not None and value not in choices:
-            raise ConfigError(f"{flag(name)} {preview(value)} must be one of {', '.join(choices)}")
+            raise ConfigError(
+                f"{describe(name, preview(value))} must be one of {', '.join(choices)}"
+            )
+
+
+def check_ranges(obj: object, describe: Callable[[str, object], str] = as_flag) -> None:
+    """Raise ConfigError naming the first declared field whose number is out of its range
+    (after `check_field_types`: the values are numbers, or None)."""
+    cls = type(obj)
+    for name, f in declared(cls).items():
+        bounds, value = f.metadata["bounds"], getattr(obj, name)
+        if bounds is None or value is None or bounds.admits(value):
+            continue
+        problem = bounds.problem(value, integer=value_type(cls, name) is int)
+        raise ConfigError(f"{describe(name, preview(value))} {problem}")
+
+
+def range_text(cls: type, name: str) -> str | None:
+    """The declared range of field `name` as `--help` shows it ('in [0, 1)'), or None."""
+    bounds = declared(cls)[name].metadata["bounds"]
+    return bounds.text(integer=value_type(cls, name) is int) if bounds else None
+
+
+def check_known(keys: Iterable[object], known: type | Iterable[str], what: str = "option") -> None:
+    """Raise ConfigError naming the first of `keys` that is not known, and the known ones.
+
+    `known`: the names, or a dataclass whose fields they are; `what` says what kind of
+    option (e.g. "model option"). The one check of unknown keys, wherever options are read
+    by name: config files, a run's saved options, model options.
+    """
+    names = [f.name for f in dataclasses.fields(known)] if isinstance(known, type) else known
+    names = sorted(names)
+    unknown = sorted(str(k) for k in set(keys) - set(names))
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise ConfigError(f"unknown {what} {preview(unknown[0])}{more}; known: {', '.join(names)}")
 
 
 def flag(name: str) -> str:
@@ -168,13 +299,8 @@ def from_mapping(cls: type, data: object, where: str) -> typing.Any:
     """Build config dataclass `cls` from a mapping; unknown keys and bad values name `where`."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of options, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(str(k) for k in set(data) - known)
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown option {preview(unknown[0])}; known: {', '.join(sorted(known))}"
-        )
     try:
+        check_known(data, cls)
         return cls(**data)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from exc

@@ -1,8 +1,9 @@
 """Command-line flags derived from config dataclass fields (`eanet.options.option`).
 
-Every flag's name, type, choices and help come from its field; the default shown in
-`--help` is the field's. Flags default to None, so the parsed namespace tells which were
-given: `given(args, cls)` returns exactly those, for config files and `--resume` to merge.
+Every flag's name, type, choices and help come from its field; the default and the range
+(`option(low=..., ...)`) shown in `--help` are the field's. Flags default to None, so the
+parsed namespace tells which were given: `given(args, cls)` returns exactly those, for
+config files and `--resume` to merge.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import json
 from collections.abc import Iterable
 
-from eanet.options import CHANGE, KEEP, declared, field_default, flag, value_type
+from eanet.options import CHANGE, KEEP, declared, field_default, flag, range_text, value_type
 
 MODEL_ARG = "model_args"  # the dict field given as repeated --model-arg KEY=VALUE
 # An option's rule on --resume, said once in `RESUME_LEGEND` and per option by its mark; the
@@ -47,12 +48,12 @@ def _shown(default: object) -> str:
     return "none" if default is None or isinstance(default, dict) else str(default)
 
 
-def _help(f, default: object, shown_default: str | None, show_resume: bool) -> str:
-    """The option's help, its default said once, and (train) its resume mark."""
-    shown = shown_default if shown_default is not None else _shown(default)
+def _help(f, bounds: str | None, shown_default: str | None, show_resume: bool) -> str:
+    """The option's help, its range, its default said once, and (train) its resume mark."""
+    shown = shown_default if shown_default is not None else _shown(field_default(f))
     mark = RESUME_MARKS.get(f.metadata["resume"]) if show_resume else None
-    text = f"{f.metadata['help']} (default: {shown})" + (f" {mark}" if mark else "")
-    return text.replace("%", "%%")
+    text = f.metadata["help"] + (f"; {bounds}" if bounds else "") + f" (default: {shown})"
+    return (text + (f" {mark}" if mark else "")).replace("%", "%%")
 
 
 def add_config_flags(
@@ -65,6 +66,7 @@ def add_config_flags(
     fill_defaults: bool = False,
     show_resume: bool = False,
     groups: dict[str, argparse._ArgumentGroup] | None = None,
+    rename: dict[str, str] | None = None,
 ) -> None:
     """One flag per declared field of `cls` (or those in `only`), all defaulting to None.
 
@@ -73,25 +75,29 @@ def add_config_flags(
     (for commands that take the options as they are, with nothing to merge).
     `show_resume`: mark each option's rule on `--resume` (train; see RESUME_LEGEND).
     `groups`: the help's argument group of each field's `group` (tests/test_options.py
-    checks that every TrainConfig field names one).
+    checks that every TrainConfig field names one). `rename`: a field offered under another
+    name, for its flag and its attribute of the parsed namespace (evaluate's `--batch-size`
+    is `eval_batch_size`); not for commands that merge with `given`, which reads field names.
     """
     fields = declared(cls)
     names = [n for n in (only if only is not None else fields) if n not in set(exclude)]
     for name in names:
         f = fields[name]
         shown = (defaults or {}).get(name, f.metadata.get("shown_default"))
-        default = field_default(f)
+        dest = (rename or {}).get(name, name)
         kw: dict = {
-            "default": default if fill_defaults else None,
-            "help": _help(f, default, shown, show_resume),
-            "dest": name,
+            "default": field_default(f) if fill_defaults else None,
+            "help": _help(f, range_text(cls, name), shown, show_resume),
+            "dest": dest,
         }
         target = (groups or {}).get(f.metadata["group"], parser)  # ungrouped: under "options"
-        _add_flag(target, cls, name, kw)
+        _add_flag(target, cls, name, kw, flag(dest))
 
 
-def _add_flag(parser: argparse._ActionsContainer, cls: type, name: str, kw: dict) -> None:
-    """The flag of field `name`: its action, type, choices and metavar from the field."""
+def _add_flag(
+    parser: argparse._ActionsContainer, cls: type, name: str, kw: dict, option: str
+) -> None:
+    """The flag `option` of field `name`: its action, type, choices and metavar from the field."""
     f = declared(cls)[name]
     kind = value_type(cls, name)
     if f.metadata["metavar"]:
@@ -107,7 +113,7 @@ def _add_flag(parser: argparse._ActionsContainer, cls: type, name: str, kw: dict
         kw["type"] = kind
         if f.metadata["choices"]:
             kw["choices"] = f.metadata["choices"]
-    parser.add_argument(flag(name), **kw)
+    parser.add_argument(option, **kw)
 
 
 def given(args: argparse.Namespace, cls: type) -> dict[str, object]:

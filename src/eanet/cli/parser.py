@@ -151,7 +151,8 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
         help="which split (default: %(default)s)",
     )
     e.add_argument("--out", type=Path, help="where to write the files (default: the run dir)")
-    e.add_argument("--batch-size", type=int, default=500, help="default: %(default)s")
+    batch = {"eval_batch_size": "batch_size"}  # evaluate's one batch size: --batch-size
+    add_config_flags(e, TrainConfig, only=["eval_batch_size"], fill_defaults=True, rename=batch)
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     _no_progress(e)
 
@@ -175,9 +176,9 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="replace the runs of an earlier demo in --out (their run files only)",
     )
-    m.add_argument("--epochs", type=int, default=None, help="CIFAR part: epochs (default: 4)")
-    m.add_argument("--seed", type=int, default=0, help="seed of both runs (default: 0)")
-    add_config_flags(m, TrainConfig, only=["device", "threads"], fill_defaults=True)
+    cifar_epochs = {"epochs": "4 for the CIFAR part; the digits part trains 8"}
+    add_config_flags(m, TrainConfig, only=["epochs"], defaults=cifar_epochs)  # not given: None
+    add_config_flags(m, TrainConfig, only=["seed", "device", "threads"], fill_defaults=True)
     _no_progress(m)
 
 

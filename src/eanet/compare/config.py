@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eanet.errors import ConfigError
-from eanet.options import check_field_types, flag, option, to_argv
+from eanet.options import check_declared, option, to_argv
 from eanet.train.config import AUGMENT_MODES, TrainConfig
 
 # TrainConfig fields that compare sets per run; the rest of the recipe is shared.
@@ -49,14 +49,14 @@ class CompareConfig:
         help="registered models to train side by side (see `eanet models`)",
         metavar="MODEL",
     )
-    seeds: int = option(1, help="runs per model and order, seeds 0..K-1")
+    seeds: int = option(1, help="runs per model and order, seeds 0..K-1", positive=True)
     augment_orders: list[str] = option(
         default_factory=lambda: ["fixed"],
         help="'fixed' (pixel space, then normalise), 'reference-bug' (the Keras example's "
         "order), 'none'",
         metavar="ORDER",
     )
-    bench_steps: int = option(3, help="timed steps per model for img/s, 0 to skip")
+    bench_steps: int = option(3, help="timed steps per model for img/s, 0 to skip", low=0)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -65,11 +65,9 @@ class CompareConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the first impossible option; the model names last (the
         registry loads torch): a value out of range is refused at once."""
-        check_field_types(self, lambda name, shown: f"{flag(name)} {shown}")
+        check_declared(self)
         if not self.models:
             raise ConfigError("--models is empty; name at least one model, e.g. eanet-cifar")
-        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
-            raise ConfigError(f"--seeds {self.seeds!r} must be a positive integer (runs per model)")
         if not self.augment_orders:
             raise ConfigError("--augment-orders is empty; name at least one, e.g. fixed")
         for order in self.augment_orders:
@@ -78,8 +76,6 @@ class CompareConfig:
                     f"--augment-orders {order!r} is unknown; choose from {', '.join(AUGMENT_MODES)}"
                 )
         _no_duplicates("--augment-orders", self.augment_orders)
-        if not isinstance(self.bench_steps, int) or self.bench_steps < 0:
-            raise ConfigError(f"--bench-steps {self.bench_steps!r} must be >= 0 (0: no timing)")
         from eanet.models.registry import MODELS  # torch: not at import, for `--help`
 
         for name in self.models:

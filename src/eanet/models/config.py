@@ -3,81 +3,111 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
-from eanet.errors import ConfigError, preview
-from eanet.options import check_field_types
+from eanet.errors import ConfigError
+from eanet.options import check_declared, check_known, option
 
 ATTENTIONS = ("external", "self")
-
-
 INITS = ("keras", "trunc_normal")
+GELUS = ("tanh", "erf")
 
-#: the largest value of each integer option: far beyond any model this package trains, and
-#: small enough that a typo (dim=100000, depth=1e9) is one line, not an out-of-memory crash
-INT_BOUNDS = {
-    "image_size": 4096,
-    "patch_size": 4096,
-    "in_chans": 64,
-    "dim": 16384,
-    "depth": 1024,
-    "num_heads": 1024,
-    "dim_coefficient": 64,
-    "mlp_dim": 65536,
-    "num_classes": 1_000_000,
-}
+# The `cap` of each integer option: far beyond any model this package trains, and small
+# enough that a typo (dim=100000, depth=1e9) is one line, not an out-of-memory crash.
+MAX_SIDE = 4096  # image_size, patch_size
 MAX_MEMORY = 65536
 MAX_PARAMETERS = 2_000_000_000
 
 
+def _describe(name: str, shown: str) -> str:
+    return f"model option {name}={shown}"
+
+
 @dataclass
 class ModelConfig:
-    """Every number that defines an EANet or ViT; the defaults are the Keras example's EANet."""
+    """Every number that defines an EANet or ViT; the defaults are the Keras example's EANet.
 
-    attention: str = "external"  # "external" (EANet) or "self" (ViT)
-    image_size: int = 32
-    patch_size: int = 2
-    in_chans: int = 3
-    dim: int = 64  # embedding_dim
-    depth: int = 8  # num_transformer_blocks
-    num_heads: int = 4
-    dim_coefficient: int = 4  # external attention: heads *= 4, inner width = dim * 4
-    mlp_dim: int = 64
-    memory_size: int | None = None  # external attention S; None = dim // dim_coefficient (16)
-    memory_bias: bool = True
-    attn_drop: float = 0.2
-    proj_drop: float = 0.2
-    mlp_drop: float = 0.2
-    num_classes: int = 100
-    gelu: str = "tanh"  # Keras `ops.gelu` defaults to the tanh approximation
-    ln_eps: float = 1e-5
-    init: str = "keras"  # "keras" (Glorot-uniform, Keras fans) or "trunc_normal" (paper code)
-    drop_path: float = 0.0  # stochastic depth of the last block, linear from 0 (0: off, as Keras)
+    Each field is declared with its help and range (`eanet.options.option`); `--model-arg
+    KEY=VALUE` sets one, and `eanet info MODEL` lists them.
+    """
+
+    attention: str = option(
+        "external",
+        help="'external': external attention (EANet); 'self': multi-head self-attention (ViT)",
+        choices=ATTENTIONS,
+    )
+    image_size: int = option(32, help="side of the square input image", positive=True, cap=MAX_SIDE)
+    patch_size: int = option(
+        2, help="side of a square patch (divides image_size)", positive=True, cap=MAX_SIDE
+    )
+    in_chans: int = option(3, help="input channels (3: RGB, 1: grey)", positive=True, cap=64)
+    dim: int = option(
+        64, help="embedding width of a token (Keras: embedding_dim)", positive=True, cap=16384
+    )
+    depth: int = option(
+        8, help="transformer blocks (Keras: num_transformer_blocks)", positive=True, cap=1024
+    )
+    num_heads: int = option(
+        4,
+        help="attention heads (divides dim; external attention: times dim_coefficient)",
+        positive=True,
+        cap=1024,
+    )
+    dim_coefficient: int = option(
+        4,
+        help="external attention: heads and inner width are num_heads and dim times this",
+        positive=True,
+        cap=64,
+    )
+    mlp_dim: int = option(64, help="hidden width of each block's MLP", positive=True, cap=65536)
+    memory_size: int | None = option(
+        None,
+        help="external attention: memory units S of M_k and M_v (None: dim // dim_coefficient)",
+        positive=True,
+        cap=MAX_MEMORY,
+    )
+    memory_bias: bool = option(True, help="external attention: the memories M_k, M_v have biases")
+    attn_drop: float = option(
+        0.2, help="dropout on the attention weights", low=0, high=1, high_open=True
+    )
+    proj_drop: float = option(
+        0.2,
+        help="external attention: dropout after the output projection (ViT: none, as Keras)",
+        low=0,
+        high=1,
+        high_open=True,
+    )
+    mlp_drop: float = option(
+        0.2, help="dropout after each MLP layer", low=0, high=1, high_open=True
+    )
+    num_classes: int = option(100, help="classes of the head", positive=True, cap=1_000_000)
+    gelu: str = option(
+        "tanh",
+        help="the MLP's GELU: 'tanh' approximation (Keras ops.gelu's default) or exact 'erf'",
+        choices=GELUS,
+    )
+    ln_eps: float = option(1e-5, help="LayerNorm epsilon", positive=True)
+    init: str = option(
+        "keras",
+        help="weight init: 'keras' (Glorot-uniform, Keras's fans) or 'trunc_normal' (std "
+        "0.02, the paper's code)",
+        choices=INITS,
+    )
+    drop_path: float = option(
+        0.0,
+        help="stochastic depth of the last block, linear from 0 over the blocks (0: off, as Keras)",
+        low=0,
+        high=1,
+        high_open=True,
+    )
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ConfigError naming the first impossible field."""
-        check_field_types(self, lambda name, shown: f"model option {name}={shown}")
-        _choice("attention", self.attention, ATTENTIONS)
-        _choice("init", self.init, INITS)
-        _choice("gelu", self.gelu, ("tanh", "erf"))
-        for name, most in INT_BOUNDS.items():
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"model option {name}={value!r} must be a positive integer")
-            if value > most:
-                raise ConfigError(f"model option {name}={value!r} is over its bound of {most:,}")
-        if self.memory_size is not None and (
-            not isinstance(self.memory_size, int)
-            or isinstance(self.memory_size, bool)
-            or not 1 <= self.memory_size <= MAX_MEMORY
-        ):
-            raise ConfigError(
-                f"model option memory_size={self.memory_size!r} must be in [1, {MAX_MEMORY:,}]"
-            )
+        """Raise ConfigError naming the first impossible field: its type, choice or range
+        (declared with each field), then the sizes that must fit together."""
+        check_declared(self, _describe)
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"patch_size={self.patch_size} does not divide image_size={self.image_size}; "
@@ -88,12 +118,6 @@ class ModelConfig:
                 f"dim={self.dim} is not divisible by num_heads={self.num_heads}; "
                 "choose dim as a multiple of num_heads"
             )
-        for name in ("attn_drop", "proj_drop", "mlp_drop", "drop_path"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ConfigError(f"model option {name}={value!r} must be in [0, 1)")
-        if not (math.isfinite(self.ln_eps) and self.ln_eps > 0):
-            raise ConfigError(f"model option ln_eps={self.ln_eps!r} must be a finite number > 0")
         self._check_memory()
         self._check_size()
 
@@ -140,17 +164,5 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
         """Build from a saved dict; unknown keys are an error, not silently dropped."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown model option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
+        check_known(data, cls, "model option")
         return cls(**data)
-
-
-def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(
-            f"model option {name}={preview(value)} must be one of {', '.join(choices)}"
-        )

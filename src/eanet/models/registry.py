@@ -9,6 +9,7 @@ from torch import nn
 from eanet.errors import ConfigError
 from eanet.models.config import ModelConfig
 from eanet.models.transformer import EANet, VisionTransformer, ViT
+from eanet.options import check_known
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,8 @@ def model_config(name: str, **overrides: object) -> ModelConfig:
     """The config of a registered variant with `overrides` applied (validated)."""
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    base = MODELS[name].config.to_dict()
-    unknown = sorted(set(overrides) - set(base))
-    if unknown:
-        raise ConfigError(
-            f"unknown model option(s) {', '.join(unknown)}; known: {', '.join(sorted(base))}"
-        )
-    return ModelConfig(**{**base, **overrides})
+    check_known(overrides, ModelConfig, "model option")
+    return ModelConfig(**{**MODELS[name].config.to_dict(), **overrides})
 
 
 def build_model(cfg: ModelConfig) -> VisionTransformer:

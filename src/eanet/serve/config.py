@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, fields
 
 from eanet.choices import PRECISIONS
 from eanet.errors import ConfigError, EANetError
-from eanet.options import option
+from eanet.options import check_declared, option
 
 CONFIG_ENV = "EANET_SERVE_CONFIG"  # how `--workers N` hands the settings to each worker
 
@@ -19,14 +19,16 @@ class ServeConfig:
 
     checkpoint: str
     host: str = option("127.0.0.1", help="address to bind")
-    port: int = option(8000, help="TCP port")
-    max_batch: int = option(64, help="images per forward pass")
+    port: int = option(8000, help="TCP port", low=0, high=65535)
+    max_batch: int = option(64, help="images per forward pass", positive=True)
     max_wait_ms: float = option(
-        5.0, help="how long a request waits for others to share its forward pass"
+        5.0, help="how long a request waits for others to share its forward pass", low=0
     )
-    workers: int = option(1, help="uvicorn worker processes, each loading the model")
-    max_upload_mb: float = option(10.0, help="request body limit in MB, larger is refused with 413")
-    max_images: int = option(64, help="images per request, more is refused with 413")
+    workers: int = option(1, help="uvicorn worker processes, each loading the model", positive=True)
+    max_upload_mb: float = option(
+        10.0, help="request body limit in MB, larger is refused with 413", positive=True
+    )
+    max_images: int = option(64, help="images per request, more is refused with 413", positive=True)
     device: str = option("auto", help="auto, cpu, cuda or cuda:N")
     precision: str = option(
         "fp32",
@@ -49,81 +51,80 @@ class ServeConfig:
         None,
         help="torch threads per worker",
         shown_default="cores / workers - 1, at least 1: a core is left for HTTP and decoding",
+        positive=True,
     )
     max_image_mp: float = option(
         16.0,
         help="megapixels per image, read from its header before decoding; more is refused "
         "with 413 (decoding takes up to 40 bytes a pixel)",
+        positive=True,
     )
     max_request_mp: float = option(
-        64.0, help="megapixels of all images of one request together; more is refused with 413"
+        64.0,
+        help="megapixels of all images of one request together (at least --max-image-mp); "
+        "more is refused with 413",
+        positive=True,
     )
     max_large_decodes: int = option(
         1,
         help="requests above 1 megapixel decoded at once (each up to --max-image-mp); the "
         "others wait, and smaller requests have their own decode threads",
+        positive=True,
     )
     header_timeout_s: float = option(
-        10.0, help="seconds a connection may take to send a request's headers, then it is closed"
+        10.0,
+        help="seconds a connection may take to send a request's headers, then it is closed",
+        positive=True,
     )
     body_timeout_s: float = option(
         30.0,
         help="seconds a request may take to send its whole body, then it gets 408 and the "
         "connection is closed",
+        positive=True,
     )
     keep_alive_s: float = option(
-        5.0, help="seconds an idle keep-alive connection stays open (uvicorn's timeout_keep_alive)"
+        5.0,
+        help="seconds an idle keep-alive connection stays open (uvicorn's timeout_keep_alive)",
+        positive=True,
     )
     max_header_kb: int = option(
-        16, help="size limit of a request's headers in KiB; larger is answered 431 and closed"
+        16,
+        help="size limit of a request's headers in KiB; larger is answered 431 and closed",
+        positive=True,
     )
     max_connections: int = option(
         100,
         help="connections and requests in progress at once (uvicorn's limit_concurrency); "
         "a request above it is answered 503",
+        positive=True,
     )
     max_connections_per_ip: int = option(
         20,
         help="connections one client address may hold open at once; one more is answered 429 "
         "and closed (behind a reverse proxy every client has the proxy's address: raise it)",
+        positive=True,
     )
     max_connection_s: float = option(
         120.0,
         help="seconds any connection may stay open, whatever it sends, then it is closed",
+        positive=True,
     )
     decode_s_per_mp: float = option(
         0.5,
         help="CPU seconds a request's images may take to decode, per megapixel of their "
         "header sizes (at least one megapixel's worth); beyond it the decode stops and the "
         "request gets 413",
+        positive=True,
     )
 
     def __post_init__(self) -> None:
         self.checkpoint = str(self.checkpoint)
-        rules = {  # option: (allowed, what it must be)
-            "--port": (0 <= self.port <= 65535, "0..65535"),
-            "--max-batch": (self.max_batch >= 1, ">= 1"),
-            "--max-wait-ms": (self.max_wait_ms >= 0, ">= 0"),
-            "--workers": (self.workers >= 1, ">= 1"),
-            "--max-upload-mb": (self.max_upload_mb > 0, "> 0"),
-            "--max-images": (self.max_images >= 1, ">= 1"),
-            "--threads": (self.threads is None or self.threads >= 1, ">= 1"),
-            "--max-image-mp": (self.max_image_mp > 0, "> 0"),
-            "--max-request-mp": (self.max_request_mp >= self.max_image_mp, ">= --max-image-mp"),
-            "--max-large-decodes": (self.max_large_decodes >= 1, ">= 1"),
-            "--header-timeout-s": (self.header_timeout_s > 0, "> 0"),
-            "--body-timeout-s": (self.body_timeout_s > 0, "> 0"),
-            "--keep-alive-s": (self.keep_alive_s > 0, "> 0"),
-            "--max-header-kb": (self.max_header_kb >= 1, ">= 1"),
-            "--max-connections": (self.max_connections >= 1, ">= 1"),
-            "--max-connections-per-ip": (self.max_connections_per_ip >= 1, ">= 1"),
-            "--max-connection-s": (self.max_connection_s > 0, "> 0"),
-            "--decode-s-per-mp": (self.decode_s_per_mp > 0, "> 0"),
-        }
-        for name, (ok, rule) in rules.items():
-            if not ok:
-                value = getattr(self, name[2:].replace("-", "_"))
-                raise ConfigError(f"{name} {value} is out of range; it must be {rule}")
+        check_declared(self)  # types and ranges, as declared with each field
+        if self.max_request_mp < self.max_image_mp:
+            raise ConfigError(
+                f"--max-request-mp {self.max_request_mp} must be >= --max-image-mp "
+                f"{self.max_image_mp}: a request must admit one image of the largest size"
+            )
 
     @property
     def max_upload_bytes(self) -> int:

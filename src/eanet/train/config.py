@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from eanet.choices import DATASET_NAMES, ON_NONFINITE, PRECISIONS
 from eanet.errors import ConfigError, preview
-from eanet.options import CHANGE, KEEP, check_choices, check_field_types, option
+from eanet.options import CHANGE, KEEP, check_declared, check_known, option
 from eanet.train.recipes import DEFAULT_RECIPE, recipe_names
 from eanet.train.schedule import SCHEDULES
 
@@ -42,7 +41,7 @@ class TrainConfig:
     model_args: dict = option(
         default_factory=dict,
         help="override a model config field, repeatable (e.g. --model-arg depth=2 "
-        "--model-arg memory_size=64)",
+        "--model-arg memory_size=64); `eanet info MODEL` lists the fields",
         metavar="KEY=VALUE",
         group=MODEL,
     )
@@ -83,25 +82,37 @@ class TrainConfig:
         group=DATA,
     )
     epochs: int = option(
-        50, help="epochs (a resumed run may be extended)", resume=CHANGE, group=RECIPE
+        50,
+        help="passes over the training set",
+        resume=CHANGE,
+        group=RECIPE,
+        low=1,
+        high=MAX_COUNT,
     )
     batch_size: int = option(
-        128, help="images per optimizer step (over all processes under torchrun)", group=RECIPE
+        128,
+        help="images per optimizer step (over all processes under torchrun)",
+        group=RECIPE,
+        low=1,
+        high=MAX_COUNT,
     )
     eval_batch_size: int = option(
         500,
         help="images per forward pass for validation/test (bounds memory)",
         resume=CHANGE,
         group=SPEED,
+        low=1,
+        high=MAX_COUNT,
     )
     lr: float = option(
         1e-3,
         help="AdamW learning rate (constant; the peak with --lr-schedule cosine)",
         group=RECIPE,
+        positive=True,
     )
-    weight_decay: float = option(1e-4, help="AdamW decoupled weight decay", group=RECIPE)
+    weight_decay: float = option(1e-4, help="AdamW decoupled weight decay", group=RECIPE, low=0)
     adam_eps: float = option(
-        1e-7, help="AdamW epsilon (Keras's default, not torch's 1e-8)", group=RECIPE
+        1e-7, help="AdamW epsilon (Keras's default, not torch's 1e-8)", group=RECIPE, positive=True
     )
     adam_eps_rule: str = option(
         "keras",
@@ -112,13 +123,21 @@ class TrainConfig:
         group=RECIPE,
     )
     label_smoothing: float = option(
-        0.1, help="label smoothing of the cross-entropy", group=AUGMENTATION
+        0.1,
+        help="label smoothing of the cross-entropy",
+        group=AUGMENTATION,
+        low=0,
+        high=1,
+        high_open=True,
     )
     val_fraction: float = option(
         0.2,
         help="fraction of the training set held out for validation, taken from its end "
         "as Keras does",
         group=DATA,
+        low=0,
+        high=1,
+        high_open=True,
     )
     augment: str = option(
         "fixed",
@@ -129,7 +148,14 @@ class TrainConfig:
         choices=AUGMENT_MODES,
         group=AUGMENTATION,
     )
-    seed: int = option(0, help="random seed (weights, order, augmentation, dropout)", group=RECIPE)
+    seed: int = option(
+        0,
+        help="random seed (weights, order, augmentation, dropout)",
+        group=RECIPE,
+        low=0,
+        high=2**63,
+        high_open=True,
+    )
     device: str = option(
         "auto", help="auto, cpu, cuda or cuda:N", resume=CHANGE, results=False, group=SPEED
     )
@@ -140,12 +166,14 @@ class TrainConfig:
         resume=CHANGE,
         results=False,
         group=SPEED,
+        positive=True,
     )
     image_size: int | None = option(
         None,
         help="--dataset folder or digits: resize every image to this side",
         shown_default="32; with --init-from: the checkpoint's",
         group=DATA,
+        positive=True,
     )
     init_from: str | None = option(
         None,
@@ -219,6 +247,8 @@ class TrainConfig:
         help="--dataset synthetic: training images (the last --val-fraction of them "
         "validate) and a fifth as many test images; 50,000 as in CIFAR-100",
         group=DATA,
+        low=5,
+        high=MAX_SYNTHETIC,
     )
 
     # ------------------------------------------------------------ recipe ingredients
@@ -238,10 +268,12 @@ class TrainConfig:
         group=RECIPE,
     )
     warmup_fraction: float = option(
-        0.0, help="cosine: fraction of all steps spent warming up", group=RECIPE
+        0.0, help="cosine: fraction of all steps spent warming up", group=RECIPE, low=0, high=1
     )
-    warmup_lr: float = option(0.0, help="cosine: learning rate at the first step", group=RECIPE)
-    min_lr: float = option(0.0, help="cosine: learning rate at the last step", group=RECIPE)
+    warmup_lr: float = option(
+        0.0, help="cosine: learning rate at the first step", group=RECIPE, low=0
+    )
+    min_lr: float = option(0.0, help="cosine: learning rate at the last step", group=RECIPE, low=0)
     weight_decay_params: str = option(
         "all",
         help="tensors AdamW decays: 'all' trainable (the reference) or 'matrices' (weight "
@@ -249,36 +281,53 @@ class TrainConfig:
         choices=DECAY_PARAMS,
         group=RECIPE,
     )
-    grad_clip: float = option(0.0, help="clip the gradient norm to this (0: off)", group=RECIPE)
+    grad_clip: float = option(
+        0.0, help="clip the gradient norm to this (0: off)", group=RECIPE, low=0
+    )
     ema_decay: float = option(
         0.0,
         help="keep an exponential moving average of the weights with this decay, validated "
         "each epoch and saved (0: off; e.g. 0.9999)",
         group=RECIPE,
+        low=0,
+        high=1,
+        high_open=True,
     )
     randaugment_ops: int = option(
-        0, help="RandAugment: operations per image (0: off)", group=AUGMENTATION
+        0, help="RandAugment: operations per image (0: off)", group=AUGMENTATION, low=0
     )
     randaugment_magnitude: float = option(
-        9.0, help="RandAugment: magnitude 0..10", group=AUGMENTATION
+        9.0, help="RandAugment: magnitude", group=AUGMENTATION, low=0, high=10
     )
     randaugment_magnitude_std: float = option(
-        0.0, help="RandAugment: per-image noise (std) on the magnitude", group=AUGMENTATION
+        0.0, help="RandAugment: per-image noise (std) on the magnitude", group=AUGMENTATION, low=0
     )
     mixup_alpha: float = option(
-        0.0, help="mixup: Beta(alpha, alpha) mixing factor (0: off)", group=AUGMENTATION
+        0.0, help="mixup: Beta(alpha, alpha) mixing factor (0: off)", group=AUGMENTATION, low=0
     )
     cutmix_alpha: float = option(
-        0.0, help="CutMix: Beta(alpha, alpha) box area (0: off)", group=AUGMENTATION
+        0.0, help="CutMix: Beta(alpha, alpha) box area (0: off)", group=AUGMENTATION, low=0
     )
     mix_prob: float = option(
-        1.0, help="probability that a batch is mixed (mixup/CutMix)", group=AUGMENTATION
+        1.0,
+        help="probability that a batch is mixed (mixup/CutMix)",
+        group=AUGMENTATION,
+        low=0,
+        high=1,
     )
     mix_switch_prob: float = option(
-        0.5, help="with mixup and CutMix on: probability of CutMix for a batch", group=AUGMENTATION
+        0.5,
+        help="with mixup and CutMix on: probability of CutMix for a batch",
+        group=AUGMENTATION,
+        low=0,
+        high=1,
     )
     erase_prob: float = option(
-        0.0, help="random erasing: probability per image (0: off)", group=AUGMENTATION
+        0.0,
+        help="random erasing: probability per image (0: off)",
+        group=AUGMENTATION,
+        low=0,
+        high=1,
     )
     log: str = option(
         "none",
@@ -294,82 +343,26 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ConfigError naming the first impossible option."""
-        check_field_types(self, lambda name, shown: f"--{name.replace('_', '-')} {shown}")
-        check_choices(self)  # --model is checked by `check_model`: the registry loads torch
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or not 1 <= value <= MAX_COUNT:
-                raise ConfigError(
-                    f"--{name.replace('_', '-')} {value!r} must be an integer in [1, {MAX_COUNT:,}]"
-                )
-        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
-            raise ConfigError(f"--seed {self.seed!r} must be an integer in [0, 2**63)")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"--lr {self.lr!r} must be a positive number")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ConfigError(f"--weight-decay {self.weight_decay!r} must be >= 0")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"--label-smoothing {self.label_smoothing!r} must be in [0, 1)")
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError(f"--val-fraction {self.val_fraction!r} must be in [0, 1)")
-        if not (math.isfinite(self.adam_eps) and self.adam_eps > 0):
-            raise ConfigError(f"--adam-eps {self.adam_eps!r} must be a finite number > 0")
-        if self.image_size is not None and (
-            isinstance(self.image_size, bool)
-            or not isinstance(self.image_size, int)
-            or self.image_size < 1
-        ):
-            raise ConfigError(f"--image-size {self.image_size!r} must be a positive integer")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"--threads {self.threads!r} must be a positive integer")
-        self._validate_gpu_options()
-        self._validate_ingredients()
-        if self.freeze_backbone and not self.init_from:
-            raise ConfigError(
-                "--freeze-backbone trains only the head of a pretrained model; "
-                "give the model with --init-from CHECKPOINT"
-            )
-
-    def _validate_gpu_options(self) -> None:
+        """Raise ConfigError naming the first impossible option: its type, choice or range
+        (declared with each field), then the rules that join several options."""
+        check_declared(self)  # --model is checked by `check_model`: the registry loads torch
         if self.compile_mode != "default" and not self.compile:
             raise ConfigError(
                 f"--compile-mode {self.compile_mode} applies to torch.compile; add --compile"
             )
-        n = self.synthetic_images
-        if isinstance(n, bool) or not isinstance(n, int) or not 5 <= n <= MAX_SYNTHETIC:
-            raise ConfigError(
-                f"--synthetic-images {n!r} must be an integer in [5, {MAX_SYNTHETIC:,}]"
-            )
-        if n != 50_000 and self.dataset != "synthetic":
+        if self.synthetic_images != 50_000 and self.dataset != "synthetic":
             raise ConfigError(
                 f"--synthetic-images applies to --dataset synthetic, not {self.dataset}; drop it"
-            )
-
-    def _validate_ingredients(self) -> None:
-        """The modern recipe's options: ranges, and combinations that cannot be honoured."""
-        fractions = ("warmup_fraction", "mix_prob", "mix_switch_prob", "erase_prob")
-        for name in fractions:
-            value = getattr(self, name)
-            if not 0 <= value <= 1:
-                raise ConfigError(f"--{name.replace('_', '-')} {value!r} must be in [0, 1]")
-        for name in ("warmup_lr", "min_lr", "grad_clip", "mixup_alpha", "cutmix_alpha"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"--{name.replace('_', '-')} {value!r} must be >= 0")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"--ema-decay {self.ema_decay!r} must be in [0, 1)")
-        if self.randaugment_ops < 0:
-            raise ConfigError(f"--randaugment-ops {self.randaugment_ops!r} must be >= 0")
-        if not 0 <= self.randaugment_magnitude <= 10 or self.randaugment_magnitude_std < 0:
-            raise ConfigError(
-                f"--randaugment-magnitude {self.randaugment_magnitude!r} must be in [0, 10] "
-                "and --randaugment-magnitude-std >= 0"
             )
         if self.augment == "reference-bug" and self.uses_pixel_extras:
             raise ConfigError(
                 "--augment reference-bug normalises before augmenting; RandAugment, random "
                 "erasing and mixup/CutMix work in pixel space: drop them or use another --augment"
+            )
+        if self.freeze_backbone and not self.init_from:
+            raise ConfigError(
+                "--freeze-backbone trains only the head of a pretrained model; "
+                "give the model with --init-from CHECKPOINT"
             )
 
     def check_model(self) -> None:
@@ -402,8 +395,5 @@ class TrainConfig:
     def from_dict(cls, data: dict) -> TrainConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"training options are a {type(data).__name__}, not an object")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown training option(s) {', '.join(unknown)}")
+        check_known(data, cls, "training option")
         return cls(**data)
