@@ -243,10 +243,12 @@ def _bad_arguments(tmp_path: Path) -> list[tuple[list[str], str, bool]]:
         (["evaluate", str(ckpt), "--data-path", "/nonexistent/d"], "/nonexistent/d: no such"),
         (["train", "--data-path", "/nonexistent/cifar.tar.gz"], "/nonexistent/cifar.tar.gz"),
         (["train", "--epochs", "0"], "--epochs 0"),
+        (["demo", "--epochs", "0"], "--epochs 0"),
         (["compare", "--seeds", "0", "--out", str(tmp_path / "c")], "--seeds 0 must be"),
+        (["compare", "--data-path", "/nonexistent/d", "--out", str(tmp_path / "c")], "no such"),
     ]
-    # compare checks its model names (the registry loads torch) before the data path
-    late = [(["compare", "--data-path", "/nonexistent/d", "--out", str(tmp_path / "c")], "no such")]
+    # the model names are checked by the registry, which loads torch
+    late = [(["compare", "--models", "no-such", "--out", str(tmp_path / "c")], "no-such")]
     return [(argv, message, True) for argv, message in early] + [(*c, False) for c in late]
 
 

@@ -142,6 +142,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    TrainConfig().with_overrides(given(args, TrainConfig))  # the declared ranges (--epochs 0)
     out = args.out or unused_dir(Path("runs") / "demo")
     log.info("demo: part 1 (digits) in %s, part 2 (CIFAR-100) in %s", out / "digits", out)
     t0 = time.perf_counter()
@@ -149,7 +150,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     r = run_demo(
         out,
-        epochs=args.epochs or DEMO_EPOCHS,
+        epochs=DEMO_EPOCHS if args.epochs is None else args.epochs,
         seed=args.seed,
         device=args.device,
         threads=args.threads,
@@ -396,8 +397,8 @@ def compare_config_from_args(args: argparse.Namespace):
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    check_data_path(args.dataset, args.data_path)  # before the model names load torch
     cfg = compare_config_from_args(args)  # validated (CompareConfig.__post_init__)
-    check_data_path(cfg.train.dataset, cfg.train.data_path)
     log.info("comparison directory: %s", args.out)
     from eanet.compare.run import run_compare
 
