@@ -21,7 +21,7 @@ def runner(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "fashion_runner", mod)  # dataclasses look it up
     spec.loader.exec_module(mod)
     monkeypatch.setattr(mod, "RESULTS", tmp_path / "results")
-    tiny = mod.Experiment("a 1-block EANet on digits", ("--model-arg", "depth=1"), 2, curve=True)
+    tiny = mod.Experiment("a 1-block EANet on digits", "--model-arg depth=1", 2, curve=True)
     monkeypatch.setattr(mod, "EXPERIMENTS", {"tiny": tiny})
     real = mod.train_command
 
