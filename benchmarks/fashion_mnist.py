@@ -72,7 +72,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         "eanet-fashion without dropout, crop-flip, lr 3e-3 warm-up + cosine, weight decay 0.05",
         f"--model eanet-fashion {NO_DROPOUT} --augment crop-flip --lr 3e-3 --lr-schedule cosine"
         " --warmup-fraction 0.05 --weight-decay 0.05 --weight-decay-params matrices",
-        30,
+        20,
     ),
 }
 
