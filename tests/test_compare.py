@@ -5,16 +5,19 @@ import os
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from eanet.cli.main import build_parser, main
 from eanet.compare.config import CompareConfig
+from eanet.compare.report import CallRecord, CompareReport, Group, format_report
 from eanet.compare.run import earlier_calls, run_compare, steady_images_per_s
 from eanet.data.cifar import SAMPLE_ARCHIVE, SAMPLE_MD5
 from eanet.data.load import load_dataset
 from eanet.errors import ConfigError, DataError, EANetError
+from eanet.fileio import write_json
 from eanet.info import describe
 from eanet.options import declared
 from eanet.train import loop as train
@@ -90,6 +93,36 @@ def test_report_has_every_model_order_figure_and_table(compared):
     assert "| `vit-cifar` | reference-bug | " in md and "eanet compare --models" in md
     assert "![" in md and "exactly 0 %" in md and "- machine: " in md
     assert md.count("| training s / run | training img/s, epochs 2+ |") == 1
+
+
+def test_the_report_is_typed_and_its_json_and_markdown_are_what_was_written(compared):
+    out, report = compared
+    saved = json.loads((out / "report.json").read_text())
+    typed = CompareReport.from_dict(saved)
+    assert all(isinstance(g, Group) for g in typed.groups)
+    assert typed.calls == [CallRecord(typed.created, typed.invocation_seconds, 4, 0, 0)]
+    assert typed.data.train_images + typed.data.val_images == 96  # small_sample
+    assert typed.to_dict() == saved == json.loads(json.dumps(report))
+    assert format_report(typed) == (out / "report.md").read_text()
+
+
+def test_the_committed_report_round_trips_through_the_typed_report(tmp_path):
+    committed = Path(__file__).parents[1] / "docs" / "compare-digits" / "report.json"
+    typed = CompareReport.from_dict(json.loads(committed.read_text()))
+    assert [(g.model, g.augment) for g in typed.groups][:2] == [
+        ("eanet-cifar", "fixed"),
+        ("eanet-cifar", "reference-bug"),
+    ]
+    write_json(tmp_path / "report.json", typed.to_dict())
+    assert (tmp_path / "report.json").read_text() == committed.read_text()  # byte for byte
+
+
+def test_a_call_record_keeps_the_keys_of_an_older_file():
+    old = {"created": "then", "seconds": 1.5, "trained": 2, "resumed": 0, "skipped": 1, "x": 7}
+    assert CallRecord.from_dict(old).to_dict() == old
+    assert list(CallRecord.from_dict(old).to_dict()) == list(old)
+    runs = {"a": "trained", "b": "skipped", "c": "trained"}
+    assert CallRecord.of(runs, "now", 3.0) == CallRecord("now", 3.0, 2, 0, 1)
 
 
 def test_the_steady_speed_leaves_out_the_first_epoch():

@@ -21,10 +21,11 @@ from eanet.data.cifar import SAMPLE_ARCHIVE, SAMPLE_MD5
 from eanet.errors import ConfigError
 from eanet.metrics import Metrics
 from eanet.models.registry import create_model
+from eanet.train.augmentation import BatchAugment
 from eanet.train.config import TrainConfig
 from eanet.train.distributed import Distributed, setup
 from eanet.train.loop import fit
-from eanet.train.step import forward_train, train_step
+from eanet.train.step import train_step
 
 # Dropout and augmentation off: the only randomness left is the data order, which a
 # distributed run shares with a single process, so the two must reach the same weights.
@@ -150,7 +151,8 @@ def test_a_process_group_of_the_callers_own_is_used_and_left_alone(no_torchrun):
         net = d.wrap(model)
         assert net is not model and net.config is model.config  # lent by the wrapper
         x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-        out = forward_train(net, x, "reference-bug", AugmentConfig())  # uses net.normalize
+        y = torch.zeros(4, dtype=torch.long)
+        out, _ = BatchAugment("reference-bug")(net, x, y)  # uses net.normalize
         assert out.shape == (4, 100)
         m = d.all_reduce(Metrics(2.0, 0.25, 0.75, 4))
         assert (m.loss, m.top1, m.top5, m.count) == pytest.approx((2.0, 0.25, 0.75, 4))

@@ -28,7 +28,7 @@ from eanet.data.cifar import SAMPLE_ARCHIVE, SAMPLE_MD5
 from eanet.errors import CheckpointError, ConfigError, EANetError
 from eanet.train import guard, provenance
 from eanet.train import loop as train_loop
-from eanet.train import step as train_step_module
+from eanet.train.augmentation import BatchAugment
 from eanet.train.config import TrainConfig
 from eanet.train.loop import fit
 from eanet.train.rundir import load_run_config
@@ -180,7 +180,7 @@ def test_killed_anywhere_and_resumed_ends_bit_identical(tmp_path):
 
 def _signal_at_call(monkeypatch, call: int, sig: int = signal.SIGINT, times: int = 1) -> None:
     """Send `sig` to this process `times` times inside the forward pass of training step `call`."""
-    real = train_step_module.forward_train
+    real = BatchAugment.__call__
     count = {"n": 0}
 
     def forward(*args, **kwargs):
@@ -191,7 +191,7 @@ def _signal_at_call(monkeypatch, call: int, sig: int = signal.SIGINT, times: int
                 time.sleep(0.01)  # let the handler run
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_step_module, "forward_train", forward)
+    monkeypatch.setattr(BatchAugment, "__call__", forward)
 
 
 def test_ctrl_c_keeps_the_last_complete_epoch_and_resumes_exactly(
@@ -255,15 +255,15 @@ def test_stale_temp_files_of_a_killed_writer_are_removed(tmp_path, small_sample)
 
 def _nan_at_calls(monkeypatch, calls: set[int]) -> None:
     """Make the logits of the given training steps NaN (as a diverged model's would be)."""
-    real = train_step_module.forward_train
+    real = BatchAugment.__call__
     count = {"n": 0}
 
     def forward(*args, **kwargs):
         count["n"] += 1
-        logits = real(*args, **kwargs)
-        return logits * float("nan") if count["n"] in calls else logits
+        logits, target = real(*args, **kwargs)
+        return (logits * float("nan") if count["n"] in calls else logits), target
 
-    monkeypatch.setattr(train_step_module, "forward_train", forward)
+    monkeypatch.setattr(BatchAugment, "__call__", forward)
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(

@@ -1,18 +1,22 @@
 """Training: run directory, exact resume, the bug's input distribution, and real learning."""
 
+import contextlib
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from eanet import checkpoint
-from eanet.data.augment import AugmentConfig
 from eanet.demo import DIGITS_RECIPE
 from eanet.errors import ConfigError, EANetError
 from eanet.models.registry import create_model
+from eanet.train import loop
+from eanet.train.augmentation import BatchAugment
 from eanet.train.config import TrainConfig
+from eanet.train.distributed import Distributed
 from eanet.train.loop import fit
-from eanet.train.step import forward_train
+from eanet.train.rundir import load_run_config
 
 TINY = {"depth": 1, "dim": 32, "mlp_dim": 32}
 
@@ -115,6 +119,51 @@ def test_class_count_override_must_match_the_data(tmp_path, small_sample):
         fit(cfg, tmp_path, data=small_sample, progress=False)
 
 
+def _built_run(cfg: TrainConfig, out, data, held: contextlib.ExitStack, resume: bool = False):
+    """`loop._build_run` in this process (no process group), as `fit` calls it."""
+    dist = Distributed(device=torch.device("cpu"))
+    return loop._build_run(cfg, out, dist, data, resume, False, held)
+
+
+def _none_fields(run) -> set[str]:
+    return {f.name for f in dataclasses.fields(run) if getattr(run, f.name) is None}
+
+
+def test_the_run_is_built_complete_with_every_option_on(tmp_path, small_sample):
+    cfg = tiny_config(
+        ema_decay=0.9, lr_schedule="cosine", grad_clip=1.0, log="tensorboard", erase_prob=0.25
+    )
+    with contextlib.ExitStack() as held:
+        run = _built_run(cfg, tmp_path, small_sample, held)
+        assert _none_fields(run) == set()  # nothing left to be filled in later
+        assert run.extras.logger is run.logger and run.extras.ema_source is run.model
+        assert run.extras.ema is not None and run.extras.schedule is not None
+        assert run.batch_augment == BatchAugment.from_config(cfg)
+        assert (run.start, run.history) == (1, [])
+        assert run.accel is not None and run.runtime.precision == "fp32"
+        assert len(run.train_x) + len(run.val_x) == len(small_sample.train_images)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            run.logger = None  # only `history` changes, in place
+
+
+def test_the_reference_recipe_leaves_only_the_documented_parts_out(tmp_path, small_sample):
+    """extras, the EMA model and the logger are None for the whole run when off."""
+    with contextlib.ExitStack() as held:
+        run = _built_run(tiny_config(), tmp_path, small_sample, held)
+        assert _none_fields(run) == {"extras", "ema_model", "logger"}
+        plain = _built_run(tiny_config(accel=False), tmp_path, small_sample, held)
+        assert _none_fields(plain) == {"extras", "ema_model", "logger", "accel"}
+
+
+def test_a_resumed_run_is_built_with_its_checkpoints_history(tiny_run, small_sample):
+    ckpt = checkpoint.load(tiny_run)
+    with contextlib.ExitStack() as held:
+        run = _built_run(load_run_config(tiny_run), tiny_run, small_sample, held, resume=True)
+    assert run.start == ckpt.meta.epoch + 1 == 2 and run.history == ckpt.meta.history
+    for key, value in ckpt.model_state.items():
+        assert torch.equal(run.model.state_dict()[key], value), key
+
+
 def _model_inputs(mode: str, images: torch.Tensor) -> torch.Tensor:
     """What the first layer sees in training under an augmentation order."""
     torch.manual_seed(0)
@@ -126,7 +175,7 @@ def _model_inputs(mode: str, images: torch.Tensor) -> torch.Tensor:
     model.patch_embed.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
     model.train()
     with torch.no_grad():
-        forward_train(model, images, mode, AugmentConfig())
+        BatchAugment(mode)(model, images, torch.zeros(len(images), dtype=torch.long))
     return seen[0]
 
 

@@ -35,6 +35,7 @@ from eanet.runtime import (
     set_threads,
     tune_cpu_allocator,
 )
+from eanet.train.augmentation import BatchAugment
 from eanet.train.config import TrainConfig
 from eanet.train.step import accelerate, make_optimizer, train_step
 
@@ -210,10 +211,14 @@ def bench_model(
     runner = accelerate(model, cfg, dev)
     x, y = _bench_data(model, cfg.batch_size, dev)
     aug = AugmentConfig()
+    batch_augment = BatchAugment.from_config(cfg, aug)  # as train_epoch: decided once
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     train_times = time_calls(
-        lambda: train_step(runner, optimizer, x, y, cfg, aug), dev, warmup, steps
+        lambda: train_step(runner, optimizer, x, y, cfg, aug, batch_augment=batch_augment),
+        dev,
+        warmup,
+        steps,
     )
     train_mem = _peak_memory_mb(dev)
     model.eval()

@@ -7,16 +7,17 @@ from pathlib import Path
 import numpy as np
 from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
 
+from eanet.compare.report import Group
 from eanet.plots import plt, save_figure
 
 _MARKERS = {"fixed": "o", "reference-bug": "X", "none": "s"}
 
 
-def _label(g: dict) -> str:
-    return f"{g['model']} ({g['augment']})"
+def _label(g: Group) -> str:
+    return f"{g.model} ({g.augment})"
 
 
-def _colors(groups: list[dict]) -> list:
+def _colors(groups: list[Group]) -> list:
     cmap = plt.get_cmap("tab10")
     return [cmap(i % 10) for i in range(len(groups))]
 
@@ -28,11 +29,11 @@ def _band(ax, x, mean, std, color, style: str = "-", label: str | None = None, a
         ax.fill_between(x, mean - std, mean + std, color=color, alpha=alpha, linewidth=0)
 
 
-def plot_val_top1(groups: list[dict], path: str | Path, title: str = "") -> None:
+def plot_val_top1(groups: list[Group], path: str | Path, title: str = "") -> None:
     """Validation top-1 per epoch, mean over seeds with a +-std band; training top-1 dotted."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for g, color in zip(groups, _colors(groups), strict=True):
-        c = g["curves"]
+        c = g.curves
         if "val_top1" not in c:
             continue
         _band(ax, c["epoch"], c["val_top1"], c["val_top1_std"], color, "-", f"{_label(g)} val")
@@ -49,12 +50,12 @@ def plot_val_top1(groups: list[dict], path: str | Path, title: str = "") -> None
     save_figure(fig, path)
 
 
-def plot_loss_curves(groups: list[dict], path: str | Path, title: str = "") -> None:
+def plot_loss_curves(groups: list[Group], path: str | Path, title: str = "") -> None:
     """One panel per model and order: training and validation loss per epoch (mean +- std)."""
     n = len(groups)
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n + 0.6, 3.6), sharey=True, squeeze=False)
     for ax, g in zip(axes[0], groups, strict=True):
-        c = g["curves"]
+        c = g.curves
         _band(ax, c["epoch"], c["train_loss"], c["train_loss_std"], "tab:blue", "-", "train")
         if "val_loss" in c:
             _band(ax, c["epoch"], c["val_loss"], c["val_loss_std"], "tab:red", "-", "val")
@@ -68,22 +69,22 @@ def plot_loss_curves(groups: list[dict], path: str | Path, title: str = "") -> N
     save_figure(fig, path)
 
 
-def plot_accuracy_vs_params(groups: list[dict], path: str | Path, title: str = "") -> None:
+def plot_accuracy_vs_params(groups: list[Group], path: str | Path, title: str = "") -> None:
     """Test top-1 (mean, error bar = std over seeds) against trainable parameters."""
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for g, color in zip(groups, _colors(groups), strict=True):
-        s = g["summary"]["test_top1"]
+        s = g.summary["test_top1"]
         ax.errorbar(
-            g["params"],
+            g.params,
             s["mean"],
             yerr=s["std"] or 0.0,
-            fmt=_MARKERS.get(g["augment"], "o"),
+            fmt=_MARKERS.get(g.augment, "o"),
             color=color,
             markersize=8,
             capsize=4,
             label=f"{_label(g)}: {100 * s['mean']:.1f}%",
         )
-    params = [g["params"] for g in groups]
+    params = [g.params for g in groups]
     lo, hi = min(params), max(params)
     ax.set_xlim(lo - 0.25 * (hi - lo or lo), hi + 0.25 * (hi - lo or lo))
     ax.set_xlabel("trainable parameters")

@@ -1,12 +1,131 @@
-"""The comparison report: summaries over seeds and the markdown of report.md."""
+"""The comparison report: its typed structure (report.json), summaries over seeds, report.md."""
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
+from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 
 from eanet.compare.config import CURVE_FIELDS, SEED_FIELDS
+
+RUN_OUTCOMES = ("trained", "resumed", "skipped")
+
+
+def _plain(value: object) -> object:
+    """A field's JSON value: a nested record as its dict, lists of them item by item."""
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    to_dict = getattr(value, "to_dict", None)
+    return to_dict() if callable(to_dict) else value
+
+
+class _Record:
+    """`to_dict`: the fields in their declared order, as report.json has always held them."""
+
+    def to_dict(self) -> dict:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+@dataclass
+class DataSummary(_Record):
+    """The data set every run was trained on, and its split."""
+
+    name: str
+    classes: int
+    train_images: int
+    val_images: int
+    test_images: int
+
+
+@dataclass
+class CallRecord(_Record):
+    """One call of `eanet compare` on the directory: when, how long, what each run did."""
+
+    created: str
+    seconds: float
+    trained: int
+    resumed: int
+    skipped: int
+    extra: dict = field(default_factory=dict)  # keys of an older file, written back as read
+
+    @classmethod
+    def of(cls, runs: dict[str, str], created: str, seconds: float) -> CallRecord:
+        """The record of a call whose runs ended as `runs` says (run name -> outcome)."""
+        counts = Counter(runs.values())
+        return cls(created, seconds, *(counts.get(k, 0) for k in RUN_OUTCOMES))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CallRecord:
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        extra = {k: v for k, v in data.items() if k not in known}
+        return cls(**{k: v for k, v in data.items() if k in known}, extra=extra)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        extra = out.pop("extra")
+        return {**out, **extra}
+
+
+@dataclass
+class Group(_Record):
+    """One model under one augmentation order: its cost, runs (one per seed) and summary."""
+
+    model: str
+    augment: str
+    params: int
+    macs_per_image: float
+    model_config: dict
+    runs: list[dict]  # `compare.run.run_result` of each seed
+    summary: dict[str, dict]  # SEED_FIELDS' mean_std over the seeds
+    curves: dict[str, list]  # CURVE_FIELDS per epoch: mean and KEY_std
+    speed: dict | None = None  # `bench_model`'s figures (None: not measured)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Group:
+        return cls(**data)
+
+
+@dataclass
+class InputDistribution(_Record):
+    """`value_stats` of what the first layer sees, per augmentation order and at inference."""
+
+    images: int
+    model: str
+    stats: dict[str, dict]
+
+
+@dataclass
+class CompareReport(_Record):
+    """report.json: how the comparison was made, and every group's figures."""
+
+    command: str
+    config: dict  # CompareConfig.to_dict()
+    created: str
+    eanet_version: str
+    environment: dict
+    data: DataSummary
+    runs: dict[str, str]  # run name -> "trained", "resumed" or "skipped" by this call
+    invocation_seconds: float
+    calls: list[CallRecord]  # every call on the directory, this one last
+    groups: list[Group]
+    input_distribution: InputDistribution
+    figures: dict[str, str]  # FIGURE_CAPTIONS' keys -> file names
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CompareReport:
+        """The report of a report.json (as `to_dict` wrote it)."""
+        return cls(
+            **{
+                **data,
+                "data": DataSummary(**data["data"]),
+                "calls": [CallRecord.from_dict(c) for c in data["calls"]],
+                "groups": [Group.from_dict(g) for g in data["groups"]],
+                "input_distribution": InputDistribution(**data["input_distribution"]),
+            }
+        )
 
 
 def value_stats(values: torch.Tensor) -> dict:
@@ -56,8 +175,8 @@ def _num(s: dict, digits: int = 3) -> str:
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
-def _speed(g: dict, key: str) -> str:
-    return f"{g['speed'][key]:,.0f}" if g.get("speed") else "not measured"
+def _speed(g: Group, key: str) -> str:
+    return f"{g.speed[key]:,.0f}" if g.speed else "not measured"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -65,9 +184,9 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def _val_loss_path(g: dict) -> str:
+def _val_loss_path(g: Group) -> str:
     """Mean validation loss: epoch 1, lowest (at which epoch), last; and whether it rose."""
-    curve = g["curves"].get("val_loss")
+    curve = g.curves.get("val_loss")
     if not curve:
         return "-"
     low = min(range(len(curve)), key=curve.__getitem__)
@@ -92,41 +211,41 @@ def _recipe_words(rec: dict) -> str:
     )
 
 
-def format_report(report: dict) -> str:
+def format_report(report: CompareReport) -> str:
     """The report as Markdown: provenance, tables, figures."""
-    groups = report["groups"]
+    groups = report.groups
     lines = _provenance(report)
     lines += _results_section(groups)
     lines += _gap_section(groups)
-    lines += _input_section(report["input_distribution"])
-    lines += _figures_section(report["figures"])
+    lines += _input_section(report.input_distribution)
+    lines += _figures_section(report.figures)
     lines += _runs_section(groups)
     lines.append("")
     return "\n".join(lines)
 
 
-def _provenance(report: dict) -> list[str]:
+def _provenance(report: CompareReport) -> list[str]:
     """Title, the command, the machine, the data, the recipe and how figures were measured."""
-    cfg, env, data = report["config"], report["environment"], report["data"]
+    cfg, env, data = report.config, report.environment, report.data
     rec = cfg["train"]  # the recipe every run shared
     machine = env.get("cuda") or env.get("cpu_model") or env.get("processor")
     n_seeds = cfg["seeds"]
     return [
-        f"# {' vs '.join(cfg['models'])} on {data['name']}",
+        f"# {' vs '.join(cfg['models'])} on {data.name}",
         "",
-        f"Made by `{report['command']}`",
+        f"Made by `{report.command}`",
         "",
         f"- machine: {machine}, {env['cpu_count']} CPU cores, torch {env['torch']}, "
-        f"torch threads: {env['torch_threads']}, eanet {report['eanet_version']}, "
-        f"{report['created']}",
+        f"torch threads: {env['torch_threads']}, eanet {report.eanet_version}, "
+        f"{report.created}",
         "- calls of this command on this directory: "
         + "; ".join(
-            f"{c['created']}: {c['trained']} runs trained, {c['resumed']} resumed, "
-            f"{c['skipped']} kept, {c['seconds']:.0f} s"
-            for c in report["calls"]
+            f"{c.created}: {c.trained} runs trained, {c.resumed} resumed, "
+            f"{c.skipped} kept, {c.seconds:.0f} s"
+            for c in report.calls
         ),
-        f"- data: {data['name']}, {data['train_images']:,} training, {data['val_images']:,} "
-        f"validation, {data['test_images']:,} test images, {data['classes']} classes",
+        f"- data: {data.name}, {data.train_images:,} training, {data.val_images:,} "
+        f"validation, {data.test_images:,} test images, {data.classes} classes",
         f"- recipe: {_recipe_words(rec)} with "
         f"lr {rec['lr']}, batch {rec['batch_size']}, {rec['epochs']} epochs, seeds "
         f"0..{n_seeds - 1}; model overrides: "
@@ -146,7 +265,7 @@ def _provenance(report: dict) -> list[str]:
     ]
 
 
-def _results_section(groups: list[dict]) -> list[str]:
+def _results_section(groups: list[Group]) -> list[str]:
     """One row per model x augmentation: size, cost, speed, accuracies, training time."""
     header = [
         "model",
@@ -166,13 +285,13 @@ def _results_section(groups: list[dict]) -> list[str]:
     ]
     rows = []
     for g in groups:
-        s = g["summary"]
+        s = g.summary
         rows.append(
             [
-                f"`{g['model']}`",
-                g["augment"],
-                f"{g['params']:,}",
-                f"{g['macs_per_image'] / 1e6:.1f}",
+                f"`{g.model}`",
+                g.augment,
+                f"{g.params:,}",
+                f"{g.macs_per_image / 1e6:.1f}",
                 _speed(g, "train_img_s"),
                 _speed(g, "infer_img_s"),
                 _pct(s["best_val_top1"]),
@@ -188,7 +307,7 @@ def _results_section(groups: list[dict]) -> list[str]:
     return ["## Results", "", *_table(header, rows)]
 
 
-def _gap_section(groups: list[dict]) -> list[str]:
+def _gap_section(groups: list[Group]) -> list[str]:
     """Last-epoch training against validation figures, and the validation loss's path."""
     header = [
         "model",
@@ -201,12 +320,12 @@ def _gap_section(groups: list[dict]) -> list[str]:
     ]
     rows = [
         [
-            f"`{g['model']}`",
-            g["augment"],
-            _num(g["summary"]["final_train_loss"]),
-            _num(g["summary"]["final_val_loss"]),
-            _pct(g["summary"]["final_train_top1"]),
-            _pct(g["summary"]["final_val_top1"]),
+            f"`{g.model}`",
+            g.augment,
+            _num(g.summary["final_train_loss"]),
+            _num(g.summary["final_val_loss"]),
+            _pct(g.summary["final_train_top1"]),
+            _pct(g.summary["final_val_top1"]),
             _val_loss_path(g),
         ]
         for g in groups
@@ -222,7 +341,7 @@ def _gap_section(groups: list[dict]) -> list[str]:
     ]
 
 
-def _input_section(dist: dict) -> list[str]:
+def _input_section(dist: InputDistribution) -> list[str]:
     """Statistics of what the first layer sees, per augmentation order and at inference."""
     header = ["where", "min", "max", "mean", "std", "negative %", "exactly 0 %"]
     rows = [
@@ -235,14 +354,14 @@ def _input_section(dist: dict) -> list[str]:
             f"{100 * s['negative']:.1f}",
             f"{100 * s['zero']:.1f}",
         ]
-        for name, s in dist["stats"].items()
+        for name, s in dist.stats.items()
     ]
     return [
         "",
         "## What the first layer sees",
         "",
-        f"Inputs of `patch_embed` for the first {dist['images']} training images "
-        f"(`{dist['model']}`, the same augmentation draws for both orders).",
+        f"Inputs of `patch_embed` for the first {dist.images} training images "
+        f"(`{dist.model}`, the same augmentation draws for both orders).",
         "",
         *_table(header, rows),
     ]
@@ -256,7 +375,7 @@ FIGURE_CAPTIONS = {
 }
 
 
-def _figures_section(figures: dict) -> list[str]:
+def _figures_section(figures: dict[str, str]) -> list[str]:
     """Each figure file with its caption."""
     lines = ["", "## Figures", ""]
     for key, file in figures.items():
@@ -265,7 +384,7 @@ def _figures_section(figures: dict) -> list[str]:
     return lines
 
 
-def _runs_section(groups: list[dict]) -> list[str]:
+def _runs_section(groups: list[Group]) -> list[str]:
     """One row per trained run (every seed of every group)."""
     header = [
         "run",
@@ -287,6 +406,6 @@ def _runs_section(groups: list[dict]) -> list[str]:
             f"{r['steady_train_img_s']:.0f}",
         ]
         for g in groups
-        for r in g["runs"]
+        for r in g.runs
     ]
     return ["## Runs", "", *_table(header, rows)]

@@ -14,7 +14,6 @@ import dataclasses
 import json
 import logging
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -22,8 +21,16 @@ import torch
 from eanet import __version__, checkpoint
 from eanet.bench import bench_model, matmul_peak_gflops
 from eanet.compare.config import CURVE_FIELDS, CompareConfig, run_name
-from eanet.compare.report import format_report, summarize_group, value_stats
-from eanet.data.augment import AugmentConfig
+from eanet.compare.report import (
+    CallRecord,
+    CompareReport,
+    DataSummary,
+    Group,
+    InputDistribution,
+    format_report,
+    summarize_group,
+    value_stats,
+)
 from eanet.data.dataset import ImageData
 from eanet.data.splits import train_val_split
 from eanet.errors import ConfigError, EANetError, preview, printable
@@ -33,9 +40,9 @@ from eanet.locks import COMPARE_LOCK, directory_lock
 from eanet.models.registry import count_parameters
 from eanet.options import declared
 from eanet.runtime import environment, resolve_device, set_threads
+from eanet.train.augmentation import BatchAugment
 from eanet.train.config import TrainConfig
 from eanet.train.loop import build_for_data, fit, load_data
-from eanet.train.step import forward_train
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +191,7 @@ def first_layer_inputs(cfg: CompareConfig, data: ImageData) -> dict[str, torch.T
     """
     torch.manual_seed(0)
     model = build_for_data(cfg.train_config(cfg.models[0], "fixed", 0), data)
-    train_x = train_val_split(data, cfg.train.val_fraction)[0][:HIST_IMAGES]
+    train_x, train_y = (t[:HIST_IMAGES] for t in train_val_split(data, cfg.train.val_fraction)[:2])
     seen: list[torch.Tensor] = []
 
     def stop(module, inputs, *_):
@@ -203,7 +210,7 @@ def first_layer_inputs(cfg: CompareConfig, data: ImageData) -> dict[str, torch.T
             model.train()
             for order in ("fixed", "reference-bug"):
                 torch.manual_seed(0)  # the same augmentation draws for both orders
-                x = first_layer(forward_train, model, train_x, order, AugmentConfig())
+                x = first_layer(BatchAugment(order), model, train_x, train_y)
                 out[f"{order} / training"] = x
             model.eval()
             out["inference (both orders)"] = first_layer(model, train_x)
@@ -219,7 +226,10 @@ def run_compare(
     data: ImageData | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train (or skip finished) runs, measure cost and speed, write report.md/json and PNGs."""
+    """Train (or skip finished) runs, measure cost and speed, write report.md/json and PNGs.
+
+    Returns report.json's content (`CompareReport.to_dict`).
+    """
     out = Path(out)
     cfg.validate()
     t_start = time.perf_counter()
@@ -236,45 +246,88 @@ def run_compare(
         return _compare(cfg, out, data, progress, t_start)
 
 
-def _compare(cfg: CompareConfig, out: Path, data: ImageData, progress: bool, t_start: float):
+def _compare(
+    cfg: CompareConfig, out: Path, data: ImageData, progress: bool, t_start: float
+) -> dict:
     """run_compare's work, holding the directory lock."""
-    from eanet.compare.plots import (
-        plot_accuracy_vs_params,
-        plot_input_distribution,
-        plot_loss_curves,
-        plot_val_top1,
-    )
-
     train_x, _, val_x, _ = train_val_split(data, cfg.train.val_fraction)
     status = {}
     for model, augment, seed in cfg.runs():
         name = run_name(model, augment, seed)
         tcfg = cfg.train_config(model, augment, seed)
         status[name] = train_run(tcfg, out / "runs" / name, data, progress)
-
-    groups = []
-    for model in cfg.models:
-        cost = model_cost(cfg, model, data)
-        for augment in cfg.augment_orders:
-            results = [
-                run_result(out / "runs" / run_name(model, augment, s)) for s in range(cfg.seeds)
-            ]
-            groups.append(
-                {
-                    "model": model,
-                    "augment": augment,
-                    "params": cost["params"],
-                    "macs_per_image": cost["macs_per_image"],
-                    "model_config": cost["model_config"],
-                    "runs": results,
-                    **summarize_group(results),
-                }
-            )
-    speed = measure_speed(cfg, out, data)
-    for g in groups:
-        g["speed"] = speed.get(g["model"])
+    groups = compare_groups(cfg, out, data)
     inputs = first_layer_inputs(cfg, data)
     input_stats = {k: value_stats(v) for k, v in inputs.items()}
+    shown = InputDistribution(min(HIST_IMAGES, len(train_x)), cfg.models[0], input_stats)
+    figures = _plot(cfg, out, data, groups, inputs, shown)
+    created = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    seconds = round(time.perf_counter() - t_start, 1)
+    report = CompareReport(
+        command=cfg.command(out),
+        config=cfg.to_dict(),
+        created=created,
+        eanet_version=__version__,
+        environment=environment(),
+        data=DataSummary(
+            data.name, data.num_classes, len(train_x), len(val_x), len(data.test_images)
+        ),
+        runs=status,
+        invocation_seconds=seconds,
+        calls=[
+            *(CallRecord.from_dict(c) for c in earlier_calls(out)),
+            CallRecord.of(status, created, seconds),
+        ],
+        groups=groups,
+        input_distribution=shown,
+        figures=figures,
+    )
+    saved = report.to_dict()
+    write_json(out / "report.json", saved)
+    write_text(out / "report.md", format_report(report))
+    log.info("wrote %s and %s", out / "report.md", out / "report.json")
+    return saved
+
+
+def compare_groups(cfg: CompareConfig, out: Path, data: ImageData) -> list[Group]:
+    """One group per model and augmentation order: its cost, runs, summary and speed."""
+    costs = {model: model_cost(cfg, model, data) for model in cfg.models}
+    results = {
+        (model, augment): [
+            run_result(out / "runs" / run_name(model, augment, s)) for s in range(cfg.seeds)
+        ]
+        for model in cfg.models
+        for augment in cfg.augment_orders
+    }
+    speed = measure_speed(cfg, out, data)
+    return [
+        Group(
+            model=model,
+            augment=augment,
+            **costs[model],
+            runs=runs,
+            **summarize_group(runs),
+            speed=speed.get(model),
+        )
+        for (model, augment), runs in results.items()
+    ]
+
+
+def _plot(
+    cfg: CompareConfig,
+    out: Path,
+    data: ImageData,
+    groups: list[Group],
+    inputs: dict[str, torch.Tensor],
+    shown: InputDistribution,
+) -> dict[str, str]:
+    """The report's figures, written into OUT; returns their file names by key."""
+    from eanet.compare.plots import (
+        plot_accuracy_vs_params,
+        plot_input_distribution,
+        plot_loss_curves,
+        plot_val_top1,
+    )
 
     figures = {
         "val_top1": "val_top1.png",
@@ -288,51 +341,12 @@ def _compare(cfg: CompareConfig, out: Path, data: ImageData, progress: bool, t_s
     plot_accuracy_vs_params(groups, out / figures["accuracy_vs_params"], title)
     plot_input_distribution(
         {k: v.numpy() for k, v in inputs.items()},
-        input_stats,
+        shown.stats,
         out / figures["input_distribution"],
-        f"what the first layer sees: {min(HIST_IMAGES, len(train_x))} {data.name} training "
+        f"what the first layer sees: {shown.images} {data.name} training "
         "images, all pixels and channels",
     )
-
-    report = {
-        "command": cfg.command(out),
-        "config": cfg.to_dict(),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "eanet_version": __version__,
-        "environment": environment(),
-        "data": {
-            "name": data.name,
-            "classes": data.num_classes,
-            "train_images": len(train_x),
-            "val_images": len(val_x),
-            "test_images": len(data.test_images),
-        },
-        "runs": status,
-        "invocation_seconds": round(time.perf_counter() - t_start, 1),
-        "calls": [],
-        "groups": groups,
-        "input_distribution": {
-            "images": min(HIST_IMAGES, len(train_x)),
-            "model": cfg.models[0],
-            "stats": input_stats,
-        },
-        "figures": figures,
-    }
-    report["calls"] = earlier_calls(out) + [call_record(report)]
-    write_json(out / "report.json", report)
-    write_text(out / "report.md", format_report(report))
-    log.info("wrote %s and %s", out / "report.md", out / "report.json")
-    return report
-
-
-def call_record(report: dict) -> dict:
-    """One line of the directory's history: when, what each run did, how long it took."""
-    counts = Counter(report["runs"].values())
-    return {
-        "created": report["created"],
-        "seconds": report["invocation_seconds"],
-        **{k: counts.get(k, 0) for k in ("trained", "resumed", "skipped")},
-    }
+    return figures
 
 
 def earlier_calls(out: Path) -> list[dict]:
@@ -348,11 +362,16 @@ def earlier_calls(out: Path) -> list[dict]:
         calls = old["calls"] if isinstance(old["calls"], list) else []
     else:
         old_runs = isinstance(old.get("runs"), dict) and "created" in old
-        calls = [call_record(old)] if old_runs else []
+        calls = [_call_of(old)] if old_runs else []
     kept = [_checked_call(c) for c in calls]
     if None in kept:
         log.warning("%s: dropped damaged entries of the history of earlier calls", path)
     return [c for c in kept if c is not None]
+
+
+def _call_of(old: dict) -> dict:
+    """The call record of a report.json written before reports kept their calls."""
+    return CallRecord.of(old["runs"], old["created"], old["invocation_seconds"]).to_dict()
 
 
 def _checked_call(call: object) -> dict | None:

@@ -14,13 +14,12 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from eanet import __version__, accel, checkpoint
-from eanet.data.augment import AugmentConfig
 from eanet.data.dataset import ImageData
 from eanet.data.load import load_dataset
 from eanet.data.splits import compute_normalization, train_val_split
@@ -32,20 +31,14 @@ from eanet.models.registry import MODELS, build_model, model_config
 from eanet.models.transformer import VisionTransformer
 from eanet.runtime import environment, set_threads, tune_cpu_allocator
 from eanet.train import distributed, finetune
+from eanet.train.augmentation import BatchAugment
 from eanet.train.config import TrainConfig
 from eanet.train.ema import EMA
 from eanet.train.guard import StepGuard, graceful_interrupts
 from eanet.train.provenance import configure_determinism, provenance
 from eanet.train.rundir import claim_run_dir, write_history, write_run_config
 from eanet.train.schedule import LRSchedule
-from eanet.train.step import (
-    StepExtras,
-    accelerate,
-    augment_pixels,
-    make_optimizer,
-    scaled_lr,
-    train_epoch,
-)
+from eanet.train.step import StepExtras, accelerate, make_optimizer, scaled_lr, train_epoch
 from eanet.train.tblog import TensorBoardLog, check_tensorboard
 
 log = logging.getLogger(__name__)
@@ -97,36 +90,47 @@ def build_for_data(cfg: TrainConfig, data: ImageData) -> VisionTransformer:
     return model
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Run:
-    """What one training run holds between its phases."""
+    """Everything one training run holds, built complete by `_build_run`.
+
+    No field is set after that; only `history` changes, a row appended per epoch
+    (`_save_epoch`). What the fields hold changes its own state as training goes: the
+    weights, AdamW, the EMA's averages and `extras`' step counters. A None means that
+    part is off for the whole run.
+    """
 
     cfg: TrainConfig
     out: Path
     dist: distributed.Distributed
     data: ImageData
+    progress: bool
+    runtime: Runtime  # device (this rank's), resolved precision, accel, compile
+    accel: accel.AccelReport | None  # what eanet.accel swapped in (None: --no-accel)
     model: VisionTransformer
     optimizer: torch.optim.Optimizer
+    batch_augment: BatchAugment  # the augmentation of every training batch
     train_x: torch.Tensor
     train_y: torch.Tensor
     val_x: torch.Tensor
     val_y: torch.Tensor
-    progress: bool
-    runtime: Runtime  # device (this rank's), resolved precision, accel, compile
-    history: list[dict] = field(default_factory=list)
-    start: int = 1  # the first epoch still to train
-    extras: StepExtras | None = None  # schedule, clipping, EMA, logging (modern options)
-    accel: accel.AccelReport | None = None  # what eanet.accel swapped in (None: --no-accel)
-    ema_model: VisionTransformer | None = None  # holds the EMA weights for evaluation
-    logger: TensorBoardLog | None = None
+    extras: StepExtras | None  # schedule, clipping, EMA, logging (None: the reference's)
+    ema_model: VisionTransformer | None  # holds the EMA weights for evaluation
+    logger: TensorBoardLog | None  # --log tensorboard, on rank 0
+    start: int  # the first epoch still to train (after a resumed checkpoint's)
+    history: list[dict]  # a row per epoch trained, the resumed checkpoint's first
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.train_x) / self.cfg.batch_size)
+        return _steps_per_epoch(self.cfg, self.train_x)
 
     @property
     def title(self) -> str:
         return f"{self.cfg.model} on {self.data.name}"
+
+
+def _steps_per_epoch(cfg: TrainConfig, train_x: torch.Tensor) -> int:
+    return math.ceil(len(train_x) / cfg.batch_size)
 
 
 @graceful_interrupts  # Ctrl-C/SIGTERM: stop between steps, keep the last epoch
@@ -157,12 +161,12 @@ def fit(
         if data is None:
             with dist.local_main_first():  # one download per node
                 data = load_data(cfg, progress)
-        run = _build_run(cfg, out, dist, data, resume, progress)
-        if resume:
-            _restore(run)
+        run = _build_run(cfg, out, dist, data, resume, progress, held)
         if dist.is_main:
+            if resume:
+                _rewrite_resumed_files(run)  # in case the kill came before they were written
             write_run_config(out, cfg, _run_record(run))
-            _open_logger(run, held)
+            _log_augmented_images(run)
         runner = accelerate(dist.wrap(run.model), cfg, dist.device)  # DDP under torchrun
         guard = StepGuard(cfg.on_nonfinite, cfg.lr, out)
         for epoch in range(run.start, cfg.epochs + 1):
@@ -200,83 +204,133 @@ def _build_run(
     data: ImageData,
     resume: bool,
     progress: bool,
+    held: contextlib.ExitStack,
 ) -> _Run:
-    """The model (fine-tuned or fresh), its optimizer and the split tensors on the device."""
+    """The run, each part computed once: the model (fine-tuned, fresh or resumed), its
+    optimizer and EMA, the split tensors on the device, the step extras, the logger."""
     rt = Runtime.resolve(dist.device, cfg.precision, cfg.accel, cfg.compile, cfg.compile_mode)
+    model = _build_model(cfg, data, rt, resume)
+    report = rt.place(model)  # the training step is compiled by `accelerate`, in `fit`
+    if report is not None:
+        log.info("accel: %s", report.summary())
+    optimizer = make_optimizer(model, cfg)
+    train_x, train_y, val_x, val_y = (
+        t.to(rt.device) for t in train_val_split(data, cfg.val_fraction)
+    )
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
+    ema_model = None if ema is None else copy.deepcopy(model).eval()
+    history, start = [], 1
+    if resume:
+        history, start = _restore(cfg, out, dist, data, model, optimizer, ema)
+    logger = _open_logger(cfg, out, held) if dist.is_main else None
+    steps = _steps_per_epoch(cfg, train_x)
+    return _Run(
+        cfg=cfg,
+        out=out,
+        dist=dist,
+        data=data,
+        progress=progress,
+        runtime=rt,
+        accel=report,
+        model=model,
+        optimizer=optimizer,
+        batch_augment=BatchAugment.from_config(cfg),
+        train_x=train_x,
+        train_y=train_y,
+        val_x=val_x,
+        val_y=val_y,
+        extras=_step_extras(cfg, model, steps, ema, logger),
+        ema_model=ema_model,
+        logger=logger,
+        start=start,
+        history=history,
+    )
+
+
+def _build_model(cfg: TrainConfig, data: ImageData, rt: Runtime, resume: bool) -> VisionTransformer:
+    """The model on the run's device: fresh, or fine-tuned from --init-from, maybe frozen."""
     model = build_for_data(cfg, data).to(rt.device)
     if cfg.init_from and not resume:  # a resumed run has its own weights
         finetune.load_compatible(model, cfg.init_from, data.class_names)
     if cfg.freeze_backbone:
         finetune.freeze_backbone(model)
-    report = rt.place(model)  # the training step is compiled by `accelerate`, in `fit`
-    if report is not None:
-        log.info("accel: %s", report.summary())
-    optimizer = make_optimizer(model, cfg)
-    tensors = (t.to(rt.device) for t in train_val_split(data, cfg.val_fraction))
-    run = _Run(cfg, out, dist, data, model, optimizer, *tensors, progress=progress, runtime=rt)
-    run.accel = report
-    _add_extras(run)
-    return run
+    return model
 
 
-def _add_extras(run: _Run) -> None:
-    """The step extras the options ask for (none for the reference recipe) and the EMA model."""
-    cfg = run.cfg
+def _step_extras(
+    cfg: TrainConfig,
+    model: VisionTransformer,
+    steps_per_epoch: int,
+    ema: EMA | None,
+    logger: TensorBoardLog | None,
+) -> StepExtras | None:
+    """The step extras the options ask for (None for the reference recipe)."""
     if cfg.lr_schedule == "constant" and not (cfg.grad_clip or cfg.ema_decay) and cfg.log == "none":
-        return
+        return None
     schedule = None
     if cfg.lr_schedule != "constant":
-        total = cfg.epochs * run.steps_per_epoch  # a new --epochs on resume: the new length
+        total = cfg.epochs * steps_per_epoch  # a new --epochs on resume: the new length
         schedule = LRSchedule(
             cfg.lr_schedule, scaled_lr(cfg), total, cfg.warmup_fraction, cfg.warmup_lr, cfg.min_lr
         )
-    ema = EMA(run.model, cfg.ema_decay) if cfg.ema_decay else None
-    if ema is not None:
-        run.ema_model = copy.deepcopy(run.model).eval()
-    run.extras = StepExtras(schedule, cfg.grad_clip, ema, run.model)
+    return StepExtras(schedule, cfg.grad_clip, ema, model, logger)
 
 
-def _open_logger(run: _Run, held: contextlib.ExitStack) -> None:
-    """--log tensorboard: the writer (closed when `held` is), once a grid of training images."""
-    if run.cfg.log != "tensorboard":
+def _open_logger(cfg: TrainConfig, out: Path, held: contextlib.ExitStack) -> TensorBoardLog | None:
+    """--log tensorboard: the writer, closed when `held` is (None without the option)."""
+    if cfg.log != "tensorboard":
+        return None
+    logger = TensorBoardLog(out)
+    held.callback(logger.close)
+    return logger
+
+
+def _log_augmented_images(run: _Run) -> None:
+    """Once, on a fresh run with a logger: a grid of augmented training images."""
+    if run.logger is None or run.start != 1 or not run.batch_augment.in_pixel_space:
         return
-    run.logger = TensorBoardLog(run.out)
-    held.callback(run.logger.close)
-    run.extras.logger = run.logger
-    if run.start == 1 and run.cfg.augment != "reference-bug":
-        device = run.dist.device
-        # A forked RNG: the grid's draws do not shift the training run's random numbers.
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            images = augment_pixels(run.train_x[:32], run.cfg, AugmentConfig())
-        run.logger.log_images(images)
+    device = run.dist.device
+    # A forked RNG: the grid's draws do not shift the training run's random numbers.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        images = run.batch_augment.pixels(run.train_x[:32])
+    run.logger.log_images(images)
 
 
-def _restore(run: _Run) -> None:
-    """Weights, AdamW and RNG state and the history of the run's last complete epoch."""
-    ckpt = run.dist.from_main(checkpoint.load, run.out)  # every rank restores rank 0's file
-    if ckpt.class_names != run.data.class_names:
+def _restore(
+    cfg: TrainConfig,
+    out: Path,
+    dist: distributed.Distributed,
+    data: ImageData,
+    model: VisionTransformer,
+    optimizer: torch.optim.Optimizer,
+    ema: EMA | None,
+) -> tuple[list[dict], int]:
+    """Weights, AdamW, EMA and RNG state of the run's last complete epoch; returns its
+    history and the first epoch still to train."""
+    ckpt = dist.from_main(checkpoint.load, out)  # every rank restores rank 0's file
+    if ckpt.class_names != data.class_names:
         raise EANetError(
-            f"{run.out}: the checkpoint was trained on other classes than "
-            f"{run.data.name}; resume it with its own data set"
+            f"{out}: the checkpoint was trained on other classes than "
+            f"{data.name}; resume it with its own data set"
         )
-    checkpoint.restore_training(run.model, run.optimizer, ckpt, run.out)
-    if run.extras is not None and run.extras.ema is not None:
+    checkpoint.restore_training(model, optimizer, ckpt, out)
+    if ema is not None:
         try:
-            run.extras.ema.load(ckpt.extra)
+            ema.load(ckpt.extra)
         except (KeyError, RuntimeError) as exc:
             raise checkpoint.CheckpointError(
-                f"{run.out}: the checkpoint holds no moving average of the weights to resume "
+                f"{out}: the checkpoint holds no moving average of the weights to resume "
                 "--ema-decay with; it is damaged or from another recipe"
             ) from exc
-    run.history = ckpt.meta.history
-    run.start = ckpt.meta.epoch + 1
-    if run.dist.is_main and _best_epoch(run.history) == ckpt.meta.epoch:
+    log.info("resuming %s after epoch %d of %d", out, ckpt.meta.epoch, cfg.epochs)
+    return ckpt.meta.history, ckpt.meta.epoch + 1
+
+
+def _rewrite_resumed_files(run: _Run) -> None:
+    """best.safetensors and the history files of a resumed run, which a kill may have beaten."""
+    if _best_epoch(run.history) == run.start - 1:
         _keep_best(run)  # in case the kill came between the checkpoint and its copy
-    log.info("resuming %s after epoch %d of %d", run.out, run.start - 1, run.cfg.epochs)
-    if run.dist.is_main:
-        write_history(
-            run.out, run.history, run.title, run.data.num_classes
-        )  # in case the kill beat it
+    write_history(run.out, run.history, run.title, run.data.num_classes)
 
 
 def _run_record(run: _Run) -> dict:
@@ -317,6 +371,7 @@ def _train_and_validate(run: _Run, runner: torch.nn.Module, guard: StepGuard, ep
             dist=dist if dist.enabled else None,
             guard=guard,
             extras=run.extras,
+            batch_augment=run.batch_augment,
         )
     tr = dist.all_reduce(tr)  # every rank logs the figures over all ranks' images
     train_s = time.perf_counter() - t0

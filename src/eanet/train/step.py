@@ -1,4 +1,4 @@
-"""One training step and one epoch: augment in pixel space, forward, loss, backward, AdamW."""
+"""One training step and one epoch: augment, forward, loss, backward, AdamW."""
 
 from __future__ import annotations
 
@@ -11,70 +11,19 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from eanet.data.augment import AugmentConfig, augment, augment_reference_bug
-from eanet.data.crop import random_resized_crop_flip
-from eanet.data.erasing import random_erase
-from eanet.data.mixing import MixConfig, mix_batch, mixed_targets
-from eanet.data.randaugment import rand_augment
+from eanet.data.augment import AugmentConfig
 from eanet.metrics import Metrics, MetricSums
 from eanet.models.transformer import VisionTransformer
 from eanet.runtime import autocast, resolve_precision
 from eanet.train import distributed
 from eanet.train import guard as guard_mod
+from eanet.train.augmentation import BatchAugment
 from eanet.train.config import REFERENCE_BATCH, TrainConfig
 from eanet.train.ema import EMA
 from eanet.train.optim import KerasAdamW
 from eanet.train.schedule import LRSchedule
 
 log = logging.getLogger(__name__)
-
-
-def forward_train(
-    model: VisionTransformer, x: torch.Tensor, mode: str, aug: AugmentConfig
-) -> torch.Tensor:
-    """Augment a uint8 batch as `mode` says and return the logits (model in train mode)."""
-    x = x.float()
-    if mode == "fixed":
-        return model(augment(x, aug))  # pixel space, then normalise inside the model
-    if mode == "crop-flip":
-        return model(random_resized_crop_flip(x))
-    if mode == "reference-bug":
-        # The reference's order: normalise first, then augment with contrast clipped to
-        # 0..255, which zeroes every negative normalised value in training only.
-        return model(augment_reference_bug(model.normalize(x), aug), normalized=True)
-    return model(x)
-
-
-def augment_pixels(x: torch.Tensor, cfg: TrainConfig, aug: AugmentConfig) -> torch.Tensor:
-    """A uint8 batch augmented in pixel space by `cfg.augment`, RandAugment and erasing.
-
-    Not for --augment reference-bug (which normalises first; TrainConfig refuses the mix).
-    """
-    x = x.float()
-    if cfg.augment == "fixed":
-        x = augment(x, aug)
-    elif cfg.augment == "crop-flip":
-        x = random_resized_crop_flip(x)
-    if cfg.randaugment_ops:
-        x = rand_augment(
-            x, cfg.randaugment_ops, cfg.randaugment_magnitude, cfg.randaugment_magnitude_std
-        )
-    if cfg.erase_prob:
-        x = random_erase(x, cfg.erase_prob)
-    return x
-
-
-def _forward_with_extras(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, aug: AugmentConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, targets) with RandAugment/erasing/mixup/CutMix: soft targets when mixed."""
-    x = augment_pixels(x, cfg, aug)
-    mix = MixConfig(cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, cfg.mix_switch_prob)
-    if not mix.enabled:
-        return model(x), y
-    x, lam = mix_batch(x, mix)
-    logits = model(x)
-    return logits, mixed_targets(y, lam, logits.shape[-1])
 
 
 @dataclass
@@ -204,6 +153,7 @@ def train_step(
     loss_scale: float = 1.0,
     guard: guard_mod.StepGuard | None = None,
     extras: StepExtras | None = None,
+    batch_augment: BatchAugment | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Augment, forward, label-smoothed loss, backward, AdamW step; returns (logits, loss).
 
@@ -211,12 +161,13 @@ def train_step(
     last batch under DDP (see `distributed.Distributed.shard`). `guard` may veto the
     optimizer step of a non-finite batch: then `guard_mod.BatchSkipped` is raised.
     `extras`: the schedule, clipping, EMA and logging of the modern recipe's options.
+    `batch_augment`: the augmentation of `cfg` and `aug`, decided once by the caller
+    (`BatchAugment.from_config`); without it, decided here for this step.
     """
+    if batch_augment is None:
+        batch_augment = BatchAugment.from_config(cfg, aug)
     with autocast(resolve_precision(cfg.precision, x.device), x.device):
-        if cfg.uses_pixel_extras:
-            logits, target = _forward_with_extras(model, x, y, cfg, aug)
-        else:
-            logits, target = forward_train(model, x, cfg.augment, aug), y
+        logits, target = batch_augment(model, x, y)
         loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     (loss if loss_scale == 1.0 else loss * loss_scale).backward()
@@ -242,6 +193,7 @@ def train_epoch(
     dist: distributed.Distributed | None = None,
     guard: guard_mod.StepGuard | None = None,
     extras: StepExtras | None = None,
+    batch_augment: BatchAugment | None = None,
 ) -> Metrics:
     """One pass over the training tensors in a fresh random order, last batch partial.
 
@@ -250,9 +202,12 @@ def train_epoch(
     With `guard`, a signal stops training between steps and a non-finite loss stops it
     or skips the batch (`guard_mod.StepGuard`); skipped batches are not in the metrics.
     With `extras`, its `step` follows the batches from its `epoch_offset`.
+    `batch_augment`: the run's augmentation (default: `cfg`'s), decided once, not per batch.
     """
     model.train()
     aug = AugmentConfig()
+    if batch_augment is None:
+        batch_augment = BatchAugment.from_config(cfg, aug)
     sums = MetricSums(images.device)
     live = live_metrics(images.device)
     if dist is None:
@@ -274,7 +229,9 @@ def train_epoch(
         if extras is not None:
             extras.step = extras.epoch_offset + step
         try:
-            logits, loss = train_step(model, optimizer, x, y, cfg, aug, scale, guard, extras)
+            logits, loss = train_step(
+                model, optimizer, x, y, cfg, aug, scale, guard, extras, batch_augment
+            )
         except guard_mod.BatchSkipped:
             continue
         if scale:  # weight 0: a stand-in image, only there to join the gradient average
