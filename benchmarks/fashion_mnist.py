@@ -9,6 +9,7 @@ machine (CPU class, threads) which epochs ran.
     python benchmarks/fashion_mnist.py --list
     python benchmarks/fashion_mnist.py reference eanet-s0 vit-s0   # run (or go on with) these
     python benchmarks/fashion_mnist.py --record-only reference     # rewrite the JSON only
+    python benchmarks/fashion_mnist.py --idle eanet-fast           # nothing else running
 
 Killed at any point, the same command goes on from the last complete epoch
 (`--auto-resume`). A `curve` experiment (constant learning rate only, where extending a run
@@ -158,6 +159,7 @@ def run(name: str, args: argparse.Namespace, mach: dict) -> None:
                 "epochs": [before + 1, epochs_done(out)],
                 "wall_seconds": round(time.time() - t0, 1),
                 "threads": args.threads,
+                "idle": args.idle,
                 "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                 **mach,
             }
@@ -191,6 +193,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="epochs (default: the experiment's)")
     parser.add_argument("--threads", type=int, help="torch threads (default: one per core)")
     parser.add_argument("--record-only", action="store_true", help="only rewrite the JSON")
+    parser.add_argument(
+        "--idle",
+        action="store_true",
+        help="record that nothing else ran on the machine (its minutes are timings)",
+    )
     args = parser.parse_args()
     unknown = [n for n in args.names if n not in EXPERIMENTS]
     if args.list or not args.names or unknown:

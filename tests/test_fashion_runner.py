@@ -34,7 +34,7 @@ def runner(tmp_path, monkeypatch):
 
 
 def _args(tmp_path, **kw) -> argparse.Namespace:
-    base = dict(runs=str(tmp_path / "runs"), epochs=None, threads=1, record_only=False)
+    base = dict(runs=str(tmp_path / "runs"), epochs=None, threads=1, record_only=False, idle=False)
     return argparse.Namespace(**{**base, **kw})
 
 

@@ -37,9 +37,46 @@ def test_the_pages_tables_match_the_committed_json():
     assert run.returncode == 0, run.stderr
 
 
-def test_both_pages_carry_the_speed_table(tables):
-    for page in tables.PAGES:
+def test_the_pages_carry_their_tables(tables):
+    for page in ("README.md", "docs/speed.md"):
         assert "speed-table" in tables.table_names((ROOT / page).read_text("utf-8")), page
+    fashion = tables.table_names((ROOT / "docs/fashion-mnist.md").read_text("utf-8"))
+    assert fashion == ["fashion-table", "fashion-curves"]
+
+
+def _fashion(name: str, what: str, vals: list[float], test: float | None, **extra) -> dict:
+    history = [{"epoch": i + 1, "epoch_seconds": 120.0, "val_top1": v} for i, v in enumerate(vals)]
+    rec = {"experiment": name, "what": what, "history": history, **extra}
+    rec["test"] = {"test_top1": test} if test is not None else None
+    rec["segments"] = [{"class": "avx2", "threads": 2, "idle": name == "fast"}]
+    return rec
+
+
+def test_the_fashion_table_puts_seeds_together_and_says_what_is_missing(tables, tmp_path):
+    folder = tmp_path / "fashion-mnist"
+    for seed, test in ((0, 0.90), (1, 0.92)):
+        rec = _fashion(f"eanet-s{seed}", f"EANet, seed {seed}", [0.85, 0.91], test)
+        _write(folder, f"eanet-s{seed}.json", rec)
+    reached = {"0.90": {"epoch": 2, "minutes": 4.0}, "0.92": None}
+    _write(folder, "fast.json", _fashion("fast", "fast one", [0.88, 0.905], None, reached=reached))
+    rows = tables.fashion_table(tables.load_fashion(tmp_path), tmp_path).splitlines()[2:]
+    assert len(rows) == 2
+    eanet = next(r for r in rows if r.startswith("| eanet (2 seeds) | EANet |"))
+    assert "| 91.0% ± 1.0% | 91.0% ± 0.0% |" in eanet and "AVX2 only, 2 threads |" in eanet
+    fast = next(r for r in rows if r.startswith("| fast |"))
+    assert "| not yet |" in fast and "epoch 2, 4.0 min / not reached" in fast
+    assert "2 threads, idle" in fast
+
+
+def test_the_fashion_curves_put_each_runs_epochs_side_by_side(tables, tmp_path):
+    folder = tmp_path / "fashion-mnist"
+    ref = {"history": [], "test_per_epoch": [{"epoch": 1, "test_top1": 0.5}]}
+    keras = {"history": [{"epoch": 1, "test_top1": 0.4}, {"epoch": 2, "test_top1": 0.6}]}
+    _write(folder, "reference.json", ref)
+    _write(folder, "keras-fixed-s0.json", keras)
+    table = tables.fashion_curves(tables.load_fashion(tmp_path), tmp_path).splitlines()
+    assert table[0] == "| epoch | keras-fixed-s0 | reference |"
+    assert table[2:] == ["| 1 | 40.0% | 50.0% |", "| 2 | 60.0% |  |"]
 
 
 def _row(model: str, precision: str | None, train: float, infer: float, steps: int = 5) -> dict:

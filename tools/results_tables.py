@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-PAGES = ("README.md", "docs/speed.md")
+PAGES = ("README.md", "docs/speed.md", "docs/fashion-mnist.md")
 
 # compare_reference.machine_class's folders, in this order in the tables.
 CLASSES = {
@@ -246,7 +246,104 @@ def serve_table(serving: dict[str, tuple[Path, dict]], page_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def load_fashion(results: Path) -> dict[str, tuple[Path, dict]]:
+    """The Fashion-MNIST records (benchmarks/fashion_mnist.py, tools/keras_fashion.py)."""
+    folder = results / "fashion-mnist"
+    return {
+        p.stem: (p, json.loads(p.read_text(encoding="utf-8")))
+        for p in sorted(folder.glob("*.json"))
+    }
+
+
+def _seed_group(name: str) -> str:
+    return re.sub(r"-s\d+$", "", name)
+
+
+def _spread(values: list[float]) -> str:
+    """'91.2%' for one value, 'mean +- half the range' (percent) for several."""
+    if len(values) == 1:
+        return f"{values[0]:.1%}"
+    mean = sum(values) / len(values)
+    return f"{mean:.1%} ± {(max(values) - min(values)) / 2:.1%}"
+
+
+def _machines(rec: dict) -> str:
+    """Where its epochs ran: CPU classes and threads, 'idle' where the run said so."""
+    seen = []
+    for seg in rec.get("segments", []):
+        threads = seg.get("threads") or seg.get("cpu_count")
+        label = f"{CLASSES.get(seg['class'], seg['class'])}, {threads} threads"
+        label += ", idle" if seg.get("idle") else ""
+        if label not in seen:
+            seen.append(label)
+    if "machine_class" in rec:  # a Keras record
+        seen.append(f"{CLASSES.get(rec['machine_class'])}, {rec['cpu_count']} cores")
+    return "; ".join(seen)
+
+
+def _test_top1(rec: dict) -> float | None:
+    if rec.get("test"):
+        return rec["test"]["test_top1"]
+    rows = rec.get("history", [])
+    return rows[-1].get("test_top1") if rows else None
+
+
+def _reached(rec: dict, key: str) -> str:
+    hit = rec.get("reached", {}).get(key)
+    return f"epoch {hit['epoch']}, {hit['minutes']:.1f} min" if hit else "not reached"
+
+
+def fashion_table(records: dict[str, tuple[Path, dict]], page_dir: Path) -> str:
+    """One row per experiment (seeds together): epochs, test top-1, time to 90%/92%."""
+    groups: dict[str, list[tuple[Path, dict]]] = {}
+    for name, item in records.items():
+        groups.setdefault(_seed_group(name), []).append(item)
+    lines = [
+        "| experiment | what | epochs | test top-1 (last weights) | best val top-1 "
+        "| val top-1 >= 90% / 92% first | min per epoch | machine | records |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for group, items in groups.items():
+        recs = [r for _, r in items]
+        tests = [t for t in map(_test_top1, recs) if t is not None]
+        vals = [max(h["val_top1"] for h in r["history"]) for r in recs if r["history"]]
+        epochs = sorted({len(r["history"]) for r in recs})
+        per_epoch = [h["epoch_seconds"] / 60 for r in recs for h in r["history"]]
+        minutes = f"{sorted(per_epoch)[len(per_epoch) // 2]:.1f}" if per_epoch else ""
+        reached = (
+            " / ".join(_reached(recs[0], k) for k in ("0.90", "0.92")) if len(recs) == 1 else ""
+        )
+        what = re.sub(r", seed \d+$", "", recs[0]["what"])
+        seeds = f" ({len(recs)} seeds)" if len(recs) > 1 else ""
+        links = ", ".join(f"[{p.stem}]({link(p, page_dir)})" for p, _ in items)
+        lines.append(
+            f"| {group}{seeds} | {what} | {'/'.join(map(str, epochs))} "
+            f"| {_spread(tests) if tests else 'not yet'} | {_spread(vals) if vals else ''} "
+            f"| {reached} | {minutes} | {_machines(recs[0])} | {links} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def fashion_curves(records: dict[str, tuple[Path, dict]], page_dir: Path) -> str:
+    """Test top-1 after every epoch, side by side, for the runs that record it."""
+    curves = {}
+    for name, (_, rec) in records.items():
+        rows = rec.get("test_per_epoch") or [h for h in rec.get("history", []) if "test_top1" in h]
+        if rows:
+            curves[name] = {r["epoch"]: r["test_top1"] for r in rows}
+    if not curves:
+        return "No run has recorded its test figures per epoch yet.\n"
+    epochs = sorted({e for c in curves.values() for e in c})
+    lines = ["| epoch | " + " | ".join(curves) + " |", "|---" * (len(curves) + 1) + "|"]
+    for e in epochs:
+        cells = [f"{c[e]:.1%}" if e in c else "" for c in curves.values()]
+        lines.append(f"| {e} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 TABLES: dict[str, Callable[[Path, Path], str]] = {
+    "fashion-table": lambda results, page_dir: fashion_table(load_fashion(results), page_dir),
+    "fashion-curves": lambda results, page_dir: fashion_curves(load_fashion(results), page_dir),
     "speed-table": lambda results, page_dir: speed_table(load_runs(results), page_dir),
     "speed-rates": lambda results, page_dir: speed_rates(load_runs(results), page_dir),
     "serve-table": lambda results, page_dir: serve_table(load_serving(results), page_dir),
