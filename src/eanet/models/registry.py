@@ -21,7 +21,7 @@ class ModelSpec:
 
 
 # Fashion-MNIST's own input: 28x28, one channel; 4x4 patches give 7x7 = 49 tokens (2x2 would
-# give 196, four times the attention cost of CIFAR's 64). Depth and widths stay the reference's.
+# give 196, four times as many). Depth and widths stay the reference's.
 _FASHION: dict = {"image_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10}
 
 
