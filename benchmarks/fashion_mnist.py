@@ -30,6 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from compare_reference import machine_class  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "fashion-mnist"
 THRESHOLDS = (0.90, 0.92)
 
@@ -69,6 +72,12 @@ EXPERIMENTS: dict[str, Experiment] = {
         "--model eanet-fashion --recipe modern",
         10,
     ),
+    "eanet-fast": Experiment(
+        "eanet-fashion without dropout or augmentation, lr 3e-3 warm-up + cosine: time to 90%",
+        f"--model eanet-fashion {NO_DROPOUT} --augment none --lr 3e-3 --lr-schedule cosine"
+        " --warmup-fraction 0.05",
+        5,
+    ),
     "eanet-best": Experiment(
         "eanet-fashion without dropout, crop-flip, lr 3e-3 warm-up + cosine, weight decay 0.05",
         f"--model eanet-fashion {NO_DROPOUT} --augment crop-flip --lr 3e-3 --lr-schedule cosine"
@@ -80,9 +89,6 @@ EXPERIMENTS: dict[str, Experiment] = {
 
 def machine() -> dict:
     """CPU class and model of this machine (the classes of benchmarks/compare_reference.py)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from compare_reference import machine_class
-
     from eanet.runtime import environment
 
     env = environment()
@@ -144,6 +150,9 @@ def run(name: str, args: argparse.Namespace, mach: dict) -> None:
     out = Path(args.runs) / name
     path = RESULTS / f"{name}.json"
     segments = _read(path, {}).get("segments", [])
+    segments += _unrecorded(out, segments)
+    if exp.curve and epochs_done(out) and not args.record_only:
+        _append_test(out)  # a call killed between its last epoch and its test
     target = args.epochs or exp.epochs
     steps = range(epochs_done(out) + 1, target + 1) if exp.curve else [target]
     for epochs in [] if args.record_only else steps:
@@ -168,13 +177,39 @@ def run(name: str, args: argparse.Namespace, mach: dict) -> None:
     _write(path, record(name, exp, out, segments))
 
 
+def _unrecorded(out: Path, segments: list[dict]) -> list[dict]:
+    """Epochs of a call killed before its record: their machine, from the run's config.json
+    (rewritten by every `eanet train` that starts or resumes the run)."""
+    covered = max((seg["epochs"][1] for seg in segments), default=0)
+    if epochs_done(out) <= covered:
+        return []
+    env = _read(out / "config.json", {}).get("environment", {})
+    return [
+        {
+            "epochs": [covered + 1, epochs_done(out)],
+            "threads": env.get("torch_threads"),
+            "idle": False,
+            "class": machine_class(env),
+            "cpu_model": env.get("cpu_model"),
+            "cpu_count": env.get("cpu_count"),
+            "torch": env.get("torch"),
+            "from": "config.json: the call was killed before it recorded them",
+        }
+    ]
+
+
 def _append_test(out: Path) -> None:
-    """Keep the test figures of the epoch just trained (metrics.json: the last weights')."""
+    """Record the test figures of the last epoch's weights, unless they are: from the run's
+    metrics.json when it tested that epoch, else from `eanet evaluate` of the run."""
+    done, saved = epochs_done(out), _read(out / "test_per_epoch.json", [])
+    if any(r["epoch"] == done for r in saved):
+        return
     metrics = _read(out / "metrics.json", {})
-    if metrics.get("epochs") != epochs_done(out):
-        return  # killed before the test: the next call's run tests this epoch's weights again
-    rows = [r for r in _read(out / "test_per_epoch.json", []) if r["epoch"] < epochs_done(out)]
-    rows.append({"epoch": epochs_done(out), **{k: metrics[k] for k in ("test_top1", "test_top5")}})
+    if metrics.get("epochs") != done:  # the call was killed between the epoch and its test
+        cmd = [sys.executable, "-m", "eanet", "evaluate", str(out), "--json", "--no-progress"]
+        metrics = json.loads(subprocess.run(cmd, cwd=ROOT, capture_output=True, check=True).stdout)
+    rows = [r for r in saved if r["epoch"] < done]
+    rows.append({"epoch": done, **{k: metrics[k] for k in ("test_top1", "test_top5")}})
     (out / "test_per_epoch.json").write_text(json.dumps(rows, indent=1))
 
 

@@ -42,13 +42,22 @@ def _args(tmp_path, **kw) -> argparse.Namespace:
 def test_curve_experiment_records_each_epoch_and_goes_on(runner, tmp_path):
     mach = {"class": "test", "cpu_model": None, "cpu_count": 2, "torch": "x"}
     runner.run("tiny", _args(tmp_path, epochs=1), mach)
+    first = json.loads((tmp_path / "results" / "tiny.json").read_text())["test_per_epoch"]
+    # killed after epoch 1 trained, before its test and record: the next call makes both up
+    run_dir = tmp_path / "runs" / "tiny"
+    for name in ("metrics.json", "test_per_epoch.json"):
+        (run_dir / name).unlink()
+    (tmp_path / "results" / "tiny.json").unlink()
     runner.run("tiny", _args(tmp_path), mach)  # the planned 2 epochs: only epoch 2 trains
     rec = json.loads((tmp_path / "results" / "tiny.json").read_text())
     assert rec["epochs_done"] == 2 and [h["epoch"] for h in rec["history"]] == [1, 2]
     assert [r["epoch"] for r in rec["test_per_epoch"]] == [1, 2]
+    assert rec["test_per_epoch"][0] == first[0]  # `eanet evaluate` of the same weights
     assert all(0 <= r["test_top1"] <= 1 for r in rec["test_per_epoch"])
     assert [s["epochs"] for s in rec["segments"]] == [[1, 1], [2, 2]]
-    assert rec["segments"][0]["class"] == "test" and rec["segments"][0]["threads"] == 1
+    assert rec["segments"][0]["from"].startswith("config.json")  # its machine, recorded late
+    assert rec["segments"][0]["class"] in ("avx2", "avx512", "avx512-bf16", "amx-bf16")
+    assert rec["segments"][1]["class"] == "test" and rec["segments"][1]["threads"] == 1
     assert rec["test"]["epochs"] == 2 and rec["command"].endswith("fashion_mnist.py tiny")
     runner.run("tiny", _args(tmp_path, record_only=True), mach)  # rewrites, trains nothing
     again = json.loads((tmp_path / "results" / "tiny.json").read_text())
