@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from keras_helpers import FILES, FIXTURE, fixture_pixels, load_fixture, prob_difference
+from keras_helpers import FORWARD_TOLERANCE as TOLERANCE
 
 from eanet import accel, checkpoint, cli
 from eanet.errors import CheckpointError, ConfigError
@@ -21,35 +23,20 @@ from eanet.models.registry import count_parameters
 
 h5py = pytest.importorskip("h5py")
 
-FIXTURE = Path(__file__).parent / "fixtures" / "keras"
-TOLERANCE = 1e-4
-FILES = {  # file -> (expected probabilities, attention, trainable parameters)
-    "eanet.weights.h5": ("eanet_probs", "external", 361_380),
-    "eanet.keras": ("eanet_probs", "external", 361_380),
-    "vit.weights.h5": ("vit_probs", "self", 623_268),
-}
-
 
 @pytest.fixture(scope="module")
 def expected() -> dict[str, np.ndarray]:
-    with np.load(FIXTURE / "expected.npz") as data:
-        return dict(data)
+    return load_fixture("expected.npz")
 
 
 @pytest.fixture(scope="module")
 def pixels(expected) -> torch.Tensor:
-    """The fixture's real CIFAR-100 images, NHWC uint8 -> NCHW."""
-    return torch.from_numpy(expected["images_nhwc"]).permute(0, 3, 1, 2).contiguous()
+    return fixture_pixels(expected)
 
 
 @pytest.fixture(scope="module")
 def keras_models() -> dict[str, K.KerasModel]:
     return {name: K.read_keras_model(FIXTURE / name) for name in FILES}
-
-
-def probs_of(km: K.KerasModel, pixels: torch.Tensor) -> np.ndarray:
-    with torch.no_grad():
-        return K.to_torch(km)(pixels).softmax(dim=-1).numpy()
 
 
 @pytest.mark.parametrize("name", list(FILES))
@@ -61,11 +48,10 @@ def test_import_matches_keras_probabilities(name, keras_models, expected, pixels
     assert km.container == (".keras" if name.endswith(".keras") else ".weights.h5")
     model = K.to_torch(km)
     assert count_parameters(model) == params
-    diff = np.abs(probs_of(km, pixels) - expected[key]).max()
+    diff = prob_difference(km, pixels, expected[key])
     assert diff <= TOLERANCE, f"{name}: max |prob diff| vs Keras {diff:.2e}"
     accel.apply(model, "cpu")  # the faster equivalents compute the same function
-    with torch.no_grad():
-        diff = np.abs(model(pixels).softmax(dim=-1).numpy() - expected[key]).max()
+    diff = prob_difference(model, pixels, expected[key])
     assert diff <= TOLERANCE, f"{name}, eanet.accel applied: max |prob diff| vs Keras {diff:.2e}"
     # The outputs are far from uniform, so the comparison has something to see.
     assert expected[key].max(axis=1).min() > 0.2
@@ -133,7 +119,7 @@ CASES = [("eanet.weights.h5", w) for w in {**WRONG, **WRONG_EANET}] + [
 @pytest.mark.parametrize(("name", "wrong"), CASES)
 def test_a_wrong_mapping_exceeds_the_tolerance(name, wrong, keras_models, expected, pixels):
     km = {**WRONG, **WRONG_EANET, **WRONG_VIT}[wrong](keras_models[name])
-    diff = np.abs(probs_of(km, pixels) - expected[FILES[name][0]]).max()
+    diff = prob_difference(km, pixels, expected[FILES[name][0]])
     assert diff > TOLERANCE, f"{wrong} on {name} moves the probabilities only {diff:.2e}"
 
 

@@ -3,7 +3,9 @@
 `tools/results_tables.py --check` fails when a page's tables differ from the runs under
 benchmarks/results/cpu/; the renderer is checked on a tiny run of its own: the latest run of
 a class wins, variant files are skipped, a class without runs is left out, and a missing
-bf16 run says so.
+bf16 run says so. The fidelity and accuracy tables (README.md) are checked on tiny records
+of tools/record_checks.py's, benchmarks/fashion_mnist.py's and `eanet compare`'s shapes, and
+say "not yet measured" where a record is absent.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def test_the_pages_tables_match_the_committed_json():
 def test_the_pages_carry_their_tables(tables):
     for page in ("README.md", "docs/speed.md"):
         assert "speed-table" in tables.table_names((ROOT / page).read_text("utf-8")), page
+    readme = tables.table_names((ROOT / "README.md").read_text("utf-8"))
+    assert {"fidelity-table", "accuracy-table"} <= set(readme)
     fashion = tables.table_names((ROOT / "docs/fashion-mnist.md").read_text("utf-8"))
     assert fashion == ["fashion-table", "fashion-curves"]
 
@@ -190,3 +194,123 @@ def test_the_serving_table_names_each_class_once_and_what_auto_chose(tables, tmp
     assert "`serve_load.py --precisions fp32 auto --requests 300 --concurrency 8`" in table[2]
     assert "| auto (bf16 from 2 images, fp32 below) | 64 | 200.0 | 40.0 | 6.0 |" in table[3]
     assert "| auto (fp32) | 1 |" in table[4]
+
+
+ENV = {"cpu_model": "Test CPU", "cpu_count": 2, "torch": "2.13.0+cpu"}
+
+
+def _record(command: str, **parts) -> dict:
+    """A tools/record_checks.py record holding `parts`."""
+    head = {"command": f"python tools/record_checks.py {command}", "date": "2026-01-02 10:00 UTC"}
+    return head | {"machine_class": "avx2", "environment": ENV, **parts}
+
+
+def _fidelity() -> dict:
+    counts = {"trainable": 361_380, "statistics": 7}
+    vit = {"trainable": 623_268, "statistics": 7}
+    models = {
+        "eanet-cifar": {"eanet": counts, "keras_file": counts, "keras_summary_total": 361_387},
+        "vit-cifar": {"eanet": vit, "keras_file": vit | {"trainable": 1}, "keras_summary_total": 9},
+    }
+    files = {
+        "eanet.weights.h5": {"model": "EANet", "plain": 8.9e-7, "accel": 1e-6, "erf_gelu": 5e-4},
+        "eanet.keras": {"model": "EANet", "plain": 9.1e-7, "accel": 1e-6, "erf_gelu": 5e-4},
+        "vit.weights.h5": {"model": "ViT", "plain": 1.04e-6, "accel": 2e-6, "erf_gelu": 6e-4},
+    }
+    worst = {str(s): {"max_abs_diff": d, "tensor": "x"} for s, d in ((1, 3e-7), (10, 1.8e-6))}
+    training = {
+        "checked_by": "tests/test_keras_training.py",
+        "steps": 10,
+        "tolerance": 2e-5,
+        "keras_rule": {"weights": worst},
+        "torch_rule": {"weights": {"10": {"max_abs_diff": 1.2e-3}}, "must_exceed": 4e-4},
+    }
+    return _record(
+        "fidelity",
+        parameters={"checked_by": "tests/test_models.py", "models": models},
+        forward={"checked_by": "t.py", "tolerance": 1e-4, "images": 8, "files": files},
+        training=training,
+    )
+
+
+def test_the_fidelity_table_says_each_figure_and_where_it_was_recorded(tables, tmp_path):
+    _write(tmp_path / "fidelity", "fidelity.json", _fidelity())
+    item = tables.load_record(tmp_path / tables.FIDELITY)
+    params, forward, training = tables.fidelity_table(item, tmp_path).splitlines()[2:]
+    assert "| EANet 361,387 = 361,387; ViT 623,275 ≠ 9 (361,380 / 623,268 (Keras 1)" in params
+    assert "trainable + 7 normalization statistics) | equal | `tests/test_models.py` |" in params
+    assert "| [2026-01-02](fidelity/fidelity.json), Test CPU, AVX2 only, 2 cores" in params
+    assert params.endswith(", torch 2.13.0+cpu, `python tools/record_checks.py fidelity` |")
+    assert "8 real CIFAR-100 images | EANet 9.1e-7, ViT 1.0e-6 (with `eanet.accel`:" in forward
+    assert "a wrong (erf) GELU moves them EANet 5.0e-4, ViT 6.0e-4) | 1e-4 | `t.py`" in forward
+    assert forward.endswith("| [2026-01-02](fidelity/fidelity.json) |")
+    assert "| 1.8e-6 after 10 steps (after step 1: 3.0e-7); torch's AdamW" in training
+    assert "ends 1.2e-3 away (it must exceed 4e-4) | 2e-5 |" in training
+    (row,) = tables.fidelity_table(None, tmp_path).splitlines()[2:]
+    assert "| not yet measured |" in row
+
+
+def _compare_report() -> dict:
+    config = {"dataset": "digits", "epochs": 12, "seeds": 2, "model_args": {"depth": 2}}
+    config["augment_orders"] = ["fixed", "reference-bug"]
+    groups = [
+        {"model": m, "augment": a, "summary": {"test_top1": {"mean": mean, "std": 0.05}}}
+        for m, a, mean in (
+            ("eanet-cifar", "fixed", 0.673),
+            ("vit-cifar", "fixed", 0.723),
+            ("eanet-cifar", "reference-bug", 0.139),
+            ("vit-cifar", "reference-bug", 0.193),
+        )
+    ]
+    env = {"cpu_model": "Test CPU", "processor": "x86_64", "cpu_count": 2}
+    return {"config": config, "created": "2026-01-01 03:00 UTC", "environment": env} | {
+        "groups": groups
+    }
+
+
+def test_the_accuracy_table_names_its_records_and_what_is_not_yet_measured(tables, tmp_path):
+    metrics = {"test_top1": 0.976, "test_images": 449}
+    recipe = {"model_args": {"depth": 2}, "epochs": 8}
+    check = {"metrics": metrics, "recipe": recipe, "threshold": 0.9}
+    _write(
+        tmp_path / "digits", "learning_check.json", _record("learning-check", learning_check=check)
+    )
+    _write(tmp_path / "compare", "report.json", _compare_report())
+    best = _fashion("eanet-best", "best", [0.9, 0.93], 0.931, epochs_planned=20)
+    best["test"]["epochs"] = 20
+    _write(tmp_path / "fashion-mnist", "eanet-best.json", best)
+    table = tables.accuracy_table(
+        tables.load_record(tmp_path / tables.LEARNING_CHECK),
+        tables.load_record(tmp_path / "compare" / "report.json"),
+        tables.load_fashion(tmp_path),
+        tmp_path,
+    )
+    digits, compare, best_row, fast_row, cifar = table.splitlines()[2:]
+    assert digits.startswith("| held-out top-1 on 449 real digits, 2-block EANet, 8 epochs")
+    assert "(the learning check; CI requires at least 90%) | 97.6% | [2026-01-02](digits/" in digits
+    assert digits.endswith(
+        "`python tools/record_checks.py learning-check`; `tests/test_train.py` (CI) |"
+    )
+    assert compare.startswith("| EANet vs ViT on digits, 2 blocks, 12 epochs, 2 seeds, test top-1")
+    assert "| fixed order: EANet 67.3% ± 5.0%, ViT 72.3% ± 5.0%; the reference's order: " in compare
+    assert "[2026-01-01](compare/report.json), Test CPU, 2 cores" in compare
+    assert "| 93.1% after 20 epochs | `benchmarks/fashion_mnist.py eanet-best` (" in best_row
+    assert "[eanet-best.json](fashion-mnist/eanet-best.json), [docs/fashion-mnist.md](" in best_row
+    assert "| not yet measured |" in fast_row and ".json" not in fast_row
+    assert "| not measured: this project's machines cannot download the archive |" in cifar
+
+
+def test_the_accuracy_table_renders_before_any_record_exists(tables, tmp_path):
+    fast = _fashion("eanet-fast", "fast", [0.88, 0.91], None)
+    fast["reached"] = {"0.90": {"epoch": 2, "minutes": 8.31}}
+    fast["segments"][0]["idle"] = False
+    _write(tmp_path / "fashion-mnist", "eanet-fast.json", fast)
+    table = tables.accuracy_table(None, None, tables.load_fashion(tmp_path), tmp_path)
+    digits, compare, best_row, fast_row, _ = table.splitlines()[2:]
+    for row in (digits, compare, best_row):
+        assert "| not yet measured |" in row
+    assert "| 8.3 min (epoch 2) on AVX2 only, 2 threads; other work ran beside it" in fast_row
+    fast["segments"][0]["idle"] = True
+    _write(tmp_path / "fashion-mnist", "eanet-fast.json", fast)
+    table = tables.accuracy_table(None, None, tables.load_fashion(tmp_path), tmp_path)
+    assert "| 8.3 min (epoch 2) on AVX2 only, 2 threads, idle |" in table

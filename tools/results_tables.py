@@ -11,7 +11,10 @@ and is made from the side-by-side runs against the Keras example that
 benchmarks/results/cpu/<CPU class>/<stamp>-reference.json: per CPU class, each model's
 latest run. Variants whose name says what they were run against
 (`<stamp>-reference-before-<change>.json`) are not results of the current code and are
-skipped; a class with no run is left out, never filled in.
+skipped; a class with no run is left out, never filled in. The README's fidelity and
+accuracy tables come from tools/record_checks.py's records (benchmarks/results/fidelity/,
+benchmarks/results/digits/), `eanet compare`'s docs/compare-digits/report.json and the
+Fashion-MNIST records; a record not written yet is a "not yet measured" cell.
 
     python tools/results_tables.py           # rewrite the tables in README.md and docs/speed.md
     python tools/results_tables.py --check   # exit 1 if a page's tables differ from the JSON
@@ -341,12 +344,230 @@ def fashion_curves(records: dict[str, tuple[Path, dict]], page_dir: Path) -> str
     return "\n".join(lines) + "\n"
 
 
+FIDELITY = Path("fidelity") / "fidelity.json"  # tools/record_checks.py fidelity
+LEARNING_CHECK = Path("digits") / "learning_check.json"  # tools/record_checks.py learning-check
+COMPARE_DIGITS = ROOT / "docs" / "compare-digits" / "report.json"  # eanet compare's report
+NOT_YET = "not yet measured"
+
+
+def load_record(path: Path) -> tuple[Path, dict] | None:
+    """A JSON record and its path, or None where it has not been written yet."""
+    return (path, json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
+
+
+def _doc(page: str, page_dir: Path, anchor: str = "") -> str:
+    """A link to one of the repository's pages, from the page the table is in."""
+    return f"[{page}]({link(ROOT / page, page_dir)}{anchor})"
+
+
+def _recorded(item: tuple[Path, dict], page_dir: Path, full: bool = True) -> str:
+    """'[date](json)', then machine, torch and `command` of a tools/record_checks.py record."""
+    path, rec = item
+    cell = f"[{rec['date'][:10]}]({link(path, page_dir)})"
+    if full:
+        cell += f", {class_label(rec['machine_class'], rec)}, torch {rec['environment']['torch']}"
+        cell += f", `{rec['command']}`"
+    return cell
+
+
+def _parameters(part: dict) -> str:
+    """'EANet 361,387 = 361,387; ViT ... (... trainable + 7 normalization statistics)'."""
+    totals, trainable, stats = [], [], set()
+    for name, m in part["models"].items():
+        ours, keras = m["eanet"], m["keras_file"]
+        total = ours["trainable"] + ours["statistics"]
+        same = total == m["keras_summary_total"] and ours == keras
+        totals.append(
+            f"{MODELS[name.split('-')[0]]} {total:,} {'=' if same else '≠'} "
+            f"{m['keras_summary_total']:,}"
+        )
+        trainable.append(
+            f"{ours['trainable']:,}" + ("" if same else f" (Keras {keras['trainable']:,})")
+        )
+        stats.add(ours["statistics"])
+    counts = " / ".join(trainable) + f" trainable + {'/'.join(map(str, sorted(stats)))}"
+    return "; ".join(totals) + f" ({counts} normalization statistics)"
+
+
+def _sci(value: float, digits: int = 1) -> str:
+    """8.9e-7, 2e-5: scientific notation without the exponent's leading zero."""
+    mantissa, exponent = f"{value:.{digits}e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def _per_model(files: dict, key: str) -> str:
+    """'EANet 8.9e-7, ViT 1.0e-6': the largest figure over each model's fixture files."""
+    worst: dict[str, float] = {}
+    for row in files.values():
+        worst[row["model"]] = max(worst.get(row["model"], 0.0), row[key])
+    return ", ".join(f"{model} {_sci(value)}" for model, value in worst.items())
+
+
+def fidelity_table(item: tuple[Path, dict] | None, page_dir: Path) -> str:
+    """Parameters, forward pass and 10 training steps against the Keras example's own."""
+    lines = ["| what | result | test tolerance | checked by | recorded |", "|---|---|---|---|---|"]
+    if item is None:
+        return "\n".join(lines) + f"\n| the fidelity figures | {NOT_YET} | | | |\n"
+    rec = item[1]
+    fwd, train = rec["forward"], rec["training"]
+    keras, torch_rule = train["keras_rule"]["weights"], train["torch_rule"]
+    steps = str(train["steps"])
+    rows = [
+        (
+            "parameters vs Keras `model.summary()` and the Keras files' weights",
+            _parameters(rec["parameters"]),
+            "equal",
+            f"`{rec['parameters']['checked_by']}`",
+        ),
+        (
+            f"forward: Keras weights imported, max abs. difference of the output probabilities "
+            f"from Keras's own, {fwd['images']} real CIFAR-100 images",
+            f"{_per_model(fwd['files'], 'plain')} (with `eanet.accel`: "
+            f"{_per_model(fwd['files'], 'accel')}; a wrong (erf) GELU moves them "
+            f"{_per_model(fwd['files'], 'erf_gelu')})",
+            f"{_sci(fwd['tolerance'], 0)}",
+            f"`{fwd['checked_by']}` ({_doc('docs/interop.md', page_dir)})",
+        ),
+        (
+            f"training: {steps} steps of the example's compile from the same weights on the same "
+            "real images, max abs. weight difference from Keras's own trajectory",
+            f"{_sci(keras[steps]['max_abs_diff'])} after {steps} steps "
+            f"(after step 1: {_sci(keras['1']['max_abs_diff'])}); torch's AdamW epsilon rule ends "
+            f"{_sci(torch_rule['weights'][steps]['max_abs_diff'])} away (it must exceed "
+            f"{_sci(torch_rule['must_exceed'], 0)})",
+            f"{_sci(train['tolerance'], 0)}",
+            f"`{train['checked_by']}` "
+            f"({_doc('docs/reference.md', page_dir, '#2-the-training-recipe')})",
+        ),
+    ]
+    for i, (what, result, tolerance, checked) in enumerate(rows):
+        recorded = _recorded(item, page_dir, full=i == 0)
+        lines.append(f"| {what} | {result} | {tolerance} | {checked} | {recorded} |")
+    return "\n".join(lines) + "\n"
+
+
+def _learning_check(item: tuple[Path, dict] | None, page_dir: Path) -> tuple[str, ...]:
+    what = "held-out top-1 on the real digits, 2-block EANet (the learning check)"
+    checked = "`tests/test_train.py` (CI)"
+    if item is None:
+        return what, NOT_YET, checked
+    rec = item[1]["learning_check"]
+    m, recipe = rec["metrics"], rec["recipe"]
+    what = (
+        f"held-out top-1 on {m['test_images']} real digits, {recipe['model_args']['depth']}-block "
+        f"EANet, {recipe['epochs']} epochs (the learning check; CI requires at least "
+        f"{rec['threshold']:.0%})"
+    )
+    return what, f"{m['test_top1']:.1%}", f"{_recorded(item, page_dir)}; {checked}"
+
+
+def _compare(report: tuple[Path, dict] | None, page_dir: Path) -> tuple[str, ...]:
+    """EANet vs ViT per augmentation order: test top-1, mean ± std over the seeds."""
+    doc = _doc("docs/eanet-vs-vit.md", page_dir)
+    if report is None:
+        return "EANet vs ViT, `eanet compare`", NOT_YET, doc
+    path, rep = report
+    cfg = rep["config"]
+    orders = {"fixed": "fixed order", "reference-bug": "the reference's order"}
+    cells = []
+    for order in cfg["augment_orders"]:
+        scores = [
+            f"{MODELS.get(g['model'].split('-')[0], g['model'])} "
+            f"{g['summary']['test_top1']['mean']:.1%} ± {g['summary']['test_top1']['std']:.1%}"
+            for g in rep["groups"]
+            if g["augment"] == order
+        ]
+        cells.append(f"{orders.get(order, order)}: {', '.join(scores)}")
+    depth = cfg["model_args"].get("depth")
+    what = (
+        f"EANet vs ViT on {cfg['dataset']}"
+        + (f", {depth} blocks" if depth else "")
+        + f", {cfg['epochs']} epochs, {cfg['seeds']} seeds, test top-1 (mean ± std)"
+    )
+    env = rep["environment"]
+    measured = (
+        f"`eanet compare` ([{rep['created'][:10]}]({link(path, page_dir)}), "
+        f"{env.get('cpu_model', env['processor'])}, {env['cpu_count']} cores; {doc})"
+    )
+    return what, "; ".join(cells), measured
+
+
+def _fashion_best(rec: dict | None) -> str:
+    if rec is None:
+        return NOT_YET
+    test = _test_top1(rec)
+    if test is None:
+        return f"{NOT_YET} ({len(rec['history'])} of {rec['epochs_planned']} epochs trained)"
+    epochs = (rec.get("test") or {}).get("epochs", len(rec["history"]))
+    return f"{test:.1%} after {epochs} epochs"
+
+
+def _fashion_fast(rec: dict | None) -> str:
+    if rec is None:
+        return NOT_YET
+    hit = rec.get("reached", {}).get("0.90")
+    if hit is None:
+        return f"not reached in {len(rec['history'])} epochs"
+    cell = f"{hit['minutes']:.1f} min (epoch {hit['epoch']}) on {_machines(rec)}"
+    if not all(seg.get("idle") for seg in rec.get("segments", [])):
+        cell += "; other work ran beside it: not a timing"
+    return cell
+
+
+def accuracy_table(
+    learning: tuple[Path, dict] | None,
+    compare: tuple[Path, dict] | None,
+    fashion: dict[str, tuple[Path, dict]],
+    page_dir: Path,
+) -> str:
+    """Top-1 on real data: the digits learning check, EANet vs ViT, Fashion-MNIST, CIFAR-100."""
+    fashion_doc = _doc("docs/fashion-mnist.md", page_dir)
+
+    def by(name: str) -> str:
+        item = fashion.get(name)
+        return f"[{name}.json]({link(item[0], page_dir)}), " if item else ""
+
+    best, fast = (fashion.get(n, (None, None))[1] for n in ("eanet-best", "eanet-fast"))
+    rows = [
+        _learning_check(learning, page_dir),
+        _compare(compare, page_dir),
+        (
+            "Fashion-MNIST, `eanet-best` (the best recipe found): test top-1 of the last weights",
+            _fashion_best(best),
+            f"`benchmarks/fashion_mnist.py eanet-best` ({by('eanet-best')}{fashion_doc})",
+        ),
+        (
+            "Fashion-MNIST, `eanet-fast`: minutes (training + validation) until validation "
+            "top-1 first reached 90%",
+            _fashion_fast(fast),
+            f"`benchmarks/fashion_mnist.py --idle eanet-fast` ({by('eanet-fast')}{fashion_doc})",
+        ),
+        (
+            "CIFAR-100",
+            "not measured: this project's machines cannot download the archive",
+            "`eanet train --model eanet-cifar --dataset cifar100` (the main job)",
+        ),
+    ]
+    lines = ["| what | result | measured by |", "|---|---|---|"]
+    lines += [f"| {what} | {result} | {by_what} |" for what, result, by_what in rows]
+    return "\n".join(lines) + "\n"
+
+
 TABLES: dict[str, Callable[[Path, Path], str]] = {
     "fashion-table": lambda results, page_dir: fashion_table(load_fashion(results), page_dir),
     "fashion-curves": lambda results, page_dir: fashion_curves(load_fashion(results), page_dir),
     "speed-table": lambda results, page_dir: speed_table(load_runs(results), page_dir),
     "speed-rates": lambda results, page_dir: speed_rates(load_runs(results), page_dir),
     "serve-table": lambda results, page_dir: serve_table(load_serving(results), page_dir),
+    "fidelity-table": lambda results, page_dir: fidelity_table(
+        load_record(results / FIDELITY), page_dir
+    ),
+    "accuracy-table": lambda results, page_dir: accuracy_table(
+        load_record(results / LEARNING_CHECK),
+        load_record(COMPARE_DIGITS),
+        load_fashion(results),
+        page_dir,
+    ),
 }
 
 
