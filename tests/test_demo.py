@@ -1,4 +1,5 @@
-"""`eanet demo`: offline, it visibly learns the shipped digits, then runs the CIFAR-100 slice."""
+"""`eanet demo`: offline, it visibly learns the shipped digits, runs the CIFAR-100 slice, and
+shows the shipped trained model on real Fashion-MNIST photos."""
 
 import re
 import shutil
@@ -32,6 +33,12 @@ def test_demo_learns_digits_and_runs_the_cifar_pipeline_offline(tmp_path, capsys
         "checkpoint.safetensors",
     ):
         assert (out_dir / name).exists(), name
+    # Part 3: the shipped trained model classifies real Fashion-MNIST photos, nothing trained.
+    top1 = float(re.search(r"top-1 ([\d.]+)% \([\d.]+ s, nothing trained", out).group(1))
+    assert top1 >= 85.0, out
+    photos = sorted((out_dir / "fashion-photos").glob("*.png"))
+    assert len(photos) == 8 and photos[0].name == "0000-ankle-boot.png"  # the first test photo
+    assert f"eanet predict eanet-fashion-mnist {out_dir / 'fashion-photos'}" in out
 
 
 def test_the_default_output_is_runs_demo_then_a_free_suffix(tmp_path):

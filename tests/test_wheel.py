@@ -1,6 +1,7 @@
 """The package as installed, not as checked out: a wheel built from this tree, installed
 into a fresh virtual environment, compiles and loads every native kernel from its own
-package data (kernels/*.c and the headers they include) and matches the plain model.
+package data (kernels/*.c and the headers they include) and matches the plain model; the
+trained model and the photos shipped beside it load from the package and classify.
 
 An editable install reads the kernels from the source tree, so it cannot see package data
 that is missing from the wheel (common.h was, once: every kernel then failed to compile).
@@ -44,6 +45,12 @@ CHECK = textwrap.dedent(
             gap = ((a - b).abs().max() / b.abs().max()).item()
             gaps[precision] = max(gaps.get(precision, 0.0), gap)
     y = fused.masked(torch.ones(100_000), 0.5)
+    from eanet.data.fashion import shipped_test_photos  # the trained model and photos shipped
+    from eanet.fileio import SHIPPED_MODELS
+    clf = eanet.load("eanet-fashion-mnist", device="cpu")
+    images, labels = shipped_test_photos()
+    got = [p.label for p in clf.predict(images[:200])]
+    shipped = sum(g == clf.class_names[int(t)] for g, t in zip(got, labels[:200])) / 200
     print(json.dumps({
         "eanet": eanet.__file__,
         "sources": str(native.SOURCES),
@@ -51,6 +58,8 @@ CHECK = textwrap.dedent(
         "gaps": gaps,
         "kept": (y == 1).float().mean().item(),
         "values": sorted(set(y.tolist())),
+        "shipped_model": str(SHIPPED_MODELS["eanet-fashion-mnist"]),
+        "shipped_top1": shipped,
     }))
     """
 )
@@ -107,3 +116,4 @@ def test_the_installed_wheel_builds_loads_and_matches_with_every_kernel(tmp_path
     assert len(list((tmp_path / "kernels").glob("*.so"))) == len(kernels)
     assert found["gaps"]["fp32"] < 1e-5 and found["gaps"]["bf16"] < 2e-2, found["gaps"]
     assert abs(found["kept"] - 0.5) < 0.01 and found["values"] == [0.0, 1.0]
+    assert found["shipped_model"].startswith(venv) and found["shipped_top1"] >= 0.85

@@ -1,10 +1,14 @@
-"""The offline demo: EANet learns real handwritten digits, then the CIFAR-100 pipeline runs.
+"""The offline demo: EANet learns real digits, the CIFAR-100 pipeline runs, a trained
+EANet classifies real Fashion-MNIST photos.
 
-Both data sets ship in the package (assets/README.md), so nothing is downloaded. Part 1
+Everything ships in the package (assets/README.md), so nothing is downloaded. Part 1
 shows learning: a reduced EANet (2 blocks, 4x4 patches; the settings of the learning check
 in tests/test_train.py) trained on 1,348 real digits and scored on the 449 held out. Part 2
 shows the pipeline: the reference EANet and recipe on the shipped CIFAR-100 slice (486
 training images), evaluated with its reports; far too few images to learn 100 classes.
+Part 3 shows a trained model: the EANet shipped as `eanet-fashion-mnist` (trained on the
+full Fashion-MNIST) on the 1,000 test photos shipped beside it, a few of them written out
+as PNG files for `eanet predict`.
 """
 
 from __future__ import annotations
@@ -14,13 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from eanet import checkpoint
 from eanet.data.cifar import SAMPLE_ARCHIVE, SAMPLE_MD5
 from eanet.data.dataset import ImageData
+from eanet.data.fashion import shipped_test_photos
 from eanet.data.load import load_dataset
 from eanet.errors import EANetError
 from eanet.evaluate import evaluate_checkpoint
+from eanet.fileio import SHIPPED_MODELS
 from eanet.inference import predict_logits
 from eanet.runtime import resolve_device
 from eanet.train.config import TrainConfig
@@ -28,7 +35,8 @@ from eanet.train.loop import fit
 from eanet.train.rundir import check_new_run, is_run
 
 DEMO_EPOCHS = 4  # CIFAR part
-# The digits part: the learning check's configuration (97.6% held-out top-1 in 27 s there).
+SHIPPED_NAME = next(iter(SHIPPED_MODELS))  # part 3: the trained Fashion-MNIST EANet
+# The digits part: the configuration of the learning check in tests/test_train.py.
 DIGITS_RECIPE = dict(
     model_args={"depth": 2, "patch_size": 4},
     epochs=8,
@@ -68,10 +76,11 @@ class DemoPart:
 
 @dataclass
 class DemoResult:
-    """Both parts of the demo and the thread count they ran with."""
+    """The three parts of the demo and the thread count they ran with."""
 
     digits: DemoPart
     cifar: DemoPart
+    shipped: ShippedPart
     torch_threads: int
 
 
@@ -81,16 +90,52 @@ def _predict(
     """The top-`k` classes (names, probabilities) of the checkpoint for some test images."""
     model, ckpt = checkpoint.load_model(run_dir, resolve_device(device))
     probs = predict_logits(model, data.test_images[indices]).softmax(dim=1)
+    return _top(probs, data.test_labels[indices], indices, ckpt.class_names, k)
+
+
+def _top(
+    probs: torch.Tensor, labels: torch.Tensor, indices: list[int], names: list[str], k: int
+) -> list[Prediction]:
     top = probs.topk(k, dim=1)
-    names = ckpt.class_names
     return [
         Prediction(
             test_index=i,
-            true=names[int(data.test_labels[i])],
+            true=names[int(label)],
             top=[(names[int(c)], float(p)) for p, c in zip(vals, idx, strict=True)],
         )
-        for i, vals, idx in zip(indices, top.values, top.indices, strict=True)
+        for i, label, vals, idx in zip(indices, labels, top.values, top.indices, strict=True)
     ]
+
+
+@dataclass
+class ShippedPart:
+    """The trained model shipped in the package, scored on the shipped test photos."""
+
+    name: str
+    photos: int
+    top1: float
+    seconds: float
+    predictions: list[Prediction]
+    folder: Path  # the shown photos as PNG files, for `eanet predict NAME FOLDER`
+
+
+def run_shipped(out: Path, show: int, device: str) -> ShippedPart:
+    """Part 3: the trained EANet shipped in the package classifies the 1,000 real
+    Fashion-MNIST test photos shipped beside it (nothing is trained); the first `show`
+    are written to OUT as PNG files."""
+    t0 = time.perf_counter()
+    model, ckpt = checkpoint.load_model(SHIPPED_NAME, resolve_device(device))
+    images, labels = shipped_test_photos()
+    probs = predict_logits(model, images).softmax(dim=1)
+    top1 = float((probs.argmax(dim=1) == labels.to(probs.device)).float().mean())
+    shown = list(range(min(show, len(images))))
+    predictions = _top(probs[shown], labels[shown], shown, ckpt.class_names, k=1)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, p in zip(shown, predictions, strict=True):
+        name = p.true.lower().replace("/", "-").replace(" ", "-")
+        Image.fromarray(images[i, 0].numpy()).save(out / f"{i:04d}-{name}.png")
+    seconds = time.perf_counter() - t0
+    return ShippedPart(SHIPPED_NAME, len(images), top1, seconds, predictions, out)
 
 
 def _part(
@@ -175,4 +220,5 @@ def run_demo(
         check_new_run(run_dir, overwrite)  # a folder that is not a run: refused
     cifar = run_cifar(out, epochs, show, seed, device, threads, progress, overwrite)
     digits = run_digits(out / "digits", show, seed, device, threads, progress, overwrite)
-    return DemoResult(digits, cifar, torch.get_num_threads())
+    shipped = run_shipped(out / "fashion-photos", show, device)
+    return DemoResult(digits, cifar, shipped, torch.get_num_threads())

@@ -203,15 +203,36 @@ def remove_stale_temp_files(out: Path, names: Iterable[str]) -> list[Path]:
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 BEST_NAME = "best.safetensors"  # the weights of the best validation top-1, beside the last
+ASSETS = Path(__file__).parent / "assets"
+# Trained models shipped in the package: a name that stands for its checkpoint wherever a
+# run or checkpoint is asked for (`eanet predict NAME ...`, `eanet.load(NAME)`).
+SHIPPED_MODELS = {"eanet-fashion-mnist": ASSETS / "eanet-fashion-mnist.safetensors"}
+
+
+def shipped_model(path: str | Path) -> Path | None:
+    """The packaged checkpoint that `path` names (a shipped model's name that is not also a
+    file or folder here), else None."""
+    name = str(path)
+    if name in SHIPPED_MODELS and not Path(name).exists():
+        return SHIPPED_MODELS[name]
+    return None
 
 
 def resolve(path: str | Path, weights: str = "last") -> Path:
-    """A run directory or a checkpoint file -> the checkpoint file (`best`: best.safetensors).
+    """A run directory, a checkpoint file or a shipped model's name -> the checkpoint file
+    (`best`: best.safetensors).
 
     Torch-free, so that the command line checks a checkpoint argument before torch loads."""
-    path = Path(path)
     if weights not in WEIGHTS:
         raise ConfigError(f"--weights {weights!r} must be one of {', '.join(WEIGHTS)}")
+    shipped = shipped_model(path)
+    if shipped is not None:
+        if weights == "best":
+            raise ConfigError(
+                f"{path} is a shipped model with one set of weights; use --weights last"
+            )
+        return shipped
+    path = Path(path)
     if weights == "best":
         run = path if path.is_dir() else path.parent
         if not (run / BEST_NAME).is_file():

@@ -19,6 +19,7 @@ from torch import nn
 
 from eanet import checkpoint
 from eanet.errors import ConfigError, printable
+from eanet.fileio import SHIPPED_MODELS, shipped_model
 from eanet.models.config import ModelConfig
 from eanet.models.layers import SelfAttention
 from eanet.models.registry import MODELS, count_parameters, create_model
@@ -95,10 +96,10 @@ def describe(target: str | Path, **overrides: object) -> dict:
     if text in MODELS:
         return model_info(create_model(text, **overrides), text)
     path = Path(text)
-    if not path.exists():
+    if not path.exists() and shipped_model(text) is None:
         raise ConfigError(
-            f"{text!r} is neither a registered model ({', '.join(MODELS)}) nor a checkpoint or "
-            "run directory; check the name or path"
+            f"{text!r} is neither a registered model ({', '.join(MODELS)}) nor a checkpoint, "
+            f"run directory or shipped model ({', '.join(SHIPPED_MODELS)}); check the name or path"
         )
     if overrides:
         raise ConfigError("--model-arg applies to a model name, not to a checkpoint")

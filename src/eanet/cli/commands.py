@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING
 from eanet.cli.checks import check_checkpoint, check_data_path, check_image_inputs, check_positive
 from eanet.cli.flags import given
 from eanet.errors import ConfigError, one_line, printable
+from eanet.fileio import SHIPPED_MODELS, shipped_model
 from eanet.options import declared
 from eanet.train.config import TrainConfig
 from eanet.train.recipes import load_recipe
 from eanet.train.resolve import recipe_values, resolve_config
 
 if TYPE_CHECKING:  # the demo's modules load only when `eanet demo` runs
-    from eanet.demo import DemoPart
+    from eanet.demo import DemoPart, ShippedPart
 
 log = logging.getLogger("eanet")
 
@@ -99,6 +100,10 @@ def score_lines(metrics: dict, out: Path) -> str:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     check_checkpoint(args.checkpoint, args.weights, "eanet evaluate RUN_DIR_OR_CHECKPOINT")
+    if args.out is None and shipped_model(args.checkpoint):
+        raise ConfigError(
+            f"{args.checkpoint} is a model shipped in the package: give --out DIR for the reports"
+        )
     check_positive("--batch-size", args.batch_size)
     check_data_path(args.dataset, args.data_path)
     data = args.dataset or "its data set"
@@ -159,6 +164,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     _print_demo_digits(r.digits)
     _print_demo_cifar(r.cifar)
+    _print_demo_shipped(r.shipped)
     threads = f"{r.torch_threads} thread" + ("s" if r.torch_threads > 1 else "")
     print(
         f"\nRuns in {out}/digits (part 1) and {out} (part 2); "
@@ -177,12 +183,18 @@ def _print_demo_digits(part: DemoPart) -> None:
         f"(chance: {part.chance_top1:.0%}).\n"
     )
     print(f"   {'#':>3}  true  predicted  probability")
-    for p in part.predictions:
-        name, prob = p.top[0]
-        mark = "ok" if p.correct else "WRONG"
-        print(f"   {p.test_index:>3}  {p.true:>4}  {name:>9}  {prob:>11.1%}  {mark}")
+    _print_top1(part.predictions, "{:>4}  {:>9}")
     right = sum(p.correct for p in part.predictions)
     print(f"   {right} of the {len(part.predictions)} shown are right.")
+
+
+def _print_top1(predictions: list, columns: str) -> None:
+    """One line per prediction: index, true and predicted class (`columns` lays the two
+    out), probability, and whether it is right."""
+    for p in predictions:
+        name, prob = p.top[0]
+        mark = "ok" if p.correct else "WRONG"
+        print(f"   {p.test_index:>3}  {columns.format(p.true, name)}  {prob:>11.1%}  {mark}")
 
 
 def _print_demo_cifar(part: DemoPart) -> None:
@@ -207,12 +219,33 @@ def _print_demo_cifar(part: DemoPart) -> None:
     )
 
 
+def _print_demo_shipped(part: ShippedPart) -> None:
+    """Part 3 of the demo: a trained model on real photos, nothing trained."""
+    print(
+        f"\n3. A trained model. The EANet shipped as `{part.name}` (trained on Fashion-MNIST's\n"
+        f"   training photos) on {part.photos:,} real test photos shipped beside it:\n"
+        f"   top-1 {part.top1:.1%} ({part.seconds:.1f} s, nothing trained; chance: 10%).\n"
+    )
+    print(f"   {'#':>3}  {'true':<12} {'predicted':<12} probability")
+    _print_top1(part.predictions, "{:<12} {:<12}")
+    print(f"   These photos are in {part.folder}: eanet predict {part.name} {part.folder}")
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     print(f"{'model':<18} {'parameters':>16}  description", flush=True)  # before torch loads
+    from eanet import checkpoint
     from eanet.models.registry import MODELS, count_parameters, create_model
 
     for name, spec in MODELS.items():
         print(f"{name:<18} {count_parameters(create_model(name)):>9,} params  {spec.description}")
+    print("\ntrained, shipped in the package (a name for predict, serve, attention, eanet.load):")
+    for name, path in SHIPPED_MODELS.items():
+        meta = checkpoint.load(path).meta
+        test = meta.extra.get("test", {})
+        print(
+            f"{name:<18} {meta.model_name} trained on {meta.train_config['dataset']}, "
+            f"test top-1 {test.get('test_top1', float('nan')):.2%}"
+        )
     return 0
 
 

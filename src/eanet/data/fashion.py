@@ -269,6 +269,17 @@ def _pair(
     return x, torch.from_numpy(labels.astype(np.int64))
 
 
+SHIPPED_TEST = Path(__file__).parent.parent / "assets" / "fashion-mnist-test-1000.npz"
+
+
+def shipped_test_photos() -> tuple[torch.Tensor, torch.Tensor]:
+    """The first 1,000 official test photos, shipped in the package (assets/README.md):
+    uint8 [1000, 1, 28, 28] and int64 labels."""
+    with np.load(SHIPPED_TEST, allow_pickle=False) as f:
+        images, labels = f["images"], f["labels"]
+    return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+
 def to_reference_input(images: torch.Tensor) -> torch.Tensor:
     """Grey [N, 1, 28, 28] -> [N, 3, 32, 32]: 2 black pixels each side, the plane thrice."""
     return F.pad(images, (2, 2, 2, 2)).repeat(1, 3, 1, 1)
