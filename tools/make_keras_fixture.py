@@ -4,7 +4,7 @@ The fixture under tests/fixtures/keras/ proves that `eanet import-keras` maps ev
 `tests/test_interop_keras.py` imports these files without Keras and must reproduce the
 probabilities Keras computed here. Run it in a Keras 3 environment (not eanet's):
 
-    /work/keras-venv/bin/python tools/make_keras_fixture.py   # Keras 3.15.1, TF-CPU 2.21.0
+    KERAS_VENV/bin/python tools/make_keras_fixture.py   # Keras 3.15.1, TF-CPU 2.21.0
 
 The model code (tools/keras_reference.py) is the example's, verbatim (its augmentation
 layers included: they are identity at inference, and they make the weight file's layout

@@ -5,7 +5,7 @@ are the reference's: `tests/test_keras_training.py` starts eanet from the same w
 import-keras fixture, eanet.weights.h5), trains on the same batches and must end where Keras
 ended. Run it in a Keras 3 environment (not eanet's):
 
-    /work/keras-venv/bin/python tools/make_keras_training_fixture.py   # Keras 3.15.1, TF 2.21
+    KERAS_VENV/bin/python tools/make_keras_training_fixture.py   # Keras 3.15.1, TF 2.21
 
 What runs is the example's model (tools/keras_reference.py, verbatim) and its `compile`
 (AdamW(learning_rate=1e-3, weight_decay=1e-4), CategoricalCrossentropy(label_smoothing=0.1)),
