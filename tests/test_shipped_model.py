@@ -77,6 +77,7 @@ def test_info_describes_it(capsys):
     first = out.splitlines()[0]
     assert first.startswith("eanet-fashion") and "(EANet), input 1x28x28, 10 classes" in first
     assert str(fileio.SHIPPED_MODELS[NAME]) in out
+    assert "trained by python benchmarks/fashion_mnist.py eanet-" in out and "test top-1" in out
 
 
 def test_evaluate_of_the_shipped_model_needs_an_out_folder(capsys):

@@ -111,6 +111,8 @@ def describe(target: str | Path, **overrides: object) -> dict:
         "class_names": ckpt.class_names,
         "epoch": ckpt.meta.epoch,
         "train_config": ckpt.meta.train_config,
+        "trained_by": ckpt.meta.extra.get("trained_by"),  # a shipped model's run
+        "test": ckpt.meta.extra.get("test"),
     }
     return info
 
@@ -136,6 +138,12 @@ def format_info(info: dict) -> str:
         lines.append(
             f"checkpoint {printable(c['path'])} (epoch {c['epoch']}, {c['classes']} classes)"
         )
+        if c.get("trained_by") and c.get("test"):  # a shipped model: where it comes from
+            t = c["test"]
+            lines.append(
+                f"trained by {printable(str(c['trained_by']))}; test top-1 "
+                f"{t['test_top1']:.2%}, top-5 {t['test_top5']:.2%} on {t['test_images']:,} images"
+            )
     width = max(len(r["layer"]) for r in info["layers"]) + 2
     lines.append("")
     lines.append(f"{'layer':<{width}}{'type':<20}{'shape':<28}{'parameters':>12}{'MACs':>14}")
