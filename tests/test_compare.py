@@ -314,3 +314,9 @@ def test_a_damaged_history_of_calls_is_checked_and_escaped(tmp_path, caplog):
     assert "dropped damaged entries" in caplog.text
     (tmp_path / "report.json").write_text(json.dumps({"runs": ["x"], "created": "then"}))
     assert earlier_calls(tmp_path) == []
+    # a report from before reports kept their calls, without the call's seconds
+    old = {"runs": {"eanet-s0": "trained"}, "created": "then"}
+    (tmp_path / "report.json").write_text(json.dumps(old))
+    assert earlier_calls(tmp_path) == []
+    (tmp_path / "report.json").write_text(json.dumps({**old, "invocation_seconds": 3.0}))
+    assert [c["seconds"] for c in earlier_calls(tmp_path)] == [3.0]

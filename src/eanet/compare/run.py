@@ -369,9 +369,13 @@ def earlier_calls(out: Path) -> list[dict]:
     return [c for c in kept if c is not None]
 
 
-def _call_of(old: dict) -> dict:
-    """The call record of a report.json written before reports kept their calls."""
-    return CallRecord.of(old["runs"], old["created"], old["invocation_seconds"]).to_dict()
+def _call_of(old: dict) -> dict | None:
+    """The call record of a report.json written before reports kept their calls (None, a
+    damaged entry, where it lacks the call's seconds)."""
+    seconds = old.get("invocation_seconds")
+    if not isinstance(seconds, (int, float)):
+        return None
+    return CallRecord.of(old["runs"], old["created"], seconds).to_dict()
 
 
 def _checked_call(call: object) -> dict | None:
