@@ -177,6 +177,10 @@ def _number(value: float) -> str:
     return f"{value:g}"
 
 
+# The range of a probability or a fraction that cannot be whole: `option(..., **FRACTION)`.
+FRACTION: dict = {"low": 0, "high": 1, "high_open": True}
+
+
 def option(
     default: object = dataclasses.MISSING,
     *,

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from eanet.errors import ConfigError
-from eanet.options import check_declared, check_known, option
+from eanet.options import FRACTION, check_declared, check_known, option
 
 ATTENTIONS = ("external", "self")
 INITS = ("keras", "trunc_normal")
@@ -67,19 +67,13 @@ class ModelConfig:
         cap=MAX_MEMORY,
     )
     memory_bias: bool = option(True, help="external attention: the memories M_k, M_v have biases")
-    attn_drop: float = option(
-        0.2, help="dropout on the attention weights", low=0, high=1, high_open=True
-    )
+    attn_drop: float = option(0.2, help="dropout on the attention weights", **FRACTION)
     proj_drop: float = option(
         0.2,
         help="external attention: dropout after the output projection (ViT: none, as Keras)",
-        low=0,
-        high=1,
-        high_open=True,
+        **FRACTION,
     )
-    mlp_drop: float = option(
-        0.2, help="dropout after each MLP layer", low=0, high=1, high_open=True
-    )
+    mlp_drop: float = option(0.2, help="dropout after each MLP layer", **FRACTION)
     num_classes: int = option(100, help="classes of the head", positive=True, cap=1_000_000)
     gelu: str = option(
         "tanh",
@@ -96,9 +90,7 @@ class ModelConfig:
     drop_path: float = option(
         0.0,
         help="stochastic depth of the last block, linear from 0 over the blocks (0: off, as Keras)",
-        low=0,
-        high=1,
-        high_open=True,
+        **FRACTION,
     )
 
     def __post_init__(self) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from eanet.choices import DATASET_NAMES, ON_NONFINITE, PRECISIONS
 from eanet.errors import ConfigError, preview
-from eanet.options import CHANGE, KEEP, check_declared, check_known, option
+from eanet.options import CHANGE, FRACTION, KEEP, check_declared, check_known, option
 from eanet.train.recipes import DEFAULT_RECIPE, recipe_names
 from eanet.train.schedule import SCHEDULES
 
@@ -126,18 +126,14 @@ class TrainConfig:
         0.1,
         help="label smoothing of the cross-entropy",
         group=AUGMENTATION,
-        low=0,
-        high=1,
-        high_open=True,
+        **FRACTION,
     )
     val_fraction: float = option(
         0.2,
         help="fraction of the training set held out for validation, taken from its end "
         "as Keras does",
         group=DATA,
-        low=0,
-        high=1,
-        high_open=True,
+        **FRACTION,
     )
     augment: str = option(
         "fixed",
@@ -289,9 +285,7 @@ class TrainConfig:
         help="keep an exponential moving average of the weights with this decay, validated "
         "each epoch and saved (0: off; e.g. 0.9999)",
         group=RECIPE,
-        low=0,
-        high=1,
-        high_open=True,
+        **FRACTION,
     )
     randaugment_ops: int = option(
         0, help="RandAugment: operations per image (0: off)", group=AUGMENTATION, low=0
