@@ -45,7 +45,7 @@ def test_the_pages_carry_their_tables(tables):
     readme = tables.table_names((ROOT / "README.md").read_text("utf-8"))
     assert {"fidelity-table", "accuracy-table"} <= set(readme)
     fashion = tables.table_names((ROOT / "docs/fashion-mnist.md").read_text("utf-8"))
-    assert fashion == ["fashion-table", "fashion-curves"]
+    assert fashion == ["fashion-table", "fashion-curves", "fashion-claims"]
 
 
 def _fashion(name: str, what: str, vals: list[float], test: float | None, **extra) -> dict:
@@ -81,6 +81,40 @@ def test_the_fashion_curves_put_each_runs_epochs_side_by_side(tables, tmp_path):
     table = tables.fashion_curves(tables.load_fashion(tmp_path), tmp_path).splitlines()
     assert table[0] == "| epoch | keras-fixed-s0 | reference |"
     assert table[2:] == ["| 1 | 40.0% | 50.0% |", "| 2 | 60.0% |  |"]
+
+
+def _curve_run(tests: list[float], planned: int = 2) -> dict:
+    rows = [{"epoch": i + 1, "test_top1": t} for i, t in enumerate(tests)]
+    return {"history": rows, "epochs_planned": planned, "test": {"test_top1": tests[-1]}}
+
+
+def test_the_claims_compare_finished_seeds_and_keras_epoch_by_epoch(tables, tmp_path):
+    folder = tmp_path / "fashion-mnist"
+    _write(folder, "eanet-s0.json", _curve_run([0.80, 0.90]))
+    _write(folder, "eanet-s1.json", _curve_run([0.82, 0.88]))
+    _write(folder, "vit-s0.json", _curve_run([0.70, 0.85]))
+    _write(folder, "vit-s1.json", _curve_run([0.71, 0.86]))
+    _write(folder, "eanet-bug-s0.json", _curve_run([0.80, 0.895]))
+    _write(folder, "eanet-bug-s1.json", _curve_run([0.80]))  # 1 of 2 epochs
+    keras = _curve_run([0.805, 0.93])  # within the seeds' range at 1, ahead at 2
+    del keras["test"]
+    _write(folder, "keras-fixed-s0.json", keras)
+    rows = tables.fashion_claims(tables.load_fashion(tmp_path), tmp_path).splitlines()[2:]
+    vit, bug, modern, fixed, ref = rows
+    assert "| eanet: 89.0% ± 1.0% (2 seeds) | vit: 85.5% ± 0.5% (2 seeds) |" in vit
+    assert vit.endswith("| eanet ahead by 3.5 points (seed spread 2.0) |")
+    assert "eanet-bug: not yet measured (epochs trained: 2/2, 1/2)" in bug
+    assert bug.endswith("| not yet: a run is unfinished |")
+    assert "eanet-modern: not yet measured |" in modern
+    assert fixed.endswith("| Keras ahead at epoch 2 of 1 to 2 (by up to 4.0 points) |")
+    assert ref.endswith("| not yet: no epoch measured by both |")
+
+
+def test_equal_within_the_seed_spread_is_said_so(tables):
+    a = [_curve_run([0.90], planned=1), _curve_run([0.92], planned=1)]
+    b = [_curve_run([0.905], planned=1)]
+    assert tables._versus(a, b, "a", "b").startswith("equal within the seed spread (+0.5 points")
+    assert tables._per_epoch(a, b) == "holds at every epoch both measured (1 to 1)"
 
 
 def _row(model: str, precision: str | None, train: float, infer: float, steps: int = 5) -> dict:

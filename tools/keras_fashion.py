@@ -120,15 +120,61 @@ def cpu_flags() -> list[str]:
     return line.partition(":")[2].split()
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--order", choices=("reference", "fixed"), required=True)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-path", type=Path, default=DEBIAN)
-    parser.add_argument("--out", type=Path, help="state folder (default: runs/keras-fashion-…)")
-    args = parser.parse_args()
-    name = f"keras-{args.order}-s{args.seed}"
+    parser.add_argument("--out", type=Path, help="state folder (default: runs/fashion-mnist/NAME)")
+    parser.add_argument("--threads", type=int, help="TensorFlow's intra-op threads (default: all)")
+    parser.add_argument(
+        "--idle", action="store_true", help="nothing else runs: the seconds are timings"
+    )
+    parser.add_argument(
+        "--timing",
+        action="store_true",
+        help="record as keras-ORDER-timing (one idle epoch's seconds), not as a seed's curve",
+    )
+    return parser.parse_args()
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+
+
+def one_epoch(model: keras.Model, data: dict, epoch: int, args: argparse.Namespace) -> dict:
+    """Train one epoch, then validate (timed with it, as eanet's epoch_seconds) and test."""
+    t0 = time.perf_counter()
+    fit = model.fit(*data["train"], batch_size=ref.batch_size, epochs=1, verbose=0)
+    train_s = time.perf_counter() - t0
+    val = model.evaluate(*data["val"], batch_size=500, verbose=0, return_dict=True)
+    epoch_s = time.perf_counter() - t0
+    test = model.evaluate(*data["test"], batch_size=500, verbose=0, return_dict=True)
+    return {
+        "epoch": epoch,
+        "train_loss": fit.history["loss"][0],
+        "train_top1": fit.history["accuracy"][0],
+        "val_top1": val["accuracy"],
+        "val_top5": val["top-5-accuracy"],
+        "test_top1": test["accuracy"],
+        "test_top5": test["top-5-accuracy"],
+        "train_seconds": round(train_s, 1),
+        "epoch_seconds": round(epoch_s, 1),
+        "test_seconds": round(time.perf_counter() - t0 - epoch_s, 1),
+        "threads": args.threads,
+        "idle": args.idle,
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    set_threads(args.threads)
+    name = f"keras-{args.order}-" + ("timing" if args.timing else f"s{args.seed}")
     out = args.out or ROOT / "runs" / "fashion-mnist" / name
     out.mkdir(parents=True, exist_ok=True)
     record_path = RESULTS / f"{name}.json"
@@ -137,35 +183,24 @@ def main() -> None:
     x, y, xt, yt = load(args.data_path)
     split = int(len(x) * (1 - ref.validation_split))  # Keras's validation_split rule
     onehot = keras.utils.to_categorical
-    xtr, ytr, xva, yva = x[:split], onehot(y[:split], 10), x[split:], onehot(y[split:], 10)
+    data = {
+        "train": (x[:split], onehot(y[:split], 10)),
+        "val": (x[split:], onehot(y[split:], 10)),
+        "test": (xt, onehot(yt, 10)),
+    }
     model = build_model(args.order, x)
     rows = record["history"] if record else []
     if rows:
         restore_state(model, out)
     for epoch in range(len(rows) + 1, args.epochs + 1):
-        t0 = time.perf_counter()
-        fit = model.fit(xtr, ytr, batch_size=ref.batch_size, epochs=1, verbose=0)
-        train_s = time.perf_counter() - t0
-        val = model.evaluate(xva, yva, batch_size=500, verbose=0, return_dict=True)
-        test = model.evaluate(xt, onehot(yt, 10), batch_size=500, verbose=0, return_dict=True)
-        rows.append(
-            {
-                "epoch": epoch,
-                "train_loss": fit.history["loss"][0],
-                "train_top1": fit.history["accuracy"][0],
-                "val_top1": val["accuracy"],
-                "val_top5": val["top-5-accuracy"],
-                "test_top1": test["accuracy"],
-                "test_top5": test["top-5-accuracy"],
-                "train_seconds": round(train_s, 1),
-                "epoch_seconds": round(time.perf_counter() - t0, 1),
-            }
-        )
+        rows.append(one_epoch(model, data, epoch, args))
         save_state(model, out)
+        flags = " --timing" if args.timing else ""
         record = {
             "experiment": name,
             "what": f"the Keras example's code, augmentation order {args.order!r}, 28x28x1",
-            "command": f"KERAS_VENV/bin/python tools/keras_fashion.py --order {args.order}",
+            "command": f"KERAS_VENV/bin/python tools/keras_fashion.py --order {args.order}{flags}",
+            "epochs_planned": args.epochs,
             "keras": keras.__version__,
             "backend": keras.backend.backend(),
             "machine_class": machine_class({"cpu_flags": cpu_flags()}),

@@ -291,8 +291,22 @@ def _test_top1(rec: dict) -> float | None:
     return rows[-1].get("test_top1") if rows else None
 
 
+def _first_reached(history: list[dict], threshold: float) -> dict | None:
+    """As benchmarks/fashion_mnist.py records it: epoch and cumulative minutes (training +
+    validation) when validation top-1 first reached the threshold; for the Keras records."""
+    seconds = 0.0
+    for row in history:
+        seconds += row["epoch_seconds"]
+        if (row.get("val_top1") or 0.0) >= threshold:
+            return {"epoch": row["epoch"], "minutes": round(seconds / 60, 2)}
+    return None
+
+
 def _reached(rec: dict, key: str) -> str:
-    hit = rec.get("reached", {}).get(key)
+    if "reached" in rec:
+        hit = rec["reached"].get(key)
+    else:
+        hit = _first_reached(rec.get("history", []), float(key))
     return f"epoch {hit['epoch']}, {hit['minutes']:.1f} min" if hit else "not reached"
 
 
@@ -329,11 +343,7 @@ def fashion_table(records: dict[str, tuple[Path, dict]], page_dir: Path) -> str:
 
 def fashion_curves(records: dict[str, tuple[Path, dict]], page_dir: Path) -> str:
     """Test top-1 after every epoch, side by side, for the runs that record it."""
-    curves = {}
-    for name, (_, rec) in records.items():
-        rows = rec.get("test_per_epoch") or [h for h in rec.get("history", []) if "test_top1" in h]
-        if rows:
-            curves[name] = {r["epoch"]: r["test_top1"] for r in rows}
+    curves = {name: _curve(rec) for name, (_, rec) in records.items() if _curve(rec)}
     if not curves:
         return "No run has recorded its test figures per epoch yet.\n"
     epochs = sorted({e for c in curves.values() for e in c})
@@ -341,6 +351,104 @@ def fashion_curves(records: dict[str, tuple[Path, dict]], page_dir: Path) -> str
     for e in epochs:
         cells = [f"{c[e]:.1%}" if e in c else "" for c in curves.values()]
         lines.append(f"| {e} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _curve(rec: dict) -> dict[int, float]:
+    """Test top-1 by epoch, for a run that records it after every epoch."""
+    rows = rec.get("test_per_epoch") or [h for h in rec.get("history", []) if "test_top1" in h]
+    return {r["epoch"]: r["test_top1"] for r in rows}
+
+
+def _finished(rec: dict) -> bool:
+    history = rec.get("history", [])
+    return bool(history) and len(history) >= rec.get("epochs_planned", len(history))
+
+
+def _group(records: dict[str, tuple[Path, dict]], group: str) -> list[dict]:
+    return [rec for name, (_, rec) in records.items() if _seed_group(name) == group]
+
+
+def _range(values: list[float]) -> float:
+    return max(values) - min(values) if len(values) > 1 else 0.0
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _final(recs: list[dict]) -> str:
+    """'91.2% ± 0.3% (2 seeds)' of the finished runs, or how far the group has come."""
+    done = [_test_top1(r) for r in recs if _finished(r)]
+    if not recs:
+        return NOT_YET
+    if len(done) < len(recs) or None in done:
+        trained = ", ".join(f"{len(r['history'])}/{r.get('epochs_planned', '?')}" for r in recs)
+        return f"{NOT_YET} (epochs trained: {trained})"
+    return _spread(done) + (f" ({len(done)} seeds)" if len(done) > 1 else "")
+
+
+def _versus(a: list[dict], b: list[dict], a_name: str, b_name: str) -> str:
+    """Who is ahead at the end, against the larger spread between seeds of either side."""
+    ta = [_test_top1(r) for r in a if _finished(r)]
+    tb = [_test_top1(r) for r in b if _finished(r)]
+    if not a or not b or len(ta) < len(a) or len(tb) < len(b) or None in ta + tb:
+        return "not yet: a run is unfinished"
+    diff, noise = _mean(ta) - _mean(tb), max(_range(ta), _range(tb))
+    if abs(diff) <= noise:
+        return f"equal within the seed spread ({diff * 100:+.1f} points; spread {noise * 100:.1f})"
+    ahead = a_name if diff > 0 else b_name
+    return f"{ahead} ahead by {abs(diff) * 100:.1f} points (seed spread {noise * 100:.1f})"
+
+
+def _per_epoch(ours: list[dict], keras: list[dict]) -> str:
+    """Whether eanet's test top-1 is at least the Keras code's at every epoch both measured,
+    within eanet's spread between seeds (Keras above eanet's mean by more than it: behind)."""
+    mine, theirs = [_curve(r) for r in ours], [_curve(r) for r in keras]
+    epochs = sorted(set().union(*mine) & set().union(*theirs)) if mine and theirs else []
+    if not epochs:
+        return "not yet: no epoch measured by both"
+    behind = {}
+    for e in epochs:
+        ea = [c[e] for c in mine if e in c]
+        gap = _mean([c[e] for c in theirs if e in c]) - _mean(ea)
+        if gap > _range(ea):
+            behind[e] = gap
+    if not behind:
+        return f"holds at every epoch both measured (1 to {epochs[-1]})"
+    worst = max(behind.values()) * 100
+    return (
+        f"Keras ahead at epoch {', '.join(map(str, behind))} of 1 to {epochs[-1]} "
+        f"(by up to {worst:.1f} points)"
+    )
+
+
+CLAIMS = (  # (question, eanet's group, the other group, how they are compared)
+    ("EANet against ViT, the reference recipe, 10 epochs", "eanet", "vit", "final"),
+    ("the fixed augmentation order against the reference's (EANet)", "eanet", "eanet-bug", "final"),
+    (
+        "`--recipe modern` against the reference recipe, 10 epochs (EANet)",
+        "eanet-modern",
+        "eanet",
+        "final",
+    ),
+    ("eanet against the Keras example's code, fixed order", "eanet", "keras-fixed", "epochs"),
+    (
+        "eanet against the Keras example's code, the reference's order",
+        "eanet-bug",
+        "keras-reference",
+        "epochs",
+    ),
+)
+
+
+def fashion_claims(records: dict[str, tuple[Path, dict]], page_dir: Path) -> str:
+    """The project's claims, each checked on the Fashion-MNIST records that bear on it."""
+    lines = ["| question | first | second | verdict |", "|---|---|---|---|"]
+    for question, a, b, how in CLAIMS:
+        ra, rb = _group(records, a), _group(records, b)
+        verdict = _versus(ra, rb, a, b) if how == "final" else _per_epoch(ra, rb)
+        lines.append(f"| {question} | {a}: {_final(ra)} | {b}: {_final(rb)} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
@@ -556,6 +664,7 @@ def accuracy_table(
 TABLES: dict[str, Callable[[Path, Path], str]] = {
     "fashion-table": lambda results, page_dir: fashion_table(load_fashion(results), page_dir),
     "fashion-curves": lambda results, page_dir: fashion_curves(load_fashion(results), page_dir),
+    "fashion-claims": lambda results, page_dir: fashion_claims(load_fashion(results), page_dir),
     "speed-table": lambda results, page_dir: speed_table(load_runs(results), page_dir),
     "speed-rates": lambda results, page_dir: speed_rates(load_runs(results), page_dir),
     "serve-table": lambda results, page_dir: serve_table(load_serving(results), page_dir),
