@@ -319,7 +319,7 @@ def test_the_accuracy_table_names_its_records_and_what_is_not_yet_measured(table
         tables.load_fashion(tmp_path),
         tmp_path,
     )
-    digits, compare, best_row, fast_row, cifar = table.splitlines()[2:]
+    digits, compare, best_row, fast_row, reference, *claims, cifar = table.splitlines()[2:]
     assert digits.startswith("| held-out top-1 on 449 real digits, 2-block EANet, 8 epochs")
     assert "(the learning check; CI requires at least 90%) | 97.6% | [2026-01-02](digits/" in digits
     assert digits.endswith(
@@ -331,6 +331,12 @@ def test_the_accuracy_table_names_its_records_and_what_is_not_yet_measured(table
     assert "| 93.1% after 20 epochs | `benchmarks/fashion_mnist.py eanet-best` (" in best_row
     assert "[eanet-best.json](fashion-mnist/eanet-best.json), [docs/fashion-mnist.md](" in best_row
     assert "| not yet measured |" in fast_row and ".json" not in fast_row
+    assert "| not yet measured |" in reference and reference.startswith("| Fashion-MNIST, `refer")
+    assert len(claims) == len(tables.CLAIMS)
+    assert (
+        "| not yet: a run is unfinished; eanet: not yet measured, vit: not yet measured |"
+        in (claims[0])
+    )
     assert "| not measured: this project's machines cannot download the archive |" in cifar
 
 
@@ -340,7 +346,7 @@ def test_the_accuracy_table_renders_before_any_record_exists(tables, tmp_path):
     fast["segments"][0]["idle"] = False
     _write(tmp_path / "fashion-mnist", "eanet-fast.json", fast)
     table = tables.accuracy_table(None, None, tables.load_fashion(tmp_path), tmp_path)
-    digits, compare, best_row, fast_row, _ = table.splitlines()[2:]
+    digits, compare, best_row, fast_row, *_ = table.splitlines()[2:]
     for row in (digits, compare, best_row):
         assert "| not yet measured |" in row
     assert "| 8.3 min (epoch 2) on AVX2 only, 2 threads; other work ran beside it" in fast_row

@@ -442,13 +442,20 @@ CLAIMS = (  # (question, eanet's group, the other group, how they are compared)
 )
 
 
-def fashion_claims(records: dict[str, tuple[Path, dict]], page_dir: Path) -> str:
-    """The project's claims, each checked on the Fashion-MNIST records that bear on it."""
-    lines = ["| question | first | second | verdict |", "|---|---|---|---|"]
+def claim_rows(records: dict[str, tuple[Path, dict]]) -> list[tuple[str, str, str, str]]:
+    """(question, first side, second side, verdict) of each claim, from the records."""
+    rows = []
     for question, a, b, how in CLAIMS:
         ra, rb = _group(records, a), _group(records, b)
         verdict = _versus(ra, rb, a, b) if how == "final" else _per_epoch(ra, rb)
-        lines.append(f"| {question} | {a}: {_final(ra)} | {b}: {_final(rb)} | {verdict} |")
+        rows.append((question, f"{a}: {_final(ra)}", f"{b}: {_final(rb)}", verdict))
+    return rows
+
+
+def fashion_claims(records: dict[str, tuple[Path, dict]], page_dir: Path) -> str:
+    """The project's claims, each checked on the Fashion-MNIST records that bear on it."""
+    lines = ["| question | first | second | verdict |", "|---|---|---|---|"]
+    lines += [f"| {q} | {a} | {b} | {verdict} |" for q, a, b, verdict in claim_rows(records)]
     return "\n".join(lines) + "\n"
 
 
@@ -649,6 +656,16 @@ def accuracy_table(
             "top-1 first reached 90%",
             _fashion_fast(fast),
             f"`benchmarks/fashion_mnist.py --idle eanet-fast` ({by('eanet-fast')}{fashion_doc})",
+        ),
+        (
+            "Fashion-MNIST, `reference`: the reference model and recipe unchanged (eanet-cifar on"
+            " padded photos), test top-1 of the last weights",
+            _final(_group(fashion, "reference")),
+            f"`benchmarks/fashion_mnist.py reference` ({by('reference')}{fashion_doc})",
+        ),
+        *(
+            (f"Fashion-MNIST: {q}", f"{verdict}; {a}, {b}", f"the records in {fashion_doc}")
+            for q, a, b, verdict in claim_rows(fashion)
         ),
         (
             "CIFAR-100",
