@@ -26,7 +26,6 @@ def test_both_figures_are_drawn_from_the_records(tmp_path):
     _record(folder, "eanet-s1", [0.62, 0.81], True)
     _record(folder, "keras-fixed-s0", [0.55, 0.79], True)
     _record(folder, "eanet-fast", [0.85, 0.91], False)
-    _record(folder, "keras-fixed-timing", [0.5], True)
     out = tmp_path / "figures"
     run = subprocess.run(
         [

@@ -45,7 +45,7 @@ def test_the_pages_carry_their_tables(tables):
     readme = tables.table_names((ROOT / "README.md").read_text("utf-8"))
     assert {"fidelity-table", "accuracy-table"} <= set(readme)
     fashion = tables.table_names((ROOT / "docs/fashion-mnist.md").read_text("utf-8"))
-    assert fashion == ["fashion-table", "fashion-curves", "fashion-claims"]
+    assert fashion == ["fashion-table", "fashion-curves", "fashion-claims", "fashion-time"]
 
 
 def _fashion(name: str, what: str, vals: list[float], test: float | None, **extra) -> dict:
@@ -115,6 +115,42 @@ def test_equal_within_the_seed_spread_is_said_so(tables):
     b = [_curve_run([0.905], planned=1)]
     assert tables._versus(a, b, "a", "b").startswith("equal within the seed spread (+0.5 points")
     assert tables._per_epoch(a, b) == "holds at every epoch both measured (1 to 1)"
+
+
+def test_time_to_accuracy_takes_idle_epochs_and_those_of_the_same_cost(tables, tmp_path):
+    folder = tmp_path / "fashion-mnist"
+    ours = _fashion("eanet-s0", "EANet", [0.85, 0.89, 0.905, 0.91], None)
+    ours["history"][0]["epoch_seconds"] = 60.0  # the idle epoch
+    ours["segments"] = [
+        {"epochs": [1, 1], "class": "avx2", "threads": 2, "idle": True},
+        {"epochs": [2, 4], "class": "avx2", "threads": 1, "idle": False},
+    ]
+    bug = _fashion("eanet-bug-s0", "bug", [0.5, 0.6], None)
+    bug["segments"][0]["epochs"] = [1, 2]
+    keras = {
+        "machine_class": "avx2",
+        "history": [
+            {"epoch": 1, "val_top1": 0.91, "epoch_seconds": 180.0, "idle": True, "threads": 2},
+            {"epoch": 2, "val_top1": 0.93, "epoch_seconds": 400.0, "idle": False, "threads": 1},
+        ],
+    }
+    for name, rec in (("eanet-s0", ours), ("eanet-bug-s0", bug), ("keras-reference-s0", keras)):
+        _write(folder, f"{name}.json", rec)
+    _write(folder, "keras-fixed-s0.json", {"history": keras["history"][1:], "machine_class": "x"})
+    rows = tables.fashion_time(tables.load_fashion(tmp_path), tmp_path).splitlines()[2:]
+    bug_row, eanet_row, fixed_row, ref_row = rows
+    assert (
+        eanet_row == "| eanet | 1.0 on AVX2 only, 2 threads | epoch 3: 3.0 min "
+        "| not reached in 4 epochs (more than 4 min) |"
+    )
+    assert bug_row.startswith(
+        "| eanet-bug | 1.0 (of eanet) on AVX2 only, 2 threads | not reached in 2"
+    )
+    assert (
+        ref_row
+        == "| keras-reference | 3.0 on AVX2 only, 2 threads | epoch 1: 3.0 min | epoch 2: 6.0 min |"
+    )
+    assert fixed_row.startswith("| keras-fixed | 3.0 (of keras-reference) on AVX2 only")
 
 
 def _row(model: str, precision: str | None, train: float, infer: float, steps: int = 5) -> dict:

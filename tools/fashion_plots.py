@@ -46,8 +46,7 @@ STYLE = {  # experiment group: (colour, line style); the Keras code dashed
 def _groups(records: dict) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for name, (_, rec) in records.items():
-        if not name.endswith("-timing"):
-            out.setdefault(tables._seed_group(name), []).append(rec)
+        out.setdefault(tables._seed_group(name), []).append(rec)
     return out
 
 
@@ -75,7 +74,7 @@ def plot_time_to_accuracy(records: dict, path: Path) -> None:
         for row in rec.get("history", []):
             total += row["epoch_seconds"] / 60
             minutes.append(total)
-        if not minutes or name.endswith("-timing"):
+        if not minutes:
             continue
         color, style = STYLE.get(tables._seed_group(name), (plt.get_cmap("tab10")(i % 10), ":"))
         vals = [row["val_top1"] for row in rec["history"]]

@@ -44,6 +44,7 @@ from compare_reference import machine_class  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "fashion-mnist"
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+PLANNED = 10  # epochs of a run, as benchmarks/fashion_mnist.py's curves
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -123,18 +124,15 @@ def cpu_flags() -> list[str]:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--order", choices=("reference", "fixed"), required=True)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument(
+        "--epochs", type=int, default=PLANNED, help=f"train up to this epoch (the run is {PLANNED})"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-path", type=Path, default=DEBIAN)
     parser.add_argument("--out", type=Path, help="state folder (default: runs/fashion-mnist/NAME)")
     parser.add_argument("--threads", type=int, help="TensorFlow's intra-op threads (default: all)")
     parser.add_argument(
         "--idle", action="store_true", help="nothing else runs: the seconds are timings"
-    )
-    parser.add_argument(
-        "--timing",
-        action="store_true",
-        help="record as keras-ORDER-timing (one idle epoch's seconds), not as a seed's curve",
     )
     return parser.parse_args()
 
@@ -174,7 +172,7 @@ def one_epoch(model: keras.Model, data: dict, epoch: int, args: argparse.Namespa
 def main() -> None:
     args = parse_args()
     set_threads(args.threads)
-    name = f"keras-{args.order}-" + ("timing" if args.timing else f"s{args.seed}")
+    name = f"keras-{args.order}-s{args.seed}"
     out = args.out or ROOT / "runs" / "fashion-mnist" / name
     out.mkdir(parents=True, exist_ok=True)
     record_path = RESULTS / f"{name}.json"
@@ -195,12 +193,11 @@ def main() -> None:
     for epoch in range(len(rows) + 1, args.epochs + 1):
         rows.append(one_epoch(model, data, epoch, args))
         save_state(model, out)
-        flags = " --timing" if args.timing else ""
         record = {
             "experiment": name,
             "what": f"the Keras example's code, augmentation order {args.order!r}, 28x28x1",
-            "command": f"KERAS_VENV/bin/python tools/keras_fashion.py --order {args.order}{flags}",
-            "epochs_planned": args.epochs,
+            "command": f"KERAS_VENV/bin/python tools/keras_fashion.py --order {args.order}",
+            "epochs_planned": PLANNED,
             "keras": keras.__version__,
             "backend": keras.backend.backend(),
             "machine_class": machine_class({"cpu_flags": cpu_flags()}),

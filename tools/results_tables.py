@@ -459,6 +459,86 @@ def fashion_claims(records: dict[str, tuple[Path, dict]], page_dir: Path) -> str
     return "\n".join(lines) + "\n"
 
 
+SAME_COST = {  # a group without an idle epoch of its own takes one of a run that costs the same
+    "eanet-bug": "eanet",  # the same model; the augmentation in the other order
+    "keras-fixed": "keras-reference",  # the same code; the Normalization layer moved
+}
+
+
+def _idle_epoch_minutes(recs: list[dict]) -> tuple[float, str] | None:
+    """Median minutes of the epochs that ran idle (training + validation), and their machine."""
+    minutes, where = [], ""
+    for rec in recs:
+        for row in rec.get("history", []):
+            seg = _segment_of(rec, row)
+            if seg is not None and seg.get("idle"):
+                minutes.append(row["epoch_seconds"] / 60)
+                threads = seg.get("threads") or seg.get("cpu_count")
+                where = f"{CLASSES.get(seg['class'], seg['class'])}, {threads} threads"
+    if not minutes:
+        return None
+    return sorted(minutes)[len(minutes) // 2], where
+
+
+def _segment_of(rec: dict, row: dict) -> dict | None:
+    """The stretch of calls an epoch ran in (a Keras record keeps it on the epoch's row)."""
+    if "idle" in row:
+        return {"idle": row["idle"], "threads": row.get("threads"), "class": rec["machine_class"]}
+    for seg in rec.get("segments", []):
+        if seg["epochs"][0] <= row["epoch"] <= seg["epochs"][1]:
+            return seg
+    return None
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch" + ("s" if n != 1 else "")
+
+
+def _minutes_to(rec: dict, hit: dict, per_epoch: float | None) -> float | None:
+    """The run's own minutes where every epoch up to the hit ran idle, else epochs x idle."""
+    rows = [r for r in rec["history"] if r["epoch"] <= hit["epoch"]]
+    if all((_segment_of(rec, r) or {}).get("idle") for r in rows):
+        return hit["minutes"]
+    return hit["epoch"] * per_epoch if per_epoch else None
+
+
+def _to_reach(recs: list[dict], key: str, per_epoch: float | None) -> str:
+    recs = [r for r in recs if r.get("history")]
+    hits = [_first_reached(r["history"], float(key)) for r in recs]
+    if not hits:
+        return ""
+    if None in hits:
+        most = max(len(r["history"]) for r in recs)
+        low = f" (more than {most * per_epoch:.0f} min)" if per_epoch else ""
+        return f"not reached in {_epochs(most)}" + low
+    minutes = [_minutes_to(r, h, per_epoch) for r, h in zip(recs, hits, strict=True)]
+    cell = "epoch " + " / ".join(str(h["epoch"]) for h in hits)
+    return cell + (f": {_mean(minutes):.1f} min" if None not in minutes else "")
+
+
+def fashion_time(records: dict[str, tuple[Path, dict]], page_dir: Path) -> str:
+    """Minutes until validation top-1 first reaches 90% / 92%: each run's epochs to get there
+    times the minutes of an epoch measured idle (its own, or one of the same cost)."""
+    lines = [
+        "| experiment | idle minutes per epoch | val top-1 >= 90% first | val top-1 >= 92% first |",
+        "|---|---|---|---|",
+    ]
+    groups: dict[str, list[dict]] = {}
+    for name, (_, rec) in records.items():
+        groups.setdefault(_seed_group(name), []).append(rec)
+    for group, recs in groups.items():
+        idle = _idle_epoch_minutes(recs)
+        source = ""
+        if idle is None and group in SAME_COST:
+            idle = _idle_epoch_minutes(groups.get(SAME_COST[group], []))
+            source = f" (of {SAME_COST[group]})"
+        per_epoch = idle[0] if idle else None
+        cost = f"{idle[0]:.1f}{source} on {idle[1]}" if idle else "no idle epoch yet"
+        cells = [_to_reach(recs, k, per_epoch) for k in ("0.90", "0.92")]
+        lines.append(f"| {group} | {cost} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
+
+
 FIDELITY = Path("fidelity") / "fidelity.json"  # tools/record_checks.py fidelity
 LEARNING_CHECK = Path("digits") / "learning_check.json"  # tools/record_checks.py learning-check
 COMPARE_DIGITS = ROOT / "docs" / "compare-digits" / "report.json"  # eanet compare's report
@@ -682,6 +762,7 @@ TABLES: dict[str, Callable[[Path, Path], str]] = {
     "fashion-table": lambda results, page_dir: fashion_table(load_fashion(results), page_dir),
     "fashion-curves": lambda results, page_dir: fashion_curves(load_fashion(results), page_dir),
     "fashion-claims": lambda results, page_dir: fashion_claims(load_fashion(results), page_dir),
+    "fashion-time": lambda results, page_dir: fashion_time(load_fashion(results), page_dir),
     "speed-table": lambda results, page_dir: speed_table(load_runs(results), page_dir),
     "speed-rates": lambda results, page_dir: speed_rates(load_runs(results), page_dir),
     "serve-table": lambda results, page_dir: serve_table(load_serving(results), page_dir),
