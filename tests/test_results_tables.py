@@ -45,7 +45,13 @@ def test_the_pages_carry_their_tables(tables):
     readme = tables.table_names((ROOT / "README.md").read_text("utf-8"))
     assert {"fidelity-table", "accuracy-table"} <= set(readme)
     fashion = tables.table_names((ROOT / "docs/fashion-mnist.md").read_text("utf-8"))
-    assert fashion == ["fashion-table", "fashion-curves", "fashion-claims", "fashion-time"]
+    assert fashion == [
+        "fashion-table",
+        "fashion-reference",
+        "fashion-curves",
+        "fashion-claims",
+        "fashion-time",
+    ]
 
 
 def _fashion(name: str, what: str, vals: list[float], test: float | None, **extra) -> dict:
@@ -151,6 +157,24 @@ def test_time_to_accuracy_takes_idle_epochs_and_those_of_the_same_cost(tables, t
         == "| keras-reference | 3.0 on AVX2 only, 2 threads | epoch 1: 3.0 min | epoch 2: 6.0 min |"
     )
     assert fixed_row.startswith("| keras-fixed | 3.0 (of keras-reference) on AVX2 only")
+
+
+def test_the_reference_table_has_every_epochs_figures_and_machine(tables, tmp_path):
+    folder = tmp_path / "fashion-mnist"
+    assert tables.fashion_reference({}, tmp_path).startswith("not yet measured")
+    rec = _fashion("reference", "the reference", [0.55, 0.7], None, epochs_planned=10)
+    for row in rec["history"]:
+        row["val_top5"] = 0.96
+    rec["segments"] = [
+        {"epochs": [1, 1], "class": "avx2", "threads": 2, "idle": True},
+        {"epochs": [2, 2], "class": "amx-bf16", "threads": 1, "idle": False},
+    ]
+    rec["test_per_epoch"] = [{"epoch": 1, "test_top1": 0.546, "test_top5": 0.965}]
+    _write(folder, "reference.json", rec)
+    table = tables.fashion_reference(tables.load_fashion(tmp_path), tmp_path).splitlines()
+    assert table[2] == "| 1 | 54.6% | 96.5% | 55.0% | 96.0% | 2.0 | AVX2 only, 2 threads, idle |"
+    assert table[3] == "| 2 |  |  | 70.0% | 96.0% | 2.0 | AMX (avx512_bf16, amx_bf16), 1 threads |"
+    assert table[5].startswith("2 of 10 epochs; record: [reference.json](fashion-mnist/")
 
 
 def _row(model: str, precision: str | None, train: float, infer: float, steps: int = 5) -> dict:

@@ -442,6 +442,34 @@ CLAIMS = (  # (question, eanet's group, the other group, how they are compared)
 )
 
 
+def fashion_reference(records: dict[str, tuple[Path, dict]], page_dir: Path) -> str:
+    """The reference model and recipe unchanged: every epoch's test and validation figures,
+    minutes and machine."""
+    item = records.get("reference")
+    if item is None:
+        return f"{NOT_YET}: `python benchmarks/fashion_mnist.py reference`.\n"
+    path, rec = item
+    tests = {r["epoch"]: r for r in rec.get("test_per_epoch", [])}
+    lines = [
+        "| epoch | test top-1 | test top-5 | val top-1 | val top-5 | minutes | machine |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rec["history"]:
+        t, seg = tests.get(row["epoch"], {}), _segment_of(rec, row) or {}
+        cells = [f"{t[k]:.1%}" if k in t else "" for k in ("test_top1", "test_top5")]
+        cells += [f"{row['val_top1']:.1%}", f"{row['val_top5']:.1%}"]
+        cells.append(f"{row['epoch_seconds'] / 60:.1f}")
+        threads = seg.get("threads") or seg.get("cpu_count")
+        where = f"{CLASSES.get(seg.get('class'), seg.get('class'))}, {threads} threads"
+        cells.append(where + (", idle" if seg.get("idle") else ""))
+        lines.append(f"| {row['epoch']} | " + " | ".join(cells) + " |")
+    lines.append(
+        f"\n{len(rec['history'])} of {rec['epochs_planned']} epochs; record: "
+        f"[{path.name}]({link(path, page_dir)})."
+    )
+    return "\n".join(lines) + "\n"
+
+
 def claim_rows(records: dict[str, tuple[Path, dict]]) -> list[tuple[str, str, str, str]]:
     """(question, first side, second side, verdict) of each claim, from the records."""
     rows = []
@@ -762,6 +790,9 @@ TABLES: dict[str, Callable[[Path, Path], str]] = {
     "fashion-table": lambda results, page_dir: fashion_table(load_fashion(results), page_dir),
     "fashion-curves": lambda results, page_dir: fashion_curves(load_fashion(results), page_dir),
     "fashion-claims": lambda results, page_dir: fashion_claims(load_fashion(results), page_dir),
+    "fashion-reference": lambda results, page_dir: fashion_reference(
+        load_fashion(results), page_dir
+    ),
     "fashion-time": lambda results, page_dir: fashion_time(load_fashion(results), page_dir),
     "speed-table": lambda results, page_dir: speed_table(load_runs(results), page_dir),
     "speed-rates": lambda results, page_dir: speed_rates(load_runs(results), page_dir),
