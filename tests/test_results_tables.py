@@ -112,15 +112,19 @@ def test_the_claims_compare_finished_seeds_and_keras_epoch_by_epoch(tables, tmp_
     assert "eanet-bug: not yet measured (epochs trained: 2/2, 1/2)" in bug
     assert bug.endswith("| not yet: a run is unfinished |")
     assert "eanet-modern: not yet measured |" in modern
-    assert fixed.endswith("| Keras ahead at epoch 2 of 1 to 2 (by up to 4.0 points) |")
-    assert ref.endswith("| not yet: no epoch measured by both |")
+    assert fixed.endswith(
+        "| Keras ahead at epoch 2 of those judged (epoch 1 to 2), by up to 4.0 points |"
+    )
+    assert ref.endswith("| not yet: it needs two eanet seeds and a Keras run |")
 
 
 def test_equal_within_the_seed_spread_is_said_so(tables):
     a = [_curve_run([0.90], planned=1), _curve_run([0.92], planned=1)]
     b = [_curve_run([0.905], planned=1)]
     assert tables._versus(a, b, "a", "b").startswith("equal within the seed spread (+0.5 points")
-    assert tables._per_epoch(a, b) == "holds at every epoch both measured (1 to 1)"
+    assert tables._per_epoch(a, b) == "holds at every epoch judged (epoch 1)"
+    a[1]["history"] = []  # one eanet seed has not measured epoch 1 yet: no spread to judge by
+    assert tables._per_epoch(a, b).startswith("not yet: no epoch measured by every eanet seed")
 
 
 def test_time_to_accuracy_takes_idle_epochs_and_those_of_the_same_cost(tables, tmp_path):
