@@ -741,6 +741,19 @@ def _fashion_fast(rec: dict | None) -> str:
     return cell
 
 
+def _claims_in_brief(fashion: dict[str, tuple[Path, dict]], doc: str) -> list[tuple]:
+    """A row per judged Fashion-MNIST claim; those not judged yet together in one row."""
+    rows, waiting = [], []
+    for q, a, b, verdict in claim_rows(fashion):
+        if verdict.startswith("not yet"):
+            waiting.append(q)
+        else:
+            rows.append((f"Fashion-MNIST: {q}", f"{verdict}; {a}, {b}", f"the records in {doc}"))
+    if waiting:
+        rows.append(("Fashion-MNIST, not judged yet (runs unfinished)", "; ".join(waiting), doc))
+    return rows
+
+
 def accuracy_table(
     learning: tuple[Path, dict] | None,
     compare: tuple[Path, dict] | None,
@@ -775,10 +788,7 @@ def accuracy_table(
             _final(_group(fashion, "reference")),
             f"`benchmarks/fashion_mnist.py reference` ({by('reference')}{fashion_doc})",
         ),
-        *(
-            (f"Fashion-MNIST: {q}", f"{verdict}; {a}, {b}", f"the records in {fashion_doc}")
-            for q, a, b, verdict in claim_rows(fashion)
-        ),
+        *_claims_in_brief(fashion, fashion_doc),
         (
             "CIFAR-100",
             "not measured: this project's machines cannot download the archive",
