@@ -32,6 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from fashion_mnist import first_reached  # noqa: E402  (the runner's own rule, for Keras records)
+
 RESULTS = ROOT / "benchmarks" / "results"
 PAGES = ("README.md", "docs/speed.md", "docs/fashion-mnist.md")
 
@@ -291,22 +294,11 @@ def _test_top1(rec: dict) -> float | None:
     return rows[-1].get("test_top1") if rows else None
 
 
-def _first_reached(history: list[dict], threshold: float) -> dict | None:
-    """As benchmarks/fashion_mnist.py records it: epoch and cumulative minutes (training +
-    validation) when validation top-1 first reached the threshold; for the Keras records."""
-    seconds = 0.0
-    for row in history:
-        seconds += row["epoch_seconds"]
-        if (row.get("val_top1") or 0.0) >= threshold:
-            return {"epoch": row["epoch"], "minutes": round(seconds / 60, 2)}
-    return None
-
-
 def _reached(rec: dict, key: str) -> str:
     if "reached" in rec:
         hit = rec["reached"].get(key)
     else:
-        hit = _first_reached(rec.get("history", []), float(key))
+        hit = first_reached(rec.get("history", []), float(key))
     return f"epoch {hit['epoch']}, {hit['minutes']:.1f} min" if hit else "not reached"
 
 
@@ -536,7 +528,7 @@ def _minutes_to(rec: dict, hit: dict, per_epoch: float | None) -> float | None:
 
 def _to_reach(recs: list[dict], key: str, per_epoch: float | None) -> str:
     recs = [r for r in recs if r.get("history")]
-    hits = [_first_reached(r["history"], float(key)) for r in recs]
+    hits = [first_reached(r["history"], float(key)) for r in recs]
     if not hits:
         return ""
     if None in hits:
