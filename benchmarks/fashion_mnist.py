@@ -149,7 +149,7 @@ def run(name: str, args: argparse.Namespace, mach: dict) -> None:
     exp = EXPERIMENTS[name]
     out = Path(args.runs) / name
     path = RESULTS / f"{name}.json"
-    segments = _read(path, {}).get("segments", [])
+    segments = _fresh_segments(name, _read(path, {}).get("segments", []), out)
     segments += _unrecorded(out, segments)
     if exp.curve and epochs_done(out) and not args.record_only:
         _append_test(out)  # a call killed between its last epoch and its test
@@ -175,6 +175,20 @@ def run(name: str, args: argparse.Namespace, mach: dict) -> None:
         )
         _write(path, record(name, exp, out, segments))
     _write(path, record(name, exp, out, segments))
+
+
+def _fresh_segments(name: str, segments: list[dict], out: Path) -> list[dict]:
+    """The record's calls, unless they cover epochs the run directory no longer holds (the
+    directory was deleted or the record came from another machine): the run starts over."""
+    covered = max((seg["epochs"][1] for seg in segments), default=0)
+    if covered <= epochs_done(out):
+        return segments
+    print(
+        f"[{name}] the record covers {covered} epochs, {out} holds {epochs_done(out)}:"
+        " the run starts over and its record is rewritten",
+        flush=True,
+    )
+    return []
 
 
 def _unrecorded(out: Path, segments: list[dict]) -> list[dict]:

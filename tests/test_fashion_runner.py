@@ -64,6 +64,16 @@ def test_curve_experiment_records_each_epoch_and_goes_on(runner, tmp_path):
     assert again["history"] == rec["history"] and len(again["segments"]) == 2
 
 
+def test_a_record_of_epochs_the_run_directory_lacks_starts_over(runner, tmp_path, capsys):
+    old = [{"epochs": [1, 3], "threads": 2, "idle": True}]
+    run_dir = tmp_path / "runs" / "tiny"
+    assert runner._fresh_segments("tiny", old, run_dir) == []  # directory gone: start over
+    assert "covers 3 epochs" in capsys.readouterr().out
+    run_dir.mkdir(parents=True)
+    (run_dir / "history.json").write_text(json.dumps([{"epoch": e} for e in (1, 2, 3)]))
+    assert runner._fresh_segments("tiny", old, run_dir) == old  # the same run: kept
+
+
 def test_first_reached_counts_minutes_until_the_first_epoch_at_the_threshold(runner):
     rows = [
         {"epoch": 1, "epoch_seconds": 60.0, "val_top1": 0.85},
