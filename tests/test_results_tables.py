@@ -69,8 +69,13 @@ def test_the_fashion_table_puts_seeds_together_and_says_what_is_missing(tables, 
         _write(folder, f"eanet-s{seed}.json", rec)
     reached = {"0.90": {"epoch": 2, "minutes": 4.0}, "0.92": None}
     _write(folder, "fast.json", _fashion("fast", "fast one", [0.88, 0.905], None, reached=reached))
+    behind = _fashion("vit-s0", "ViT, seed 0", [0.80, 0.86], 0.87)
+    _write(folder, "vit-s0.json", behind)
+    _write(folder, "vit-s1.json", _fashion("vit-s1", "ViT, seed 1", [0.60], 0.61))
     rows = tables.fashion_table(tables.load_fashion(tmp_path), tmp_path).splitlines()[2:]
-    assert len(rows) == 2
+    assert len(rows) == 3
+    vit = next(r for r in rows if r.startswith("| vit (2 seeds) |"))
+    assert "| 1/2 | 87.0% (1 of 2 seeds) | 86.0% |" in vit  # a seed behind is not averaged in
     eanet = next(r for r in rows if r.startswith("| eanet (2 seeds) | EANet |"))
     assert "| 91.0% ± 1.0% | 91.0% ± 0.0% |" in eanet and "AVX2 only, 2 threads |" in eanet
     fast = next(r for r in rows if r.startswith("| fast |"))
@@ -109,7 +114,7 @@ def test_the_claims_compare_finished_seeds_and_keras_epoch_by_epoch(tables, tmp_
     vit, bug, modern, fixed, ref = rows
     assert "| eanet: 89.0% ± 1.0% (2 seeds) | vit: 85.5% ± 0.5% (2 seeds) |" in vit
     assert vit.endswith("| eanet ahead by 3.5 points (seed spread 2.0) |")
-    assert "eanet-bug: not yet measured (epochs trained: 2/2, 1/2)" in bug
+    assert "eanet-bug: 89.5% (1 of 2 seeds; epochs trained by the rest: 1/2)" in bug
     assert bug.endswith("| not yet: a run is unfinished |")
     assert "eanet-modern: not yet measured |" in modern
     assert fixed.endswith(

@@ -314,8 +314,11 @@ def fashion_table(records: dict[str, tuple[Path, dict]], page_dir: Path) -> str:
     ]
     for group, items in groups.items():
         recs = [r for _, r in items]
-        tests = [t for t in map(_test_top1, recs) if t is not None]
-        vals = [max(h["val_top1"] for h in r["history"]) for r in recs if r["history"]]
+        most = max(len(r["history"]) for r in recs)
+        level = [r for r in recs if len(r["history"]) == most]  # seeds behind are not averaged
+        tests = [t for t in map(_test_top1, level) if t is not None]
+        vals = [max(h["val_top1"] for h in r["history"]) for r in level if r["history"]]
+        part = f" ({len(level)} of {len(recs)} seeds)" if len(level) < len(recs) else ""
         epochs = sorted({len(r["history"]) for r in recs})
         per_epoch = [h["epoch_seconds"] / 60 for r in recs for h in r["history"]]
         minutes = f"{sorted(per_epoch)[len(per_epoch) // 2]:.1f}" if per_epoch else ""
@@ -327,7 +330,7 @@ def fashion_table(records: dict[str, tuple[Path, dict]], page_dir: Path) -> str:
         links = ", ".join(f"[{p.stem}]({link(p, page_dir)})" for p, _ in items)
         lines.append(
             f"| {group}{seeds} | {what} | {'/'.join(map(str, epochs))} "
-            f"| {_spread(tests) if tests else 'not yet'} | {_spread(vals) if vals else ''} "
+            f"| {_spread(tests) + part if tests else 'not yet'} | {_spread(vals) if vals else ''} "
             f"| {reached} | {minutes} | {_machines(recs[0])} | {links} |"
         )
     return "\n".join(lines) + "\n"
@@ -370,14 +373,20 @@ def _mean(values: list[float]) -> float:
 
 
 def _final(recs: list[dict]) -> str:
-    """'91.2% ± 0.3% (2 seeds)' of the finished runs, or how far the group has come."""
-    done = [_test_top1(r) for r in recs if _finished(r)]
+    """'91.2% ± 0.3% (2 seeds)' of the finished runs, and how far the others have come."""
     if not recs:
         return NOT_YET
-    if len(done) < len(recs) or None in done:
+    done = [_test_top1(r) for r in recs if _finished(r) and _test_top1(r) is not None]
+    if len(done) == len(recs):
+        return _spread(done) + (f" ({len(done)} seeds)" if len(done) > 1 else "")
+    if not done:
         trained = ", ".join(f"{len(r['history'])}/{r.get('epochs_planned', '?')}" for r in recs)
         return f"{NOT_YET} (epochs trained: {trained})"
-    return _spread(done) + (f" ({len(done)} seeds)" if len(done) > 1 else "")
+    rest = [r for r in recs if not _finished(r) or _test_top1(r) is None]
+    trained = ", ".join(f"{len(r['history'])}/{r.get('epochs_planned', '?')}" for r in rest)
+    return (
+        f"{_spread(done)} ({len(done)} of {len(recs)} seeds; epochs trained by the rest: {trained})"
+    )
 
 
 def _versus(a: list[dict], b: list[dict], a_name: str, b_name: str) -> str:
