@@ -429,3 +429,8 @@ def test_the_accuracy_table_renders_before_any_record_exists(tables, tmp_path):
     _write(tmp_path / "fashion-mnist", "eanet-fast.json", fast)
     table = tables.accuracy_table(None, None, tables.load_fashion(tmp_path), tmp_path)
     assert "| 8.3 min (epoch 2) on AVX2 only, 2 threads, idle |" in table
+    fast["reached"] = {"0.90": None}
+    _write(tmp_path / "fashion-mnist", "eanet-fast-s1.json", fast)  # a second seed beside it
+    table = tables.accuracy_table(None, None, tables.load_fashion(tmp_path), tmp_path)
+    assert "| seed 0: 8.3 min (epoch 2) on AVX2 only, 2 threads, idle; seed 1: not reached" in table
+    assert "[eanet-fast-s1.json](" in table
