@@ -178,14 +178,19 @@ def run(name: str, args: argparse.Namespace, mach: dict) -> None:
     _write(path, record(name, exp, out, segments))
 
 
+def _covered(segments: list[dict]) -> int:
+    """The last epoch the recorded calls account for."""
+    return max((seg["epochs"][1] for seg in segments), default=0)
+
+
 def _fresh_segments(name: str, segments: list[dict], out: Path) -> list[dict]:
     """The record's calls, unless they cover epochs the run directory no longer holds (the
     directory was deleted or the record came from another machine): the run starts over."""
-    covered = max((seg["epochs"][1] for seg in segments), default=0)
-    if covered <= epochs_done(out):
+    covered, done = _covered(segments), epochs_done(out)
+    if covered <= done:
         return segments
     print(
-        f"[{name}] the record covers {covered} epochs, {out} holds {epochs_done(out)}:"
+        f"[{name}] the record covers {covered} epochs, {out} holds {done}:"
         " the run starts over and its record is rewritten",
         flush=True,
     )
@@ -195,7 +200,7 @@ def _fresh_segments(name: str, segments: list[dict], out: Path) -> list[dict]:
 def _unrecorded(out: Path, segments: list[dict]) -> list[dict]:
     """Epochs of a call killed before its record: their machine, from the run's config.json
     (rewritten by every `eanet train` that starts or resumes the run)."""
-    covered = max((seg["epochs"][1] for seg in segments), default=0)
+    covered = _covered(segments)
     if epochs_done(out) <= covered:
         return []
     env = _read(out / "config.json", {}).get("environment", {})

@@ -261,8 +261,11 @@ def load_fashion(results: Path) -> dict[str, tuple[Path, dict]]:
     }
 
 
+SEED = re.compile(r"-s(\d+)$")  # eanet-s1: seed 1 of the group eanet; a name without it: seed 0
+
+
 def _seed_group(name: str) -> str:
-    return re.sub(r"-s\d+$", "", name)
+    return SEED.sub("", name)
 
 
 def _spread(values: list[float]) -> str:
@@ -363,7 +366,7 @@ def _finished(rec: dict) -> bool:
 def _seeded(records: dict[str, tuple[Path, dict]], group: str) -> list[tuple[int, dict]]:
     """The group's records with their seeds (a name without -sN is seed 0)."""
     found = [(name, rec) for name, (_, rec) in records.items() if _seed_group(name) == group]
-    seeds = [int(m.group(1)) if (m := re.search(r"-s(\d+)$", n)) else 0 for n, _ in found]
+    seeds = [int(m.group(1)) if (m := SEED.search(n)) else 0 for n, _ in found]
     return sorted(zip(seeds, [r for _, r in found], strict=True), key=lambda item: item[0])
 
 
@@ -383,14 +386,14 @@ def _final(recs: list[dict]) -> str:
     """'91.2% ± 0.3% (2 seeds)' of the finished runs, and how far the others have come."""
     if not recs:
         return NOT_YET
-    done = [_test_top1(r) for r in recs if _finished(r) and _test_top1(r) is not None]
-    if len(done) == len(recs):
+    tests = {id(r): _test_top1(r) for r in recs if _finished(r)}
+    done = [t for t in tests.values() if t is not None]
+    rest = [r for r in recs if tests.get(id(r)) is None]
+    if not rest:
         return _spread(done) + (f" ({len(done)} seeds)" if len(done) > 1 else "")
-    if not done:
-        trained = ", ".join(f"{len(r['history'])}/{r.get('epochs_planned', '?')}" for r in recs)
-        return f"{NOT_YET} (epochs trained: {trained})"
-    rest = [r for r in recs if not _finished(r) or _test_top1(r) is None]
     trained = ", ".join(f"{len(r['history'])}/{r.get('epochs_planned', '?')}" for r in rest)
+    if not done:
+        return f"{NOT_YET} (epochs trained: {trained})"
     return (
         f"{_spread(done)} ({len(done)} of {len(recs)} seeds; epochs trained by the rest: {trained})"
     )
