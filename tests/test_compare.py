@@ -255,7 +255,7 @@ def test_cli_end_to_end_and_rerun(tmp_path, capsys):
         (["--models", "eanet-cifar", "resnet"], "--models 'resnet' is unknown"),
         (["--seeds", "0"], "--seeds 0 must be a positive integer"),
         (["--models", "vit-cifar", "vit-cifar"], "--models lists 'vit-cifar' twice"),
-        (["--augment-orders", "fixed", "heavy"], "--augment-orders 'heavy' is unknown"),
+        (["--augment-orders", "fixed", "heavy"], "--augment-orders 'heavy' must be one of fixed"),
         (["--epochs", "0"], "--epochs 0 must be an integer in [1,"),
         (["--bench-steps", "-1"], "--bench-steps -1 must be >= 0"),
         (["--dataset", "digits", "--data-path", "x.tar.gz"], "does not apply to --dataset digits"),

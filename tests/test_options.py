@@ -12,6 +12,7 @@ import yaml
 from eanet import checkpoint
 from eanet.cli.main import main
 from eanet.cli.parser import build_parser
+from eanet.compare.config import CompareConfig
 from eanet.data.cifar import SAMPLE_ARCHIVE, SAMPLE_MD5
 from eanet.errors import ConfigError
 from eanet.models.config import ModelConfig
@@ -30,6 +31,7 @@ from eanet.options import (
     resume_merge,
     to_argv,
 )
+from eanet.serve.config import ServeConfig
 from eanet.train.config import GROUPS, TrainConfig
 
 SLICE = ["--data-path", str(SAMPLE_ARCHIVE), "--md5", SAMPLE_MD5]
@@ -240,6 +242,7 @@ def test_the_help_of_a_flag_shows_its_range():
         ("eanet.train.config", lambda: TrainConfig.from_dict({"nope": 1}), "training option"),
         ("eanet.models.config", lambda: ModelConfig.from_dict({"nope": 1}), "model option"),
         ("eanet.models.registry", lambda: model_config("vit-cifar", nope=1), "model option"),
+        ("eanet.serve.config", lambda: ServeConfig.from_dict({"nope": 1}), "serve setting"),
     ],
 )
 def test_every_kind_of_config_reports_an_unknown_key_through_check_known(
@@ -256,6 +259,19 @@ def test_every_kind_of_config_reports_an_unknown_key_through_check_known(
         call()
     assert seen == [what]
     assert f"unknown {what} 'nope'; known: " in str(info.value)
+
+
+def test_the_serve_settings_round_trip_as_each_worker_reads_them():
+    config = ServeConfig("model.safetensors", max_batch=7, precision="bf16")
+    assert ServeConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ConfigError, match="serve settings are a list, not an object"):
+        ServeConfig.from_dict([])
+
+
+def test_the_choices_of_a_list_option_are_checked_item_by_item():
+    CompareConfig(augment_orders=["fixed", "crop-flip"])
+    with pytest.raises(ConfigError, match="--augment-orders 'heavy' must be one of fixed, "):
+        CompareConfig(augment_orders=["fixed", "heavy", "none"])
 
 
 def test_check_known_names_the_first_unknown_key_and_the_known_ones():

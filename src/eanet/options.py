@@ -234,13 +234,17 @@ def check_declared(obj: object, describe: Callable[[str, object], str] = as_flag
 
 
 def check_choices(obj: object, describe: Callable[[str, object], str] = as_flag) -> None:
-    """Raise ConfigError naming the first declared field whose value is not a choice."""
+    """Raise ConfigError naming the first declared field whose value is not a choice (of a
+    list field: the first item that is not)."""
     for name, f in declared(type(obj)).items():
-        choices = f.metadata["choices"]
-        value = getattr(obj, name)
-        if choices is not None and value not in choices:
+        choices, value = f.metadata["choices"], getattr(obj, name)
+        if choices is None:
+            continue
+        items = value if isinstance(value, list) else [value]
+        bad = [item for item in items if item not in choices]
+        if bad:
             raise ConfigError(
-                f"{describe(name, preview(value))} must be one of {', '.join(choices)}"
+                f"{describe(name, preview(bad[0]))} must be one of {', '.join(choices)}"
             )
 
 

@@ -1,11 +1,11 @@
 """`ServeConfig`: the settings of `eanet serve`, and the check for its optional dependencies."""
 
 import importlib.util
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 from eanet.choices import PRECISIONS
 from eanet.errors import ConfigError, EANetError
-from eanet.options import check_declared, option
+from eanet.options import check_declared, check_known, option
 
 CONFIG_ENV = "EANET_SERVE_CONFIG"  # how `--workers N` hands the settings to each worker
 
@@ -142,9 +142,12 @@ class ServeConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ServeConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+    def from_dict(cls, data: dict) -> "ServeConfig":
+        """Build from `to_dict`'s output; unknown keys are an error, not silently dropped."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"serve settings are a {type(data).__name__}, not an object")
+        check_known(data, cls, "serve setting")
+        return cls(**data)
 
 
 def check_dependencies() -> None:
