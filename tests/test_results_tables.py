@@ -176,6 +176,21 @@ def test_time_to_accuracy_takes_idle_epochs_and_those_of_the_same_cost(tables, t
     assert fixed_row.startswith("| keras-fixed | 3.0 (of keras-reference) on AVX2 only")
 
 
+def test_the_best_recipe_is_timed_by_the_idle_epochs_of_the_same_model(tables, tmp_path):
+    folder = tmp_path / "fashion-mnist"
+    fast = _fashion("eanet-fast", "fast", [0.88, 0.905], None)
+    fast["segments"][0].update(epochs=[1, 2], idle=True)
+    _write(folder, "eanet-fast.json", fast)
+    best = _fashion("eanet-best", "best", [0.87, 0.89, 0.91], None)
+    best["segments"][0]["epochs"] = [1, 3]  # ran beside other work: no idle epoch of its own
+    _write(folder, "eanet-best.json", best)
+    rows = tables.fashion_time(tables.load_fashion(tmp_path), tmp_path).splitlines()[2:]
+    row = next(r for r in rows if r.startswith("| eanet-best |"))
+    assert row.startswith(
+        "| eanet-best | 2.0 (of eanet-fast) on AVX2 only, 2 threads | epoch 3: 6.0 min |"
+    )
+
+
 def test_the_reference_table_has_every_epochs_figures_and_machine(tables, tmp_path):
     folder = tmp_path / "fashion-mnist"
     assert tables.fashion_reference({}, tmp_path).startswith("not yet measured")
@@ -192,6 +207,11 @@ def test_the_reference_table_has_every_epochs_figures_and_machine(tables, tmp_pa
     assert table[2] == "| 1 | 54.6% | 96.5% | 55.0% | 96.0% | 2.0 | AVX2 only, 2 threads, idle |"
     assert table[3] == "| 2 |  |  | 70.0% | 96.0% | 2.0 | AMX (avx512_bf16, amx_bf16), 1 threads |"
     assert table[5].startswith("2 of 10 epochs; record: [reference.json](fashion-mnist/")
+    assert tables._fashion_reference(rec) == (
+        "not yet measured (2 of 10 epochs trained); 2.0 min an idle epoch on AVX2 only, 2 threads"
+    )
+    rec["test"] = {"test_top1": 0.7, "epochs": 2}
+    assert tables._fashion_reference(rec).startswith("70.0% after 2 epochs; 2.0 min an idle")
 
 
 def _row(model: str, precision: str | None, train: float, infer: float, steps: int = 5) -> dict:

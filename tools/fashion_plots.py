@@ -6,7 +6,7 @@
   runs of benchmarks/fashion_mnist.py and the Keras example's code, tools/keras_fashion.py),
   one colour per experiment, its seeds as thin lines and their mean as a thick one;
 - `time_to_accuracy.png`: validation top-1 against minutes of training and validation, for
-  every run, with the 90% and 92% lines the targets speak of.
+  every run (one colour per experiment, as above), with the 90% and 92% lines the targets speak of.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+from itertools import accumulate
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,16 +70,14 @@ def plot_test_curves(records: dict, path: Path) -> None:
 
 def plot_time_to_accuracy(records: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for i, (name, (_, rec)) in enumerate(records.items()):
-        minutes, total = [], 0.0
-        for row in rec.get("history", []):
-            total += row["epoch_seconds"] / 60
-            minutes.append(total)
-        if not minutes:
-            continue
-        color, style = STYLE.get(tables._seed_group(name), (plt.get_cmap("tab10")(i % 10), ":"))
-        vals = [row["val_top1"] for row in rec["history"]]
-        ax.plot(minutes, vals, style, color=color, marker=".", label=name)
+    for i, (group, recs) in enumerate(_groups(records).items()):
+        color, style = STYLE.get(group, (plt.get_cmap("tab10")(i % 10), ":"))
+        label = f"{group} ({len(recs)} seeds)" if len(recs) > 1 else group
+        for rec in (r for r in recs if r.get("history")):
+            minutes = list(accumulate(row["epoch_seconds"] / 60 for row in rec["history"]))
+            vals = [row["val_top1"] for row in rec["history"]]
+            ax.plot(minutes, vals, style, color=color, marker=".", label=label)
+            label = "_nolegend_"  # one legend entry per experiment, its seeds in one colour
     for level in THRESHOLDS:
         ax.axhline(level, color="grey", linewidth=0.7, linestyle=":")
     _finish(
